@@ -1,0 +1,89 @@
+// common.cuh — device helpers shared by every csrc/*.cu file: status
+// handling, warp/block reductions, fp16/fp32 weight loads, RoPE frequency.
+// Header-only; everything is static/inline so each .cu gets its own copy.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kvalign.h"
+
+// KV_TRY returns the status of a failed runtime call from the enclosing
+// kv_status function. It also clears the thread's "last error" (for errors
+// that are not sticky, e.g. an out-of-memory cudaMalloc): otherwise the next
+// operation's cudaGetLastError() would report this old failure as its own.
+#define KV_TRY(call)                                   \
+  do {                                                 \
+    cudaError_t kv_err_ = (call);                      \
+    if (kv_err_ != cudaSuccess) {                      \
+      (void)cudaGetLastError();                        \
+      return (kv_status)kv_err_;                       \
+    }                                                  \
+  } while (0)
+
+// kv_launched is what an entry point returns after its launches.
+static inline kv_status kv_launched(void) { return (kv_status)cudaGetLastError(); }
+
+static inline int kv_ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+
+#define KV_FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float kv_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(KV_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ double kv_warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(KV_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float kv_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(KV_FULL_MASK, v, o));
+  return v;
+}
+
+// kv_block_sum / kv_block_max: every thread of the block gets the result.
+// blockDim.x must be a multiple of 32 (≤ 1024); all threads must call it.
+// scratch: __shared__ T[32]; the function syncs before reuse, so it may be
+// called repeatedly with the same scratch.
+template <typename T>
+__device__ __forceinline__ T kv_block_sum(T v, T *scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = kv_warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : (T)0;
+  return kv_warp_sum(v);
+}
+
+__device__ __forceinline__ float kv_block_max(float v, float *scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = kv_warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : -INFINITY;
+  return kv_warp_max(v);
+}
+
+// kv_load_w reads element i of a weight-like operand stored as half (f16 = 1)
+// or float (f16 = 0).
+__device__ __forceinline__ float kv_load_w(const void *w, int f16, long long i) {
+  return f16 ? __half2float(static_cast<const __half *>(w)[i]) : static_cast<const float *>(w)[i];
+}
+
+// kv_rope_inv_freq is HF's default RoPE inverse frequency for pair i of a
+// head of HS: float32(1/θ^(float32(2i)/float32(HS))), the exponent rounded
+// to float32 first and the power taken in double, exactly as
+// ref.RopeInvFreq (HF computes it from an int64 arange in float32).
+__device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
+  const float e = (float)(2 * i) / (float)HS;
+  return (float)(1.0 / pow((double)theta, (double)e));
+}

@@ -1,0 +1,169 @@
+/*
+ * kvalign.h — the only C interface of libkvalign.a (the .cu files of csrc), called from
+ * Go through cgo (package gpu, build tag cuda).
+ *
+ * Conventions (every entry point follows them):
+ *  - kv_status is 0 on success, else the cudaError_t value; kv_error_string
+ *    turns it into a message. Nothing here prints, exits or aborts: the Go
+ *    process owns error handling.
+ *  - Operations take the stream first, enqueue their kernels on it and return
+ *    cudaGetLastError() after the launches. They never allocate, synchronise
+ *    or read host memory, so a decode step can be captured as a CUDA graph;
+ *    per-step data (tokens, positions, lengths, counters) is read from device
+ *    buffers.
+ *  - Device pointers are typed: float* activations, const int32_t* ids,
+ *    const void* for weight-like operands of either dtype with an int flag
+ *    (w_f16 = 1: IEEE half, 0: float32). Arithmetic is fp32.
+ *  - Shapes: B sequences, T tokens, N rows, C channels, NH/NKV query/key-value
+ *    heads, HS head size, V vocabulary, S cache slots (as in gpu/ref).
+ *  - The caller makes the right device current on the calling thread (the Go
+ *    side locks its goroutine to the OS thread and calls kv_set_device first,
+ *    see gpu/cuda.go).
+ */
+#ifndef KVALIGN_H
+#define KVALIGN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CUstream_st *kv_stream;
+typedef struct CUgraphExec_st *kv_graph;
+typedef int kv_status;
+
+/* ---- errors and runtime (cuda-core, runtime.cu) ---- */
+
+const char *kv_error_string(kv_status s);
+const char *kv_error_name(kv_status s);
+
+/* Device selection: makes device current on the calling OS thread. */
+kv_status kv_set_device(int device);
+/* name: at least 256 bytes; total_mem in bytes; sm = major*10+minor. */
+kv_status kv_device_info(int device, char *name, int name_len, size_t *total_mem, int *sm, int *num_sms);
+kv_status kv_mem_info(size_t *free_bytes, size_t *total_bytes);
+
+kv_status kv_stream_create(kv_stream *s);   /* non-blocking stream */
+kv_status kv_stream_destroy(kv_stream s);
+kv_status kv_stream_sync(kv_stream s);
+/* The stream's pending asynchronous error, if any (cudaStreamQuery without waiting: 0 when busy). */
+kv_status kv_peek_error(void);
+
+kv_status kv_malloc(void **p, size_t bytes);
+kv_status kv_free(void *p);
+kv_status kv_malloc_host(void **p, size_t bytes);   /* pinned */
+kv_status kv_free_host(void *p);
+
+/* Synchronous transfers ordered after the work already on s (they
+ * enqueue on s and wait for it). host may be pageable. */
+kv_status kv_upload(kv_stream s, void *dst, const void *host, size_t bytes);
+kv_status kv_download(kv_stream s, void *host, const void *src, size_t bytes);
+/* Asynchronous transfers on s; host must be pinned (capturable). */
+kv_status kv_copy_in(kv_stream s, void *dst, const void *pinned, size_t bytes);
+kv_status kv_copy_out(kv_stream s, void *pinned, const void *src, size_t bytes);
+/* Device-to-device copy on s. */
+kv_status kv_copy_d2d(kv_stream s, void *dst, const void *src, size_t bytes);
+kv_status kv_memset(kv_stream s, void *dst, int value, size_t bytes);
+
+/* CUDA graphs: begin capturing s (thread-local mode), end it and instantiate. */
+kv_status kv_capture_begin(kv_stream s);
+kv_status kv_capture_end(kv_stream s, kv_graph *g);
+kv_status kv_graph_launch(kv_stream s, kv_graph g);
+kv_status kv_graph_destroy(kv_graph g);
+
+/* ---- elementwise and row operations (cuda-core) ---- */
+
+/* embed.cu: out[N,C] = wte[tokens[r]] + wpe[pos[r]] (wpe may be NULL).
+ * V, P: rows of wte and wpe; an id outside them writes a NaN row. */
+kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
+                   const void *wpe, int wpe_f16, int P, const int32_t *tokens,
+                   const int32_t *pos, int N, int C);
+
+/* norm.cu: one block per row, fp32 two-pass mean/variance. b may be NULL. */
+kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
+                       const void *b, int w_f16, int N, int C, float eps);
+kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
+                     int w_f16, int N, int C, float eps);
+
+/* activation.cu: x = gelu_new(x) in place over n elements; out[N,F] =
+ * silu(gate)*up with gate/up rows row_stride apart. */
+kv_status kv_gelu_new(kv_stream s, float *x, long long n);
+kv_status kv_silu_mul(kv_stream s, float *out, const float *gate, const float *up,
+                      int N, int F, int row_stride);
+
+/* rope.cu: rotate heads 0..n_heads-1 of each of N rows (row_stride apart,
+ * heads HS apart) at position pos[r], HF rotate-half. HS even, ≤ 1024. */
+kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads,
+                  int HS, int row_stride, float theta);
+
+/* cache.cu: cache[slots[r]·row_size …] = src[r·src_stride …]; slots
+ * outside [0, S) are skipped. */
+kv_status kv_cache_store(kv_stream s, float *cache, int S, const float *src,
+                         const int32_t *slots, int N, int row_size, int src_stride);
+
+/* loss.cu: nll[r] = logsumexp(logits[r]) − logits[r, targets[r]]; one block
+ * per row; a target outside [0,V) gives NaN. */
+kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *targets,
+                 int N, int V);
+
+/* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
+ * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. */
+#define KV_SAMPLE_MAX_TOPK 64
+kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
+                    const int32_t *counter, int B, int V, int top_k, int max_ban,
+                    uint64_t seed);
+
+/* ---- matmul, attention, align (cuda-compute) ---- */
+
+/* matmul.cu: out[N,OC] = in[N,C]·w[OC,C]ᵀ + bias; with accumulate,
+ * out += the same (a fused residual add). in/out float32; w and bias half
+ * (w_f16/bias_f16 = 1) or float32; bias may be NULL. N ≤ 8 takes the GEMV
+ * path (weights streamed once with 16-byte loads when rows are 16-byte
+ * aligned), larger N a tiled GEMM: tensor cores (fp16 operands, the
+ * activations rounded to fp16 as tiles load, fp32 accumulation) for half
+ * weights, fp32 SIMT (no TF32) for float weights. out must not alias in. */
+kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                    const void *bias, int bias_f16, int N, int C, int OC, int accumulate);
+
+/* attention.cu: see gpu.AttnParams and ref.Attention. q rows q_stride apart,
+ * out [B·T, NH·HS], caches [S, NKV, HS] (one layer), order [B·max_len]
+ * slot numbers, lens [B] on the device. rope_theta ≠ 0 rotates key j at
+ * position j as it is read. HS even, ≤ KV_ATTN_MAX_HS; NH a multiple of NKV.
+ * work/work_floats: scratch for split-K decoding (partial softmax results);
+ * kv_attention_work_floats says how much the split path needs for these
+ * shapes — with less (or NULL) the decode kernel runs unsplit: correct,
+ * slower at long lengths. variant: 0 chooses; 1 the decode kernel (one block
+ * per sequence, kv head and key split, serving all T·(NH/NKV) queries
+ * together; needs T·NH/NKV ≤ KV_ATTN_DECODE_MAX_Q); 2 the tiled prefill
+ * kernel (flash-attention style online softmax, key tiles in shared memory). */
+#define KV_ATTN_MAX_HS 128
+#define KV_ATTN_DECODE_MAX_Q 16
+long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
+kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
+                       const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,
+                       int HS, int q_stride, int max_len, float rope_theta, float *work,
+                       long long work_floats, int variant);
+
+/* align.cu: KV-Align realignment in place (see gpu.AlignParams, ref.Align):
+ * for every layer l < L, list entry i < rows and kv head h < NKV, the head
+ * vector x = cache[l·layer_stride + slots[i]·NKV·HS + h·HS …] becomes
+ * x + W3·relu(W2·relu(W1·[x, pos[index[i]], layer[l], head[h]] + b1) + b2) + b3,
+ * all layers and rows in one launch. Network weights float32, row-major
+ * [out, in]. A row whose index lies outside [0, P) or whose slot is negative
+ * is left unchanged. HS ≤ KV_ALIGN_MAX_IN in total with the embeddings.
+ * variant: 0 = 1 = fp32 SIMT (matches the reference to ~1e-6). */
+#define KV_ALIGN_MAX_IN 512
+kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
+                   int rows, int L, int NKV, int HS, long long layer_stride,
+                   const float *pos, int P, int DP, const float *layer, int DL,
+                   const float *head, int DH, const float *w1, const float *b1,
+                   const float *w2, const float *b2, const float *w3, const float *b3,
+                   int H1, int H2, int variant);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVALIGN_H */

@@ -1,0 +1,487 @@
+// matmul.cu — out[N,OC] (+)= in[N,C]·w[OC,C]ᵀ + bias (torch.nn.Linear).
+//
+// Two regimes, chosen by N:
+//  - N ≤ kGemvMaxN (decoding): memory-bound. Every weight byte is read once,
+//    so the kernel is a weight stream: 16-byte loads that skip L1, several
+//    in flight per thread before the first use, a group of lanes per output
+//    row (or rows) reducing with warp shuffles, all N inputs applied to each
+//    loaded chunk. The floor is weight bytes / HBM bandwidth.
+//  - larger N (prefill, attention recomputation, perplexity scoring):
+//    compute-bound, a tiled GEMM; tensor cores (mma.sync m16n8k16, fp16
+//    operands, fp32 accumulation) for fp16 weights, fp32 SIMT for fp32
+//    weights (the fp32 mode must match the reference to ~1e-6, so no TF32).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kGemvMaxN = 8;
+constexpr int kGemvThreads = 128;
+
+// ld_stream16 loads 16 bytes that are used once: read-only path, no L1
+// allocation, so the streamed weights do not evict the (reused) inputs.
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// unpack16 widens 16 bytes of weights to VEC floats (8 halves or 4 floats).
+template <bool F16>
+__device__ __forceinline__ void unpack16(uint4 v, float *f) {
+  if constexpr (F16) {
+    const __half2 *h = reinterpret_cast<const __half2 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float2 t = __half22float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+  }
+}
+
+// gemv_kernel_v1: groups of TPR lanes; a group computes R consecutive output
+// rows for all NB inputs. Each lane takes 16-byte chunks lane, lane+TPR, …
+// of the rows, UNROLL chunks per row loaded before any is used (R·UNROLL = 4
+// loads in flight per lane), then the group reduces (shuffles, and shared
+// memory when TPR spans several warps).
+//
+// The inputs are read through L1 (__ldg) rather than staged in shared
+// memory: they are tiny and shared by every block, L1 and shared memory are
+// the same SRAM, and skipping the staging pass and its barrier lets the
+// weight loads — the whole cost — issue at once.
+template <bool F16, int NB, int R, int TPR>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
+                   const void *__restrict__ bias, int bias_f16, int C, int OC, int accumulate) {
+  constexpr int VEC = F16 ? 8 : 4;  // elements per 16-byte chunk
+  constexpr int UNROLL = 4 / R;
+  constexpr int GROUPS = kGemvThreads / TPR;
+  constexpr int WARPS_PER_GROUP = TPR > 32 ? TPR / 32 : 1;
+  const int chunks = C / VEC;
+  const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
+  const int row0 = (blockIdx.x * GROUPS + group) * R;
+
+  const uint4 *wr[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int row = min(row0 + r, OC - 1);  // rows past OC reread the last row, never stored
+    wr[r] = reinterpret_cast<const uint4 *>(static_cast<const char *>(w) +
+                                            (size_t)row * C * (F16 ? 2 : 4));
+  }
+  float acc[R][NB];
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++) acc[r][n] = 0.f;
+
+  for (int c0 = lane; c0 < chunks; c0 += TPR * UNROLL) {
+    uint4 wv[R][UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const int c = c0 + u * TPR;
+        wv[r][u] = c < chunks ? ld_stream16(wr[r] + c) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * TPR;
+      if (c < chunks) {
+        float wf[R][VEC];
+#pragma unroll
+        for (int r = 0; r < R; r++) unpack16<F16>(wv[r][u], wf[r]);
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+          const float4 *xp = reinterpret_cast<const float4 *>(in + (size_t)n * C + (size_t)c * VEC);
+#pragma unroll
+          for (int v4 = 0; v4 < VEC / 4; v4++) {
+            const float4 x = __ldg(xp + v4);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+              acc[r][n] = fmaf(wf[r][4 * v4 + 0], x.x, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 1], x.y, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 2], x.z, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 3], x.w, acc[r][n]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Reduce over the group's lanes: shuffles within each warp …
+  constexpr int SHUFFLE_SPAN = TPR < 32 ? TPR : 32;
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+#pragma unroll
+      for (int o = SHUFFLE_SPAN / 2; o > 0; o >>= 1)
+        acc[r][n] += __shfl_xor_sync(KV_FULL_MASK, acc[r][n], o);
+  // … then across the group's warps through shared memory.
+  if constexpr (WARPS_PER_GROUP > 1) {
+    __shared__ float part[kGemvThreads / 32][R * NB];
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int n = 0; n < NB; n++) part[warp][r * NB + n] = acc[r][n];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WARPS_PER_GROUP; k++) s += part[group * WARPS_PER_GROUP + k][r * NB + n];
+        acc[r][n] = s;
+      }
+  }
+
+  // Every lane holds the sums; lane k of the group writes output k.
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      const int row = row0 + r;
+      if (lane == (r * NB + n) % TPR && row < OC) {
+        float v = acc[r][n];
+        if (bias) v += kv_load_w(bias, bias_f16, row);
+        float *o = out + (size_t)n * OC + row;
+        *o = accumulate ? *o + v : v;
+      }
+    }
+}
+
+// gemv_scalar_kernel_v1: any alignment (C not a multiple of the 16-byte
+// vector, or misaligned base pointers): one warp per output row, scalar loads.
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_scalar_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
+                          int w_f16, const void *__restrict__ bias, int bias_f16, int N, int C, int OC,
+                          int accumulate) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (kGemvThreads / 32) + threadIdx.x / 32;
+  if (row >= OC) return;
+  float acc[kGemvMaxN];
+#pragma unroll
+  for (int n = 0; n < kGemvMaxN; n++) acc[n] = 0.f;
+  for (int c = lane; c < C; c += 32) {
+    const float wv = kv_load_w(w, w_f16, (long long)row * C + c);
+#pragma unroll
+    for (int n = 0; n < kGemvMaxN; n++)
+      if (n < N) acc[n] = fmaf(wv, __ldg(in + (size_t)n * C + c), acc[n]);
+  }
+#pragma unroll
+  for (int n = 0; n < kGemvMaxN; n++) {
+    if (n >= N) break;
+    float v = kv_warp_sum(acc[n]);
+    if (lane == n) {
+      if (bias) v += kv_load_w(bias, bias_f16, row);
+      float *o = out + (size_t)n * OC + row;
+      *o = accumulate ? *o + v : v;
+    }
+  }
+}
+
+// ---- tensor-core GEMM (fp16 weights) ----
+
+constexpr int kTcBM = 64, kTcBN = 64, kTcBK = 32;
+constexpr int kTcThreads = 128;       // 4 warps, 2×2, each a 32×32 tile of out
+constexpr int kTcLd = kTcBK + 8;      // smem row stride in halves: 80 bytes, conflict-free fragment loads
+
+__device__ __forceinline__ void mma_16816(float *c, const uint32_t *a, const uint32_t *b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// gemm_f16_tc_kernel_v1: 64×64 output tile per block, k-steps of 32;
+// registers prefetch the next k-tile from global while the tensor cores work
+// on the current one in shared memory (two shared buffers, one barrier per
+// step). Activations become fp16 as they are staged (the "fp16 inputs" of
+// mma.sync); VEC: C % 8 == 0 and 16-byte aligned rows, else guarded scalar
+// loads.
+template <bool VEC>
+__global__ void __launch_bounds__(kTcThreads)
+    gemm_f16_tc_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const __half *__restrict__ w,
+                          const void *__restrict__ bias, int bias_f16, int N, int C, int OC, int accumulate) {
+  __shared__ __align__(16) __half As[2][kTcBM][kTcLd];
+  __shared__ __align__(16) __half Bs[2][kTcBN][kTcLd];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tg = lane % 4;
+  const int wm = warp / 2, wn = warp % 2;
+  const int m0 = blockIdx.y * kTcBM, n0 = blockIdx.x * kTcBN;
+
+  // Staging registers: A 64×32 floats = 4 float4 per thread, B 64×32 halves = 2 uint4.
+  float4 ra[4];
+  uint4 rb[2];
+  auto load_tile = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int idx = tid + i * kTcThreads, row = idx / 8, kq = (idx % 8) * 4;
+      const int m = m0 + row, k = k0 + kq;
+      if (VEC) {
+        ra[i] = (m < N && k < C) ? __ldg(reinterpret_cast<const float4 *>(in + (size_t)m * C + k))
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+      } else {
+        float t[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) t[e] = (m < N && k + e < C) ? __ldg(in + (size_t)m * C + k + e) : 0.f;
+        ra[i] = make_float4(t[0], t[1], t[2], t[3]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int idx = tid + i * kTcThreads, row = idx / 4, kc = (idx % 4) * 8;
+      const int n = n0 + row, k = k0 + kc;
+      if (VEC) {
+        rb[i] = (n < OC && k < C) ? __ldg(reinterpret_cast<const uint4 *>(w + (size_t)n * C + k))
+                                  : make_uint4(0, 0, 0, 0);
+      } else {
+        __align__(16) __half t[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) t[e] = (n < OC && k + e < C) ? w[(size_t)n * C + k + e] : __float2half(0.f);
+        rb[i] = *reinterpret_cast<uint4 *>(t);
+      }
+    }
+  };
+  auto store_tile = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int idx = tid + i * kTcThreads, row = idx / 8, kq = (idx % 8) * 4;
+      __half2 *d = reinterpret_cast<__half2 *>(&As[buf][row][kq]);
+      d[0] = __floats2half2_rn(ra[i].x, ra[i].y);
+      d[1] = __floats2half2_rn(ra[i].z, ra[i].w);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int idx = tid + i * kTcThreads, row = idx / 4, kc = (idx % 4) * 8;
+      *reinterpret_cast<uint4 *>(&Bs[buf][row][kc]) = rb[i];
+    }
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int a = 0; a < 2; a++)
+#pragma unroll
+    for (int b = 0; b < 4; b++)
+#pragma unroll
+      for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+
+  const int ktiles = (C + kTcBK - 1) / kTcBK;
+  load_tile(0);
+  store_tile(0);
+  __syncthreads();
+  for (int kt = 0; kt < ktiles; kt++) {
+    const int buf = kt & 1;
+    if (kt + 1 < ktiles) load_tile((kt + 1) * kTcBK);
+#pragma unroll
+    for (int ks = 0; ks < kTcBK; ks += 16) {
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++) {
+        const int r = wm * 32 + mt * 16 + g;
+        af[mt][0] = *reinterpret_cast<const uint32_t *>(&As[buf][r][ks + tg * 2]);
+        af[mt][1] = *reinterpret_cast<const uint32_t *>(&As[buf][r + 8][ks + tg * 2]);
+        af[mt][2] = *reinterpret_cast<const uint32_t *>(&As[buf][r][ks + tg * 2 + 8]);
+        af[mt][3] = *reinterpret_cast<const uint32_t *>(&As[buf][r + 8][ks + tg * 2 + 8]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+        const int cidx = wn * 32 + nt * 8 + g;
+        bf[nt][0] = *reinterpret_cast<const uint32_t *>(&Bs[buf][cidx][ks + tg * 2]);
+        bf[nt][1] = *reinterpret_cast<const uint32_t *>(&Bs[buf][cidx][ks + tg * 2 + 8]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_16816(acc[mt][nt], af[mt], bf[nt]);
+    }
+    if (kt + 1 < ktiles) store_tile(buf ^ 1);  // the other buffer: last read before the previous barrier
+    __syncthreads();
+  }
+
+  // Epilogue: c0,c1 at (row g, cols 2tg, 2tg+1), c2,c3 at row g+8.
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+      for (int hlf = 0; hlf < 2; hlf++) {
+        const int m = m0 + wm * 32 + mt * 16 + g + hlf * 8;
+        if (m >= N) continue;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int n = n0 + wn * 32 + nt * 8 + tg * 2 + e;
+          if (n >= OC) continue;
+          float v = acc[mt][nt][hlf * 2 + e];
+          if (bias) v += kv_load_w(bias, bias_f16, n);
+          float *o = out + (size_t)m * OC + n;
+          *o = accumulate ? *o + v : v;
+        }
+      }
+}
+
+// ---- fp32 SIMT GEMM (fp32 weights) ----
+
+constexpr int kSgBM = 64, kSgBN = 64, kSgBK = 16, kSgThreads = 256;
+constexpr int kSgLd = kSgBM + 4;  // keeps float4 alignment, spreads the transposing stores
+
+// gemm_f32_kernel_v1: classic register-tiled SGEMM, 64×64 tile per block,
+// 4×4 outputs per thread, k-major shared tiles read as float4; scalar guarded
+// global loads (any C), prefetched into registers one k-step ahead.
+// Each output accumulates in k order in fp32 (the reference uses float64:
+// differences stay near 1e-7 relative for these sizes).
+__global__ void __launch_bounds__(kSgThreads)
+    gemm_f32_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const float *__restrict__ w,
+                       const void *__restrict__ bias, int bias_f16, int N, int C, int OC, int accumulate) {
+  __shared__ __align__(16) float As[kSgBK][kSgLd];
+  __shared__ __align__(16) float Bs[kSgBK][kSgLd];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int m0 = blockIdx.y * kSgBM, n0 = blockIdx.x * kSgBN;
+  float ra[4], rb[4];
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int idx = tid + i * kSgThreads, row = idx / kSgBK, k = k0 + idx % kSgBK;
+      ra[i] = (m0 + row < N && k < C) ? __ldg(in + (size_t)(m0 + row) * C + k) : 0.f;
+      rb[i] = (n0 + row < OC && k < C) ? __ldg(w + (size_t)(n0 + row) * C + k) : 0.f;
+    }
+  };
+  float acc[4][4] = {};
+  load(0);
+  for (int k0 = 0; k0 < C; k0 += kSgBK) {
+    __syncthreads();  // the previous step's reads are done
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int idx = tid + i * kSgThreads, row = idx / kSgBK, k = idx % kSgBK;
+      As[k][row] = ra[i];
+      Bs[k][row] = rb[i];
+    }
+    __syncthreads();
+    if (k0 + kSgBK < C) load(k0 + kSgBK);
+#pragma unroll
+    for (int k = 0; k < kSgBK; k++) {
+      const float4 a = *reinterpret_cast<const float4 *>(&As[k][ty * 4]);
+      const float4 b = *reinterpret_cast<const float4 *>(&Bs[k][tx * 4]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int m = m0 + ty * 4 + i;
+    if (m >= N) continue;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int n = n0 + tx * 4 + j;
+      if (n >= OC) continue;
+      float v = acc[i][j];
+      if (bias) v += kv_load_w(bias, bias_f16, n);
+      float *o = out + (size_t)m * OC + n;
+      *o = accumulate ? *o + v : v;
+    }
+  }
+}
+
+// ---- dispatch ----
+
+template <bool F16, int NB, int R>
+void launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+                   int bias_f16, int C, int OC, int accumulate) {
+  // Threads per row group: the fewest (≥ a warp) that cover a row's chunks
+  // with one round of UNROLL loads each; wider rows use up to 128 lanes so
+  // that small-OC matrices still spread over many SMs.
+  constexpr int VEC = F16 ? 8 : 4, UNROLL = 4 / R;
+  const int chunks = C / VEC;
+  int tpr = 32;
+  while (tpr < kGemvThreads && tpr * UNROLL < chunks) tpr *= 2;
+  const int groups = kGemvThreads / tpr;
+  const int blocks = kv_ceil_div(kv_ceil_div(OC, R), groups);
+  switch (tpr) {
+    case 32:
+      gemv_kernel_v1<F16, NB, R, 32><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
+      break;
+    case 64:
+      gemv_kernel_v1<F16, NB, R, 64><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
+      break;
+    default:
+      gemv_kernel_v1<F16, NB, R, 128><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
+      break;
+  }
+}
+
+// Rows per group grow with N so that each loaded input float4 feeds R rows
+// (keeps L1 reads of the inputs below the weight stream's rate).
+template <bool F16, int NB>
+void launch_gemv_n(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+                   int bias_f16, int C, int OC, int accumulate) {
+  constexpr int R = NB <= 2 ? 1 : (NB <= 4 ? 2 : 4);
+  launch_gemv_r<F16, NB, R>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+}
+
+template <bool F16>
+void launch_gemv(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+                 int bias_f16, int N, int C, int OC, int accumulate) {
+  switch (N) {
+    case 1: launch_gemv_n<F16, 1>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 2: launch_gemv_n<F16, 2>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 3: launch_gemv_n<F16, 3>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 4: launch_gemv_n<F16, 4>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 5: launch_gemv_n<F16, 5>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 6: launch_gemv_n<F16, 6>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 7: launch_gemv_n<F16, 7>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    default: launch_gemv_n<F16, 8>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+  }
+}
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+extern "C" kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                               const void *bias, int bias_f16, int N, int C, int OC, int accumulate) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
+  cudaStream_t st = s;
+  if (N <= kGemvMaxN) {
+    const int vec = w_f16 ? 8 : 4;
+    if (C % vec == 0 && aligned16(w) && aligned16(in)) {
+      if (w_f16)
+        launch_gemv<true>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate);
+      else
+        launch_gemv<false>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate);
+    } else {
+      gemv_scalar_kernel_v1<<<kv_ceil_div(OC, kGemvThreads / 32), kGemvThreads, 0, st>>>(
+          out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate);
+    }
+    return kv_launched();
+  }
+  if (w_f16) {
+    const dim3 grid(kv_ceil_div(OC, kTcBN), kv_ceil_div(N, kTcBM));
+    const __half *wh = static_cast<const __half *>(w);
+    if (C % 8 == 0 && aligned16(w) && aligned16(in))
+      gemm_f16_tc_kernel_v1<true><<<grid, kTcThreads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);
+    else
+      gemm_f16_tc_kernel_v1<false><<<grid, kTcThreads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);
+  } else {
+    const dim3 grid(kv_ceil_div(OC, kSgBN), kv_ceil_div(N, kSgBM));
+    gemm_f32_kernel_v1<<<grid, kSgThreads, 0, st>>>(out, in, static_cast<const float *>(w), bias, bias_f16, N,
+                                                    C, OC, accumulate);
+  }
+  return kv_launched();
+}

@@ -1,0 +1,38 @@
+// rope.cu — rotary position embedding in HF's rotate-half convention
+// (LlamaRotaryEmbedding + apply_rotary_pos_emb): for pair i < HS/2 of a head,
+// x1' = x1·cos − x2·sin, x2' = x2·cos + x1·sin with x1 = x[i], x2 = x[i+HS/2]
+// and the angle float32(pos)·inv_freq[i] (float32, as HF computes it).
+#include "common.cuh"
+
+// v1: one block per row. The row's HS/2 angles are shared by all its heads,
+// so the block computes cos/sin once into shared memory (full-precision
+// sincosf: positions reach 1e5 rad, where sin.approx would be useless), then
+// rotates every pair of every head.
+__global__ void rope_kernel_v1(float *__restrict__ x, const int32_t *__restrict__ pos, int n_heads,
+                               int HS, int row_stride, float theta) {
+  __shared__ float cs[512], sn[512];
+  const int half = HS / 2;
+  const float p = (float)pos[blockIdx.x];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    sincosf(p * kv_rope_inv_freq(i, HS, theta), &sn[i], &cs[i]);
+  }
+  __syncthreads();
+  float *row = x + (long long)blockIdx.x * row_stride;
+  for (int k = threadIdx.x; k < n_heads * half; k += blockDim.x) {
+    const int h = k / half, i = k - h * half;
+    float *head = row + h * HS;
+    const float x1 = head[i], x2 = head[i + half];
+    head[i] = fmaf(x1, cs[i], -x2 * sn[i]);
+    head[i + half] = fmaf(x2, cs[i], x1 * sn[i]);
+  }
+}
+
+extern "C" kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads, int HS,
+                             int row_stride, float theta) {
+  if (N <= 0 || n_heads <= 0) return 0;
+  if (HS <= 0 || HS % 2 != 0 || HS > 1024) return (kv_status)cudaErrorInvalidValue;
+  int threads = (n_heads * HS / 2 + 31) / 32 * 32;
+  if (threads > 256) threads = 256;
+  rope_kernel_v1<<<N, threads, 0, s>>>(x, pos, n_heads, HS, row_stride, theta);
+  return kv_launched();
+}

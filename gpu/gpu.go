@@ -1,0 +1,234 @@
+// Package gpu runs the tensor operations the models are written against.
+//
+// Two backends implement Backend: a CPU backend in plain Go (this package,
+// over the reference kernels of gpu/ref) and a CUDA backend (build tag cuda,
+// cgo over csrc/libkvalign.a). Models never call C: they enqueue operations on
+// a Backend, and the same model code runs on either.
+//
+// Shapes are carried by the caller; names in comments mean the same
+// everywhere: B sequences, T tokens per sequence, N = B·T rows, C channels,
+// NH query heads, NKV key/value heads, HS head size, V vocabulary, S cache
+// slots.
+//
+// Errors are sticky, as in bufio.Writer: an operation that fails records the
+// first error, later operations become no-ops, and Err or Sync reports it.
+// This keeps model code readable and lets a whole decode step be enqueued (or
+// captured as a CUDA graph) before anything is checked.
+package gpu
+
+import (
+	"fmt"
+)
+
+// DType is the element type of a Buf.
+type DType uint8
+
+const (
+	F32 DType = iota // float32
+	F16              // IEEE half; weights only, arithmetic is fp32
+	I32              // int32: token ids, positions, slot lists
+)
+
+func (d DType) String() string {
+	switch d {
+	case F32:
+		return "f32"
+	case F16:
+		return "f16"
+	case I32:
+		return "i32"
+	}
+	return fmt.Sprintf("dtype(%d)", uint8(d))
+}
+
+// Size is the number of bytes of one element.
+func (d DType) Size() int {
+	if d == F16 {
+		return 2
+	}
+	return 4
+}
+
+// ParseDType reads a --dtype flag value.
+func ParseDType(s string) (DType, error) {
+	switch s {
+	case "fp32", "f32", "float32":
+		return F32, nil
+	case "fp16", "f16", "float16", "half":
+		return F16, nil
+	}
+	return 0, fmt.Errorf("unknown dtype %q (want fp16 or fp32)", s)
+}
+
+// Buf is a one-dimensional buffer of Len elements owned by a Backend. A Buf
+// is a small value; View makes sub-buffers that share its memory. The zero
+// Buf stands for "absent" (an optional bias, GPT-2's missing RoPE).
+type Buf struct {
+	dt  DType
+	n   int
+	f   []float32 // CPU backend: F32 (and F16 weights, held as fp32)
+	i   []int32   // CPU backend: I32
+	ptr uintptr   // CUDA backend: device address
+}
+
+// Len is the number of elements.
+func (b Buf) Len() int { return b.n }
+
+// DType is the element type.
+func (b Buf) DType() DType { return b.dt }
+
+// IsZero reports whether b is the absent buffer.
+func (b Buf) IsZero() bool { return b.n == 0 && b.f == nil && b.i == nil && b.ptr == 0 }
+
+// View is the sub-buffer of n elements starting at element off.
+func (b Buf) View(off, n int) Buf {
+	if off < 0 || n < 0 || off+n > b.n {
+		panic(fmt.Sprintf("gpu: view [%d:%d] out of range of buffer of %d", off, off+n, b.n))
+	}
+	v := Buf{dt: b.dt, n: n}
+	switch {
+	case b.f != nil:
+		v.f = b.f[off : off+n]
+	case b.i != nil:
+		v.i = b.i[off : off+n]
+	default:
+		v.ptr = b.ptr + uintptr(off*b.dt.Size())
+	}
+	return v
+}
+
+// HostInts is int32 memory the host writes and a Backend copies to and from
+// the device inside a captured step (pinned memory on CUDA).
+type HostInts interface {
+	Ints() []int32
+	Close() error
+}
+
+// Replay runs again the work recorded by Backend.Capture, reading the
+// buffers' current contents.
+type Replay interface {
+	Run()
+	Close() error
+}
+
+// AttnParams describes one attention call.
+//
+// Query row t of sequence b (row b·T+t of q and out) attends to the cache
+// entries order[b·MaxLen + j] for j ≤ lens[b] − T + t: the entries of its
+// sequence in logical order, up to and including itself. order holds slot
+// numbers of the K/V caches, so entries never move when others are evicted.
+type AttnParams struct {
+	B, T        int
+	NH, NKV, HS int
+	QStride     int     // elements between consecutive q rows (≥ NH·HS)
+	MaxLen      int     // elements between consecutive sequences of order
+	RopeTheta   float32 // ≠ 0: rotate key j at position j when it is read (StreamingLLM position shift)
+}
+
+// SampleParams describes one sampling call over B rows of logits.
+//
+// Row b keeps the TopK largest logits whose token is not banned
+// (banned[b·MaxBan+i] ≥ 0 lists banned ids, -1 ends the list), takes
+// softmax over them and draws one with the uniform number
+// Uniform(Seed, counter[b]). TopK = 1 is greedy decoding.
+type SampleParams struct {
+	B, V   int
+	TopK   int
+	MaxBan int
+	Seed   uint64
+}
+
+// AlignParams describes one realignment call (KV-Align, package align): for
+// every layer l < L, list entry i < Rows and head h < NKV, the head vector at
+// cache[l·LayerStride + slots[i]·NKV·HS + h·HS] is replaced by
+// net(x, index[i], l, h).
+type AlignParams struct {
+	Rows        int
+	L, NKV, HS  int
+	LayerStride int
+}
+
+// AlignNet holds one realignment network's weights on a backend. Row-major
+// [out, in] like torch.nn.Linear.
+type AlignNet struct {
+	Pos, Layer, Head Buf // embeddings [P,DP], [L,DL], [NKV,DH]
+	P, DP, DL, DH    int
+	W1, B1           Buf // [H1, HS+DP+DL+DH], [H1]
+	W2, B2           Buf // [H2, H1], [H2]
+	W3, B3           Buf // [HS, H2], [HS]
+	H1, H2           int
+}
+
+// Backend is a device that holds buffers and runs the operations.
+// All operations are enqueued in order on one stream; results are visible to
+// the host after Sync (the CPU backend runs them at once).
+type Backend interface {
+	// Name says which device this is ("cpu", "cuda:0 NVIDIA H100 …").
+	Name() string
+	// WeightDType is the dtype weights are stored in: F32 on the CPU.
+	WeightDType(want DType) DType
+	Alloc(dt DType, n int) (Buf, error)
+	Free(b Buf)
+	NewHostInts(n int) (HostInts, error)
+	Close() error
+
+	// Err is the first error of any enqueued operation.
+	Err() error
+	// Sync waits for all enqueued work and returns Err.
+	Sync() error
+	// Capture records what fn enqueues so that Replay.Run repeats it
+	// (a CUDA graph; on the CPU, fn itself).
+	Capture(fn func()) (Replay, error)
+
+	// Synchronous transfers; Upload converts to dst's dtype.
+	Upload(dst Buf, src []float32)
+	UploadInts(dst Buf, src []int32)
+	Download(dst []float32, src Buf)
+	DownloadInts(dst []int32, src Buf)
+	// Asynchronous, capturable transfers of step inputs and outputs.
+	CopyIn(dst Buf, src HostInts)
+	CopyOut(dst HostInts, src Buf)
+
+	// Embed: out[N,C] = wte[tokens[r]] + wpe[pos[r]] (wpe may be absent).
+	Embed(out, wte, wpe, tokens, pos Buf, N, C int)
+	// LayerNorm: out[N,C] = (in − mean)/sqrt(var + eps)·w + b.
+	LayerNorm(out, in, w, b Buf, N, C int, eps float32)
+	// RMSNorm: out[N,C] = in/sqrt(mean(in²) + eps)·w.
+	RMSNorm(out, in, w Buf, N, C int, eps float32)
+	// MatMul: out[N,OC] = in[N,C]·w[OC,C]ᵀ + bias (bias may be absent);
+	// with accumulate, out += the same (a fused residual add).
+	MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool)
+	// GeluNew: x = gelu_new(x) in place (GPT-2's tanh approximation).
+	GeluNew(x Buf, n int)
+	// SiluMul: out = silu(gate)·up (SwiGLU). gate and up are [N, F] rows
+	// at stride rowStride (so one fused gate|up matmul can feed it).
+	SiluMul(out, gate, up Buf, N, F, rowStride int)
+	// RoPE rotates heads 0..nHeads-1 of each row of x (rows rowStride apart,
+	// heads HS apart) at position pos[r], in HF's rotate-half convention.
+	RoPE(x, pos Buf, N, nHeads, HS, rowStride int, theta float32)
+	// CacheStore copies row r of src (rowSize elements, rows srcStride apart)
+	// to slot slots[r] of cache.
+	CacheStore(cache, src, slots Buf, N, rowSize, srcStride int)
+	// Attention: softmax(q·kᵀ/sqrt(HS))·v over cache entries, see AttnParams.
+	Attention(out, q, kc, vc, order, lens Buf, p AttnParams)
+	// NLL: nll[r] = logsumexp(logits[r]) − logits[r, targets[r]].
+	NLL(nll, logits, targets Buf, N, V int)
+	// Sample draws one token per row into out, see SampleParams.
+	Sample(out, logits, banned, counter Buf, p SampleParams)
+	// Align realigns cache entries in place with a network, see AlignParams.
+	Align(cache, slots, index Buf, net *AlignNet, p AlignParams)
+}
+
+// Error is a failed backend operation.
+type Error struct {
+	Op   string // the operation, e.g. "matmul"
+	Code int    // the device's status code (CUDA error number), 0 on the CPU
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	if e.Code != 0 {
+		return fmt.Sprintf("gpu: %s: %s (code %d)", e.Op, e.Msg, e.Code)
+	}
+	return fmt.Sprintf("gpu: %s: %s", e.Op, e.Msg)
+}

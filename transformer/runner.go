@@ -1,0 +1,415 @@
+package transformer
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/kvalign/kvalign/gpu"
+)
+
+// Realigner rewrites cache entries in place after an eviction (KV-Align's
+// key and value networks, package align). K and V are the whole stores
+// [L, Slots, NKV, HS]; slots and index list p.Rows entries.
+type Realigner interface {
+	Realign(be gpu.Backend, K, V, slots, index gpu.Buf, p gpu.AlignParams)
+}
+
+// RunnerOptions sizes a Runner.
+type RunnerOptions struct {
+	B      int // sequences
+	MaxT   int // most new tokens per sequence in one step
+	MaxLen int // most cache entries a sequence attends to
+	// ShiftKeys caches Llama keys before RoPE and rotates key j at position
+	// j when attention reads it (StreamingLLM's position shift); queries are
+	// rotated at the position given with them.
+	ShiftKeys bool
+	MaxBan    int // most banned tokens per sequence when sampling
+}
+
+// Runner holds the state of B sequences of one Model: activations for up to
+// B·MaxT rows, the K/V stores, and the per-step integers (token ids,
+// positions, slots, logical order, lengths, …), staged in pinned host memory
+// and sent in one transfer per step so a decode step is one CUDA graph.
+type Runner struct {
+	m   *Model
+	be  gpu.Backend
+	opt RunnerOptions
+	// Slots per layer of the K/V stores (B·MaxLen).
+	Slots int
+	K, V  gpu.Buf // [L, Slots, NKV, HS]
+
+	x, xn, qkv, att, up, act, logits, nll gpu.Buf
+
+	stage  gpu.HostInts // host side of the int block
+	ints   gpu.Buf      // device side
+	sample gpu.HostInts // sampled token per sequence
+	lay    intLayout
+
+	realign Realigner
+	graphs  map[stepShape]gpu.Replay
+	bufs    []gpu.Buf
+}
+
+// intLayout is where each step input lives inside the int block.
+type intLayout struct {
+	tokens, pos, slots, targets, order, lens, counter, banned, alignSlots, alignIndex, sampled int
+	total                                                                                      int
+}
+
+// NewRunner allocates a Runner's buffers on the model's backend.
+func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
+	if opt.B < 1 || opt.MaxT < 1 || opt.MaxLen < opt.MaxT {
+		return nil, fmt.Errorf("runner: invalid sizes B=%d MaxT=%d MaxLen=%d", opt.B, opt.MaxT, opt.MaxLen)
+	}
+	if opt.MaxBan < 1 {
+		opt.MaxBan = 1
+	}
+	cfg := m.Cfg
+	r := &Runner{m: m, be: m.Be, opt: opt, graphs: map[stepShape]gpu.Replay{}}
+	N := opt.B * opt.MaxT
+	r.Slots = opt.B * opt.MaxLen
+	kvSize := cfg.NLayer * r.Slots * cfg.NKV * cfg.HS
+	alloc := func(dst *gpu.Buf, dt gpu.DType, n int) error {
+		b, err := m.Be.Alloc(dt, n)
+		if err != nil {
+			return err
+		}
+		*dst = b
+		r.bufs = append(r.bufs, b)
+		return nil
+	}
+	L := &r.lay
+	next := func(n int) int { o := L.total; L.total += n; return o }
+	L.tokens, L.pos, L.slots, L.targets = next(N), next(N), next(N), next(N)
+	L.order, L.lens, L.counter = next(opt.B*opt.MaxLen), next(opt.B), next(opt.B)
+	L.banned = next(opt.B * opt.MaxBan)
+	L.alignSlots, L.alignIndex = next(opt.B*opt.MaxLen), next(opt.B*opt.MaxLen)
+	L.sampled = next(opt.B)
+	for _, a := range []struct {
+		dst *gpu.Buf
+		dt  gpu.DType
+		n   int
+	}{
+		{&r.K, gpu.F32, kvSize}, {&r.V, gpu.F32, kvSize},
+		{&r.x, gpu.F32, N * cfg.C}, {&r.xn, gpu.F32, N * cfg.C},
+		{&r.qkv, gpu.F32, N * cfg.QKVWidth()}, {&r.att, gpu.F32, N * cfg.NH * cfg.HS},
+		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
+		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
+		{&r.ints, gpu.I32, L.total},
+	} {
+		if err := alloc(a.dst, a.dt, a.n); err != nil {
+			r.Close()
+			return nil, fmt.Errorf("allocating runner state (B=%d, %d rows, %d cache slots): %w", opt.B, N, r.Slots, err)
+		}
+	}
+	var err error
+	if r.stage, err = m.Be.NewHostInts(L.total); err != nil {
+		r.Close()
+		return nil, err
+	}
+	if r.sample, err = m.Be.NewHostInts(opt.B); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// SetRealigner installs the networks Step.Align uses.
+func (r *Runner) SetRealigner(a Realigner) { r.realign = a }
+
+// Options returns the sizes the Runner was made with.
+func (r *Runner) Options() RunnerOptions { return r.opt }
+
+// Close frees the Runner's buffers and graphs. Safe to call twice.
+func (r *Runner) Close() {
+	for k, g := range r.graphs {
+		g.Close()
+		delete(r.graphs, k)
+	}
+	for _, b := range r.bufs {
+		r.be.Free(b)
+	}
+	r.bufs = nil
+	if r.stage != nil {
+		r.stage.Close()
+		r.stage = nil
+	}
+	if r.sample != nil {
+		r.sample.Close()
+		r.sample = nil
+	}
+}
+
+// Logits selects which rows get logits.
+type Logits int
+
+const (
+	LastRow Logits = iota // the last new row of each sequence: logits [B, V]
+	AllRows               // every row: logits [B·T, V]
+	NoLogits
+)
+
+// Sampling asks a step to draw the next token of each sequence on the device.
+type Sampling struct {
+	TopK    int
+	Seed    uint64
+	Counter []int32   // [B] random-stream position of each sequence
+	Banned  [][]int32 // per sequence, tokens that must not be drawn
+}
+
+// Step is one forward pass over T new tokens of each of the B sequences.
+type Step struct {
+	T                  int
+	Tokens, Pos, Slots []int32   // [B·T]: ids, positions, the slots their K/V go to
+	Order              [][]int32 // per sequence: slots of all entries it attends to, in logical order, new ones last
+	// AlignSlots/AlignIndex list entries to realign before the forward pass
+	// (same rows for every layer and head); nil for none.
+	AlignSlots, AlignIndex []int32
+	Logits                 Logits
+	Targets                []int32 // one per logits row: also compute each row's NLL of its target
+	Sample                 *Sampling
+	// Graph replays the step as a captured CUDA graph (decode steps whose
+	// shape repeats); the first step of a shape captures it.
+	Graph bool
+}
+
+type stepShape struct {
+	T, alignRows int
+	logits       Logits
+	nll          bool
+	topK         int
+	seed         uint64
+}
+
+// Run enqueues a step. Results are read with Logits, NLL and Sampled after
+// the backend's Sync (which Sampled does itself).
+func (r *Runner) Run(s *Step) error {
+	if err := r.stageInputs(s); err != nil {
+		return err
+	}
+	shape := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil}
+	if s.Sample != nil {
+		shape.topK, shape.seed = s.Sample.TopK, s.Sample.Seed
+	}
+	if !s.Graph {
+		r.enqueue(shape)
+		return r.be.Err()
+	}
+	g, ok := r.graphs[shape]
+	if !ok {
+		var err error
+		g, err = r.be.Capture(func() { r.enqueue(shape) })
+		if err != nil {
+			return fmt.Errorf("capturing the decode step: %w", err)
+		}
+		r.graphs[shape] = g
+	}
+	g.Run()
+	return r.be.Err()
+}
+
+func (r *Runner) stageInputs(s *Step) error {
+	o := r.opt
+	N := o.B * s.T
+	if s.T < 1 || s.T > o.MaxT || len(s.Tokens) != N || len(s.Pos) != N || len(s.Slots) != N || len(s.Order) != o.B {
+		return fmt.Errorf("runner: step of T=%d with %d tokens, %d positions, %d slots, %d orders does not fit B=%d, MaxT=%d",
+			s.T, len(s.Tokens), len(s.Pos), len(s.Slots), len(s.Order), o.B, o.MaxT)
+	}
+	in, L := r.stage.Ints(), r.lay
+	copy(in[L.tokens:], s.Tokens)
+	copy(in[L.pos:], s.Pos)
+	copy(in[L.slots:], s.Slots)
+	if s.Targets != nil {
+		rows := o.B
+		if s.Logits == AllRows {
+			rows = N
+		}
+		if len(s.Targets) != rows || s.Logits == NoLogits {
+			return fmt.Errorf("runner: %d targets for %d logits rows", len(s.Targets), rows)
+		}
+		copy(in[L.targets:], s.Targets)
+	}
+	for b, ord := range s.Order {
+		if len(ord) < s.T || len(ord) > o.MaxLen {
+			return fmt.Errorf("runner: sequence %d attends to %d entries (want %d…%d)", b, len(ord), s.T, o.MaxLen)
+		}
+		copy(in[L.order+b*o.MaxLen:], ord)
+		in[L.lens+b] = int32(len(ord))
+	}
+	if len(s.AlignSlots) != len(s.AlignIndex) || len(s.AlignSlots) > o.B*o.MaxLen {
+		return fmt.Errorf("runner: %d align slots, %d indices", len(s.AlignSlots), len(s.AlignIndex))
+	}
+	if len(s.AlignSlots) > 0 && r.realign == nil {
+		return fmt.Errorf("runner: realignment asked for but no networks are set")
+	}
+	copy(in[L.alignSlots:], s.AlignSlots)
+	copy(in[L.alignIndex:], s.AlignIndex)
+	if s.Sample != nil {
+		if len(s.Sample.Counter) != o.B {
+			return fmt.Errorf("runner: %d sample counters for %d sequences", len(s.Sample.Counter), o.B)
+		}
+		copy(in[L.counter:], s.Sample.Counter)
+		for b := 0; b < o.B; b++ {
+			ban := in[L.banned+b*o.MaxBan : L.banned+(b+1)*o.MaxBan]
+			var list []int32
+			if b < len(s.Sample.Banned) {
+				list = s.Sample.Banned[b]
+			}
+			if len(list) > o.MaxBan {
+				return fmt.Errorf("runner: %d banned tokens, at most %d", len(list), o.MaxBan)
+			}
+			n := copy(ban, list)
+			for i := n; i < len(ban); i++ {
+				ban[i] = -1
+			}
+		}
+	}
+	return nil
+}
+
+// view is the device int block's slice for an input.
+func (r *Runner) view(off, n int) gpu.Buf { return r.ints.View(off, n) }
+
+// enqueue is the step itself: every operation reads its sizes from shape and
+// its data from device buffers, so it can be captured and replayed.
+func (r *Runner) enqueue(sh stepShape) {
+	be, cfg, o, L := r.be, r.m.Cfg, r.opt, r.lay
+	w := &r.m.w
+	N := o.B * sh.T
+	C, HS, NH, NKV := cfg.C, cfg.HS, cfg.NH, cfg.NKV
+	qkvW := cfg.QKVWidth()
+	be.CopyIn(r.ints, r.stage)
+	tokens, pos, slots := r.view(L.tokens, N), r.view(L.pos, N), r.view(L.slots, N)
+	order, lens := r.view(L.order, o.B*o.MaxLen), r.view(L.lens, o.B)
+	layerSize := r.Slots * NKV * HS
+
+	if sh.alignRows > 0 {
+		r.realign.Realign(be, r.K, r.V, r.view(L.alignSlots, sh.alignRows), r.view(L.alignIndex, sh.alignRows),
+			gpu.AlignParams{Rows: sh.alignRows, L: cfg.NLayer, NKV: NKV, HS: HS, LayerStride: layerSize})
+	}
+
+	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
+	be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
+	attn := gpu.AttnParams{B: o.B, T: sh.T, NH: NH, NKV: NKV, HS: HS, QStride: qkvW, MaxLen: o.MaxLen}
+	rotHeads := NH + NKV
+	if cfg.Family == Llama && o.ShiftKeys {
+		attn.RopeTheta = float32(cfg.RopeTheta)
+		rotHeads = NH
+	}
+	for l := range w.layers {
+		lw := &w.layers[l]
+		K, V := r.K.View(l*layerSize, layerSize), r.V.View(l*layerSize, layerSize)
+		r.norm(xn, x, lw.norm1W, lw.norm1B, N)
+		qkv := r.qkv.View(0, N*qkvW)
+		be.MatMul(qkv, xn, lw.qkvW, lw.qkvB, N, C, qkvW, false)
+		if cfg.Family == Llama {
+			be.RoPE(qkv, pos, N, rotHeads, HS, qkvW, float32(cfg.RopeTheta))
+		}
+		be.CacheStore(K, qkv.View(NH*HS, N*qkvW-NH*HS), slots, N, NKV*HS, qkvW)
+		be.CacheStore(V, qkv.View((NH+NKV)*HS, N*qkvW-(NH+NKV)*HS), slots, N, NKV*HS, qkvW)
+		att := r.att.View(0, N*NH*HS)
+		be.Attention(att, qkv, K, V, order, lens, attn)
+		be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+		r.norm(xn, x, lw.norm2W, lw.norm2B, N)
+		F := cfg.FFN
+		if cfg.Family == GPT2 {
+			up := r.up.View(0, N*F)
+			be.MatMul(up, xn, lw.upW, lw.upB, N, C, F, false)
+			be.GeluNew(up, N*F)
+			be.MatMul(x, up, lw.downW, lw.downB, N, F, C, true)
+		} else {
+			up := r.up.View(0, N*2*F)
+			be.MatMul(up, xn, lw.upW, gpu.Buf{}, N, C, 2*F, false)
+			act := r.act.View(0, N*F)
+			be.SiluMul(act, up, up.View(F, N*2*F-F), N, F, 2*F)
+			be.MatMul(x, act, lw.downW, gpu.Buf{}, N, F, C, true)
+		}
+	}
+
+	V := cfg.VocabSize
+	switch sh.logits {
+	case NoLogits:
+		return
+	case AllRows:
+		r.norm(xn, x, w.normFW, w.normFB, N)
+		be.MatMul(r.logits.View(0, N*V), xn, w.lmHead, gpu.Buf{}, N, C, V, false)
+		if sh.nll {
+			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), r.view(L.targets, N), N, V)
+		}
+	case LastRow:
+		for b := 0; b < o.B; b++ {
+			last := b*sh.T + sh.T - 1
+			r.norm(xn.View(b*C, C), x.View(last*C, C), w.normFW, w.normFB, 1)
+		}
+		be.MatMul(r.logits.View(0, o.B*V), xn.View(0, o.B*C), w.lmHead, gpu.Buf{}, o.B, C, V, false)
+		if sh.nll {
+			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), r.view(L.targets, o.B), o.B, V)
+		}
+		if sh.topK > 0 {
+			be.Sample(r.view(L.sampled, o.B), r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B),
+				gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed})
+			be.CopyOut(r.sample, r.view(L.sampled, o.B))
+		}
+	}
+}
+
+func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
+	cfg := r.m.Cfg
+	if cfg.Family == GPT2 {
+		r.be.LayerNorm(out, in, w, b, N, cfg.C, cfg.Eps)
+	} else {
+		r.be.RMSNorm(out, in, w, N, cfg.C, cfg.Eps)
+	}
+}
+
+// Logits downloads the logits of the last step: rows × V.
+func (r *Runner) Logits(rows int) ([]float32, error) {
+	out := make([]float32, rows*r.m.Cfg.VocabSize)
+	r.be.Download(out, r.logits.View(0, len(out)))
+	return out, r.be.Sync()
+}
+
+// NLL downloads the per-row NLL of the last step.
+func (r *Runner) NLL(rows int) ([]float32, error) {
+	out := make([]float32, rows)
+	r.be.Download(out, r.nll.View(0, rows))
+	return out, r.be.Sync()
+}
+
+// Sampled waits for the step and returns the token drawn for each sequence.
+func (r *Runner) Sampled() ([]int32, error) {
+	if err := r.be.Sync(); err != nil {
+		return nil, err
+	}
+	return r.sample.Ints(), nil
+}
+
+// KV downloads layer l's cached K and V of the given slots: [len(slots), NKV·HS] each.
+func (r *Runner) KV(l int, slots []int32) (k, v []float32, err error) {
+	cfg := r.m.Cfg
+	row := cfg.NKV * cfg.HS
+	layerSize := r.Slots * row
+	allK := make([]float32, layerSize)
+	allV := make([]float32, layerSize)
+	r.be.Download(allK, r.K.View(l*layerSize, layerSize))
+	r.be.Download(allV, r.V.View(l*layerSize, layerSize))
+	if err := r.be.Sync(); err != nil {
+		return nil, nil, err
+	}
+	for _, s := range slots {
+		k = append(k, allK[int(s)*row:int(s)*row+row]...)
+		v = append(v, allV[int(s)*row:int(s)*row+row]...)
+	}
+	return k, v, nil
+}
+
+// Argmax is the index of the largest value of a logits row (lowest on ties).
+func Argmax(row []float32) int {
+	best, bi := float32(math.Inf(-1)), 0
+	for i, v := range row {
+		if v > best {
+			best, bi = v, i
+		}
+	}
+	return bi
+}

@@ -1,0 +1,234 @@
+package transformer
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/kvalign/kvalign/kvcache"
+)
+
+// Mode is a policy for generating without end from a bounded cache.
+type Mode int
+
+const (
+	// SlidingWindow is StreamingLLM: sinks plus a recent window; evicted
+	// entries vanish, the rest keep their K/V. Llama keys are cached before
+	// RoPE and rotated at their cache index when read (position shift).
+	SlidingWindow Mode = iota + 1
+	// KVAlign rewrites every window entry with the key and value networks
+	// after each eviction, so each stands for its index in the cache.
+	KVAlign
+	// Recompute drops nothing but recomputes the last cache_size+1 tokens
+	// from scratch every step, at positions 0…cache_size.
+	Recompute
+)
+
+var modeNames = map[string]Mode{
+	"sw": SlidingWindow, "sliding_window": SlidingWindow, "sliding-window": SlidingWindow, "streamingllm": SlidingWindow,
+	"kv": KVAlign, "kva": KVAlign, "kvn": KVAlign, "kv_align": KVAlign, "kv-align": KVAlign, "key_value_net": KVAlign,
+	"ar": Recompute, "wr": Recompute, "with_recompute": Recompute, "attention_recomputation": Recompute,
+}
+
+// ParseMode reads a mode name or one of the original code's synonyms.
+func ParseMode(s string) (Mode, error) {
+	if m, ok := modeNames[strings.ToLower(s)]; ok {
+		return m, nil
+	}
+	return 0, fmt.Errorf("unknown mode %q (want kv, sw or ar, or a synonym: kva, kvn, kv_align, key_value_net, sliding_window, wr, with_recompute, attention_recomputation)", s)
+}
+
+func (m Mode) String() string {
+	switch m {
+	case SlidingWindow:
+		return "sw"
+	case KVAlign:
+		return "kv"
+	case Recompute:
+		return "ar"
+	}
+	return fmt.Sprintf("mode(%d)", int(m))
+}
+
+// Stream generates or scores one sequence without end from a cache of
+// CacheSize entries (plus the one in flight) under a Mode.
+type Stream struct {
+	m     *Model
+	mode  Mode
+	r     *Runner
+	cache *kvcache.Cache
+	hist  []int32 // Recompute: the last CacheSize+1 tokens
+	fed   int     // tokens fed so far
+	nll   bool    // the last step computed an NLL
+}
+
+// StreamOptions configures a Stream.
+type StreamOptions struct {
+	Mode                 Mode
+	CacheSize, StartSize int
+	Realigner            Realigner // KVAlign's networks
+	MaxBan               int       // most banned tokens when sampling
+}
+
+// NewStream prepares a Stream on the model's backend.
+func NewStream(m *Model, o StreamOptions) (*Stream, error) {
+	cache, err := kvcache.New(o.CacheSize, o.StartSize, 0)
+	if err != nil {
+		return nil, err
+	}
+	if m.Cfg.Family == GPT2 && o.CacheSize > m.Cfg.MaxPos-1 {
+		return nil, fmt.Errorf("cache size %d needs positions up to %d, beyond GPT-2's n_positions %d", o.CacheSize, o.CacheSize, m.Cfg.MaxPos)
+	}
+	if o.Mode == KVAlign && o.Realigner == nil {
+		return nil, fmt.Errorf("mode kv needs key and value networks")
+	}
+	s := &Stream{m: m, mode: o.Mode, cache: cache}
+	s.r, err = NewRunner(m, RunnerOptions{
+		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
+		ShiftKeys: o.Mode == SlidingWindow && m.Cfg.Family == Llama,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.r.SetRealigner(o.Realigner)
+	return s, nil
+}
+
+// Close frees the stream's device state.
+func (s *Stream) Close() { s.r.Close() }
+
+// Cache is the stream's bookkeeping (read-only use).
+func (s *Stream) Cache() *kvcache.Cache { return s.cache }
+
+// Runner is the stream's device state (tests read logits and K/V through it).
+func (s *Stream) Runner() *Runner { return s.r }
+
+// Fed is the number of tokens fed so far.
+func (s *Stream) Fed() int { return s.fed }
+
+// FeedOptions says what the step after the last fed token produces.
+type FeedOptions struct {
+	Sample *Sampling // draw the next token on the device
+	Target int32     // ≥ 0: compute the NLL of this next token
+}
+
+// Feed appends tokens, evicting (and realigning) as the mode says, and
+// leaves the logits after the last one ready (plus a sample or an NLL).
+// A first feed of up to CacheSize+1 tokens is one prefill; the rest go one
+// token at a time, so long prompts follow exactly the policy of generation.
+func (s *Stream) Feed(tokens []int32, fo FeedOptions) error {
+	for len(tokens) > 0 {
+		n := 1
+		if s.fed == 0 && s.mode != Recompute {
+			n = min(len(tokens), s.cache.Slots())
+		}
+		if s.mode == Recompute {
+			n = len(tokens) // only the final window is ever computed
+		}
+		chunk := tokens[:n]
+		tokens = tokens[n:]
+		last := len(tokens) == 0
+		var err error
+		if s.mode == Recompute {
+			err = s.recompute(chunk, fo, last)
+		} else {
+			err = s.append(chunk, fo, last)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Stream) step(st *Step, fo FeedOptions, last bool) error {
+	st.Logits = NoLogits
+	s.nll = false
+	if last {
+		st.Logits = LastRow
+		st.Sample = fo.Sample
+		if fo.Target >= 0 {
+			st.Targets = []int32{fo.Target}
+			s.nll = true
+		}
+	}
+	return s.r.Run(st)
+}
+
+// append runs sw/kv: evict when full, realign (kv), then the new tokens.
+func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
+	c := s.cache
+	st := &Step{T: len(tokens)}
+	if c.Full() {
+		if _, err := c.Evict(); err != nil {
+			return err
+		}
+		if s.mode == KVAlign {
+			win := c.Window()
+			st.AlignSlots = win
+			st.AlignIndex = make([]int32, len(win))
+			for i := range st.AlignIndex {
+				st.AlignIndex[i] = int32(i)
+			}
+			c.SetPositions()
+		}
+	}
+	for _, t := range tokens {
+		pos := c.Len() // the incoming token stands at the cache length
+		slot, err := c.Append(pos)
+		if err != nil {
+			return err
+		}
+		st.Tokens = append(st.Tokens, t)
+		st.Pos = append(st.Pos, int32(pos))
+		st.Slots = append(st.Slots, slot)
+	}
+	st.Order = [][]int32{c.Order()}
+	st.Graph = len(tokens) == 1 && c.Len() == c.Slots()
+	s.fed += len(tokens)
+	return s.step(st, fo, last)
+}
+
+// recompute runs ar: the last CacheSize+1 tokens from scratch.
+func (s *Stream) recompute(tokens []int32, fo FeedOptions, last bool) error {
+	s.hist = append(s.hist, tokens...)
+	if k := s.cache.Slots(); len(s.hist) > k {
+		s.hist = append(s.hist[:0], s.hist[len(s.hist)-k:]...)
+	}
+	s.fed += len(tokens)
+	if !last {
+		return nil
+	}
+	T := len(s.hist)
+	st := &Step{T: T, Tokens: s.hist}
+	idx := make([]int32, T)
+	for i := range idx {
+		idx[i] = int32(i)
+	}
+	st.Pos, st.Slots, st.Order = idx, idx, [][]int32{idx}
+	st.Graph = T == s.cache.Slots()
+	return s.step(st, fo, last)
+}
+
+// Logits downloads the logits after the last fed token.
+func (s *Stream) Logits() ([]float32, error) { return s.r.Logits(1) }
+
+// NLL is the negative log-likelihood of the target given with the last feed.
+func (s *Stream) NLL() (float32, error) {
+	if !s.nll {
+		return 0, fmt.Errorf("stream: the last feed computed no NLL")
+	}
+	v, err := s.r.NLL(1)
+	if err != nil {
+		return 0, err
+	}
+	return v[0], nil
+}
+
+// Sampled is the token drawn after the last fed token.
+func (s *Stream) Sampled() (int32, error) {
+	v, err := s.r.Sampled()
+	if err != nil {
+		return 0, err
+	}
+	return v[0], nil
+}
