@@ -169,6 +169,12 @@ func networkFromTensors(get func(name string) ([]int, []float32, error)) (*Netwo
 	n.H1 = shapes[tensorW1][0]
 	n.H2 = shapes[tensorW2][0]
 	n.HS = shapes[tensorW3][0]
+	for i, want := range n.shapes() {
+		if got := shapes[tensorNames[i]]; !slices.Equal(got, want) {
+			return nil, fmt.Errorf("tensor %s has shape %v, want %v (sizes read from the other tensors: P=%d DP=%d from emb_pos, L=%d DL=%d from emb_blocks, H=%d DH=%d from emb_heads, H1=%d from fc1.weight, H2=%d from fc2.weight, HS=%d from fc3.weight)",
+				tensorNames[i], got, want, n.P, n.DP, n.L, n.DL, n.H, n.DH, n.H1, n.H2, n.HS)
+		}
+	}
 	if err := n.validate(); err != nil {
 		return nil, err
 	}

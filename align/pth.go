@@ -109,7 +109,7 @@ func readPTHArchive(zr *zip.Reader) (map[string]PTHTensor, error) {
 	for i, k := range state.keys {
 		name, ok := k.(string)
 		if !ok {
-			return nil, fmt.Errorf("model_state_dict key %v is not a string", k)
+			return nil, fmt.Errorf("model_state_dict key %s is not a string", describe(k))
 		}
 		t, ok := state.vals[i].(*pklTensor)
 		if !ok {
@@ -150,7 +150,15 @@ func findStateDict(root any) (*pklDict, error) {
 	}
 	var keys []string
 	for _, k := range d.keys {
-		keys = append(keys, fmt.Sprint(k))
+		if s, ok := k.(string); ok {
+			keys = append(keys, fmt.Sprintf("%q", s))
+		} else {
+			keys = append(keys, describe(k))
+		}
+		if len(keys) == 20 {
+			keys = append(keys, "…")
+			break
+		}
 	}
 	return nil, fmt.Errorf("no model_state_dict in the checkpoint (top-level keys: %s)", strings.Join(keys, ", "))
 }
@@ -343,11 +351,20 @@ func (d *pklDict) get(k string) (any, bool) {
 	return d.vals[i], true
 }
 
-// describe names a value's kind for error messages.
+// describe names a value's kind for error messages. It never prints a
+// value's contents: a pickle can build a tuple that shares itself 2^n
+// times, and printing that would never finish.
 func describe(v any) string {
 	switch v := v.(type) {
 	case nil:
 		return "None"
+	case string:
+		if len(v) > 40 {
+			v = v[:40] + "…"
+		}
+		return fmt.Sprintf("the string %q", v)
+	case int64:
+		return fmt.Sprintf("the int %d", v)
 	case *pklDict:
 		return "a dict"
 	case *pklList:
@@ -913,7 +930,7 @@ func intTuple(v any) ([]int64, error) {
 func persistentLoad(pid any) (any, error) {
 	t, ok := pid.(pklTuple)
 	if !ok || len(t) < 5 || t[0] != "storage" {
-		return nil, fmt.Errorf("persistent id %v is not a ('storage', type, key, location, numel) tuple", pid)
+		return nil, fmt.Errorf("persistent id %s is not a ('storage', type, key, location, numel) tuple", describe(pid))
 	}
 	g, ok := t[1].(*pklGlobal)
 	if !ok {
@@ -923,7 +940,7 @@ func persistentLoad(pid any) (any, error) {
 	loc, _ := t[3].(string)
 	numel, ok2 := t[4].(int64)
 	if !ok1 || !ok2 || numel < 0 {
-		return nil, fmt.Errorf("malformed storage reference %v", pid)
+		return nil, errors.New("malformed ('storage', type, key, location, numel) reference")
 	}
 	typ := g.name
 	if g.module != "torch" {

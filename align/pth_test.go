@@ -273,6 +273,21 @@ func TestReadPTHRefusesBrokenFiles(t *testing.T) {
 	wrongSize.op(0x80, 2, '}', '(').str("model_state_dict").op('}', '(')
 	wrongSize.str("w").tensor("FloatStorage", "0", 4, 1, []int{2, 2}, []int{2, 1}).op('u', 'u', '.')
 
+	// A tuple that holds itself twice, 60 levels deep: printing it would take
+	// 2^60 steps, so errors must only describe it.
+	var deep pickleBuilder
+	deep.op(0x80, 2, '}', 'N')
+	for range 60 {
+		deep.op('2', 0x86)
+	}
+	deep.op('N', 's', '.')
+	var deepPID pickleBuilder
+	deepPID.op(0x80, 2, 'N')
+	for range 60 {
+		deepPID.op('2', 0x86)
+	}
+	deepPID.op('Q', '.')
+
 	realZip, err := os.ReadFile(writePTH(t, goodBytes, storage))
 	if err != nil {
 		t.Fatal(err)
@@ -290,6 +305,8 @@ func TestReadPTHRefusesBrokenFiles(t *testing.T) {
 		{"short storage", writePTH(t, goodBytes, map[string][]byte{"0": f32bytes(1, 2, 3)}), "holds 12 bytes"},
 		{"view past storage", writePTH(t, wrongSize.Bytes(), storage), "runs past"},
 		{"no model_state_dict", writePTH(t, noState.Bytes(), nil), "no model_state_dict"},
+		{"self-similar key", writePTH(t, deep.Bytes(), nil), "top-level keys: a tuple"},
+		{"self-similar persistent id", writePTH(t, deepPID.Bytes(), nil), "persistent id a tuple"},
 		{"missing file", filepath.Join(dir, "nope.pth"), "nope.pth"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

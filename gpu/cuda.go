@@ -40,6 +40,11 @@ type CUDA struct {
 	closed    bool
 	capturing bool
 	allocs    map[uintptr]int // base address → bytes of every live Alloc, freed by Close
+
+	// attnScratch is split-K attention's partial-result buffer, grown
+	// (outside capture) by cuda_attention.go through Alloc, so Close frees
+	// it with every other live allocation.
+	attnScratch Buf
 }
 
 // NewCUDA opens CUDA device number device (0-based) with its own stream.
@@ -250,6 +255,7 @@ func (c *CUDA) Close() error {
 		keep("close", C.kv_free(p))
 	}
 	clear(c.allocs)
+	c.attnScratch = Buf{}
 	keep("close", C.kv_stream_destroy(c.stream))
 	c.stream = nil
 	c.closed = true

@@ -47,8 +47,12 @@ type Tokenizer struct {
 	addedNormalized []tokAddedToken
 	addedByContent  map[string]int32
 
-	mu    sync.Mutex
-	cache map[string][]int32 // pre-token → ids; guarded by mu
+	// The pre-token cache, guarded by mu: cache maps a pre-token to a packed
+	// (offset, count) span of cacheIDs. Small packed values keep the map's
+	// slots compact, which matters because the lookup is the hot path.
+	mu       sync.Mutex
+	cache    map[string]uint64
+	cacheIDs []int32
 }
 
 // tokAddedToken is one entry of tokenizer.json's added_tokens.
@@ -129,8 +133,8 @@ func (t *Tokenizer) Encode(text string) []int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	encodePiece := func(piece string) {
-		if cached, ok := t.cache[piece]; ok {
-			for _, id := range cached {
+		if span, ok := t.cache[piece]; ok {
+			for _, id := range t.cacheIDs[span>>32 : span>>32+span&0xFFFFFFFF] {
 				ids = append(ids, int(id))
 			}
 			return
@@ -142,9 +146,11 @@ func (t *Tokenizer) Encode(text string) []int {
 		if len(piece) <= tokCacheMaxWord {
 			if len(t.cache) >= tokCacheCapacity {
 				clear(t.cache)
+				t.cacheIDs = t.cacheIDs[:0]
 			}
 			// Clone the key so the cache never pins the caller's text.
-			t.cache[strings.Clone(piece)] = append([]int32(nil), syms...)
+			t.cache[strings.Clone(piece)] = uint64(len(t.cacheIDs))<<32 | uint64(len(syms))
+			t.cacheIDs = append(t.cacheIDs, syms...)
 		}
 	}
 	encodeSegment := func(segment string) {
@@ -265,5 +271,6 @@ func (t *Tokenizer) splitAdded(text string, added []tokAddedToken, emit func(pie
 func (t *Tokenizer) resetCache() {
 	t.mu.Lock()
 	clear(t.cache)
+	t.cacheIDs = t.cacheIDs[:0]
 	t.mu.Unlock()
 }

@@ -1,0 +1,397 @@
+// attention.cu — softmax(q·kᵀ/sqrt(HS))·v over a sequence's cache entries
+// (see gpu.AttnParams and ref.Attention).
+//
+// Entries are addressed through order[b·max_len + j] (slot numbers), so K/V
+// rows are gathered, one head row (HS floats, contiguous) per entry. Query t
+// of sequence b sees entries j ≤ lens[b] − T + t; lens is read on the device
+// (the decode step is a captured graph), so grids are sized from max_len and
+// blocks past a sequence's length exit early.
+//
+// Two kernels:
+//  - decode (T·G query vectors per (b, kv head) small, G = NH/NKV): one block
+//    per (key split, kv head, sequence) serves every query head of the kv
+//    head, so each K/V row is read once per step; chunks of kDecCh entries go
+//    through shared memory with an online softmax, and with a scratch buffer
+//    the entries are split over many blocks (flash-decoding) whose partial
+//    (max, sum, output) a second kernel combines.
+//  - prefill (long T): flash-attention style tiles in fp32 SIMT, TQ queries of
+//    one head per block, key/value tiles of TK entries in shared memory,
+//    online softmax in registers.
+// RoPE (StreamingLLM position shift) rotates key j at position j while the
+// tile is staged: angle = float32(j)·inv_freq[i] in fp32 as ref.RopeRotate,
+// then sincosf (full-range, not the fast intrinsic).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kDecThreads = 128;
+constexpr int kDecCh = 32;                // entries per staged chunk
+constexpr int kDecMaxQ = KV_ATTN_DECODE_MAX_Q;
+constexpr int kMaxHS = KV_ATTN_MAX_HS;
+constexpr int kDecTargetBlocks = 512;     // split until about this many blocks (≈ 4 per SM)
+
+struct DecodeSplit {
+  int chunks_per_split, nsplit;
+};
+
+// decode_split: how the entries [0, max_len) are cut into nsplit ranges of
+// chunks_per_split chunks. Depends only on shapes, so the workspace size and
+// the launch agree, and a captured graph keeps working as lengths change.
+DecodeSplit decode_split(int B, int NKV, int max_len) {
+  const int chunks = kv_ceil_div(max(max_len, 1), kDecCh);
+  const long long want = (long long)chunks * B * NKV;
+  int cps = (int)((want + kDecTargetBlocks - 1) / kDecTargetBlocks);
+  cps = max(cps, 1);
+  return {cps, kv_ceil_div(chunks, cps)};
+}
+
+// stage_rows copies cnt gathered head rows (slots sl[e], kv head kh) of a
+// cache into dst[e·ld + d], rotating keys (inv != nullptr) at position j0+e.
+__device__ __forceinline__ void stage_rows(float *dst, int ld, const float *__restrict__ cache,
+                                           const int *sl, int cnt, int j0, int NKV, int kh, int HS,
+                                           const float *inv, int tid, int nthreads) {
+  if (inv) {
+    const int h = HS / 2;
+    for (int idx = tid; idx < cnt * h; idx += nthreads) {
+      const int e = idx / h, i = idx % h;
+      const float *row = cache + ((size_t)sl[e] * NKV + kh) * HS;
+      const float x1 = row[i], x2 = row[i + h];
+      float sn, cs;
+      sincosf((float)(j0 + e) * inv[i], &sn, &cs);
+      dst[e * ld + i] = x1 * cs - x2 * sn;
+      dst[e * ld + i + h] = x2 * cs + x1 * sn;
+    }
+  } else {
+    for (int idx = tid; idx < cnt * HS; idx += nthreads) {
+      const int e = idx / HS, d = idx % HS;
+      dst[e * ld + d] = cache[((size_t)sl[e] * NKV + kh) * HS + d];
+    }
+  }
+}
+
+// attn_decode_kernel_v1: grid (split, kv head, sequence). QV = T·G query
+// vectors (t, g) share the block; qv = t·G + g, query head kh·G + g.
+// Without a workspace (gridDim.x == 1) it writes the normalised output;
+// otherwise the unnormalised partial o, running max m and sum l of its split
+// to work[((b·T + t)·NH + h)·nsplit + split][HS + 2].
+template <int HSMAX>
+__global__ void __launch_bounds__(kDecThreads)
+    attn_decode_kernel_v1(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
+                          const float *__restrict__ vc, const int32_t *__restrict__ order,
+                          const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
+                          int max_len, float rope_theta, float scale, int chunks_per_split,
+                          float *__restrict__ work) {
+  constexpr int OPT = kDecMaxQ * HSMAX / kDecThreads;  // output elements per thread
+  __shared__ float qs[kDecMaxQ][HSMAX];
+  __shared__ float ks[kDecCh][HSMAX + 1];  // +1: the per-entry dot products read rows conflict-free
+  __shared__ float vs[kDecCh][HSMAX];
+  __shared__ float ps[kDecMaxQ][kDecCh];
+  __shared__ float m_run[kDecMaxQ], l_run[kDecMaxQ], alpha[kDecMaxQ];
+  __shared__ float inv_s[HSMAX / 2];
+  __shared__ int sl[kDecCh];
+
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int G = NH / NKV, QV = T * G;
+  const int n_total = min(lens[b], max_len);  // the last query sees entries [0, n_total)
+  const int j_begin = split * chunks_per_split * kDecCh;
+  const int j_end = min(n_total, j_begin + chunks_per_split * kDecCh);
+  const bool partial = gridDim.x > 1;
+  // Splits past the sequence's length do nothing: the combine kernel reads
+  // only the splits below lens[b]. Unsplit, the block must still write zeros.
+  if (partial && j_begin >= n_total) return;
+
+  for (int idx = tid; idx < QV * HS; idx += kDecThreads) {
+    const int qv = idx / HS, d = idx % HS, t = qv / G, g = qv % G;
+    qs[qv][d] = q[((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + d];
+  }
+  if (rope_theta != 0.f)
+    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+  if (tid < kDecMaxQ) {
+    m_run[tid] = -INFINITY;
+    l_run[tid] = 0.f;
+  }
+  float o[OPT];
+#pragma unroll
+  for (int k = 0; k < OPT; k++) o[k] = 0.f;
+  const float *inv = rope_theta != 0.f ? inv_s : nullptr;
+
+  for (int j0 = j_begin; j0 < j_end; j0 += kDecCh) {
+    const int cnt = min(kDecCh, j_end - j0);
+    __syncthreads();  // previous chunk fully consumed (and q/inv staged on the first pass)
+    if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
+    __syncthreads();
+    stage_rows(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, kDecThreads);
+    stage_rows(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, kDecThreads);
+    __syncthreads();
+
+    // Scores: one (query vector, entry) pair per thread and step.
+    for (int idx = tid; idx < QV * kDecCh; idx += kDecThreads) {
+      const int qv = idx / kDecCh, e = idx % kDecCh, t = qv / G;
+      float s = -INFINITY;
+      if (e < cnt && j0 + e <= n_total - T + t) {
+        float acc = 0.f;
+        for (int d = 0; d < HS; d++) acc = fmaf(qs[qv][d], ks[e][d], acc);
+        s = acc * scale;
+      }
+      ps[qv][e] = s;
+    }
+    __syncthreads();
+
+    // Online softmax, one warp per query vector.
+    for (int qv = tid / 32; qv < QV; qv += kDecThreads / 32) {
+      const int lane = tid % 32;
+      const float s = lane < kDecCh ? ps[qv][lane] : -INFINITY;
+      const float m_new = fmaxf(m_run[qv], kv_warp_max(s));
+      const float p = (s == -INFINITY) ? 0.f : expf(s - m_new);
+      const float sum = kv_warp_sum(p);
+      if (lane < kDecCh) ps[qv][lane] = p;
+      if (lane == 0) {
+        // m_run = −∞ means nothing seen yet (l and o are 0): any factor works, avoid ∞−∞.
+        const float a = m_run[qv] == -INFINITY ? 0.f : expf(m_run[qv] - m_new);
+        alpha[qv] = a;
+        l_run[qv] = l_run[qv] * a + sum;
+        m_run[qv] = m_new;
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int k = 0; k < OPT; k++) {
+      const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+      if (qv < QV) {
+        float acc = o[k] * alpha[qv];
+        for (int e = 0; e < cnt; e++) acc = fmaf(ps[qv][e], vs[e][d], acc);
+        o[k] = acc;
+      }
+    }
+  }
+  __syncthreads();  // m_run/l_run final
+
+#pragma unroll
+  for (int k = 0; k < OPT; k++) {
+    const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+    if (qv >= QV) continue;
+    const int t = qv / G, h = kh * G + qv % G;
+    const size_t row = (size_t)b * T + t;
+    if (!partial) {
+      const float l = l_run[qv];
+      out[row * NH * HS + (size_t)h * HS + d] = l > 0.f ? o[k] / l : 0.f;
+    } else {
+      float *w = work + ((row * NH + h) * gridDim.x + split) * (HS + 2);
+      w[d] = o[k];
+      if (d == 0) {
+        w[HS] = m_run[qv];
+        w[HS + 1] = l_run[qv];
+      }
+    }
+  }
+}
+
+// attn_combine_kernel_v1: one block per (row, head) merges the partials of
+// the splits that ran (those starting below lens[b]).
+__global__ void __launch_bounds__(kMaxHS)
+    attn_combine_kernel_v1(float *__restrict__ out, const float *__restrict__ work,
+                           const int32_t *__restrict__ lens, int T, int NH, int HS, int max_len, int nsplit,
+                           int split_len) {
+  const int rh = blockIdx.x, h = rh % NH, row = rh / NH, b = row / T, d = threadIdx.x;
+  const int n_total = min(lens[b], max_len);
+  const int used = min(nsplit, (max(n_total, 0) + split_len - 1) / split_len);
+  const float *w = work + (size_t)rh * nsplit * (HS + 2);
+  float m = -INFINITY;
+  for (int s = 0; s < used; s++) m = fmaxf(m, w[s * (HS + 2) + HS]);
+  float l = 0.f, acc = 0.f;
+  if (m != -INFINITY) {
+    for (int s = 0; s < used; s++) {
+      const float ms = w[s * (HS + 2) + HS];
+      if (ms == -INFINITY) continue;  // no visible entry in that split
+      const float f = expf(ms - m);
+      l += w[s * (HS + 2) + HS + 1] * f;
+      if (d < HS) acc += w[s * (HS + 2) + d] * f;
+    }
+  }
+  if (d < HS) out[(size_t)row * NH * HS + (size_t)h * HS + d] = l > 0.f ? acc / l : 0.f;
+}
+
+// attn_prefill_kernel_v1: grid (query tile, head, sequence), 256 threads as
+// 16×16 (ty, tx). Thread (ty, tx) owns query rows ty·RQ + i (i < RQ),
+// entries tx + 16k of each key tile (k < RK) for the scores and head dims
+// tx + 16j for the output; a row's 16 threads form one half-warp, so row
+// max/sum are half-warp shuffles and P needs only a warp barrier.
+template <int HSMAX, int RQ, int RK>
+__global__ void __launch_bounds__(256)
+    attn_prefill_kernel_v1(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
+                           const float *__restrict__ vc, const int32_t *__restrict__ order,
+                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
+                           int max_len, float rope_theta, float scale) {
+  constexpr int TQ = 16 * RQ, TK = 16 * RK, RD = HSMAX / 16;
+  __shared__ float Qs[TQ][HSMAX + 1];
+  __shared__ float Ks[TK][HSMAX + 1];
+  __shared__ float Vs[TK][HSMAX];
+  __shared__ float Ps[TQ][TK + 1];
+  __shared__ float inv_s[HSMAX / 2];
+  __shared__ int sl[TK];
+
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int t0 = blockIdx.x * TQ, h = blockIdx.y, b = blockIdx.z;
+  const int kh = h / (NH / NKV);
+  const int n_total = min(lens[b], max_len);
+  const int n0 = n_total - T;  // query t sees entries j ≤ n0 + t
+
+  for (int idx = tid; idx < TQ * HSMAX; idx += 256) {
+    const int r = idx / HSMAX, d = idx % HSMAX, t = t0 + r;
+    Qs[r][d] = (t < T && d < HS) ? q[((size_t)b * T + t) * q_stride + (size_t)h * HS + d] : 0.f;
+  }
+  if (rope_theta != 0.f)
+    for (int i = tid; i < HS / 2; i += 256) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+  const float *inv = rope_theta != 0.f ? inv_s : nullptr;
+
+  float m[RQ], l[RQ], o[RQ][RD];
+#pragma unroll
+  for (int i = 0; i < RQ; i++) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < RD; j++) o[i][j] = 0.f;
+  }
+
+  // Entries any row of this tile can see.
+  const int j_end = max(0, min(n_total, n0 + min(t0 + TQ, T)));
+  for (int j0 = 0; j0 < j_end; j0 += TK) {
+    const int cnt = min(TK, j_end - j0);
+    __syncthreads();  // previous tile consumed; Qs/inv staged on the first pass
+    if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
+    __syncthreads();
+    stage_rows(&Ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, 256);
+    stage_rows(&Vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, 256);
+    __syncthreads();
+
+    float s[RQ][RK];
+#pragma unroll
+    for (int i = 0; i < RQ; i++)
+#pragma unroll
+      for (int k = 0; k < RK; k++) s[i][k] = 0.f;
+    for (int d = 0; d < HS; d++) {
+      float qv[RQ], kv[RK];
+#pragma unroll
+      for (int i = 0; i < RQ; i++) qv[i] = Qs[ty * RQ + i][d];
+#pragma unroll
+      for (int k = 0; k < RK; k++) kv[k] = Ks[tx + 16 * k][d];
+#pragma unroll
+      for (int i = 0; i < RQ; i++)
+#pragma unroll
+        for (int k = 0; k < RK; k++) s[i][k] = fmaf(qv[i], kv[k], s[i][k]);
+    }
+
+    float alpha[RQ];
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+      const int t = t0 + ty * RQ + i;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < RK; k++) {
+        const int e = tx + 16 * k;
+        s[i][k] = (e < cnt && j0 + e <= n0 + t) ? s[i][k] * scale : -INFINITY;
+        mx = fmaxf(mx, s[i][k]);
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(KV_FULL_MASK, mx, off));
+      const float m_new = fmaxf(m[i], mx);
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < RK; k++) {
+        const float p = s[i][k] == -INFINITY ? 0.f : expf(s[i][k] - m_new);
+        Ps[ty * RQ + i][tx + 16 * k] = p;
+        sum += p;
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(KV_FULL_MASK, sum, off);
+      alpha[i] = m[i] == -INFINITY ? 0.f : expf(m[i] - m_new);
+      l[i] = l[i] * alpha[i] + sum;
+      m[i] = m_new;
+    }
+    __syncwarp();  // a row's P is written and read by its own half-warp
+
+#pragma unroll
+    for (int i = 0; i < RQ; i++)
+#pragma unroll
+      for (int j = 0; j < RD; j++) o[i][j] *= alpha[i];
+    for (int e = 0; e < cnt; e++) {
+      float vv[RD];
+#pragma unroll
+      for (int j = 0; j < RD; j++) vv[j] = Vs[e][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < RQ; i++) {
+        const float p = Ps[ty * RQ + i][e];
+#pragma unroll
+        for (int j = 0; j < RD; j++) o[i][j] = fmaf(p, vv[j], o[i][j]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < RQ; i++) {
+    const int t = t0 + ty * RQ + i;
+    if (t >= T) continue;
+    float *orow = out + ((size_t)b * T + t) * NH * HS + (size_t)h * HS;
+#pragma unroll
+    for (int j = 0; j < RD; j++) {
+      const int d = tx + 16 * j;
+      if (d < HS) orow[d] = l[i] > 0.f ? o[i][j] / l[i] : 0.f;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len) {
+  if (B <= 0 || T <= 0 || NKV <= 0 || NH % NKV != 0) return 0;
+  const DecodeSplit sp = decode_split(B, NKV, max_len);
+  if (sp.nsplit <= 1) return 0;
+  return (long long)B * T * NH * sp.nsplit * (HS + 2);
+}
+
+extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
+                                  const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,
+                                  int HS, int q_stride, int max_len, float rope_theta, float *work,
+                                  long long work_floats, int variant) {
+  if (B <= 0 || T <= 0 || NH <= 0) return kv_launched();
+  if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || q_stride < NH * HS ||
+      max_len < 0)
+    return (kv_status)cudaErrorInvalidValue;
+  cudaStream_t st = s;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const int QV = T * (NH / NKV);
+  if (variant == 0) variant = QV <= kDecMaxQ ? 1 : 2;
+  if (variant == 1) {
+    if (QV > kDecMaxQ) return (kv_status)cudaErrorInvalidValue;
+    DecodeSplit sp = decode_split(B, NKV, max_len);
+    const long long need = kv_attention_work_floats(B, T, NH, NKV, HS, max_len);
+    if (need == 0 || !work || work_floats < need) sp = {kv_ceil_div(max(max_len, 1), kDecCh), 1};
+    const dim3 grid(sp.nsplit, NKV, B);
+    if (HS <= 64)
+      attn_decode_kernel_v1<64><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
+                                                             max_len, rope_theta, scale, sp.chunks_per_split, work);
+    else
+      attn_decode_kernel_v1<kMaxHS><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                 q_stride, max_len, rope_theta, scale,
+                                                                 sp.chunks_per_split, work);
+    if (sp.nsplit > 1) {
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return (kv_status)e;
+      attn_combine_kernel_v1<<<B * T * NH, kMaxHS, 0, st>>>(out, work, lens, T, NH, HS, max_len, sp.nsplit,
+                                                            sp.chunks_per_split * kDecCh);
+    }
+    return kv_launched();
+  }
+  if (variant != 2) return (kv_status)cudaErrorInvalidValue;
+  if (HS <= 64) {
+    const dim3 grid(kv_ceil_div(T, 64), NH, B);
+    attn_prefill_kernel_v1<64, 4, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
+                                                          max_len, rope_theta, scale);
+  } else {
+    const dim3 grid(kv_ceil_div(T, 32), NH, B);
+    attn_prefill_kernel_v1<kMaxHS, 2, 1><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                              q_stride, max_len, rope_theta, scale);
+  }
+  return kv_launched();
+}

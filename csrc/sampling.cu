@@ -1,0 +1,210 @@
+// sampling.cu — top-k sampling with banned tokens, one token per row
+// (gpu.SampleParams, ref.Sample): among the non-banned ids keep the top_k
+// largest logits (ties to the lower id), softmax them, and pick the first
+// candidate, in descending order, whose cumulative probability exceeds
+// Uniform(seed, counter[b])·Σp. The random number is counter-based
+// (SplitMix64), computed here from the device counter, so a captured decode
+// step replays with new randomness when the host bumps the counter.
+#include "common.cuh"
+
+#define SAMPLE_THREADS 1024
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define SAMPLE_UNROLL 8
+
+// ref.Uniform, bit for bit: SplitMix64 of seed + counter·golden, top 24 bits.
+__device__ __forceinline__ float kv_uniform(uint64_t seed, uint32_t counter) {
+  uint64_t z = seed + (uint64_t)counter * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (float)(z >> 40) / 16777216.0f;
+}
+
+// A candidate as one 64-bit key whose unsigned order is the reference's
+// order: the logit's bits made monotone in the high word, the complemented
+// id in the low word (so equal logits put the lower id first). −0 is folded
+// into +0 because the reference compares values, for which they tie; NaN
+// sorts below everything. 0 never occurs and marks an empty list entry.
+__device__ __forceinline__ uint64_t sample_key(float v, int id) {
+  uint32_t hi;
+  if (v != v) {
+    hi = 0;
+  } else {
+    if (v == 0.f) v = 0.f;
+    const uint32_t u = __float_as_uint(v);
+    hi = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return ((uint64_t)hi << 32) | (uint32_t)(~(uint32_t)id);
+}
+
+__device__ __forceinline__ float sample_key_value(uint64_t key) {
+  const uint32_t hi = (uint32_t)(key >> 32);
+  return __uint_as_float((hi & 0x80000000u) ? (hi & 0x7fffffffu) : ~hi);
+}
+
+__device__ __forceinline__ int32_t sample_key_id(uint64_t key) { return (int32_t)(~(uint32_t)key); }
+
+// Number of entries of the descending list L[0..K) greater than x.
+__device__ __forceinline__ int sample_count_greater(const uint64_t *L, int K, uint64_t x) {
+  int lo = 0, hi = K;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (L[mid] > x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// v1: one block of 1024 threads per row, one pass over the logits.
+//  1. Banned ids go into a bitmap in shared memory (V bits), so checking one
+//     is a shared load, whatever max_ban is.
+//  2. Each warp keeps a sorted top-K list of keys in registers (lane holds
+//     entries lane and lane+32) and scans its share of the row, 32·UNROLL
+//     coalesced loads in flight per step; a warp ballot finds lanes that beat
+//     the list's K-th key, and each of those is inserted with two ballots and
+//     two shuffles. On a random row a warp inserts only ~K·ln(n/K) times.
+//  3. The 32 lists are merged pairwise in shared memory (each entry's rank in
+//     the merged list is its index plus a binary search in the other list).
+//  4. Warp 0 computes the K probabilities in parallel (float32(exp(double(l −
+//     max))) as the reference), lane 0 sums and picks sequentially in fp32,
+//     so the choice matches the reference bit for bit.
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_kernel_v1(int32_t *__restrict__ out, const float *__restrict__ logits,
+                     const int32_t *__restrict__ banned, const int32_t *__restrict__ counter, int V,
+                     int K, int max_ban, uint64_t seed) {
+  extern __shared__ uint32_t ban_bits[];  // ceil(V/32) words when max_ban > 0
+  __shared__ uint64_t lists[SAMPLE_WARPS][64];
+  __shared__ float probs[64];
+  const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool has_ban = max_ban > 0;
+
+  if (has_ban) {
+    const int words = (V + 31) >> 5;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) ban_bits[i] = 0;
+    __syncthreads();
+    if (warp == 0) {
+      // The list ends at its first negative entry (later entries are ignored, as in the ref).
+      for (int base = 0; base < max_ban; base += 32) {
+        const int i = base + lane;
+        const int t = i < max_ban ? banned[(long long)b * max_ban + i] : -1;
+        const unsigned neg = __ballot_sync(KV_FULL_MASK, t < 0);
+        const int limit = neg ? __ffs(neg) - 1 : 32;
+        if (lane < limit && t < V) atomicOr(&ban_bits[t >> 5], 1u << (t & 31));
+        if (neg) break;
+      }
+    }
+    __syncthreads();
+  }
+
+  // 2. Per-warp top-K lists.
+  const float *l = logits + (long long)b * V;
+  uint64_t e0 = 0, e1 = 0, thr = 0;
+  for (int base = warp * 32 * SAMPLE_UNROLL; base < V; base += 32 * SAMPLE_UNROLL * SAMPLE_WARPS) {
+    float v[SAMPLE_UNROLL];
+#pragma unroll
+    for (int j = 0; j < SAMPLE_UNROLL; j++) {
+      const int id = base + j * 32 + lane;
+      v[j] = id < V ? l[id] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < SAMPLE_UNROLL; j++) {
+      const int id = base + j * 32 + lane;
+      const uint64_t key = sample_key(v[j], id);
+      bool pass = id < V && key > thr;
+      if (pass && has_ban) pass = !((ban_bits[id >> 5] >> (id & 31)) & 1u);
+      unsigned mask = __ballot_sync(KV_FULL_MASK, pass);
+      while (mask) {
+        const int src = __ffs(mask) - 1;
+        mask &= mask - 1;
+        const uint64_t x = __shfl_sync(KV_FULL_MASK, key, src);
+        if (x <= thr) continue;  // warp-uniform: the list moved on since the ballot
+        // Insert x at position p = number of entries greater than x.
+        const int p = __popc(__ballot_sync(KV_FULL_MASK, e0 > x)) +
+                      __popc(__ballot_sync(KV_FULL_MASK, e1 > x));
+        const uint64_t up0 = __shfl_up_sync(KV_FULL_MASK, e0, 1);
+        const uint64_t up1 = __shfl_up_sync(KV_FULL_MASK, e1, 1);
+        const uint64_t last0 = __shfl_sync(KV_FULL_MASK, e0, 31);
+        const uint64_t prev1 = lane == 0 ? last0 : up1;
+        e0 = lane < p ? e0 : (lane == p ? x : up0);
+        e1 = lane + 32 < p ? e1 : (lane + 32 == p ? x : prev1);
+        thr = K <= 32 ? __shfl_sync(KV_FULL_MASK, e0, K - 1) : __shfl_sync(KV_FULL_MASK, e1, K - 33);
+      }
+    }
+  }
+  lists[warp][lane] = e0;
+  lists[warp][lane + 32] = e1;
+  __syncthreads();
+
+  // 3. Pairwise merge, keeping the top K of each pair in the left list.
+  for (int st = 1; st < SAMPLE_WARPS; st *= 2) {
+    if (warp % (2 * st) == 0) {
+      uint64_t *A = lists[warp];
+      const uint64_t *B = lists[warp + st];
+      uint64_t val[4];
+      int rank[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const int i = lane + 32 * (q & 1);
+        rank[q] = K;  // not written
+        val[q] = 0;
+        if (i < K) {
+          val[q] = q < 2 ? A[i] : B[i];
+          rank[q] = i + sample_count_greater(q < 2 ? B : A, K, val[q]);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < 4; q++)
+        if (rank[q] < K) A[rank[q]] = val[q];
+    }
+    __syncthreads();
+  }
+
+  // 4. Softmax over the candidates and the cumulative pick.
+  if (warp == 0) {
+    const uint64_t k0 = lane < K ? lists[0][lane] : 0;
+    const uint64_t k1 = lane + 32 < K ? lists[0][lane + 32] : 0;
+    const int n = __popc(__ballot_sync(KV_FULL_MASK, k0 != 0)) +
+                  __popc(__ballot_sync(KV_FULL_MASK, k1 != 0));
+    if (n == 0) {
+      if (lane == 0) out[b] = -1;
+      return;
+    }
+    const float m = sample_key_value(lists[0][0]);
+    if (k0 != 0) probs[lane] = (float)exp((double)(sample_key_value(k0) - m));
+    if (k1 != 0) probs[lane + 32] = (float)exp((double)(sample_key_value(k1) - m));
+    __syncwarp();
+    if (lane == 0) {
+      float sum = 0.f;
+      for (int i = 0; i < n; i++) sum += probs[i];
+      const float u = __fmul_rn(kv_uniform(seed, (uint32_t)counter[b]), sum);
+      float cum = 0.f;
+      int32_t pick = sample_key_id(lists[0][n - 1]);
+      for (int i = 0; i < n; i++) {
+        cum = __fadd_rn(cum, probs[i]);
+        if (u < cum) {
+          pick = sample_key_id(lists[0][i]);
+          break;
+        }
+      }
+      out[b] = pick;
+    }
+  }
+}
+
+extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
+                               const int32_t *banned, const int32_t *counter, int B, int V,
+                               int top_k, int max_ban, uint64_t seed) {
+  if (B <= 0) return 0;
+  if (V <= 0 || top_k < 1 || top_k > KV_SAMPLE_MAX_TOPK || max_ban < 0 ||
+      (max_ban > 0 && banned == nullptr))
+    return (kv_status)cudaErrorInvalidValue;
+  const size_t shmem = max_ban > 0 ? (size_t)((V + 31) / 32) * 4 : 0;
+  if (shmem > 48 * 1024) {
+    // Vocabularies above ~250k with bans: opt in to more shared memory.
+    KV_TRY(cudaFuncSetAttribute(sample_kernel_v1, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)shmem));
+  }
+  sample_kernel_v1<<<B, SAMPLE_THREADS, shmem, s>>>(out, logits, banned, counter, V, top_k,
+                                                    max_ban, seed);
+  return kv_launched();
+}

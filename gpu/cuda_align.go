@@ -1,0 +1,55 @@
+//go:build cuda
+
+package gpu
+
+/*
+#include "kvalign.h"
+*/
+import "C"
+
+// Align realigns cache entries in place with a KV-Align network (see
+// Backend, AlignParams, ref.Align): every layer × listed slot × kv head in
+// one launch of csrc/align.cu, fp32 throughout. The network's buffers must be
+// F32 (they are small; the fp32 MLP matches the reference to ~1e-6). Entries
+// whose index lies outside [0, net.P) or whose slot is negative are left as
+// they are; slots must be distinct and inside the cache (they are device
+// data, so this is not checked here).
+func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
+	const op = "align"
+	if !c.need(op, net != nil, "no network") ||
+		!c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.HS > 0 && p.LayerStride >= 0,
+			"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride) ||
+		!c.need(op, net.P > 0 && net.DP >= 0 && net.DL >= 0 && net.DH >= 0 && net.H1 > 0 && net.H2 > 0,
+			"invalid network shape P=%d DP=%d DL=%d DH=%d H1=%d H2=%d", net.P, net.DP, net.DL, net.DH, net.H1, net.H2) {
+		return
+	}
+	in := p.HS + net.DP + net.DL + net.DH
+	if !c.need(op, in <= C.KV_ALIGN_MAX_IN, "network input of %d values (HS+DP+DL+DH), the kernel takes at most %d", in, C.KV_ALIGN_MAX_IN) ||
+		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
+		!c.needBuf(op, "index", index, p.Rows, I32) ||
+		!c.needBuf(op, "net.Pos", net.Pos, net.P*net.DP, F32) ||
+		!c.needBuf(op, "net.Layer", net.Layer, p.L*net.DL, F32) ||
+		!c.needBuf(op, "net.Head", net.Head, p.NKV*net.DH, F32) ||
+		!c.needBuf(op, "net.W1", net.W1, net.H1*in, F32) ||
+		!c.needBuf(op, "net.B1", net.B1, net.H1, F32) ||
+		!c.needBuf(op, "net.W2", net.W2, net.H2*net.H1, F32) ||
+		!c.needBuf(op, "net.B2", net.B2, net.H2, F32) ||
+		!c.needBuf(op, "net.W3", net.W3, p.HS*net.H2, F32) ||
+		!c.needBuf(op, "net.B3", net.B3, p.HS, F32) {
+		return
+	}
+	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
+		return
+	}
+	// The last layer's view must at least hold one head row per kv head.
+	if !c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_align(c.stream, devF32(cache), devI32(slots), devI32(index),
+			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
+			devF32(net.Pos), C.int(net.P), C.int(net.DP), devF32(net.Layer), C.int(net.DL),
+			devF32(net.Head), C.int(net.DH), devF32(net.W1), devF32(net.B1), devF32(net.W2),
+			devF32(net.B2), devF32(net.W3), devF32(net.B3), C.int(net.H1), C.int(net.H2), 0)
+	})
+}

@@ -1,0 +1,37 @@
+//go:build cuda
+
+package gpu
+
+// #include "kvalign.h"
+import "C"
+
+// LayerNorm: out[N,C] = (in − mean)/sqrt(var + eps)·w + b (csrc/norm.cu);
+// w and b (b may be absent) are F16 or F32, of the same dtype.
+func (c *CUDA) LayerNorm(out, in, w, b Buf, N, C int, eps float32) {
+	const op = "layernorm"
+	if N <= 0 || C <= 0 ||
+		!c.needBuf(op, "out", out, N*C, F32) ||
+		!c.needBuf(op, "in", in, N*C, F32) ||
+		!c.needBuf(op, "w", w, C, F32, F16) ||
+		!b.IsZero() && !c.needBuf(op, "b", b, C, w.dt) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_layernorm(c.stream, devF32(out), devF32(in), dev(w), dev(b), f16(w),
+			C.int(N), C.int(C), C.float(eps))
+	})
+}
+
+// RMSNorm: out[N,C] = in/sqrt(mean(in²) + eps)·w (csrc/norm.cu).
+func (c *CUDA) RMSNorm(out, in, w Buf, N, C int, eps float32) {
+	const op = "rmsnorm"
+	if N <= 0 || C <= 0 ||
+		!c.needBuf(op, "out", out, N*C, F32) ||
+		!c.needBuf(op, "in", in, N*C, F32) ||
+		!c.needBuf(op, "w", w, C, F32, F16) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_rmsnorm(c.stream, devF32(out), devF32(in), dev(w), f16(w), C.int(N), C.int(C), C.float(eps))
+	})
+}

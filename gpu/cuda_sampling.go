@@ -1,0 +1,32 @@
+//go:build cuda
+
+package gpu
+
+// #include "kvalign.h"
+import "C"
+
+// MaxTopK is the largest SampleParams.TopK the CUDA backend supports.
+const MaxTopK = C.KV_SAMPLE_MAX_TOPK
+
+// Sample draws one token per row into out, see SampleParams
+// (csrc/sampling.cu). The same token as ref.Sample: the kernel reproduces its
+// candidate order, fp32 softmax sums and Uniform bits.
+func (c *CUDA) Sample(out, logits, banned, counter Buf, p SampleParams) {
+	const op = "sample"
+	if p.B <= 0 {
+		return
+	}
+	if !c.need(op, p.V > 0, "vocabulary size %d", p.V) ||
+		!c.need(op, p.TopK >= 1 && p.TopK <= MaxTopK, "top-k %d outside 1..%d", p.TopK, MaxTopK) ||
+		!c.need(op, p.MaxBan >= 0, "MaxBan %d is negative", p.MaxBan) ||
+		!c.needBuf(op, "out", out, p.B, I32) ||
+		!c.needBuf(op, "logits", logits, p.B*p.V, F32) ||
+		!c.needBuf(op, "counter", counter, p.B, I32) ||
+		p.MaxBan > 0 && !c.needBuf(op, "banned", banned, p.B*p.MaxBan, I32) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
+			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed))
+	})
+}
