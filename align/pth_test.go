@@ -307,7 +307,7 @@ func TestReadPTHRefusesBrokenFiles(t *testing.T) {
 		{"no model_state_dict", writePTH(t, noState.Bytes(), nil), "no model_state_dict"},
 		{"self-similar key", writePTH(t, deep.Bytes(), nil), "top-level keys: a tuple"},
 		{"self-similar persistent id", writePTH(t, deepPID.Bytes(), nil), "persistent id a tuple"},
-		{"missing file", filepath.Join(dir, "nope.pth"), "nope.pth"},
+		{"missing file", filepath.Join(dir, "nope.pth"), "no such file"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := ReadPTH(c.path)
@@ -315,7 +315,8 @@ func TestReadPTHRefusesBrokenFiles(t *testing.T) {
 				t.Fatal("no error")
 			}
 			t.Log(err)
-			if !strings.Contains(err.Error(), c.path) || !strings.Contains(err.Error(), c.want) {
+			msg := err.Error()
+			if !strings.Contains(msg, c.path) || !strings.Contains(strings.ReplaceAll(msg, c.path, ""), c.want) {
 				t.Errorf("error %q should name %s and say %q", err, c.path, c.want)
 			}
 		})

@@ -14,7 +14,7 @@ import "C"
 // longer T runs a tiled flash-attention kernel. Slots in order must lie in
 // the caches (device data, not checked here).
 func (c *CUDA) Attention(out, q, kc, vc, order, lens Buf, p AttnParams) {
-	c.attention(out, q, kc, vc, order, lens, p, 0, c.attnScratch(attnWorkFloats(p)))
+	c.attention(out, q, kc, vc, order, lens, p, 0, c.attnWork(attnWorkFloats(p)))
 }
 
 // attnWorkFloats is the scratch the split decode kernel needs for p's shapes
@@ -61,14 +61,22 @@ func (c *CUDA) attention(out, q, kc, vc, order, lens Buf, p AttnParams, variant 
 	})
 }
 
-// attnScratch returns the split-K scratch buffer when it holds need floats,
-// growing it first if allowed. It cannot grow while a graph is captured
-// (allocation synchronises); a too-small buffer only makes the decode kernel
-// run unsplit (correct, slower at long lengths), so run one uncaptured step
-// before Capture to size it.
-func (c *CUDA) attnScratch(need int) Buf {
-	if need <= 0 {
-		return Buf{}
+// attnWork returns c.attnScratch, grown first to need floats when it is
+// smaller and the stream is not being captured (allocation is not allowed
+// then). A too-small buffer only makes the decode kernel run unsplit
+// (correct, slower at long lengths): a model sizes it by running one step
+// before Capture. Growing is best effort: failing to allocate a scratch is
+// not an error of the attention itself.
+func (c *CUDA) attnWork(need int) Buf {
+	if need <= 0 || c.attnScratch.n >= need || c.capturing || c.failed() {
+		return c.attnScratch
 	}
-	return Buf{}
+	if !c.attnScratch.IsZero() {
+		c.Free(c.attnScratch)
+		c.attnScratch = Buf{}
+	}
+	if b, err := c.Alloc(F32, need); err == nil {
+		c.attnScratch = b
+	}
+	return c.attnScratch
 }

@@ -1,0 +1,135 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/kvalign/kvalign/gpu/ref"
+)
+
+// alignShape is a realignment problem: the network's sizes and the cache's.
+type alignShape struct {
+	L, NKV, HS, Rows int
+	H1, H2           int
+}
+
+// newAlignNet draws a network with the checkpoint's embedding sizes (emb_pos
+// (256,32), emb_blocks (L,4), emb_heads (H,8)) and weights scaled like
+// nn.Linear's init, so activations stay O(1).
+func newAlignNet(t testing.TB, c *CUDA, rng *rand.Rand, s alignShape) (*AlignNet, *ref.AlignNet) {
+	const P, DP, DL, DH = 256, 32, 4, 8
+	in := s.HS + DP + DL + DH
+	r := &ref.AlignNet{
+		Pos: randVals(rng, P*DP, 1), Layer: randVals(rng, s.L*DL, 1), Head: randVals(rng, s.NKV*DH, 1),
+		W1: randVals(rng, s.H1*in, float32(1/math.Sqrt(float64(in)))), B1: randVals(rng, s.H1, 0.1),
+		W2: randVals(rng, s.H2*s.H1, float32(1/math.Sqrt(float64(s.H1)))), B2: randVals(rng, s.H2, 0.1),
+		W3: randVals(rng, s.HS*s.H2, float32(1/math.Sqrt(float64(s.H2)))), B3: randVals(rng, s.HS, 0.1),
+		P: P, DP: DP, DL: DL, DH: DH, H1: s.H1, H2: s.H2,
+	}
+	up := func(v []float32) Buf { return uploadNew(t, c, F32, v) }
+	n := &AlignNet{
+		Pos: up(r.Pos), Layer: up(r.Layer), Head: up(r.Head), P: P, DP: DP, DL: DL, DH: DH,
+		W1: up(r.W1), B1: up(r.B1), W2: up(r.W2), B2: up(r.B2), W3: up(r.W3), B3: up(r.B3), H1: s.H1, H2: s.H2,
+	}
+	return n, r
+}
+
+func TestCUDAAlign(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(21, 22))
+	shapes := []alignShape{
+		{L: 2, NKV: 3, HS: 16, Rows: 37, H1: 70, H2: 48},    // odd sizes, tiny head
+		{L: 1, NKV: 2, HS: 64, Rows: 5, H1: 64, H2: 128},    // distilgpt2 value-network sizes
+		{L: 3, NKV: 3, HS: 64, Rows: 41, H1: 128, H2: 128},  // SmolLM2 sizes
+		{L: 6, NKV: 12, HS: 64, Rows: 250, H1: 256, H2: 64}, // distilgpt2 key network, full step
+		{L: 2, NKV: 1, HS: 30, Rows: 70, H1: 33, H2: 17},
+	}
+	for _, s := range shapes {
+		name := fmt.Sprintf("L%d_NKV%d_HS%d_rows%d_h%d_%d", s.L, s.NKV, s.HS, s.Rows, s.H1, s.H2)
+		net, rnet := newAlignNet(t, c, rng, s)
+		S := s.Rows + 9
+		layerStride := S*s.NKV*s.HS + 5 // a gap between layers: the stride is the caller's
+		cache := randVals(rng, s.L*layerStride, 1)
+		perm := rng.Perm(S)
+		slots := make([]int32, s.Rows)
+		index := make([]int32, s.Rows)
+		for i := range slots {
+			slots[i] = int32(perm[i])
+			index[i] = int32(rng.IntN(rnet.P))
+		}
+		// Entries the kernel must leave alone: an index outside [0, P) and a
+		// negative slot. The reference runs on the other entries only.
+		var refSlots, refIndex []int32
+		for i := range slots {
+			switch {
+			case i == 3 && s.Rows > 3:
+				index[i] = int32(rnet.P)
+			case i == 4 && s.Rows > 4:
+				slots[i] = -1
+			default:
+				refSlots = append(refSlots, slots[i])
+				refIndex = append(refIndex, index[i])
+			}
+		}
+		want := append([]float32(nil), cache...)
+		ref.Align(want, refSlots, refIndex, rnet, s.L, s.NKV, s.HS, layerStride)
+
+		cBuf := uploadNew(t, c, F32, cache)
+		sBuf := uploadInts(t, c, slots)
+		iBuf := uploadInts(t, c, index)
+		c.Align(cBuf, sBuf, iBuf, net, AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride})
+		got := download(t, c, cBuf)
+		// Relative to the largest change, not to the cache: an untouched or
+		// doubly applied row must show.
+		delta := make([]float32, len(want))
+		for i := range want {
+			delta[i] = want[i] - cache[i]
+		}
+		scale := math.Max(maxAbs(delta), maxAbs(want))
+		if e := relErr(got, want); e > 1e-5 {
+			t.Errorf("%s: max|Δ|/max|ref| = %.3g > 1e-5", name, e)
+		}
+		compare(t, name, got, want, 1e-5*scale, 1e-5)
+	}
+}
+
+// BenchmarkCUDAAlign: one realignment step (250 listed entries) at the two
+// models' sizes: distilgpt2 keys (h1 256, h2 64) and values (64, 128) over
+// 6 layers × 12 heads, SmolLM2 (128, 128) over 30 layers × 3 heads.
+func BenchmarkCUDAAlign(b *testing.B) {
+	c := newTestCUDA(b)
+	rng := rand.New(rand.NewPCG(23, 24))
+	for _, m := range []struct {
+		name string
+		s    alignShape
+	}{
+		{"distil_keys", alignShape{L: 6, NKV: 12, HS: 64, Rows: 250, H1: 256, H2: 64}},
+		{"distil_values", alignShape{L: 6, NKV: 12, HS: 64, Rows: 250, H1: 64, H2: 128}},
+		{"smol", alignShape{L: 30, NKV: 3, HS: 64, Rows: 250, H1: 128, H2: 128}},
+	} {
+		b.Run(m.name, func(b *testing.B) {
+			s := m.s
+			net, _ := newAlignNet(b, c, rng, s)
+			S := 256
+			layerStride := S * s.NKV * s.HS
+			cache := uploadNew(b, c, F32, randVals(rng, s.L*layerStride, 1))
+			perm := rng.Perm(S)
+			slots, index := make([]int32, s.Rows), make([]int32, s.Rows)
+			for i := range slots {
+				slots[i], index[i] = int32(perm[i]), int32(rng.IntN(net.P))
+			}
+			sBuf, iBuf := uploadInts(b, c, slots), uploadInts(b, c, index)
+			p := AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride}
+			sec := graphTime(b, c, 10, func(int) { c.Align(cache, sBuf, iBuf, net, p) })
+			rows := float64(s.L * s.Rows * s.NKV)
+			in := float64(s.HS + net.DP + net.DL + net.DH)
+			flops := 2 * rows * (float64(s.H1)*in + float64(s.H2*s.H1) + float64(s.HS*s.H2))
+			b.ReportMetric(sec*1e6, "µs/call")
+			b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+		})
+	}
+}

@@ -1,0 +1,173 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/kvalign/kvalign/gpu/ref"
+)
+
+// attnCase is one attention problem with host copies of its inputs.
+type attnCase struct {
+	p                AttnParams
+	S                int // cache slots
+	q, kc, vc        []float32
+	order, lens      []int32
+	qBuf, kBuf, vBuf Buf
+	oBuf, lBuf       Buf
+}
+
+// newAttnCase draws caches of S slots, per-sequence slot orders (random
+// permutations, so entries are gathered from everywhere) and lengths in
+// [T, MaxLen] with the first sequence at exactly T (its first query sees one
+// entry) when B > 1.
+func newAttnCase(t testing.TB, c *CUDA, rng *rand.Rand, p AttnParams) *attnCase {
+	a := &attnCase{p: p, S: p.B*p.MaxLen/2 + p.MaxLen + 3}
+	N := p.B * p.T
+	a.q = randVals(rng, max(N-1, 0)*p.QStride+p.NH*p.HS, 1)
+	a.kc = randVals(rng, a.S*p.NKV*p.HS, 1)
+	a.vc = randVals(rng, a.S*p.NKV*p.HS, 1)
+	a.order = make([]int32, p.B*p.MaxLen)
+	a.lens = make([]int32, p.B)
+	for b := 0; b < p.B; b++ {
+		perm := rng.Perm(a.S)
+		for j := 0; j < p.MaxLen; j++ {
+			a.order[b*p.MaxLen+j] = int32(perm[j])
+		}
+		a.lens[b] = int32(p.T + rng.IntN(p.MaxLen-p.T+1))
+	}
+	if p.B > 1 {
+		a.lens[0] = int32(p.T)
+	}
+	if p.B > 2 {
+		a.lens[2] = int32(p.MaxLen)
+	}
+	a.qBuf = uploadNew(t, c, F32, a.q)
+	a.kBuf = uploadNew(t, c, F32, a.kc)
+	a.vBuf = uploadNew(t, c, F32, a.vc)
+	a.oBuf = uploadInts(t, c, a.order)
+	a.lBuf = uploadInts(t, c, a.lens)
+	return a
+}
+
+func (a *attnCase) want() []float32 {
+	p := a.p
+	out := make([]float32, p.B*p.T*p.NH*p.HS)
+	ref.Attention(out, a.q, a.kc, a.vc, a.order, a.lens, p.B, p.T, p.NH, p.NKV, p.HS, p.QStride, p.MaxLen, p.RopeTheta)
+	return out
+}
+
+func TestCUDAAttention(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(11, 12))
+	heads := []struct{ NH, NKV int }{{12, 12}, {9, 3}, {4, 2}}
+	for _, hd := range heads {
+		for _, HS := range []int{16, 64, 128} {
+			for _, B := range []int{1, 3} {
+				for _, T := range []int{1, 3, 37} {
+					for _, theta := range []float32{0, 10000} {
+						if HS == 128 && (B == 3 || hd.NH == 12) {
+							continue // keep the large-head cases few
+						}
+						qStride := hd.NH * HS
+						if hd.NH != hd.NKV {
+							qStride = (hd.NH + 2*hd.NKV) * HS // rows of a fused qkv projection
+						}
+						p := AttnParams{B: B, T: T, NH: hd.NH, NKV: hd.NKV, HS: HS, QStride: qStride, MaxLen: 300, RopeTheta: theta}
+						testAttention(t, c, rng, p)
+					}
+				}
+			}
+		}
+	}
+	// Long sequences, the decode shapes that matter, across many splits.
+	for _, hd := range heads[:2] {
+		p := AttnParams{B: 2, T: 1, NH: hd.NH, NKV: hd.NKV, HS: 64, QStride: hd.NH * 64, MaxLen: 2100, RopeTheta: 10000}
+		testAttention(t, c, rng, p)
+	}
+}
+
+// testAttention runs every kernel variant that takes p (decode with and
+// without split scratch, prefill) against ref.Attention.
+func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
+	t.Helper()
+	a := newAttnCase(t, c, rng, p)
+	want := a.want()
+	out, err := c.Alloc(F32, len(want))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Free(out)
+	var work Buf
+	if n := attnWorkFloats(p); n > 0 {
+		if work, err = c.Alloc(F32, n); err != nil {
+			t.Fatal(err)
+		}
+		defer c.Free(work)
+	}
+	type run struct {
+		variant int
+		work    Buf
+	}
+	runs := []run{{0, work}, {2, Buf{}}}
+	if p.T*p.NH/p.NKV <= 16 {
+		runs = append(runs, run{1, Buf{}}, run{1, work})
+	}
+	for _, r := range runs {
+		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
+		poison(t, c, out)
+		c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, r.variant, r.work)
+		got := download(t, c, out)
+		if e := relErr(got, want); e > 1e-5 {
+			t.Errorf("%s: max|Δ|/max|ref| = %.3g > 1e-5", name, e)
+		}
+		compare(t, name, got, want, 1e-5*maxAbs(want), 1e-5)
+	}
+}
+
+// BenchmarkCUDAAttention: decode (T = 1, split over the entries) at lengths
+// 255 and 1024 for distilgpt2 (12/12 heads) and SmolLM2 (9/3, keys rotated),
+// and a perplexity-window prefill (T = 1024).
+func BenchmarkCUDAAttention(b *testing.B) {
+	c := newTestCUDA(b)
+	rng := rand.New(rand.NewPCG(13, 14))
+	models := []struct {
+		name    string
+		NH, NKV int
+		theta   float32
+	}{{"distil", 12, 12, 0}, {"smol", 9, 3, 100000}}
+	for _, m := range models {
+		for _, n := range []int{255, 1024} {
+			for _, B := range []int{1, 4} {
+				b.Run(fmt.Sprintf("decode_%s_len%d_B%d", m.name, n, B), func(b *testing.B) {
+					p := AttnParams{B: B, T: 1, NH: m.NH, NKV: m.NKV, HS: 64, QStride: m.NH * 64, MaxLen: n, RopeTheta: m.theta}
+					a := newAttnCase(b, c, rng, p)
+					lens := make([]int32, B)
+					for i := range lens {
+						lens[i] = int32(n)
+					}
+					c.UploadInts(a.lBuf, lens)
+					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
+					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
+					sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, 0, work) })
+					b.SetBytes(int64(2 * B * n * m.NKV * 64 * 4))
+					b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")
+					b.ReportMetric(sec*1e6, "µs/call")
+				})
+			}
+		}
+		b.Run(fmt.Sprintf("prefill_%s_T1024", m.name), func(b *testing.B) {
+			p := AttnParams{B: 1, T: 1024, NH: m.NH, NKV: m.NKV, HS: 64, QStride: m.NH * 64, MaxLen: 1024, RopeTheta: m.theta}
+			a := newAttnCase(b, c, rng, p)
+			c.UploadInts(a.lBuf, []int32{1024})
+			out := uploadNew(b, c, F32, make([]float32, 1024*m.NH*64))
+			sec := graphTime(b, c, 5, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, 0, Buf{}) })
+			flops := 2.0 * 2 * 1024 * 1024 / 2 * 64 * float64(m.NH) // causal: half the scores
+			b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+			b.ReportMetric(sec*1e6, "µs/call")
+		})
+	}
+}

@@ -1,0 +1,139 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/kvalign/kvalign/gpu/ref"
+)
+
+// TestCUDASample draws with random logits, bans and counters and compares
+// every pick with ref.Sample; the kernel reproduces the reference's
+// arithmetic, so it must agree on (nearly) every trial and always for top-1.
+func TestCUDASample(t *testing.T) {
+	c := newTestCUDA(t)
+	r := rand.New(rand.NewPCG(70, 71))
+	total, mismatches := 0, 0
+	for _, tc := range []struct {
+		B, V, rounds int
+		ties         bool // logits rounded to a coarse grid: many exact ties (and ±0)
+	}{
+		{64, 50257, 2, false},
+		{128, 1000, 4, false},
+		{128, 1000, 2, true},
+		{64, 7, 1, false},
+		{32, 130, 2, true},
+	} {
+		for _, topK := range []int{1, 5, 40, 64} {
+			for round := 0; round < tc.rounds; round++ {
+				const maxBan = 5
+				logitsHost := randNormal(r, tc.B*tc.V, 3, 0)
+				if tc.ties {
+					for i, v := range logitsHost {
+						logitsHost[i] = float32(math.Round(float64(v)*2) / 2)
+						if logitsHost[i] == 0 && r.IntN(2) == 0 {
+							logitsHost[i] = float32(math.Copysign(0, -1))
+						}
+					}
+				}
+				banned := make([]int32, tc.B*maxBan)
+				for b := 0; b < tc.B; b++ {
+					n := r.IntN(maxBan + 1)
+					for i := 0; i < maxBan; i++ {
+						switch {
+						case i == n:
+							banned[b*maxBan+i] = -1
+						case i == 0 && b%3 == 0:
+							banned[b*maxBan+i] = argmax(logitsHost[b*tc.V : (b+1)*tc.V]) // ban the greedy pick
+						default:
+							banned[b*maxBan+i] = int32(r.IntN(tc.V + 2)) // ids ≥ V are ignored
+						}
+					}
+				}
+				counter := randInts(r, tc.B, 1<<31-1)
+				seed := r.Uint64()
+				want := make([]int32, tc.B)
+				ref.Sample(want, logitsHost, banned, counter, tc.B, tc.V, topK, maxBan, seed)
+				out := alloc(t, c, I32, tc.B)
+				poison(t, c, out)
+				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
+				c.Sample(out, uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter), p)
+				checkOK(t, c)
+				got := downloadInts(t, c, out)
+				bad := 0
+				for b := range want {
+					if got[b] != want[b] {
+						bad++
+						if bad <= 3 {
+							t.Logf("V=%d topK=%d ties=%v row %d: got %d, want %d", tc.V, topK, tc.ties, b, got[b], want[b])
+						}
+					}
+				}
+				if topK == 1 && bad > 0 {
+					t.Errorf("greedy (topK=1) V=%d: %d of %d rows differ from the reference", tc.V, bad, tc.B)
+				}
+				total += tc.B
+				mismatches += bad
+			}
+		}
+	}
+	t.Logf("sample: %d of %d picks differ from ref.Sample", mismatches, total)
+	if float64(mismatches) > 0.001*float64(total) {
+		t.Errorf("sample: %d of %d picks differ from ref.Sample (> 0.1%%)", mismatches, total)
+	}
+}
+
+func TestCUDASampleEdges(t *testing.T) {
+	c := newTestCUDA(t)
+	// Everything banned: −1. Fewer tokens than top-k: sample among them.
+	logits := uploadNew(t, c, F32, []float32{1, 2, 3, 0.5, 0.25, 4})
+	banned := uploadInts(t, c, []int32{0, 1, 2, -1, 9, 9})
+	counter := uploadInts(t, c, []int32{7, 8})
+	out := alloc(t, c, I32, 2)
+	c.Sample(out, logits, banned, counter, SampleParams{B: 2, V: 3, TopK: 64, MaxBan: 3, Seed: 1})
+	checkOK(t, c)
+	got := downloadInts(t, c, out)
+	want := make([]int32, 2)
+	ref.Sample(want, []float32{1, 2, 3, 0.5, 0.25, 4}, []int32{0, 1, 2, -1, 9, 9}, []int32{7, 8}, 2, 3, 64, 3, 1)
+	if got[0] != -1 || got[1] != want[1] {
+		t.Errorf("edges: got %v, want [-1 %d]", got, want[1])
+	}
+	c.Sample(out, logits, Buf{}, counter, SampleParams{B: 2, V: 3, TopK: 65})
+	if c.Err() == nil {
+		t.Error("top-k 65: no error")
+	}
+}
+
+func argmax(v []float32) int32 {
+	best := 0
+	for i := range v {
+		if v[i] > v[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
+
+func BenchmarkCUDASample(b *testing.B) {
+	for _, tc := range []struct{ B, V, topK int }{{1, 50257, 1}, {1, 50257, 40}, {1, 49152, 64}, {16, 50257, 40}} {
+		b.Run(fmt.Sprintf("B%d_V%d_top%d", tc.B, tc.V, tc.topK), func(b *testing.B) {
+			c := newTestCUDA(b)
+			r := rand.New(rand.NewPCG(72, 73))
+			logits := uploadNew(b, c, F32, randNormal(r, tc.B*tc.V, 3, 0))
+			banned := uploadInts(b, c, append(randInts(r, tc.B*4, tc.V), -1))
+			counter := uploadInts(b, c, randInts(r, tc.B, 1000))
+			out := alloc(b, c, I32, tc.B)
+			p := SampleParams{B: tc.B, V: tc.V, TopK: tc.topK, MaxBan: 4, Seed: 5}
+			b.SetBytes(int64(tc.B * tc.V * 4))
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				c.Sample(out, logits, banned, counter, p)
+			}
+			checkOK(b, c)
+		})
+	}
+}
