@@ -58,7 +58,7 @@ func App(stdout, stderr io.Writer) *ucli.App {
 		Commands: []*ucli.Command{
 			infoCommand(), tokenizeCommand(), scoreCommand(), runCommand(), benchCommand(),
 		},
-		OnUsageError: func(c *ucli.Context, err error, isSub bool) error { return usageError{err} },
+		OnUsageError:   func(c *ucli.Context, err error, isSub bool) error { return usageError{err} },
 		ExitErrHandler: func(c *ucli.Context, err error) {},
 	}
 }

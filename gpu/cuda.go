@@ -366,8 +366,8 @@ type cudaHostInts struct{ *pinnedInts }
 
 func (h cudaHostInts) Ints() []int32 { return h.ints }
 
-// Close frees the pinned memory; safe to call twice. Close replays that copy
-// to or from it first.
+// Close frees the pinned memory; safe to call twice. Close the Replays that
+// copy to or from it first: a graph keeps the raw address.
 func (h cudaHostInts) Close() error {
 	if h.p == nil {
 		return nil

@@ -5,8 +5,8 @@ package gpu
 // #include "kvalign.h"
 import "C"
 
-// MaxTopK is the largest SampleParams.TopK the CUDA backend supports.
-const MaxTopK = C.KV_SAMPLE_MAX_TOPK
+// cudaMaxTopK is the largest SampleParams.TopK the CUDA backend supports.
+const cudaMaxTopK = C.KV_SAMPLE_MAX_TOPK
 
 // Sample draws one token per row into out, see SampleParams
 // (csrc/sampling.cu). The same token as ref.Sample: the kernel reproduces its
@@ -17,7 +17,7 @@ func (c *CUDA) Sample(out, logits, banned, counter Buf, p SampleParams) {
 		return
 	}
 	if !c.need(op, p.V > 0, "vocabulary size %d", p.V) ||
-		!c.need(op, p.TopK >= 1 && p.TopK <= MaxTopK, "top-k %d outside 1..%d", p.TopK, MaxTopK) ||
+		!c.need(op, p.TopK >= 1 && p.TopK <= cudaMaxTopK, "top-k %d outside 1..%d", p.TopK, cudaMaxTopK) ||
 		!c.need(op, p.MaxBan >= 0, "MaxBan %d is negative", p.MaxBan) ||
 		!c.needBuf(op, "out", out, p.B, I32) ||
 		!c.needBuf(op, "logits", logits, p.B*p.V, F32) ||

@@ -242,4 +242,3 @@ func TestFullSizeMatchHF(t *testing.T) {
 		})
 	}
 }
-

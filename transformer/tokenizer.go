@@ -47,12 +47,9 @@ type Tokenizer struct {
 	addedNormalized []tokAddedToken
 	addedByContent  map[string]int32
 
-	// The pre-token cache, guarded by mu: cache maps a pre-token to a packed
-	// (offset, count) span of cacheIDs. Small packed values keep the map's
-	// slots compact, which matters because the lookup is the hot path.
-	mu       sync.Mutex
-	cache    map[string]uint64
-	cacheIDs []int32
+	mu      sync.Mutex
+	cache   tokWordCache // pre-token → ids; guarded by mu
+	symsBuf []int32      // scratch for encodeWord; guarded by mu
 }
 
 // tokAddedToken is one entry of tokenizer.json's added_tokens.
@@ -60,15 +57,6 @@ type tokAddedToken struct {
 	content string
 	id      int32
 }
-
-const (
-	// tokCacheCapacity bounds the pre-token cache; it is emptied when full,
-	// so memory stays bounded on endless input while common words stay hot.
-	tokCacheCapacity = 1 << 16
-	// tokCacheMaxWord: longer pre-tokens are rare and not worth keeping (HF
-	// uses the same bound, MAX_LENGTH in utils/cache.rs).
-	tokCacheMaxWord = 256
-)
 
 // VocabSize is one more than the largest token id, so that every id Encode
 // can return indexes an embedding table of this many rows.
@@ -129,33 +117,8 @@ func (t *Tokenizer) Decode(ids []int) string {
 // byte is encoded as its own byte token.
 func (t *Tokenizer) Encode(text string) []int {
 	ids := make([]int, 0, len(text)/4+1)
-	var syms []int32
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	encodePiece := func(piece string) {
-		if span, ok := t.cache[piece]; ok {
-			for _, id := range t.cacheIDs[span>>32 : span>>32+span&0xFFFFFFFF] {
-				ids = append(ids, int(id))
-			}
-			return
-		}
-		syms = t.encodeWord(piece, syms[:0])
-		for _, id := range syms {
-			ids = append(ids, int(id))
-		}
-		if len(piece) <= tokCacheMaxWord {
-			if len(t.cache) >= tokCacheCapacity {
-				clear(t.cache)
-				t.cacheIDs = t.cacheIDs[:0]
-			}
-			// Clone the key so the cache never pins the caller's text.
-			t.cache[strings.Clone(piece)] = uint64(len(t.cacheIDs))<<32 | uint64(len(syms))
-			t.cacheIDs = append(t.cacheIDs, syms...)
-		}
-	}
-	encodeSegment := func(segment string) {
-		tokForEachPretoken(segment, t.splitDigits, encodePiece)
-	}
 	t.splitAdded(text, t.addedRaw, func(segment string, addedID int32) {
 		if addedID >= 0 {
 			ids = append(ids, int(addedID))
@@ -166,9 +129,41 @@ func (t *Tokenizer) Encode(text string) []int {
 				ids = append(ids, int(innerID))
 				return
 			}
-			encodeSegment(inner)
+			ids = t.encodeOrdinary(inner, ids)
 		})
 	})
+	return ids
+}
+
+// encodeOrdinary encodes text that holds no added token. Caller holds mu.
+func (t *Tokenizer) encodeOrdinary(text string, ids []int) []int {
+	if t.splitDigits {
+		tokForEachPretoken(text, true, func(piece string) { ids = t.encodePiece(piece, ids) })
+		return ids
+	}
+	// The common case, without a callback per pre-token.
+	for i := 0; i < len(text); {
+		end := tokPretokenEnd(text, i)
+		ids = t.encodePiece(text[i:end], ids)
+		i = end
+	}
+	return ids
+}
+
+// encodePiece appends the ids of one pre-token, from the cache when it can.
+// Caller holds mu.
+func (t *Tokenizer) encodePiece(piece string, ids []int) []int {
+	if cached, ok := t.cache.get(piece); ok {
+		for _, id := range cached {
+			ids = append(ids, int(id))
+		}
+		return ids
+	}
+	t.symsBuf = t.encodeWord(piece, t.symsBuf[:0])
+	for _, id := range t.symsBuf {
+		ids = append(ids, int(id))
+	}
+	t.cache.put(piece, t.symsBuf)
 	return ids
 }
 
@@ -270,7 +265,6 @@ func (t *Tokenizer) splitAdded(text string, added []tokAddedToken, emit func(pie
 // resetCache empties the pre-token cache (for cold-cache benchmarks).
 func (t *Tokenizer) resetCache() {
 	t.mu.Lock()
-	clear(t.cache)
-	t.cacheIDs = t.cacheIDs[:0]
+	t.cache.reset()
 	t.mu.Unlock()
 }

@@ -328,7 +328,7 @@ func tokBuild(vocab map[string]int64, merges []tokMerge, added []tokAddedJSON,
 		ignoreMerges: ignoreMerges,
 		splitDigits:  splitDigits,
 		byteRunes:    bpeByteRunes(),
-		cache:        make(map[string]uint64),
+		cache:        newTokWordCache(),
 	}
 	runeBytes := bpeRuneBytes(&t.byteRunes)
 
