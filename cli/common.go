@@ -71,3 +71,8 @@ func readAll(f *os.File, name string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}

@@ -8,6 +8,7 @@ import (
 	"github.com/kvalign/kvalign/align"
 	"github.com/kvalign/kvalign/eval"
 	"github.com/kvalign/kvalign/transformer"
+	"github.com/kvalign/kvalign/transformer/builtin"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -23,10 +24,10 @@ func runCommand() *ucli.Command {
 			"--start-size attention sinks plus a recent window. The first token is drawn from the top 5,\n" +
 			"later ones from the top 20; end-of-text is never drawn and, unless --allow-repeats, no 2-gram\n" +
 			"repeats. Text goes to stdout as it is produced; timings go to stderr.\n" +
-			"With no --model, runs offline on the built-in " + transformer.BuiltinModel + " model.",
+			"With no --model, runs offline on the built-in " + builtin.Name + " model.",
 		OnUsageError: onUsageError,
 		Flags: append([]ucli.Flag{
-			&ucli.StringFlag{Name: "model", Aliases: []string{"model_name"}, Usage: "model directory, or a known name resolved through the local Hugging Face cache: distilgpt2/gpt2 (distilbert/distilgpt2), smollm2/rope (HuggingFaceTB/SmolLM2-135M); default: the built-in " + transformer.BuiltinModel},
+			&ucli.StringFlag{Name: "model", Aliases: []string{"model_name"}, Usage: "model directory, or a known name resolved through the local Hugging Face cache: distilgpt2/gpt2 (distilbert/distilgpt2), smollm2/rope (HuggingFaceTB/SmolLM2-135M); default: the built-in " + builtin.Name},
 			&ucli.StringFlag{Name: "mode", Usage: "kv (KV-Align; synonyms kva, kvn, kv_align, key_value_net), sw (StreamingLLM; sliding_window) or ar (attention recomputation; wr, with_recompute, attention_recomputation); default kv when networks are available, else sw"},
 			&ucli.IntFlag{Name: "num-tokens", Aliases: []string{"num_tokens"}, Value: 2000, Usage: "tokens to generate"},
 			&ucli.IntFlag{Name: "cache-size", Aliases: []string{"cache_size"}, Value: 54, Usage: "cache entries kept between steps (sinks + window)"},
@@ -67,14 +68,14 @@ func runAction(c *ucli.Context) error {
 	var ck *transformer.Checkpoint
 	var err error
 	if modelName == "" {
-		dir, err := transformer.ExtractBuiltin()
+		dir, err := builtin.Extract()
 		if err != nil {
 			return err
 		}
 		if ck, err = transformer.LoadCheckpoint(dir); err != nil {
 			return err
 		}
-		ck.Name = transformer.BuiltinModel
+		ck.Name = builtin.Name
 	} else if ck, err = loadCheckpoint(modelName); err != nil {
 		return err
 	}

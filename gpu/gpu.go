@@ -232,3 +232,11 @@ func (e *Error) Error() string {
 	}
 	return fmt.Sprintf("gpu: %s: %s", e.Op, e.Msg)
 }
+
+// BandwidthMeter is implemented by backends that can measure their own
+// device-memory copy bandwidth (the floor of memory-bound decoding).
+type BandwidthMeter interface {
+	// CopyBandwidth times device-to-device copies of a buffer of the given
+	// size and returns (bytes read + bytes written) per second, in GB/s.
+	CopyBandwidth(bytes int) (float64, error)
+}

@@ -194,9 +194,9 @@ func TestPretokenizeMatchesGPT2Regex(t *testing.T) {
 		{"café naïve", false, []string{"café", " naïve"}},
 		{" 日本語", false, []string{" 日本語"}},
 		{"😀👍 🇫🇷", false, []string{"😀👍", " 🇫🇷"}},
-		{"e\u0301", false, []string{"e", "\u0301"}},        // a combining mark is not \p{L}
-		{"½Ⅻ٣", false, []string{"½Ⅻ٣"}},                   // No, Nl and Nd are all \p{N}
-		{"a\u00a0b", false, []string{"a", "\u00a0", "b"}},  // NBSP is \s but not the literal ' '
+		{"e\u0301", false, []string{"e", "\u0301"}},         // a combining mark is not \p{L}
+		{"½Ⅻ٣", false, []string{"½Ⅻ٣"}},                     // No, Nl and Nd are all \p{N}
+		{"a\u00a0b", false, []string{"a", "\u00a0", "b"}},   // NBSP is \s but not the literal ' '
 		{"a\u00a0 b", false, []string{"a", "\u00a0", " b"}}, // the run gives back its last char
 		{"x \u3000y", false, []string{"x", " ", "\u3000", "y"}},
 		{"\x1c\x1f", false, []string{"\x1c\x1f"}}, // not White_Space: punctuation-like
@@ -630,10 +630,10 @@ func TestTokenizerAddedTokensLeftmostLongest(t *testing.T) {
 		text string
 		want []int
 	}{
-		{"<a><b>", []int{301}},           // longest at the same start
-		{"x<a>y", []int{'x', 300, 'y'}},  // leftmost
-		{"<a><a><b>", []int{300, 301}},   // leftmost beats longest
-		{"<b>", []int{'<', 302}},         // normalized tokens match in the second pass
+		{"<a><b>", []int{301}},          // longest at the same start
+		{"x<a>y", []int{'x', 300, 'y'}}, // leftmost
+		{"<a><a><b>", []int{300, 301}},  // leftmost beats longest
+		{"<b>", []int{'<', 302}},        // normalized tokens match in the second pass
 		{"<a>b><a><b>", []int{300, 302, 301}},
 	}
 	for _, c := range cases {

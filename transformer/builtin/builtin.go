@@ -1,4 +1,7 @@
-package transformer
+// Package builtin embeds kvalign's default model so that `kvalign run` works
+// offline with no download. Only the command imports it: the 14 MB stay out
+// of every other binary.
+package builtin
 
 import (
 	"crypto/sha256"
@@ -14,17 +17,17 @@ import (
 // download: the project's own GPT-2 fixture (6 layers, d=256, 7.1M
 // parameters, trained on Project Gutenberg books).
 //
-//go:embed builtin/gutenberg-gpt2-7m
+//go:embed model
 var builtinFS embed.FS
 
-// BuiltinModel is the name of the embedded default model.
-const BuiltinModel = "gutenberg-gpt2-7m"
+// Name is the name of the embedded default model.
+const Name = "gutenberg-gpt2-7m"
 
 // ExtractBuiltin writes the embedded model to the user cache directory
 // (once; a content hash names the copy) and returns its path, so it loads
 // through the same memory-mapped path as any model directory.
-func ExtractBuiltin() (string, error) {
-	sub, err := fs.Sub(builtinFS, "builtin/"+BuiltinModel)
+func Extract() (string, error) {
+	sub, err := fs.Sub(builtinFS, "model")
 	if err != nil {
 		return "", err
 	}
@@ -45,7 +48,7 @@ func ExtractBuiltin() (string, error) {
 	if err != nil {
 		base = os.TempDir()
 	}
-	dir := filepath.Join(base, "kvalign", BuiltinModel+"-"+hex.EncodeToString(h.Sum(nil))[:12])
+	dir := filepath.Join(base, "kvalign", Name+"-"+hex.EncodeToString(h.Sum(nil))[:12])
 	if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
 		return dir, nil
 	}

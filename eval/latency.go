@@ -1,0 +1,53 @@
+package eval
+
+import (
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/kvalign/kvalign/gpu/ref"
+	"github.com/kvalign/kvalign/transformer"
+)
+
+// Latency is the distribution of per-token decode times once the cache is full.
+type Latency struct {
+	Steps            int
+	Median, P10, P90 time.Duration
+}
+
+// MeasureDecode fills the stream's cache with a prompt of random tokens,
+// warms up, then times steps decode steps (feed one token, draw the next on
+// the device, wait for it): what a user streaming text waits per token.
+func MeasureDecode(s *transformer.Stream, vocab, warmup, steps int) (Latency, error) {
+	size := s.Cache().Size()
+	prompt := make([]int32, size+1)
+	for i := range prompt {
+		prompt[i] = int32(ref.Uniform(7, uint32(i)) * float32(vocab))
+	}
+	tok := prompt
+	times := make([]time.Duration, 0, steps)
+	for i := 0; i < warmup+steps; i++ {
+		start := time.Now()
+		err := s.Feed(tok, transformer.FeedOptions{Target: -1, Sample: &transformer.Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}})
+		if err != nil {
+			return Latency{}, err
+		}
+		next, err := s.Sampled()
+		if err != nil {
+			return Latency{}, err
+		}
+		if i >= warmup {
+			times = append(times, time.Since(start))
+		}
+		tok = []int32{next}
+	}
+	if len(times) == 0 {
+		return Latency{}, fmt.Errorf("no timed steps")
+	}
+	slices.Sort(times)
+	q := func(p float64) time.Duration { return times[min(len(times)-1, int(p*float64(len(times))))] }
+	return Latency{Steps: len(times), Median: q(0.5), P10: q(0.1), P90: q(0.9)}, nil
+}
+
+// Ms is a duration in milliseconds.
+func Ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
