@@ -268,3 +268,54 @@ func (t *Tokenizer) resetCache() {
 	t.cache.reset()
 	t.mu.Unlock()
 }
+
+// tokWordCache remembers the ids of pre-tokens already encoded; most text is
+// words seen before, so this lookup is Encode's hot path. Values are packed
+// (offset, count) spans of one ids arena rather than slices, which keeps the
+// map's slots small. (An open-addressing table with arena keys was tried and
+// measured no faster than Go's map.)
+type tokWordCache struct {
+	spans map[string]uint64
+	ids   []int32
+}
+
+const (
+	// tokCacheMaxWord: longer pre-tokens are rare and not worth keeping (HF
+	// uses the same bound, MAX_LENGTH in utils/cache.rs).
+	tokCacheMaxWord = 256
+	// tokCacheMaxEntries bounds the cache; it is emptied when full, so
+	// memory stays bounded on endless input while common words come back
+	// quickly.
+	tokCacheMaxEntries = 1 << 16
+)
+
+func newTokWordCache() tokWordCache {
+	return tokWordCache{spans: make(map[string]uint64)}
+}
+
+// get returns the cached ids of word, valid until the next put or reset.
+func (c *tokWordCache) get(word string) ([]int32, bool) {
+	span, ok := c.spans[word]
+	if !ok {
+		return nil, false
+	}
+	start, count := span>>32, span&0xFFFFFFFF
+	return c.ids[start : start+count], true
+}
+
+func (c *tokWordCache) put(word string, ids []int32) {
+	if len(word) > tokCacheMaxWord {
+		return
+	}
+	if len(c.spans) >= tokCacheMaxEntries {
+		c.reset()
+	}
+	// Clone the key so the cache never pins the caller's text.
+	c.spans[strings.Clone(word)] = uint64(len(c.ids))<<32 | uint64(len(ids))
+	c.ids = append(c.ids, ids...)
+}
+
+func (c *tokWordCache) reset() {
+	clear(c.spans)
+	c.ids = c.ids[:0]
+}
