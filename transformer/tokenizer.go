@@ -58,6 +58,9 @@ type tokAddedToken struct {
 	id      int32
 }
 
+// Source names the file(s) the tokenizer was loaded from, for messages.
+func (t *Tokenizer) Source() string { return t.source }
+
 // VocabSize is one more than the largest token id, so that every id Encode
 // can return indexes an embedding table of this many rows.
 func (t *Tokenizer) VocabSize() int { return t.vocabSize }
@@ -306,6 +309,9 @@ func (c *tokWordCache) get(word string) ([]int32, bool) {
 func (c *tokWordCache) put(word string, ids []int32) {
 	if len(word) > tokCacheMaxWord {
 		return
+	}
+	if c.spans == nil {
+		c.spans = make(map[string]uint64)
 	}
 	if len(c.spans) >= tokCacheMaxEntries {
 		c.reset()

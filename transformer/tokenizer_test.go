@@ -597,6 +597,9 @@ func TestTokenizerSynthetic(t *testing.T) {
 	if got := tok.Decode(want); got != text {
 		t.Errorf("Decode = %q, want %q", got, text)
 	}
+	if !strings.HasSuffix(tok.Source(), "tokenizer.json") {
+		t.Errorf("Source() = %q, want the tokenizer.json path", tok.Source())
+	}
 	if tok.VocabSize() != 262 || tok.EOS() != 261 {
 		t.Errorf("VocabSize, EOS = %d, %d; want 262, 261", tok.VocabSize(), tok.EOS())
 	}
@@ -846,6 +849,21 @@ func TestTokenizerNeverPanicsOnOddInput(t *testing.T) {
 	}
 	if got := tok.Decode([]int{-1, 1 << 30, 'a'}); got != "a" {
 		t.Errorf("Decode with unknown ids = %q, want %q", got, "a")
+	}
+}
+
+// Encode may be called from several goroutines at once (run with -race).
+func TestTokenizerConcurrentEncode(t *testing.T) {
+	tok := tokMustLoadSpec(t, tokSyntheticSpec())
+	want := tok.Encode("hello world, hello again<|endoftext|>")
+	done := make(chan []int)
+	for g := 0; g < 4; g++ {
+		go func() { done <- tok.Encode("hello world, hello again<|endoftext|>") }()
+	}
+	for g := 0; g < 4; g++ {
+		if got := <-done; !reflect.DeepEqual(got, want) {
+			t.Errorf("concurrent Encode = %v, want %v", got, want)
+		}
 	}
 }
 

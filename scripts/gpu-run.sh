@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine (no Go needed) after scripts/gpu-prepare.sh, with
+# .gpurun carried along: the reference goldens that need torch on the GPU,
+# every CUDA test, compute-sanitizer, the benchmarks; logs and new goldens
+# under $OUT, a summary last.
+#   usage: scripts/gpu-run.sh [tests|bench|all]   (default all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+what=${1:-all}
+OUT=${OUT:-/tmp/gpurun-out}
+mkdir -p "$OUT"
+export KVALIGN_SHARED=$root/.gpurun/shared
+S=$OUT/summary.txt
+: > "$S"
+note() { echo "$*" | tee -a "$S"; }
+
+python3 - <<'PY'
+import lzma, os, shutil, stat
+d = ".gpurun/bin"
+for f in os.listdir(d):
+    if f.endswith(".xz"):
+        with lzma.open(os.path.join(d, f)) as src, open(os.path.join(d, f[:-3]), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.chmod(os.path.join(d, f[:-3]), 0o755)
+        os.remove(os.path.join(d, f))
+PY
+B=$root/.gpurun/bin
+note "== card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  # Goldens made on this card: full-size random models (not committed) and
+  # the original networks' outputs (committed from $OUT/align).
+  export KVALIGN_FULLSIZE=/tmp/fullsize
+  python3 scripts/reference/hf_golden.py --shared "$KVALIGN_SHARED" --out /tmp/hf-testdata --parts fullsize \
+    --device cuda --fullsize-dir "$KVALIGN_FULLSIZE" > "$OUT/golden.log" 2>&1
+  note "hf_golden fullsize rc=$?"
+  mkdir -p "$OUT/align"
+  python3 scripts/reference/align_golden.py --shared "$KVALIGN_SHARED" --out "$OUT/align" >> "$OUT/golden.log" 2>&1
+  note "align_golden rc=$?"
+  if ls "$OUT"/align/* >/dev/null 2>&1 && [ ! -e testdata/align/$(ls "$OUT/align" | head -1) ]; then
+    mkdir -p testdata/align && cp "$OUT"/align/* testdata/align/
+  fi
+  for p in gpu transformer align eval kvcache; do
+    (cd "$p" && timeout 900 "$B/$p.test" -test.v -test.timeout 850s > "$OUT/test-$p.log" 2>&1)
+    rc=$?
+    note "test $p rc=$rc: $(grep -c '^--- PASS\|^    --- PASS' "$OUT/test-$p.log") pass, $(grep -c -- '--- FAIL' "$OUT/test-$p.log") fail, $(grep -c -- '--- SKIP' "$OUT/test-$p.log") skip"
+    grep -E -- "--- FAIL|panic:|^\s+\S+_test.go:[0-9]+: .*(Δ|agree|identical|RSS|greedy|worst|nll)" "$OUT/test-$p.log" | head -40 >> "$S"
+  done
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for p in gpu transformer; do
+    (cd "$p" && timeout 600 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF' \
+      > "$OUT/memcheck-$p.log" 2>&1)
+    note "memcheck $p rc=$?: $(grep 'ERROR SUMMARY' "$OUT/memcheck-$p.log" | tail -1)"
+  done
+fi
+
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  for cfg in distilgpt2 smollm2-135m; do
+    for dt in fp16 fp32; do
+      "$B/kvalign" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
+    done
+  done
+  "$B/kvalign" bench run --device cuda --dtype fp16 --json "$OUT/bench-run.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
+  (cd gpu && "$B/gpu.test" -test.run '^$' -test.bench CUDA -test.benchtime 200x > "$OUT/bench-kernels.log" 2>&1)
+  grep -E "^Benchmark" "$OUT/bench-kernels.log" >> "$S"
+fi
+echo
+echo "======== summary"
+cat "$S"
