@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -25,6 +26,9 @@ func openBackend(c *ucli.Context) (gpu.Backend, gpu.DType, error) {
 		return nil, 0, usagef("--dtype: %v", err)
 	}
 	be, note, err := gpu.Open(c.String("device"))
+	if errors.Is(err, gpu.ErrInvalidDevice) {
+		return nil, 0, usageError{err}
+	}
 	if err != nil {
 		return nil, 0, err
 	}

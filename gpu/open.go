@@ -1,6 +1,12 @@
 package gpu
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+)
+
+// ErrInvalidDevice is a --device value that names no backend.
+var ErrInvalidDevice = errors.New("invalid --device")
 
 // Open chooses a backend for a --device value: "cpu", "cuda" (or "cuda:N"),
 // or "auto" — CUDA when this build has it and a GPU answers, else the CPU.
@@ -13,7 +19,7 @@ func Open(device string) (Backend, string, error) {
 		n := 0
 		if device != "cuda" {
 			if _, err := fmt.Sscanf(device[5:], "%d", &n); err != nil || n < 0 {
-				return nil, "", fmt.Errorf("invalid --device %q (want auto, cpu, cuda or cuda:N)", device)
+				return nil, "", fmt.Errorf("%w %q (want auto, cpu, cuda or cuda:N)", ErrInvalidDevice, device)
 			}
 		}
 		be, err := NewCUDA(n)
@@ -28,5 +34,5 @@ func Open(device string) (Backend, string, error) {
 		}
 		return be, "device: " + be.Name(), nil
 	}
-	return nil, "", fmt.Errorf("invalid --device %q (want auto, cpu, cuda or cuda:N)", device)
+	return nil, "", fmt.Errorf("%w %q (want auto, cpu, cuda or cuda:N)", ErrInvalidDevice, device)
 }

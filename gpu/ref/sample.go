@@ -2,7 +2,7 @@ package ref
 
 import (
 	"math"
-	"sort"
+	"slices"
 )
 
 // Uniform is the sampler's random number in [0,1) for a seed and a step
@@ -33,15 +33,23 @@ func Sample(out []int32, logits []float32, banned, counter []int32, B, V, topK, 
 			}
 			ban[t] = true
 		}
-		cand := make([]int32, 0, V)
+		// The topK best in descending order of logit; scanning ids upwards
+		// and admitting only strictly larger values breaks ties to the lower
+		// id.
+		cand := make([]int32, 0, topK+1)
 		for i := range l {
-			if !ban[int32(i)] {
-				cand = append(cand, int32(i))
+			id := int32(i)
+			if ban[id] || len(cand) == topK && l[i] <= l[cand[topK-1]] {
+				continue
 			}
-		}
-		sort.SliceStable(cand, func(i, j int) bool { return l[cand[i]] > l[cand[j]] })
-		if len(cand) > topK {
-			cand = cand[:topK]
+			j := len(cand)
+			for j > 0 && l[cand[j-1]] < l[i] {
+				j--
+			}
+			cand = slices.Insert(cand, j, id)
+			if len(cand) > topK {
+				cand = cand[:topK]
+			}
 		}
 		if len(cand) == 0 {
 			out[b] = -1
