@@ -4,9 +4,6 @@
 package align
 
 import (
-	"bytes"
-	"cmp"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,12 +11,11 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
 	"github.com/kvalign/kvalign/gpu/ref"
-	"github.com/x448/float16"
+	"github.com/kvalign/kvalign/transformer"
 )
 
 // Network is one realignment network (keys or values), in the layout of the
@@ -71,7 +67,6 @@ const (
 	tensorW3     = "fc3.weight"
 	tensorB3     = "fc3.bias"
 	metadataKey  = "kvalign" // __metadata__ entry holding Meta as JSON
-	maxHeaderLen = 100 << 20 // safetensors' own reader refuses larger headers
 )
 
 var tensorNames = []string{tensorPos, tensorLayer, tensorHead, tensorW1, tensorB1, tensorW2, tensorB2, tensorW3, tensorB3}
@@ -109,16 +104,22 @@ func LoadNetwork(path string) (*Network, *Meta, error) {
 		return n, nil, nil
 	}
 
-	st, err := openSafeTensors(path)
+	st, err := transformer.OpenSafeTensors(path)
 	if err != nil {
 		return nil, nil, err
 	}
-	defer st.close()
-	n, err := networkFromTensors(st.tensor)
+	defer st.Close()
+	n, err := networkFromTensors(func(name string) ([]int, []float32, error) {
+		if _, ok := st.Info(name); !ok {
+			return nil, nil, fmt.Errorf("no tensor %s", name)
+		}
+		data, shape, err := st.Float32(name)
+		return shape, data, err
+	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-	raw, ok := st.meta[metadataKey]
+	raw, ok := st.Metadata()[metadataKey]
 	if !ok {
 		return n, nil, nil
 	}
@@ -353,223 +354,9 @@ func (n *Network) Save(path string, meta Meta) error {
 		return fmt.Errorf("saving %s: %w", path, err)
 	}
 	data := n.data()
-	tensors := make([]stTensor, len(tensorNames))
+	tensors := make([]transformer.NamedTensor, len(tensorNames))
 	for i, shape := range n.shapes() {
-		tensors[i] = stTensor{name: tensorNames[i], shape: shape, data: *data[i]}
+		tensors[i] = transformer.NamedTensor{Name: tensorNames[i], Shape: shape, F32: *data[i]}
 	}
-	return writeSafeTensors(path, tensors, map[string]string{metadataKey: string(metaJSON)})
-}
-
-// ---- safetensors ----
-//
-// The standard layout (https://github.com/huggingface/safetensors): an
-// 8-byte little-endian header length N, N bytes of JSON
-//
-//	{"<name>": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]},
-//	 "__metadata__": {"<key>": "<string>"}}
-//
-// padded with spaces to a multiple of 8, then the tensors' raw little-endian
-// bytes, offsets counted from the end of the header. Kept local to align so
-// that network files need nothing from the transformer package.
-
-type stTensor struct {
-	name  string
-	shape []int
-	data  []float32
-}
-
-type stEntry struct {
-	DType       string  `json:"dtype"`
-	Shape       []int   `json:"shape"`
-	DataOffsets []int64 `json:"data_offsets"`
-}
-
-func writeSafeTensors(path string, tensors []stTensor, meta map[string]string) error {
-	header := map[string]any{}
-	if len(meta) > 0 {
-		header["__metadata__"] = meta
-	}
-	var off int64
-	for _, t := range tensors {
-		end := off + 4*int64(len(t.data))
-		header[t.name] = stEntry{DType: "F32", Shape: t.shape, DataOffsets: []int64{off, end}}
-		off = end
-	}
-	hj, err := json.Marshal(header)
-	if err != nil {
-		return fmt.Errorf("saving %s: %w", path, err)
-	}
-	if pad := len(hj) % 8; pad != 0 {
-		hj = append(hj, bytes.Repeat([]byte(" "), 8-pad)...)
-	}
-	buf := make([]byte, 0, 8+len(hj)+int(off))
-	buf = binary.LittleEndian.AppendUint64(buf, uint64(len(hj)))
-	buf = append(buf, hj...)
-	for _, t := range tensors {
-		for _, v := range t.data {
-			buf = binary.LittleEndian.AppendUint32(buf, math.Float32bits(v))
-		}
-	}
-	return writeFileAtomic(path, buf)
-}
-
-// writeFileAtomic writes data to a temporary file beside path and renames it
-// over path, so a reader never sees a half-written network.
-func writeFileAtomic(path string, data []byte) error {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp*")
-	if err != nil {
-		return fmt.Errorf("saving %s: %w", path, err)
-	}
-	_, werr := tmp.Write(data)
-	if werr == nil {
-		werr = tmp.Chmod(0o644)
-	}
-	if werr == nil {
-		werr = tmp.Sync()
-	}
-	if cerr := tmp.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(tmp.Name(), path)
-	}
-	if werr != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("saving %s: %w", path, werr)
-	}
-	return nil
-}
-
-// stFile is an open safetensors file whose header has been validated;
-// tensor data is read on demand.
-type stFile struct {
-	path      string
-	f         *os.File
-	entries   map[string]stEntry
-	meta      map[string]string
-	dataStart int64
-}
-
-func openSafeTensors(path string) (*stFile, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("loading realignment network: %w", err)
-	}
-	st, err := readSafeTensorsHeader(path, f)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return st, nil
-}
-
-func (s *stFile) close() { s.f.Close() }
-
-var stDTypeSize = map[string]int64{"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-
-func readSafeTensorsHeader(path string, f *os.File) (*stFile, error) {
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	size := fi.Size()
-	var lenBuf [8]byte
-	if _, err := io.ReadFull(f, lenBuf[:]); err != nil {
-		return nil, fmt.Errorf("not a safetensors or .pth file: %v", err)
-	}
-	hlen := binary.LittleEndian.Uint64(lenBuf[:])
-	if hlen > maxHeaderLen || int64(hlen) > size-8 {
-		return nil, fmt.Errorf("not a safetensors or .pth file (header length %d, file size %d)", hlen, size)
-	}
-	hj := make([]byte, hlen)
-	if _, err := io.ReadFull(f, hj); err != nil {
-		return nil, fmt.Errorf("reading safetensors header: %w", err)
-	}
-	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(hj, &raw); err != nil {
-		return nil, fmt.Errorf("not a safetensors or .pth file (header is not JSON: %v)", err)
-	}
-	st := &stFile{path: path, f: f, entries: map[string]stEntry{}, dataStart: 8 + int64(hlen)}
-	dataLen := size - st.dataStart
-	type span struct {
-		name       string
-		begin, end int64
-	}
-	var spans []span
-	for name, msg := range raw {
-		if name == "__metadata__" {
-			if err := json.Unmarshal(msg, &st.meta); err != nil {
-				return nil, fmt.Errorf("__metadata__ is not a map of strings: %v", err)
-			}
-			continue
-		}
-		var e stEntry
-		if err := json.Unmarshal(msg, &e); err != nil {
-			return nil, fmt.Errorf("tensor %s: bad header entry: %v", name, err)
-		}
-		esize, ok := stDTypeSize[e.DType]
-		if !ok {
-			return nil, fmt.Errorf("tensor %s: dtype %q is not supported (want F32, F16, BF16 or F64)", name, e.DType)
-		}
-		if len(e.DataOffsets) != 2 {
-			return nil, fmt.Errorf("tensor %s: data_offsets %v, want [begin, end]", name, e.DataOffsets)
-		}
-		numel := int64(1)
-		for _, d := range e.Shape {
-			if d < 0 || (d > 0 && numel > dataLen/int64(d)) {
-				return nil, fmt.Errorf("tensor %s: shape %v does not fit the file's %d data bytes", name, e.Shape, dataLen)
-			}
-			numel *= int64(d)
-		}
-		b, end := e.DataOffsets[0], e.DataOffsets[1]
-		if b < 0 || end < b || end > dataLen || end-b != numel*esize {
-			return nil, fmt.Errorf("tensor %s: data_offsets %v do not hold shape %v of %s within %d data bytes", name, e.DataOffsets, e.Shape, e.DType, dataLen)
-		}
-		st.entries[name] = e
-		spans = append(spans, span{name, b, end})
-	}
-	slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.begin, b.begin) })
-	for i := 1; i < len(spans); i++ {
-		if spans[i].begin < spans[i-1].end {
-			return nil, fmt.Errorf("tensors %s and %s overlap", spans[i-1].name, spans[i].name)
-		}
-	}
-	return st, nil
-}
-
-// tensor reads one tensor, converted to float32.
-func (s *stFile) tensor(name string) ([]int, []float32, error) {
-	e, ok := s.entries[name]
-	if !ok {
-		have := slices.Sorted(maps.Keys(s.entries))
-		if len(have) > 8 {
-			have = append(have[:8], "…")
-		}
-		return nil, nil, fmt.Errorf("no tensor %s (the file has %s): not a realignment network", name, strings.Join(have, ", "))
-	}
-	b, end := e.DataOffsets[0], e.DataOffsets[1]
-	raw := make([]byte, end-b)
-	if _, err := s.f.ReadAt(raw, s.dataStart+b); err != nil {
-		return nil, nil, fmt.Errorf("tensor %s: %w", name, err)
-	}
-	esize := int(stDTypeSize[e.DType])
-	out := make([]float32, len(raw)/esize)
-	for i := range out {
-		p := raw[i*esize:]
-		switch e.DType {
-		case "F32":
-			out[i] = math.Float32frombits(binary.LittleEndian.Uint32(p))
-		case "F16":
-			out[i] = float16.Frombits(binary.LittleEndian.Uint16(p)).Float32()
-		case "BF16":
-			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(p)) << 16)
-		case "F64":
-			out[i] = float32(math.Float64frombits(binary.LittleEndian.Uint64(p)))
-		}
-	}
-	return slices.Clone(e.Shape), out, nil
+	return transformer.WriteSafeTensors(path, tensors, map[string]string{metadataKey: string(metaJSON)})
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kvalign/kvalign/gpu/ref"
 	"github.com/kvalign/kvalign/internal/testenv"
+	"github.com/kvalign/kvalign/transformer"
 )
 
 func TestLoadNetworkOriginals(t *testing.T) {
@@ -240,20 +241,21 @@ func TestLoadNetworkRefusesBadFiles(t *testing.T) {
 	}
 	entry := func(h map[string]any, name string) map[string]any { return h[name].(map[string]any) }
 
-	foreign := []stTensor{{name: "model.embed_tokens.weight", shape: []int{2, 2}, data: []float32{1, 2, 3, 4}}}
+	foreign := []transformer.NamedTensor{{Name: "model.embed_tokens.weight", Shape: []int{2, 2}, F32: []float32{1, 2, 3, 4}}}
 	foreignPath := filepath.Join(dir, "model.safetensors")
-	if err := writeSafeTensors(foreignPath, foreign, nil); err != nil {
+	if err := transformer.WriteSafeTensors(foreignPath, foreign, nil); err != nil {
 		t.Fatal(err)
 	}
 	wrongShape := NewRandomNetwork(2, 2, 4, 8, 3, 3, 1)
 	wrongShape.W3 = wrongShape.W3[:len(wrongShape.W3)-3]
 	wrongShapePath := filepath.Join(dir, "wrong-shape.safetensors")
-	tensors := make([]stTensor, len(tensorNames))
+	tensors := make([]transformer.NamedTensor, len(tensorNames))
 	for i, shape := range wrongShape.shapes() {
-		tensors[i] = stTensor{name: tensorNames[i], shape: shape, data: *wrongShape.data()[i]}
+		tensors[i] = transformer.NamedTensor{Name: tensorNames[i], Shape: shape, F32: *wrongShape.data()[i]}
 	}
-	tensors[7].shape = []int{3, 3} // fc3.weight [HS=3, H2] disagrees with fc3.bias [4]
-	if err := writeSafeTensors(wrongShapePath, tensors, nil); err != nil {
+	tensors[7].Shape = []int{3, 3} // fc3.weight [HS=3, H2] disagrees with fc3.bias [4]
+	tensors[7].F32 = tensors[7].F32[:9]
+	if err := transformer.WriteSafeTensors(wrongShapePath, tensors, nil); err != nil {
 		t.Fatal(err)
 	}
 
@@ -261,17 +263,17 @@ func TestLoadNetworkRefusesBadFiles(t *testing.T) {
 		name, path, want string
 	}{
 		{"empty", write("empty", nil), "too short"},
-		{"garbage", write("garbage", []byte("garbage garbage garbage")), "not a safetensors or .pth file"},
+		{"garbage", write("garbage", []byte("garbage garbage garbage")), "header length"},
 		{"truncated", write("truncated", good[:len(good)-10]), "data_offsets"},
-		{"truncated header", write("trunc-header", good[:20]), "not a safetensors or .pth file"},
-		{"bad json", write("bad-json", append(binary.LittleEndian.AppendUint64(nil, 4), "{{{{"...)), "not JSON"},
+		{"truncated header", write("trunc-header", good[:20]), "past the end"},
+		{"bad json", write("bad-json", append(binary.LittleEndian.AppendUint64(nil, 4), "{{{{"...)), "invalid header JSON"},
 		{"offsets past the end", withHeader("past", func(h map[string]any) {
 			entry(h, tensorB3)["data_offsets"] = []int{0, 1 << 40}
 		}), "data_offsets"},
 		{"overlap", withHeader("overlap", func(h map[string]any) {
 			entry(h, tensorB2)["data_offsets"] = entry(h, tensorB1)["data_offsets"] // both [3]
 		}), "overlap"},
-		{"dtype", withHeader("dtype", func(h map[string]any) { entry(h, tensorB3)["dtype"] = "I64" }), "dtype"},
+		{"dtype", withHeader("dtype", func(h map[string]any) { entry(h, tensorB3)["dtype"] = "I64" }), "I64"},
 		{"negative shape", withHeader("neg", func(h map[string]any) { entry(h, tensorB3)["shape"] = []int{-4} }), "shape"},
 		{"meta not JSON", withHeader("meta", func(h map[string]any) {
 			h["__metadata__"] = map[string]string{metadataKey: "{"}
