@@ -57,16 +57,16 @@ type Pair struct {
 // The state-dict names of the original module, in its registration order
 // (kvalign's files use the same names and order).
 const (
-	tensorPos    = "emb_pos.weight"
-	tensorLayer  = "emb_blocks.weight"
-	tensorHead   = "emb_heads.weight"
-	tensorW1     = "fc1.weight"
-	tensorB1     = "fc1.bias"
-	tensorW2     = "fc2.weight"
-	tensorB2     = "fc2.bias"
-	tensorW3     = "fc3.weight"
-	tensorB3     = "fc3.bias"
-	metadataKey  = "kvalign" // __metadata__ entry holding Meta as JSON
+	tensorPos   = "emb_pos.weight"
+	tensorLayer = "emb_blocks.weight"
+	tensorHead  = "emb_heads.weight"
+	tensorW1    = "fc1.weight"
+	tensorB1    = "fc1.bias"
+	tensorW2    = "fc2.weight"
+	tensorB2    = "fc2.bias"
+	tensorW3    = "fc3.weight"
+	tensorB3    = "fc3.bias"
+	metadataKey = "kvalign" // __metadata__ entry holding Meta as JSON
 )
 
 var tensorNames = []string{tensorPos, tensorLayer, tensorHead, tensorW1, tensorB1, tensorW2, tensorB2, tensorW3, tensorB3}

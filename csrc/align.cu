@@ -204,6 +204,217 @@ __global__ void __launch_bounds__(kThreads, 1) align_kernel_v1(AlignArgs a) {
   dense<true>(in, a.H2, a.w3, a.b3, a.HS, nullptr, ws, a.cache, rowoff);
 }
 
+
+// ---- tensor-core variants: mma.sync m16n8k8 TF32, 3xTF32 or 1xTF32 ----
+//
+// 3xTF32 (v2) splits every fp32 operand into a TF32 "big" part and the TF32
+// rounding of the remainder, a = ab + as, and accumulates as·bb + ab·bs +
+// ab·bb (the dropped as·bs is ~2^-22 relative): fp32-level accuracy (the
+// tests hold it to the same 1e-5 as the SIMT kernel) at a third of the
+// tensor-core rate, still several times the fp32 SIMT rate. 1xTF32 (v3) uses
+// ab·bb alone: 10-bit mantissas, ~1e-3 relative.
+//
+// Layout: a block takes kRows = 64 rows; activations live in shared memory
+// row-major [64][K + 4] (the +4 makes the fragment loads conflict-free); a
+// layer's weights stream through shared memory in k-chunks of 8 as
+// [Mp][kTcWld] (again conflict-free), prefetched into registers a chunk
+// ahead. Warp w (of 8) owns n-tiles w and w+8 of each 128-output slab (8
+// outputs a tile, so every weight is read by one warp) for all four 16-row
+// m-tiles.
+
+constexpr int kTcWld = 12;  // weight chunk row stride (8 k + 4 pad)
+constexpr int kTcSlab = 128;  // outputs per pass of dense_tc
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// split_tf32: x ≈ big + small, both TF32.
+__device__ __forceinline__ void split_tf32(float x, uint32_t &big, uint32_t &small) {
+  big = to_tf32(x);
+  small = to_tf32(x - __uint_as_float(big));
+}
+
+__device__ __forceinline__ void mma_tf32(float *c, const uint32_t *a, const uint32_t *b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__host__ __device__ constexpr int tc_ld(int k) { return round_up(k, 8) + 4; }
+
+// dense_tc: O[r][m] = act(W[m]·A[r] + bias[m]) for m < round_up(M, 8) (zero
+// padding columns for the next layer), or FINAL: cache row r += the same.
+// A: [kRows][lda] with zero columns in [K, round_up(K, 8)). Outputs go in
+// slabs of 128 (16 n-tiles; warp w takes tiles w and w+8 of each slab) so
+// that the accumulators stay at 32 registers (two blocks per SM fit).
+template <int PASSES, bool FINAL>
+__device__ __forceinline__ void dense_tc(const float *A, int lda, int K, const float *__restrict__ W,
+                                         const float *__restrict__ bias, int M, float *O, int ldo, float *Ws,
+                                         float *cache, const long long *rowoff) {
+  constexpr int SLAB = kTcSlab, PF = SLAB * 8 / kThreads;  // prefetched weights per thread (4)
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tg = lane % 4;
+  const int Kp = round_up(K, 8), Mp = round_up(M, 8);
+  for (int n0 = 0; n0 < Mp; n0 += SLAB) {
+    const int slab_tiles = min(SLAB, Mp - n0) / 8;
+    float acc[4][2][4];  // [m-tile][this warp's tile j][fragment]
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+      for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+    float pf[PF];
+    auto load = [&](int k0) {
+#pragma unroll
+      for (int p = 0; p < PF; p++) {
+        const int idx = tid + p * kThreads, n = n0 + idx / 8, k = k0 + idx % 8;
+        pf[p] = (n < M && k < K) ? __ldg(W + (size_t)n * K + k) : 0.f;
+      }
+    };
+    load(0);
+    for (int k0 = 0; k0 < Kp; k0 += 8) {
+      __syncthreads();  // Ws free; on the first chunk, A is complete
+#pragma unroll
+      for (int p = 0; p < PF; p++) {
+        const int idx = tid + p * kThreads;
+        Ws[(idx / 8) * kTcWld + idx % 8] = pf[p];
+      }
+      __syncthreads();
+      if (k0 + 8 < Kp) load(k0 + 8);
+      // B fragments: b0 = W[n][k0+tg], b1 = W[n][k0+tg+4], n = tile·8 + g.
+      uint32_t bb[2][2], bs[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int row = (warp + 8 * j) * 8 + g;  // < SLAB: in Ws even for idle tiles
+        const float b0 = Ws[row * kTcWld + tg], b1 = Ws[row * kTcWld + tg + 4];
+        if (PASSES == 3) {
+          split_tf32(b0, bb[j][0], bs[j][0]);
+          split_tf32(b1, bb[j][1], bs[j][1]);
+        } else {
+          bb[j][0] = to_tf32(b0);
+          bb[j][1] = to_tf32(b1);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+        const float *a0p = A + (mt * 16 + g) * lda + k0 + tg;
+        const float *a1p = a0p + 8 * lda;
+        const float av[4] = {a0p[0], a1p[0], a0p[4], a1p[4]};
+        uint32_t ab[4], as[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          if (PASSES == 3)
+            split_tf32(av[i], ab[i], as[i]);
+          else
+            ab[i] = to_tf32(av[i]);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+          if (warp + 8 * j >= slab_tiles) continue;  // warp-uniform
+          if (PASSES == 3) {
+            mma_tf32(acc[mt][j], as, bb[j]);  // small terms first
+            mma_tf32(acc[mt][j], ab, bs[j]);
+          }
+          mma_tf32(acc[mt][j], ab, bb[j]);
+        }
+      }
+    }
+    // Epilogue: acc[mt][j] = rows mt·16+g (c0, c1) and +8 (c2, c3), columns tile·8 + 2tg (+1).
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      if (warp + 8 * j >= slab_tiles) continue;
+      const int col = n0 + (warp + 8 * j) * 8 + 2 * tg;
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          const int r = mt * 16 + g + hf * 8;
+          float v0 = acc[mt][j][2 * hf], v1 = acc[mt][j][2 * hf + 1];
+          if (FINAL) {
+            const long long off = rowoff[r];
+            if (off < 0) continue;
+            if (col < M) cache[off + col] += v0 + __ldg(bias + col);
+            if (col + 1 < M) cache[off + col + 1] += v1 + __ldg(bias + col + 1);
+          } else {
+            v0 = col < M ? fmaxf(v0 + __ldg(bias + col), 0.f) : 0.f;
+            v1 = col + 1 < M ? fmaxf(v1 + __ldg(bias + col + 1), 0.f) : 0.f;
+            *reinterpret_cast<float2 *>(O + r * ldo + col) = make_float2(v0, v1);
+          }
+        }
+    }
+  }
+}
+
+// Shared memory of the tensor-core kernels (floats): input/h2 region, h1
+// region, weight chunk.
+__host__ __device__ inline int align_tc_region0(const AlignArgs &a) {
+  return kRows * max(tc_ld(a.HS + a.DP + a.DL + a.DH), tc_ld(a.H2));
+}
+__host__ __device__ inline int align_tc_region1(const AlignArgs &a) { return kRows * tc_ld(a.H1); }
+inline size_t align_tc_smem_bytes(const AlignArgs &a) {
+  return sizeof(float) * ((size_t)align_tc_region0(a) + align_tc_region1(a) + (size_t)kTcSlab * kTcWld);
+}
+
+// align_kernel_tc: v2 (PASSES = 3) and v3 (PASSES = 1).
+template <int PASSES>
+__global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
+  extern __shared__ __align__(16) float smem[];
+  __shared__ long long rowoff[kRows];
+  __shared__ int rowl[kRows], rowh[kRows], rowp[kRows];
+  const int K0 = a.HS + a.DP + a.DL + a.DH, ld0 = tc_ld(K0);
+  const int ld2 = tc_ld(a.H2), ld1 = tc_ld(a.H1);
+  float *in = smem;                         // [kRows][ld0]: x, pos, layer, head; later h2 [kRows][ld2]
+  float *h1 = smem + align_tc_region0(a);   // [kRows][ld1]
+  float *ws = h1 + align_tc_region1(a);     // [kTcSlab][kTcWld]
+  const int tid = threadIdx.x;
+  const long long total = (long long)a.L * a.rows * a.NKV;
+
+  if (tid < kRows) {
+    const long long R = (long long)blockIdx.x * kRows + tid;
+    long long off = -1;
+    int l = 0, h = 0, p = 0;
+    if (R < total) {
+      h = (int)(R % a.NKV);
+      const int i = (int)((R / a.NKV) % a.rows);
+      l = (int)(R / ((long long)a.NKV * a.rows));
+      const int slot = a.slots[i];
+      p = a.index[i];
+      if (slot >= 0 && p >= 0 && p < a.P) off = l * a.layer_stride + ((long long)slot * a.NKV + h) * a.HS;
+    }
+    rowoff[tid] = off;
+    rowl[tid] = l;
+    rowh[tid] = h;
+    rowp[tid] = p;
+  }
+  __syncthreads();
+  const int K0p = round_up(K0, 8);
+  for (int idx = tid; idx < kRows * K0p; idx += kThreads) {
+    const int r = idx / K0p, k = idx % K0p;
+    const long long off = rowoff[r];
+    float v = 0.f;
+    if (off >= 0 && k < K0) {
+      if (k < a.HS)
+        v = a.cache[off + k];
+      else if (k < a.HS + a.DP)
+        v = __ldg(a.pos + (size_t)rowp[r] * a.DP + (k - a.HS));
+      else if (k < a.HS + a.DP + a.DL)
+        v = __ldg(a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP));
+      else
+        v = __ldg(a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL));
+    }
+    in[r * ld0 + k] = v;
+  }
+  dense_tc<PASSES, false>(in, ld0, K0, a.w1, a.b1, a.H1, h1, ld1, ws, nullptr, nullptr);
+  __syncthreads();  // every read of `in` (layer 1) is done before h2 overwrites it
+  dense_tc<PASSES, false>(h1, ld1, a.H1, a.w2, a.b2, a.H2, in, ld2, ws, nullptr, nullptr);
+  dense_tc<PASSES, true>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, ws, a.cache, rowoff);
+}
+
 }  // namespace
 
 extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
@@ -213,14 +424,27 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
                               const float *b3, int H1, int H2, int variant) {
   if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
   if (HS <= 0 || P <= 0 || DP < 0 || DL < 0 || DH < 0 || H1 <= 0 || H2 <= 0 ||
-      HS + DP + DL + DH > KV_ALIGN_MAX_IN || (variant != 0 && variant != 1))
+      HS + DP + DL + DH > KV_ALIGN_MAX_IN || variant < 0 || variant > 3)
     return (kv_status)cudaErrorInvalidValue;
   const AlignArgs a{cache, slots, index, rows, L, NKV, HS, layer_stride, pos, layer, head, P, DP, DL, DH,
                     w1, b1, w2, b2, w3, b3, H1, H2};
-  const size_t smem = align_smem_bytes(a);
-  // Host-side attribute (no stream work): allowed while capturing.
-  KV_TRY(cudaFuncSetAttribute(align_kernel_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   const long long total = (long long)L * rows * NKV;
-  align_kernel_v1<<<kv_ceil_div(total, kRows), kThreads, smem, s>>>(a);
+  const int blocks = kv_ceil_div(total, kRows);
+  if (variant == 0) variant = 2;
+  if (variant == 1) {
+    const size_t smem = align_smem_bytes(a);
+    // Host-side attribute (no stream work): allowed while capturing.
+    KV_TRY(cudaFuncSetAttribute(align_kernel_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    align_kernel_v1<<<blocks, kThreads, smem, s>>>(a);
+    return kv_launched();
+  }
+  const size_t smem = align_tc_smem_bytes(a);
+  if (variant == 2) {
+    KV_TRY(cudaFuncSetAttribute(align_kernel_tc<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    align_kernel_tc<3><<<blocks, kThreads, smem, s>>>(a);
+  } else {
+    KV_TRY(cudaFuncSetAttribute(align_kernel_tc<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    align_kernel_tc<1><<<blocks, kThreads, smem, s>>>(a);
+  }
   return kv_launched();
 }

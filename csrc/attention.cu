@@ -29,6 +29,7 @@ constexpr int kDecCh = 32;                // entries per staged chunk
 constexpr int kDecMaxQ = KV_ATTN_DECODE_MAX_Q;
 constexpr int kMaxHS = KV_ATTN_MAX_HS;
 constexpr int kDecTargetBlocks = 512;     // split until about this many blocks (≈ 4 per SM)
+constexpr int kDecMaxSplit = 128;
 
 struct DecodeSplit {
   int chunks_per_split, nsplit;
@@ -41,7 +42,9 @@ DecodeSplit decode_split(int B, int NKV, int max_len) {
   const int chunks = kv_ceil_div(max(max_len, 1), kDecCh);
   const long long want = (long long)chunks * B * NKV;
   int cps = (int)((want + kDecTargetBlocks - 1) / kDecTargetBlocks);
-  cps = max(cps, 1);
+  // At most kDecMaxSplit splits: the v2 combine stages QV·nsplit weights in
+  // the block's key buffer.
+  cps = max(max(cps, 1), kv_ceil_div(chunks, kDecMaxSplit));
   return {cps, kv_ceil_div(chunks, cps)};
 }
 
@@ -185,6 +188,209 @@ __global__ void __launch_bounds__(kDecThreads)
       }
     }
   }
+}
+
+// attn_decode_kernel_v2: v1 with the combine fused in (one launch per
+// attention instead of two: at these sizes a launch costs more than the
+// work) and the latency chain shortened:
+//  - the chunk's slot numbers load together with lens (order is in bounds for
+//    every j < max_len; only the K/V gathers need the length), so a chunk
+//    costs two dependent memory round trips, not three;
+//  - dot products unrolled over independent partial sums;
+//  - splits publish (o, m, l) to work, count themselves on a per-(b, kv head)
+//    counter, and the last one merges every split's partials (all loads
+//    issued at once, not a loop of dependent ones as v1's combine) and
+//    resets the counter for the next launch (work must start zeroed).
+template <int HSMAX>
+__global__ void __launch_bounds__(kDecThreads)
+    attn_decode_kernel_v2(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
+                          const float *__restrict__ vc, const int32_t *__restrict__ order,
+                          const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
+                          int max_len, float rope_theta, float scale, int chunks_per_split,
+                          float *__restrict__ work, int *__restrict__ counters) {
+  constexpr int OPT = kDecMaxQ * HSMAX / kDecThreads;
+  __shared__ float qs[kDecMaxQ][HSMAX];
+  __shared__ float ks[kDecCh][HSMAX + 1];
+  __shared__ float vs[kDecCh][HSMAX];
+  __shared__ float ps[kDecMaxQ][kDecCh];
+  __shared__ float m_run[kDecMaxQ], l_run[kDecMaxQ], alpha[kDecMaxQ];
+  __shared__ float inv_s[HSMAX / 2];
+  __shared__ int sl[kDecCh];
+  __shared__ int is_last;
+  static_assert(kDecMaxQ * kDecMaxSplit <= kDecCh * HSMAX, "combine staging must fit the key/value buffers");
+
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int G = NH / NKV, QV = T * G;
+  const int split_len = chunks_per_split * kDecCh;
+  const int j_begin = split * split_len;
+  // Speculative: slots of the first chunk, before the length is known.
+  if (tid < kDecCh && j_begin + tid < max_len) sl[tid] = order[(size_t)b * max_len + j_begin + tid];
+  const int n_total = max(0, min(lens[b], max_len));  // the last query sees entries [0, n_total)
+  const int j_end = min(n_total, j_begin + split_len);
+  const bool partial = gridDim.x > 1;
+  // Splits that run: those starting below n_total, and split 0 always (so
+  // that an empty sequence still writes its zeros).
+  const int used = max(1, min((int)gridDim.x, (n_total + split_len - 1) / split_len));
+  if (split >= used) return;
+
+  for (int idx = tid; idx < QV * HS; idx += kDecThreads) {
+    const int qv = idx / HS, d = idx % HS, t = qv / G, g = qv % G;
+    qs[qv][d] = q[((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + d];
+  }
+  if (rope_theta != 0.f)
+    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+  if (tid < kDecMaxQ) {
+    m_run[tid] = -INFINITY;
+    l_run[tid] = 0.f;
+  }
+  float o[OPT];
+#pragma unroll
+  for (int k = 0; k < OPT; k++) o[k] = 0.f;
+  const float *inv = rope_theta != 0.f ? inv_s : nullptr;
+
+  for (int j0 = j_begin; j0 < j_end; j0 += kDecCh) {
+    const int cnt = min(kDecCh, j_end - j0);
+    if (j0 != j_begin) {
+      __syncthreads();  // previous chunk consumed
+      if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
+    }
+    __syncthreads();
+    stage_rows(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, kDecThreads);
+    stage_rows(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, kDecThreads);
+    __syncthreads();
+
+    for (int idx = tid; idx < QV * kDecCh; idx += kDecThreads) {
+      const int qv = idx / kDecCh, e = idx % kDecCh, t = qv / G;
+      float s = -INFINITY;
+      if (e < cnt && j0 + e <= n_total - T + t) {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int d = 0;
+        for (; d + 4 <= HS; d += 4) {
+          a0 = fmaf(qs[qv][d], ks[e][d], a0);
+          a1 = fmaf(qs[qv][d + 1], ks[e][d + 1], a1);
+          a2 = fmaf(qs[qv][d + 2], ks[e][d + 2], a2);
+          a3 = fmaf(qs[qv][d + 3], ks[e][d + 3], a3);
+        }
+        for (; d < HS; d++) a0 = fmaf(qs[qv][d], ks[e][d], a0);
+        s = ((a0 + a1) + (a2 + a3)) * scale;
+      }
+      ps[qv][e] = s;
+    }
+    __syncthreads();
+
+    for (int qv = tid / 32; qv < QV; qv += kDecThreads / 32) {
+      const int lane = tid % 32;
+      const float s = ps[qv][lane];
+      const float m_new = fmaxf(m_run[qv], kv_warp_max(s));
+      const float p = (s == -INFINITY) ? 0.f : expf(s - m_new);
+      const float sum = kv_warp_sum(p);
+      ps[qv][lane] = p;
+      if (lane == 0) {
+        const float a = m_run[qv] == -INFINITY ? 0.f : expf(m_run[qv] - m_new);
+        alpha[qv] = a;
+        l_run[qv] = l_run[qv] * a + sum;
+        m_run[qv] = m_new;
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int k = 0; k < OPT; k++) {
+      const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+      if (qv < QV) {
+        float a0 = 0.f, a1 = 0.f;
+        int e = 0;
+        for (; e + 2 <= cnt; e += 2) {
+          a0 = fmaf(ps[qv][e], vs[e][d], a0);
+          a1 = fmaf(ps[qv][e + 1], vs[e + 1][d], a1);
+        }
+        if (e < cnt) a0 = fmaf(ps[qv][e], vs[e][d], a0);
+        o[k] = o[k] * alpha[qv] + (a0 + a1);
+      }
+    }
+  }
+  __syncthreads();  // m_run/l_run final
+
+  if (!partial) {
+#pragma unroll
+    for (int k = 0; k < OPT; k++) {
+      const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+      if (qv >= QV) continue;
+      const int t = qv / G, h = kh * G + qv % G;
+      const float l = l_run[qv];
+      out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = l > 0.f ? o[k] / l : 0.f;
+    }
+    return;
+  }
+
+  // Publish this split's partials: work[((b·T + t)·NH + h)·nsplit + split][HS + 2].
+  const int nsplit = gridDim.x;
+#pragma unroll
+  for (int k = 0; k < OPT; k++) {
+    const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+    if (qv >= QV) continue;
+    const int t = qv / G, h = kh * G + qv % G;
+    float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + split) * (HS + 2);
+    w[d] = o[k];
+    if (d == 0) {
+      w[HS] = m_run[qv];
+      w[HS + 1] = l_run[qv];
+    }
+  }
+  __threadfence();  // partials visible device-wide before the count
+  __syncthreads();
+  int *counter = counters + (size_t)b * NKV + kh;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == used - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Last split: merge. Weights exp(m_s − M) per (query vector, split) go in
+  // the key buffer, the partial sums l_s in the value buffer.
+  float *wt = &ks[0][0], *ls = &vs[0][0];
+  for (int idx = tid; idx < QV * used; idx += kDecThreads) {
+    const int qv = idx / used, sp = idx % used, t = qv / G, h = kh * G + qv % G;
+    const float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + sp) * (HS + 2);
+    wt[idx] = __ldcg(w + HS);
+    ls[idx] = __ldcg(w + HS + 1);
+  }
+  __syncthreads();
+  for (int qv = tid / 32; qv < QV; qv += kDecThreads / 32) {
+    const int lane = tid % 32;
+    float m = -INFINITY;
+    for (int sp = lane; sp < used; sp += 32) m = fmaxf(m, wt[qv * used + sp]);
+    m = kv_warp_max(m);
+    float l = 0.f;
+    for (int sp = lane; sp < used; sp += 32) {
+      const float ms = wt[qv * used + sp];
+      const float f = (ms == -INFINITY) ? 0.f : expf(ms - m);  // −∞: no visible entry in that split
+      wt[qv * used + sp] = f;
+      l += f * ls[qv * used + sp];
+    }
+    l = kv_warp_sum(l);
+    if (lane == 0) l_run[qv] = l;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < OPT; k++) {
+    const int idx = tid + k * kDecThreads, qv = idx / HS, d = idx % HS;
+    if (qv >= QV) continue;
+    const int t = qv / G, h = kh * G + qv % G;
+    const size_t row = (size_t)b * T + t;
+    const float *w = work + (row * NH + h) * nsplit * (HS + 2) + d;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int sp = 0;
+    for (; sp + 4 <= used; sp += 4) {
+      a0 = fmaf(wt[qv * used + sp], __ldcg(w + (size_t)sp * (HS + 2)), a0);
+      a1 = fmaf(wt[qv * used + sp + 1], __ldcg(w + (size_t)(sp + 1) * (HS + 2)), a1);
+      a2 = fmaf(wt[qv * used + sp + 2], __ldcg(w + (size_t)(sp + 2) * (HS + 2)), a2);
+      a3 = fmaf(wt[qv * used + sp + 3], __ldcg(w + (size_t)(sp + 3) * (HS + 2)), a3);
+    }
+    for (; sp < used; sp++) a0 = fmaf(wt[qv * used + sp], __ldcg(w + (size_t)sp * (HS + 2)), a0);
+    const float l = l_run[qv];
+    out[row * NH * HS + (size_t)h * HS + d] = l > 0.f ? ((a0 + a1) + (a2 + a3)) / l : 0.f;
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch (a captured graph replays it)
 }
 
 // attn_combine_kernel_v1: one block per (row, head) merges the partials of
@@ -343,11 +549,13 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
+// Split scratch: partials [B·T·NH][nsplit][HS + 2] floats, then B·NKV int
+// counters (v2). Both decode kernels use the same partial layout.
 extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len) {
   if (B <= 0 || T <= 0 || NKV <= 0 || NH % NKV != 0) return 0;
   const DecodeSplit sp = decode_split(B, NKV, max_len);
   if (sp.nsplit <= 1) return 0;
-  return (long long)B * T * NH * sp.nsplit * (HS + 2);
+  return (long long)B * T * NH * sp.nsplit * (HS + 2) + (long long)B * NKV;
 }
 
 extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
@@ -362,12 +570,24 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
   const float scale = 1.0f / sqrtf((float)HS);
   const int QV = T * (NH / NKV);
   if (variant == 0) variant = QV <= kDecMaxQ ? 1 : 2;
-  if (variant == 1) {
+  if (variant == 1 || variant == 3) {
     if (QV > kDecMaxQ) return (kv_status)cudaErrorInvalidValue;
     DecodeSplit sp = decode_split(B, NKV, max_len);
     const long long need = kv_attention_work_floats(B, T, NH, NKV, HS, max_len);
     if (need == 0 || !work || work_floats < need) sp = {kv_ceil_div(max(max_len, 1), kDecCh), 1};
     const dim3 grid(sp.nsplit, NKV, B);
+    if (variant == 1) {
+      int *counters = need > 0 ? reinterpret_cast<int *>(work + (need - (long long)B * NKV)) : nullptr;
+      if (HS <= 64)
+        attn_decode_kernel_v2<64><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                               q_stride, max_len, rope_theta, scale,
+                                                               sp.chunks_per_split, work, counters);
+      else
+        attn_decode_kernel_v2<kMaxHS><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                   q_stride, max_len, rope_theta, scale,
+                                                                   sp.chunks_per_split, work, counters);
+      return kv_launched();
+    }
     if (HS <= 64)
       attn_decode_kernel_v1<64><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
                                                              max_len, rope_theta, scale, sp.chunks_per_split, work);

@@ -81,11 +81,13 @@ kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
                    const void *wpe, int wpe_f16, int P, const int32_t *tokens,
                    const int32_t *pos, int N, int C);
 
-/* norm.cu: one block per row, fp32 two-pass mean/variance. b may be NULL. */
+/* norm.cu: fp32 mean/variance (two-pass for LayerNorm); b may be NULL.
+ * variant: 0 chooses, 1 = v1 (block per row), 2 = v2 (warp per row, row in
+ * registers; needs C % 4 == 0, C ≤ 2048 and aligned rows, else v1). */
 kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
-                       const void *b, int w_f16, int N, int C, float eps);
+                       const void *b, int w_f16, int N, int C, float eps, int variant);
 kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
-                     int w_f16, int N, int C, float eps);
+                     int w_f16, int N, int C, float eps, int variant);
 
 /* activation.cu: x = gelu_new(x) in place over n elements; out[N,F] =
  * silu(gate)*up with gate/up rows row_stride apart. */
@@ -94,9 +96,10 @@ kv_status kv_silu_mul(kv_stream s, float *out, const float *gate, const float *u
                       int N, int F, int row_stride);
 
 /* rope.cu: rotate heads 0..n_heads-1 of each of N rows (row_stride apart,
- * heads HS apart) at position pos[r], HF rotate-half. HS even, ≤ 1024. */
+ * heads HS apart) at position pos[r], HF rotate-half. HS even, ≤ 1024.
+ * variant: 0 chooses (v2), 1 = block per row, 2 = thread per pair. */
 kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads,
-                  int HS, int row_stride, float theta);
+                  int HS, int row_stride, float theta, int variant);
 
 /* cache.cu: cache[slots[r]·row_size …] = src[r·src_stride …]; slots
  * outside [0, S) are skipped. */
@@ -109,11 +112,13 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
                  int N, int V);
 
 /* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
- * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. */
+ * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. One block per
+ * row. variant: 0 chooses (v2), 1 = v1 (one pass, per-warp top-K lists),
+ * 2 = v2 (a first pass bounds the K-th logit, so few elements compete). */
 #define KV_SAMPLE_MAX_TOPK 64
 kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
                     const int32_t *counter, int B, int V, int top_k, int max_ban,
-                    uint64_t seed);
+                    uint64_t seed, int variant);
 
 /* ---- matmul, attention, align (cuda-compute) ---- */
 
@@ -131,13 +136,17 @@ kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int
  * out [B·T, NH·HS], caches [S, NKV, HS] (one layer), order [B·max_len]
  * slot numbers, lens [B] on the device. rope_theta ≠ 0 rotates key j at
  * position j as it is read. HS even, ≤ KV_ATTN_MAX_HS; NH a multiple of NKV.
- * work/work_floats: scratch for split-K decoding (partial softmax results);
- * kv_attention_work_floats says how much the split path needs for these
- * shapes — with less (or NULL) the decode kernel runs unsplit: correct,
- * slower at long lengths. variant: 0 chooses; 1 the decode kernel (one block
- * per sequence, kv head and key split, serving all T·(NH/NKV) queries
- * together; needs T·NH/NKV ≤ KV_ATTN_DECODE_MAX_Q); 2 the tiled prefill
- * kernel (flash-attention style online softmax, key tiles in shared memory). */
+ * work/work_floats: scratch for split-K decoding (partial softmax results
+ * and per-(sequence, kv head) counters); kv_attention_work_floats says how
+ * much the split path needs for these shapes. It must be zero-filled before
+ * its first use (the kernels leave the counters at zero again). With less
+ * (or NULL) the decode kernel runs unsplit: correct, slower at long lengths.
+ * variant: 0 chooses; 1 the decode kernel (one block per sequence, kv head
+ * and key split, serving all T·(NH/NKV) queries together, the last split
+ * merging the others' partials; needs T·NH/NKV ≤ KV_ATTN_DECODE_MAX_Q);
+ * 2 the tiled prefill kernel (flash-attention style online softmax, key
+ * tiles in shared memory); 3 the first decode kernel (a second launch merges
+ * the splits), kept for comparison. */
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
@@ -153,7 +162,9 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * all layers and rows in one launch. Network weights float32, row-major
  * [out, in]. A row whose index lies outside [0, P) or whose slot is negative
  * is left unchanged. HS ≤ KV_ALIGN_MAX_IN in total with the embeddings.
- * variant: 0 = 1 = fp32 SIMT (matches the reference to ~1e-6). */
+ * variant: 1 = fp32 SIMT; 2 = tensor cores, 3xTF32 (operands split into two
+ * TF32 parts: fp32-level accuracy, ~1e-6 relative like v1); 3 = tensor
+ * cores, plain TF32 (~1e-3 relative, fastest); 0 = 2. */
 #define KV_ALIGN_MAX_IN 512
 kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
                    int rows, int L, int NKV, int HS, long long layer_stride,

@@ -47,16 +47,127 @@ __global__ void rmsnorm_kernel_v1(float *__restrict__ out, const float *__restri
   for (int c = threadIdx.x; c < C; c += blockDim.x) o[c] = x[c] * rstd * kv_load_w(w, w_f16, c);
 }
 
+// v2: one warp per row, the row held in registers (V4 float4 per lane, so
+// C ≤ 128·V4): x, w and b are all loaded up front, so a row costs one
+// memory round trip and two warp reductions, with no __syncthreads — for
+// decode (N = 1) the kernel is pure latency, and v1's three dependent
+// passes over global memory and block reductions cost twice as long. Needs
+// C % 4 == 0 and 16-byte (8-byte for half weights) aligned rows.
+template <int V4, bool RMS>
+__global__ void __launch_bounds__(128)
+    norm_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
+                   const void *__restrict__ b, int w_f16, int N, int C, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= N) return;
+  const int C4 = C >> 2;
+  const float4 *x4 = reinterpret_cast<const float4 *>(in + (long long)r * C);
+  float4 x[V4], wv[V4], bv[V4];
+#pragma unroll
+  for (int j = 0; j < V4; j++) {
+    const int i = lane + 32 * j;
+    x[j] = wv[j] = bv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < C4) {
+      x[j] = x4[i];
+      if (w_f16) {
+        const uint2 h = reinterpret_cast<const uint2 *>(w)[i];
+        const float2 lo = __half22float2(*reinterpret_cast<const __half2 *>(&h.x));
+        const float2 hi = __half22float2(*reinterpret_cast<const __half2 *>(&h.y));
+        wv[j] = make_float4(lo.x, lo.y, hi.x, hi.y);
+        if (!RMS && b != nullptr) {
+          const uint2 g = reinterpret_cast<const uint2 *>(b)[i];
+          const float2 blo = __half22float2(*reinterpret_cast<const __half2 *>(&g.x));
+          const float2 bhi = __half22float2(*reinterpret_cast<const __half2 *>(&g.y));
+          bv[j] = make_float4(blo.x, blo.y, bhi.x, bhi.y);
+        }
+      } else {
+        wv[j] = reinterpret_cast<const float4 *>(w)[i];
+        if (!RMS && b != nullptr) bv[j] = reinterpret_cast<const float4 *>(b)[i];
+      }
+    }
+  }
+  float mean = 0.f;
+  if (!RMS) {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < V4; j++) sum += (x[j].x + x[j].y) + (x[j].z + x[j].w);
+    mean = kv_warp_sum(sum) / (float)C;
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < V4; j++) {
+    if (lane + 32 * j < C4) {  // padding lanes hold 0, which is not 0 − mean
+      const float a = x[j].x - mean, bb = x[j].y - mean, c = x[j].z - mean, d = x[j].w - mean;
+      ss += (a * a + bb * bb) + (c * c + d * d);
+    }
+  }
+  const float rstd = 1.f / sqrtf(kv_warp_sum(ss) / (float)C + eps);
+  float4 *o4 = reinterpret_cast<float4 *>(out + (long long)r * C);
+#pragma unroll
+  for (int j = 0; j < V4; j++) {
+    const int i = lane + 32 * j;
+    if (i < C4) {
+      float4 y;
+      y.x = (x[j].x - mean) * rstd * wv[j].x + bv[j].x;
+      y.y = (x[j].y - mean) * rstd * wv[j].y + bv[j].y;
+      y.z = (x[j].z - mean) * rstd * wv[j].z + bv[j].z;
+      y.w = (x[j].w - mean) * rstd * wv[j].w + bv[j].w;
+      o4[i] = y;
+    }
+  }
+}
+
+static bool aligned(const void *p, int n) { return ((uintptr_t)p % n) == 0; }
+
+// norm_launch_v2 launches v2 when the shape and alignment allow it
+// (C ≤ 2048), returning false otherwise.
+template <bool RMS>
+static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void *w, const void *b,
+                           int w_f16, int N, int C, float eps) {
+  const int wa = w_f16 ? 8 : 16;
+  if (C % 4 != 0 || !aligned(out, 16) || !aligned(in, 16) || !aligned(w, wa) ||
+      (b != nullptr && !aligned(b, wa)))
+    return false;
+  const int need = (C + 127) / 128;  // float4 per lane
+  const dim3 grid(kv_ceil_div(N, 4)), block(128);
+#define KV_NORM_V2(n)                                                         \
+  case n:                                                                     \
+    norm_kernel_v2<n, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps); \
+    return true;
+  switch (need) {
+    KV_NORM_V2(1)
+    KV_NORM_V2(2)
+    KV_NORM_V2(3)
+    KV_NORM_V2(4)
+    KV_NORM_V2(5)
+    KV_NORM_V2(6)
+    KV_NORM_V2(7)
+    KV_NORM_V2(8)
+    case 9: case 10: case 11: case 12:
+      norm_kernel_v2<12, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
+      return true;
+    case 13: case 14: case 15: case 16:
+      norm_kernel_v2<16, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
+      return true;
+  }
+#undef KV_NORM_V2
+  return false;
+}
+
+// variant: 0 chooses (v2 where it applies, else v1), 1 or 2 forces one (2
+// falls back to v1 when it does not apply).
 extern "C" kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
-                                  const void *b, int w_f16, int N, int C, float eps) {
+                                  const void *b, int w_f16, int N, int C, float eps, int variant) {
   if (N <= 0 || C <= 0) return 0;
-  layernorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, b, w_f16, C, eps);
+  if (variant == 1 || !norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps))
+    layernorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, b, w_f16, C, eps);
   return kv_launched();
 }
 
 extern "C" kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
-                                int w_f16, int N, int C, float eps) {
+                                int w_f16, int N, int C, float eps, int variant) {
   if (N <= 0 || C <= 0) return 0;
-  rmsnorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, w_f16, C, eps);
+  if (variant == 1 || !norm_launch_v2<true>(s, out, in, w, nullptr, w_f16, N, C, eps))
+    rmsnorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, w_f16, C, eps);
   return kv_launched();
 }

@@ -27,12 +27,37 @@ __global__ void rope_kernel_v1(float *__restrict__ x, const int32_t *__restrict_
   }
 }
 
+// v2: one thread per rotated pair, grid (N, pairs/128): the x loads are
+// issued first and overlap the position load and the angle math, and there
+// is no __syncthreads. The pow and sincos are recomputed per head, which costs
+// nothing next to the latency v1 pays for its two dependent phases.
+__global__ void rope_kernel_v2(float *__restrict__ x, const int32_t *__restrict__ pos, int n_heads,
+                               int HS, int row_stride, float theta) {
+  const int half = HS / 2;
+  const int k = blockIdx.y * blockDim.x + threadIdx.x;
+  if (k >= n_heads * half) return;
+  const int h = k / half, i = k - h * half;
+  float *head = x + (long long)blockIdx.x * row_stride + h * HS;
+  const float x1 = head[i], x2 = head[i + half];
+  float sn, cs;
+  sincosf((float)pos[blockIdx.x] * kv_rope_inv_freq(i, HS, theta), &sn, &cs);
+  head[i] = fmaf(x1, cs, -x2 * sn);
+  head[i + half] = fmaf(x2, cs, x1 * sn);
+}
+
 extern "C" kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads, int HS,
-                             int row_stride, float theta) {
+                             int row_stride, float theta, int variant) {
   if (N <= 0 || n_heads <= 0) return 0;
   if (HS <= 0 || HS % 2 != 0 || HS > 1024) return (kv_status)cudaErrorInvalidValue;
-  int threads = (n_heads * HS / 2 + 31) / 32 * 32;
-  if (threads > 256) threads = 256;
-  rope_kernel_v1<<<N, threads, 0, s>>>(x, pos, n_heads, HS, row_stride, theta);
+  const int pairs = n_heads * HS / 2;
+  if (variant == 1) {
+    int threads = (pairs + 31) / 32 * 32;
+    if (threads > 256) threads = 256;
+    rope_kernel_v1<<<N, threads, 0, s>>>(x, pos, n_heads, HS, row_stride, theta);
+  } else {
+    if (pairs > 65535 * 128) return (kv_status)cudaErrorInvalidValue;
+    rope_kernel_v2<<<dim3(N, kv_ceil_div(pairs, 128)), 128, 0, s>>>(x, pos, n_heads, HS, row_stride,
+                                                                     theta);
+  }
   return kv_launched();
 }

@@ -45,12 +45,9 @@ func BenchmarkCUDAGeluNew1024x3072(b *testing.B) { benchGelu(b, 1024*3072) }
 func benchGelu(b *testing.B, n int) {
 	c := newTestCUDA(b)
 	x := uploadNew(b, c, F32, randNormal(rand.New(rand.NewPCG(34, 35)), n, 0.01, 0))
-	b.SetBytes(int64(n * 8))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
+	benchGraph(b, c, int64(n*8), func() {
 		c.GeluNew(x, n)
-	}
-	checkOK(b, c)
+	})
 }
 
 func BenchmarkCUDASiluMul1x1536(b *testing.B)    { benchSiluMul(b, 1, 1536) }
@@ -60,10 +57,7 @@ func benchSiluMul(b *testing.B, N, F int) {
 	c := newTestCUDA(b)
 	gu := uploadNew(b, c, F32, randNormal(rand.New(rand.NewPCG(36, 37)), N*2*F, 1, 0))
 	out := alloc(b, c, F32, N*F)
-	b.SetBytes(int64(N * F * 12))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
+	benchGraph(b, c, int64(N*F*12), func() {
 		c.SiluMul(out, gu, gu.View(F, N*2*F-F), N, F, 2*F)
-	}
-	checkOK(b, c)
+	})
 }

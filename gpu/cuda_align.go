@@ -9,12 +9,19 @@ import "C"
 
 // Align realigns cache entries in place with a KV-Align network (see
 // Backend, AlignParams, ref.Align): every layer × listed slot × kv head in
-// one launch of csrc/align.cu, fp32 throughout. The network's buffers must be
-// F32 (they are small; the fp32 MLP matches the reference to ~1e-6). Entries
+// one launch of csrc/align.cu: tensor cores in 3xTF32 (each fp32 operand
+// split in two TF32 parts), which matches the fp32 reference to ~1e-6. The
+// network's buffers must be F32 (they are small). Entries
 // whose index lies outside [0, net.P) or whose slot is negative are left as
 // they are; slots must be distinct and inside the cache (they are device
 // data, so this is not checked here).
 func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
+	c.align(cache, slots, index, net, p, 0)
+}
+
+// align runs one kernel variant (see kv_align): 0 the default (2), 1 fp32
+// SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-3).
+func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
 	if !c.need(op, net != nil, "no network") ||
 		!c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.HS > 0 && p.LayerStride >= 0,
@@ -50,6 +57,6 @@ func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
 			devF32(net.Pos), C.int(net.P), C.int(net.DP), devF32(net.Layer), C.int(net.DL),
 			devF32(net.Head), C.int(net.DH), devF32(net.W1), devF32(net.B1), devF32(net.W2),
-			devF32(net.B2), devF32(net.W3), devF32(net.B3), C.int(net.H1), C.int(net.H2), 0)
+			devF32(net.B2), devF32(net.W3), devF32(net.B3), C.int(net.H1), C.int(net.H2), C.int(variant))
 	})
 }

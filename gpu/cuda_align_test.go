@@ -78,22 +78,27 @@ func TestCUDAAlign(t *testing.T) {
 		want := append([]float32(nil), cache...)
 		ref.Align(want, refSlots, refIndex, rnet, s.L, s.NKV, s.HS, layerStride)
 
-		cBuf := uploadNew(t, c, F32, cache)
 		sBuf := uploadInts(t, c, slots)
 		iBuf := uploadInts(t, c, index)
-		c.Align(cBuf, sBuf, iBuf, net, AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride})
-		got := download(t, c, cBuf)
-		// Relative to the largest change, not to the cache: an untouched or
-		// doubly applied row must show.
-		delta := make([]float32, len(want))
-		for i := range want {
-			delta[i] = want[i] - cache[i]
+		// v1 fp32 SIMT and v2 3xTF32 hold fp32 accuracy; v3 plain TF32 ~1e-3.
+		for _, v := range []struct {
+			variant int
+			rtol    float64
+		}{{0, 1e-5}, {1, 1e-5}, {2, 1e-5}, {3, 2e-3}} {
+			cBuf := uploadNew(t, c, F32, cache)
+			c.align(cBuf, sBuf, iBuf, net, AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride}, v.variant)
+			got := download(t, c, cBuf)
+			c.Free(cBuf)
+			vname := fmt.Sprintf("%s_v%d", name, v.variant)
+			if e := relErr(got, want); e > v.rtol {
+				t.Errorf("%s: max|Δ|/max|ref| = %.3g > %g", vname, e, v.rtol)
+			} else {
+				t.Logf("%s: max|Δ|/max|ref| = %.3g", vname, e)
+			}
+			// Elementwise, an untouched or doubly applied row must show: the
+			// tolerance is relative to the cache values, far below the changes.
+			compare(t, vname, got, want, v.rtol*maxAbs(want), v.rtol)
 		}
-		scale := math.Max(maxAbs(delta), maxAbs(want))
-		if e := relErr(got, want); e > 1e-5 {
-			t.Errorf("%s: max|Δ|/max|ref| = %.3g > 1e-5", name, e)
-		}
-		compare(t, name, got, want, 1e-5*scale, 1e-5)
 	}
 }
 
@@ -124,12 +129,16 @@ func BenchmarkCUDAAlign(b *testing.B) {
 			}
 			sBuf, iBuf := uploadInts(b, c, slots), uploadInts(b, c, index)
 			p := AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride}
-			sec := graphTime(b, c, 10, func(int) { c.Align(cache, sBuf, iBuf, net, p) })
 			rows := float64(s.L * s.Rows * s.NKV)
 			in := float64(s.HS + net.DP + net.DL + net.DH)
 			flops := 2 * rows * (float64(s.H1)*in + float64(s.H2*s.H1) + float64(s.HS*s.H2))
-			b.ReportMetric(sec*1e6, "µs/call")
-			b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+			for _, variant := range []int{1, 2, 3} {
+				b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
+					sec := graphTime(b, c, 10, func(int) { c.align(cache, sBuf, iBuf, net, p, variant) })
+					b.ReportMetric(sec*1e6, "µs/call")
+					b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+				})
+			}
 		})
 	}
 }

@@ -27,7 +27,8 @@ func attnWorkFloats(p AttnParams) int {
 }
 
 // attention runs one kernel variant (0 chooses; tests force 1 = decode,
-// 2 = prefill, see kv_attention) with scratch work (may be absent).
+// 2 = prefill, 3 = the two-launch decode, see kv_attention) with scratch
+// work (may be absent; zero-filled when first used).
 func (c *CUDA) attention(out, q, kc, vc, order, lens Buf, p AttnParams, variant int, work Buf) {
 	const op = "attention"
 	if !c.need(op, p.B >= 0 && p.T >= 0 && p.NH > 0 && p.NKV > 0 && p.NH%p.NKV == 0,
@@ -75,8 +76,12 @@ func (c *CUDA) attnWork(need int) Buf {
 		c.Free(c.attnScratch)
 		c.attnScratch = Buf{}
 	}
-	if b, err := c.Alloc(F32, need); err == nil {
-		c.attnScratch = b
+	b, err := c.Alloc(F32, need)
+	if err != nil {
+		return Buf{}
 	}
+	// The split kernel's counters start at zero (and it leaves them so).
+	c.run("attention", func() C.kv_status { return C.kv_memset(c.stream, dev(b), 0, C.size_t(need*4)) })
+	c.attnScratch = b
 	return c.attnScratch
 }

@@ -103,9 +103,7 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 	defer c.Free(out)
 	var work Buf
 	if n := attnWorkFloats(p); n > 0 {
-		if work, err = c.Alloc(F32, n); err != nil {
-			t.Fatal(err)
-		}
+		work = uploadNew(t, c, F32, make([]float32, n)) // zeroed, as the kernels require
 		defer c.Free(work)
 	}
 	type run struct {
@@ -114,7 +112,8 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 	}
 	runs := []run{{0, work}, {2, Buf{}}}
 	if p.T*p.NH/p.NKV <= 16 {
-		runs = append(runs, run{1, Buf{}}, run{1, work})
+		// The second split run reuses work: the first must leave its counters at zero.
+		runs = append(runs, run{1, Buf{}}, run{1, work}, run{3, Buf{}}, run{3, work})
 	}
 	for _, r := range runs {
 		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
@@ -152,10 +151,13 @@ func BenchmarkCUDAAttention(b *testing.B) {
 					c.UploadInts(a.lBuf, lens)
 					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
 					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
-					sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, 0, work) })
-					b.SetBytes(int64(2 * B * n * m.NKV * 64 * 4))
-					b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")
-					b.ReportMetric(sec*1e6, "µs/call")
+					for _, variant := range []int{1, 3} {
+						b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
+							sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, work) })
+							b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")
+							b.ReportMetric(sec*1e6, "µs/call")
+						})
+					}
 				})
 			}
 		}
@@ -169,5 +171,32 @@ func BenchmarkCUDAAttention(b *testing.B) {
 			b.ReportMetric(flops/sec/1e12, "TFLOP/s")
 			b.ReportMetric(sec*1e6, "µs/call")
 		})
+	}
+}
+
+// TestCUDAAttentionCapture replays a captured decode attention (split, with
+// the backend's own scratch) after the lengths change on the device, as a
+// captured decode step does every token.
+func TestCUDAAttentionCapture(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(15, 16))
+	p := AttnParams{B: 2, T: 1, NH: 9, NKV: 3, HS: 64, QStride: 15 * 64, MaxLen: 700, RopeTheta: 10000}
+	a := newAttnCase(t, c, rng, p)
+	out := alloc(t, c, F32, p.B*p.NH*p.HS)
+	c.Attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p) // sizes the scratch outside the capture
+	checkOK(t, c)
+	r, err := c.Capture(func() { c.Attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for step, lens := range [][]int32{{1, 700}, {699, 33}, {0, 64}, {257, 511}} {
+		copy(a.lens, lens)
+		c.UploadInts(a.lBuf, a.lens)
+		poison(t, c, out)
+		r.Run()
+		got := download(t, c, out)
+		want := a.want()
+		compare(t, fmt.Sprintf("replay %d lens %v", step, lens), got, want, 1e-5*maxAbs(want), 1e-5)
 	}
 }

@@ -41,10 +41,7 @@ func BenchmarkCUDACacheStore1x768(b *testing.B) {
 	cache := alloc(b, c, F32, S*rowSize)
 	src := uploadNew(b, c, F32, randNormal(r, N*3*rowSize, 1, 0))
 	slots := uploadInts(b, c, randInts(r, N, S))
-	b.SetBytes(int64(N * rowSize * 8))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
+	benchGraph(b, c, int64(N*rowSize*8), func() {
 		c.CacheStore(cache, src, slots, N, rowSize, 3*rowSize)
-	}
-	checkOK(b, c)
+	})
 }

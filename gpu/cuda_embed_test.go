@@ -51,10 +51,7 @@ func BenchmarkCUDAEmbed(b *testing.B) {
 	wpe := uploadNew(b, c, F16, randNormal(r, 1024*C, 1, 0))
 	tok, pos := uploadInts(b, c, randInts(r, N, V)), uploadInts(b, c, randInts(r, N, 1024))
 	out := alloc(b, c, F32, N*C)
-	b.SetBytes(int64(N * C * (2 + 2 + 4)))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
+	benchGraph(b, c, int64(N*C*(2+2+4)), func() {
 		c.Embed(out, wte, wpe, tok, pos, N, C)
-	}
-	checkOK(b, c)
+	})
 }

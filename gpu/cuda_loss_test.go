@@ -44,10 +44,7 @@ func BenchmarkCUDANLL64x50257(b *testing.B) {
 	logits := uploadNew(b, c, F32, randNormal(r, N*V, 3, 0))
 	targets := uploadInts(b, c, randInts(r, N, V))
 	nll := alloc(b, c, F32, N)
-	b.SetBytes(int64(N * V * 4))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
+	benchGraph(b, c, int64(N*V*4), func() {
 		c.NLL(nll, logits, targets, N, V)
-	}
-	checkOK(b, c)
+	})
 }

@@ -26,28 +26,29 @@ func TestCUDARoPE(t *testing.T) {
 		stride := tc.nHeads*tc.HS + 17 // the tail of each row is not rotated
 		xHost := randNormal(r, tc.N*stride, 1, 0)
 		pos := randInts(r, tc.N, tc.maxPos)
-		x := uploadNew(t, c, F32, xHost)
 		ps := uploadInts(t, c, pos)
 		want := append([]float32(nil), xHost...)
 		ref.RoPE(want, pos, tc.N, tc.nHeads, tc.HS, stride, tc.theta)
-		c.RoPE(x, ps, tc.N, tc.nHeads, tc.HS, stride, tc.theta)
-		checkOK(t, c)
-		compare(t, fmt.Sprintf("rope %+v", tc), download(t, c, x), want, 2e-6, 1e-5)
+		for variant := 0; variant <= 2; variant++ {
+			x := uploadNew(t, c, F32, xHost)
+			c.rope(x, ps, tc.N, tc.nHeads, tc.HS, stride, tc.theta, variant)
+			checkOK(t, c)
+			compare(t, fmt.Sprintf("rope v%d %+v", variant, tc), download(t, c, x), want, 2e-6, 1e-5)
+		}
 	}
 }
 
-func BenchmarkCUDARoPE1x12x64(b *testing.B)    { benchRoPE(b, 1, 12, 64) }
-func BenchmarkCUDARoPE1024x12x64(b *testing.B) { benchRoPE(b, 1024, 12, 64) }
+func BenchmarkCUDARoPE1x12x64v1(b *testing.B)    { benchRoPE(b, 1, 12, 64, 1) }
+func BenchmarkCUDARoPE1x12x64v2(b *testing.B)    { benchRoPE(b, 1, 12, 64, 2) }
+func BenchmarkCUDARoPE1024x12x64v1(b *testing.B) { benchRoPE(b, 1024, 12, 64, 1) }
+func BenchmarkCUDARoPE1024x12x64v2(b *testing.B) { benchRoPE(b, 1024, 12, 64, 2) }
 
-func benchRoPE(b *testing.B, N, nHeads, HS int) {
+func benchRoPE(b *testing.B, N, nHeads, HS, variant int) {
 	c := newTestCUDA(b)
 	r := rand.New(rand.NewPCG(42, 43))
 	x := uploadNew(b, c, F32, randNormal(r, N*nHeads*HS, 1, 0))
 	ps := uploadInts(b, c, randInts(r, N, 8192))
-	b.SetBytes(int64(N * nHeads * HS * 8))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		c.RoPE(x, ps, N, nHeads, HS, nHeads*HS, 10000)
-	}
-	checkOK(b, c)
+	benchGraph(b, c, int64(N*nHeads*HS*8), func() {
+		c.rope(x, ps, N, nHeads, HS, nHeads*HS, 10000, variant)
+	})
 }

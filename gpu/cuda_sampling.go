@@ -12,6 +12,11 @@ const cudaMaxTopK = C.KV_SAMPLE_MAX_TOPK
 // (csrc/sampling.cu). The same token as ref.Sample: the kernel reproduces its
 // candidate order, fp32 softmax sums and Uniform bits.
 func (c *CUDA) Sample(out, logits, banned, counter Buf, p SampleParams) {
+	c.sample(out, logits, banned, counter, p, 0)
+}
+
+// sample runs one kernel variant (0 chooses; tests force 1 and 2).
+func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant int) {
 	const op = "sample"
 	if p.B <= 0 {
 		return
@@ -27,6 +32,6 @@ func (c *CUDA) Sample(out, logits, banned, counter Buf, p SampleParams) {
 	}
 	c.run(op, func() C.kv_status {
 		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
-			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed))
+			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(variant))
 	})
 }

@@ -63,25 +63,32 @@ func TestCUDASample(t *testing.T) {
 				want := make([]int32, tc.B)
 				ref.Sample(want, logitsHost, banned, counter, tc.B, tc.V, topK, maxBan, seed)
 				out := alloc(t, c, I32, tc.B)
-				poison(t, c, out)
 				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
-				c.Sample(out, uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter), p)
-				checkOK(t, c)
-				got := downloadInts(t, c, out)
-				bad := 0
-				for b := range want {
-					if got[b] != want[b] {
-						bad++
-						if bad <= 3 {
-							t.Logf("V=%d topK=%d ties=%v row %d: got %d, want %d", tc.V, topK, tc.ties, b, got[b], want[b])
+				lg, bn, ct := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter)
+				for variant := 1; variant <= 2; variant++ {
+					poison(t, c, out)
+					c.sample(out, lg, bn, ct, p, variant)
+					checkOK(t, c)
+					got := downloadInts(t, c, out)
+					bad := 0
+					for b := range want {
+						if got[b] != want[b] {
+							bad++
+							if bad <= 3 {
+								t.Logf("v%d V=%d topK=%d ties=%v row %d: got %d, want %d", variant, tc.V, topK, tc.ties, b, got[b], want[b])
+							}
 						}
 					}
+					if topK == 1 && bad > 0 {
+						t.Errorf("v%d greedy (topK=1) V=%d: %d of %d rows differ from the reference", variant, tc.V, bad, tc.B)
+					}
+					total += tc.B
+					mismatches += bad
 				}
-				if topK == 1 && bad > 0 {
-					t.Errorf("greedy (topK=1) V=%d: %d of %d rows differ from the reference", tc.V, bad, tc.B)
-				}
-				total += tc.B
-				mismatches += bad
+				c.Free(lg)
+				c.Free(bn)
+				c.Free(ct)
+				c.Free(out)
 			}
 		}
 	}
@@ -123,8 +130,11 @@ func argmax(v []float32) int32 {
 }
 
 func BenchmarkCUDASample(b *testing.B) {
-	for _, tc := range []struct{ B, V, topK int }{{1, 50257, 1}, {1, 50257, 40}, {1, 49152, 64}, {16, 50257, 40}} {
-		b.Run(fmt.Sprintf("B%d_V%d_top%d", tc.B, tc.V, tc.topK), func(b *testing.B) {
+	for _, tc := range []struct{ B, V, topK, variant int }{
+		{1, 50257, 1, 1}, {1, 50257, 1, 2}, {1, 50257, 40, 1}, {1, 50257, 40, 2},
+		{1, 49152, 64, 2}, {16, 50257, 40, 2}, {64, 50257, 40, 2},
+	} {
+		b.Run(fmt.Sprintf("B%d_V%d_top%d_v%d", tc.B, tc.V, tc.topK, tc.variant), func(b *testing.B) {
 			c := newTestCUDA(b)
 			r := rand.New(rand.NewPCG(72, 73))
 			logits := uploadNew(b, c, F32, randNormal(r, tc.B*tc.V, 3, 0))
@@ -132,12 +142,9 @@ func BenchmarkCUDASample(b *testing.B) {
 			counter := uploadInts(b, c, randInts(r, tc.B, 1000))
 			out := alloc(b, c, I32, tc.B)
 			p := SampleParams{B: tc.B, V: tc.V, TopK: tc.topK, MaxBan: 4, Seed: 5}
-			b.SetBytes(int64(tc.B * tc.V * 4))
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				c.Sample(out, logits, banned, counter, p)
-			}
-			checkOK(b, c)
+			benchGraph(b, c, int64(tc.B*tc.V*4), func() {
+				c.sample(out, logits, banned, counter, p, tc.variant)
+			})
 		})
 	}
 }

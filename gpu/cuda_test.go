@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kvalign/kvalign/gpu/ref"
 	"github.com/x448/float16"
@@ -356,6 +357,34 @@ func TestCUDACaptureErrors(t *testing.T) {
 		t.Error("bad argument inside Capture: no error")
 	}
 	t.Logf("capture errors: %v / %v", c.Err(), err)
+}
+
+// benchGraph times fn through a CUDA graph of ten copies of it, so the
+// numbers are device time per call (kernel plus graph-node overhead, what a
+// captured decode step pays) rather than host launch cost. bytes is what one
+// call moves; ns/call is reported besides ns/op (which covers ten calls).
+func benchGraph(b *testing.B, c *CUDA, bytes int64, fn func()) {
+	b.Helper()
+	const copies = 10
+	rep, err := c.Capture(func() {
+		for i := 0; i < copies; i++ {
+			fn()
+		}
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rep.Close()
+	rep.Run() // warm-up: first launch uploads the graph
+	checkOK(b, c)
+	b.SetBytes(bytes * copies)
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < b.N; i++ {
+		rep.Run()
+	}
+	checkOK(b, c)
+	b.ReportMetric(float64(time.Since(start).Nanoseconds())/float64(b.N*copies), "ns/call")
 }
 
 // BenchmarkCUDAGraphReplay measures a replay of a small captured step (ten
