@@ -211,19 +211,22 @@ __global__ void __launch_bounds__(kThreads, 1) align_kernel_v1(AlignArgs a) {
 // rounding of the remainder, a = ab + as, and accumulates as·bb + ab·bs +
 // ab·bb (the dropped as·bs is ~2^-22 relative): fp32-level accuracy (the
 // tests hold it to the same 1e-5 as the SIMT kernel) at a third of the
-// tensor-core rate, still several times the fp32 SIMT rate. 1xTF32 (v3) uses
-// ab·bb alone: 10-bit mantissas, ~1e-3 relative.
+// tensor-core rate. 1xTF32 (v3) uses ab·bb alone: 10-bit mantissas, ~1e-3.
 //
 // Layout: a block takes kRows = 64 rows; activations live in shared memory
-// row-major [64][K + 4] (the +4 makes the fragment loads conflict-free); a
-// layer's weights stream through shared memory in k-chunks of 8 as
-// [Mp][kTcWld] (again conflict-free), prefetched into registers a chunk
-// ahead. Warp w (of 8) owns n-tiles w and w+8 of each 128-output slab (8
-// outputs a tile, so every weight is read by one warp) for all four 16-row
-// m-tiles.
+// row-major [64][ld] (ld ≡ 8 mod 32: the 8-byte fragment loads below hit
+// distinct banks). Warp w (of 8) owns n-tiles w and w+8 of each 128-output
+// slab (8 outputs a tile) for all four 16-row m-tiles, so each weight is read
+// by exactly one warp of the block, straight from global memory (L2) into
+// registers, 3-4 k-steps ahead: no shared staging, no barrier inside a
+// layer (the first version staged 8-wide weight chunks through shared memory
+// with two barriers each and was bound by that latency chain).
+//
+// Within each k-step of 8 the mma's logical k = tg and tg + 4 are mapped to
+// the physical columns 2tg and 2tg + 1 for both operands (any permutation of
+// k shared by A and B leaves the product unchanged), so a thread's two A (and
+// two B) values are adjacent: one 8-byte shared load per row.
 
-constexpr int kTcWld = 12;  // weight chunk row stride (8 k + 4 pad)
-constexpr int kTcSlab = 128;  // outputs per pass of dense_tc
 
 __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t r;
@@ -245,82 +248,94 @@ __device__ __forceinline__ void mma_tf32(float *c, const uint32_t *a, const uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__host__ __device__ constexpr int tc_ld(int k) { return round_up(k, 8) + 4; }
+// tc_ld: activation row stride for k inputs (≥ k rounded to 8, ≡ 8 mod 32).
+__host__ __device__ constexpr int tc_ld(int k) { return round_up(k, 32) + 8; }
 
 // dense_tc: O[r][m] = act(W[m]·A[r] + bias[m]) for m < round_up(M, 8) (zero
 // padding columns for the next layer), or FINAL: cache row r += the same.
-// A: [kRows][lda] with zero columns in [K, round_up(K, 8)). Outputs go in
-// slabs of 128 (16 n-tiles; warp w takes tiles w and w+8 of each slab) so
-// that the accumulators stay at 32 registers (two blocks per SM fit).
+// A: [kRows][lda] with zero columns in [K, round_up(K, 8)). Every thread
+// calls it; A must be complete (a barrier before the call).
 template <int PASSES, bool FINAL>
 __device__ __forceinline__ void dense_tc(const float *A, int lda, int K, const float *__restrict__ W,
-                                         const float *__restrict__ bias, int M, float *O, int ldo, float *Ws,
+                                         const float *__restrict__ bias, int M, float *O, int ldo,
                                          float *cache, const long long *rowoff) {
-  constexpr int SLAB = kTcSlab, PF = SLAB * 8 / kThreads;  // prefetched weights per thread (4)
+  // Weight prefetch distance in k-steps (3xTF32 needs more registers for its splits).
+  constexpr int kPf = PASSES == 3 ? 3 : 4;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tg = lane % 4;
-  const int Kp = round_up(K, 8), Mp = round_up(M, 8);
-  for (int n0 = 0; n0 < Mp; n0 += SLAB) {
-    const int slab_tiles = min(SLAB, Mp - n0) / 8;
-    float acc[4][2][4];  // [m-tile][this warp's tile j][fragment]
+  const int steps = round_up(K, 8) / 8, Mp = round_up(M, 8);
+  for (int n0 = 0; n0 < Mp; n0 += 128) {
+    const int slab_tiles = min(128, Mp - n0) / 8;
+    // This warp's weight rows (n) for its tiles j = 0, 1 of the slab.
+    const float *wrow[2];
+    bool wok[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const int n = n0 + (warp + 8 * j) * 8 + g;
+      wok[j] = warp + 8 * j < slab_tiles && n < M;
+      wrow[j] = W + (size_t)(wok[j] ? n : 0) * K;
+    }
+    // Raw weights b0, b1 = W[n][k0 + 2tg], W[n][k0 + 2tg + 1] for k-step s,
+    // kept kPf steps ahead in a ring indexed by s % kPf (compile-time below).
+    auto fetch = [&](float(&dst)[2][2], int s) {
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int k = s * 8 + 2 * tg;
+        dst[j][0] = (wok[j] && s < steps && k < K) ? __ldg(wrow[j] + k) : 0.f;
+        dst[j][1] = (wok[j] && s < steps && k + 1 < K) ? __ldg(wrow[j] + k + 1) : 0.f;
+      }
+    };
+    float ring[kPf][2][2];
+#pragma unroll
+    for (int p = 0; p < kPf; p++) fetch(ring[p], p);
+
+    float acc[4][2][4];  // [m-tile][tile j][fragment]
 #pragma unroll
     for (int a = 0; a < 4; a++)
 #pragma unroll
       for (int b = 0; b < 2; b++)
 #pragma unroll
         for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
-    float pf[PF];
-    auto load = [&](int k0) {
+
+    for (int s0 = 0; s0 < steps; s0 += kPf) {
 #pragma unroll
-      for (int p = 0; p < PF; p++) {
-        const int idx = tid + p * kThreads, n = n0 + idx / 8, k = k0 + idx % 8;
-        pf[p] = (n < M && k < K) ? __ldg(W + (size_t)n * K + k) : 0.f;
-      }
-    };
-    load(0);
-    for (int k0 = 0; k0 < Kp; k0 += 8) {
-      __syncthreads();  // Ws free; on the first chunk, A is complete
+      for (int p = 0; p < kPf; p++) {
+        const int s = s0 + p;
+        if (s >= steps) break;  // uniform
+        uint32_t bb[2][2], bs[2][2];
 #pragma unroll
-      for (int p = 0; p < PF; p++) {
-        const int idx = tid + p * kThreads;
-        Ws[(idx / 8) * kTcWld + idx % 8] = pf[p];
-      }
-      __syncthreads();
-      if (k0 + 8 < Kp) load(k0 + 8);
-      // B fragments: b0 = W[n][k0+tg], b1 = W[n][k0+tg+4], n = tile·8 + g.
-      uint32_t bb[2][2], bs[2][2];
+        for (int j = 0; j < 2; j++)
 #pragma unroll
-      for (int j = 0; j < 2; j++) {
-        const int row = (warp + 8 * j) * 8 + g;  // < SLAB: in Ws even for idle tiles
-        const float b0 = Ws[row * kTcWld + tg], b1 = Ws[row * kTcWld + tg + 4];
-        if (PASSES == 3) {
-          split_tf32(b0, bb[j][0], bs[j][0]);
-          split_tf32(b1, bb[j][1], bs[j][1]);
-        } else {
-          bb[j][0] = to_tf32(b0);
-          bb[j][1] = to_tf32(b1);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; mt++) {
-        const float *a0p = A + (mt * 16 + g) * lda + k0 + tg;
-        const float *a1p = a0p + 8 * lda;
-        const float av[4] = {a0p[0], a1p[0], a0p[4], a1p[4]};
-        uint32_t ab[4], as[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          if (PASSES == 3)
-            split_tf32(av[i], ab[i], as[i]);
-          else
-            ab[i] = to_tf32(av[i]);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-          if (warp + 8 * j >= slab_tiles) continue;  // warp-uniform
-          if (PASSES == 3) {
-            mma_tf32(acc[mt][j], as, bb[j]);  // small terms first
-            mma_tf32(acc[mt][j], ab, bs[j]);
+          for (int i = 0; i < 2; i++) {
+            if (PASSES == 3)
+              split_tf32(ring[p][j][i], bb[j][i], bs[j][i]);
+            else
+              bb[j][i] = to_tf32(ring[p][j][i]);
           }
-          mma_tf32(acc[mt][j], ab, bb[j]);
+        fetch(ring[p], s + kPf);
+        const int k0 = s * 8 + 2 * tg;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+          const float2 lo = *reinterpret_cast<const float2 *>(A + (mt * 16 + g) * lda + k0);
+          const float2 hi = *reinterpret_cast<const float2 *>(A + (mt * 16 + g + 8) * lda + k0);
+          // Fragment order: (g, k=tg), (g+8, tg), (g, tg+4), (g+8, tg+4).
+          const float av[4] = {lo.x, hi.x, lo.y, hi.y};
+          uint32_t ab[4], as[4];
+#pragma unroll
+          for (int i = 0; i < 4; i++) {
+            if (PASSES == 3)
+              split_tf32(av[i], ab[i], as[i]);
+            else
+              ab[i] = to_tf32(av[i]);
+          }
+#pragma unroll
+          for (int j = 0; j < 2; j++) {
+            if (warp + 8 * j >= slab_tiles) continue;  // warp-uniform
+            if (PASSES == 3) {
+              mma_tf32(acc[mt][j], as, bb[j]);  // small terms first
+              mma_tf32(acc[mt][j], ab, bs[j]);
+            }
+            mma_tf32(acc[mt][j], ab, bb[j]);
+          }
         }
       }
     }
@@ -350,14 +365,13 @@ __device__ __forceinline__ void dense_tc(const float *A, int lda, int K, const f
   }
 }
 
-// Shared memory of the tensor-core kernels (floats): input/h2 region, h1
-// region, weight chunk.
+// Shared memory of the tensor-core kernels (floats): input/h2 region, h1 region.
 __host__ __device__ inline int align_tc_region0(const AlignArgs &a) {
   return kRows * max(tc_ld(a.HS + a.DP + a.DL + a.DH), tc_ld(a.H2));
 }
 __host__ __device__ inline int align_tc_region1(const AlignArgs &a) { return kRows * tc_ld(a.H1); }
 inline size_t align_tc_smem_bytes(const AlignArgs &a) {
-  return sizeof(float) * ((size_t)align_tc_region0(a) + align_tc_region1(a) + (size_t)kTcSlab * kTcWld);
+  return sizeof(float) * ((size_t)align_tc_region0(a) + align_tc_region1(a));
 }
 
 // align_kernel_tc: v2 (PASSES = 3) and v3 (PASSES = 1).
@@ -370,7 +384,6 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
   const int ld2 = tc_ld(a.H2), ld1 = tc_ld(a.H1);
   float *in = smem;                         // [kRows][ld0]: x, pos, layer, head; later h2 [kRows][ld2]
   float *h1 = smem + align_tc_region0(a);   // [kRows][ld1]
-  float *ws = h1 + align_tc_region1(a);     // [kTcSlab][kTcWld]
   const int tid = threadIdx.x;
   const long long total = (long long)a.L * a.rows * a.NKV;
 
@@ -409,10 +422,12 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
     }
     in[r * ld0 + k] = v;
   }
-  dense_tc<PASSES, false>(in, ld0, K0, a.w1, a.b1, a.H1, h1, ld1, ws, nullptr, nullptr);
-  __syncthreads();  // every read of `in` (layer 1) is done before h2 overwrites it
-  dense_tc<PASSES, false>(h1, ld1, a.H1, a.w2, a.b2, a.H2, in, ld2, ws, nullptr, nullptr);
-  dense_tc<PASSES, true>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, ws, a.cache, rowoff);
+  __syncthreads();  // inputs gathered
+  dense_tc<PASSES, false>(in, ld0, K0, a.w1, a.b1, a.H1, h1, ld1, nullptr, nullptr);
+  __syncthreads();  // h1 complete, and every read of `in` done before h2 overwrites it
+  dense_tc<PASSES, false>(h1, ld1, a.H1, a.w2, a.b2, a.H2, in, ld2, nullptr, nullptr);
+  __syncthreads();  // h2 complete
+  dense_tc<PASSES, true>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, a.cache, rowoff);
 }
 
 }  // namespace

@@ -48,27 +48,74 @@ DecodeSplit decode_split(int B, int NKV, int max_len) {
   return {cps, kv_ceil_div(chunks, cps)};
 }
 
-// stage_rows copies cnt gathered head rows (slots sl[e], kv head kh) of a
-// cache into dst[e·ld + d], rotating keys (inv != nullptr) at position j0+e.
-__device__ __forceinline__ void stage_rows(float *dst, int ld, const float *__restrict__ cache,
-                                           const int *sl, int cnt, int j0, int NKV, int kh, int HS,
-                                           const float *inv, int tid, int nthreads) {
+// stage_rows copies cnt ≤ ROWS gathered head rows (slots sl[e], kv head kh)
+// of a cache into dst[e·ld + d], rotating keys (inv != nullptr) at position
+// j0+e. All of a thread's loads are issued before its first store (a loop of
+// load-then-store waits one memory round trip per iteration: that was most
+// of the first decode kernel's time).
+template <int NT, int ROWS, int HSMAX>
+__device__ __forceinline__ void stage_rows(float *dst, int ld, const float *__restrict__ cache, const int *sl,
+                                           int cnt, int j0, int NKV, int kh, int HS, const float *inv, int tid) {
   if (inv) {
-    const int h = HS / 2;
-    for (int idx = tid; idx < cnt * h; idx += nthreads) {
-      const int e = idx / h, i = idx % h;
-      const float *row = cache + ((size_t)sl[e] * NKV + kh) * HS;
-      const float x1 = row[i], x2 = row[i + h];
-      float sn, cs;
-      sincosf((float)(j0 + e) * inv[i], &sn, &cs);
-      dst[e * ld + i] = x1 * cs - x2 * sn;
-      dst[e * ld + i + h] = x2 * cs + x1 * sn;
+    constexpr int PER = (ROWS * HSMAX / 2 + NT - 1) / NT;
+    const int h = HS / 2, n = cnt * h;
+    float x1[PER], x2[PER];
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT, e = idx / h, i = idx % h;
+      const float *row = cache + ((size_t)(idx < n ? sl[e] : 0) * NKV + kh) * HS;
+      x1[p] = idx < n ? row[i] : 0.f;
+      x2[p] = idx < n ? row[i + h] : 0.f;
+    }
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT, e = idx / h, i = idx % h;
+      if (idx < n) {
+        float sn, cs;
+        sincosf((float)(j0 + e) * inv[i], &sn, &cs);
+        dst[e * ld + i] = x1[p] * cs - x2[p] * sn;
+        dst[e * ld + i + h] = x2[p] * cs + x1[p] * sn;
+      }
     }
   } else {
-    for (int idx = tid; idx < cnt * HS; idx += nthreads) {
-      const int e = idx / HS, d = idx % HS;
-      dst[e * ld + d] = cache[((size_t)sl[e] * NKV + kh) * HS + d];
+    constexpr int PER = (ROWS * HSMAX + NT - 1) / NT;
+    const int n = cnt * HS;
+    float v[PER];
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT, e = idx / HS, d = idx % HS;
+      v[p] = idx < n ? cache[((size_t)sl[e] * NKV + kh) * HS + d] : 0.f;
     }
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT, e = idx / HS, d = idx % HS;
+      if (idx < n) dst[e * ld + d] = v[p];
+    }
+  }
+}
+
+// stage_q copies the block's query rows to shared memory, loads first.
+template <int NT, int ROWS, int HSMAX>
+__device__ __forceinline__ void stage_q(float *dst, int ld, int nrows, int HS, const float *__restrict__ q,
+                                        size_t row0, int q_stride, int h_off, int G, int T, int tid,
+                                        bool heads_in_rows) {
+  constexpr int PER = (ROWS * HSMAX + NT - 1) / NT;
+  float v[PER];
+#pragma unroll
+  for (int p = 0; p < PER; p++) {
+    const int idx = tid + p * NT, r = idx / HS, d = idx % HS;
+    float x = 0.f;
+    if (idx < nrows * HS) {
+      // Decode: row r = (t, g) of query head h_off + g; prefill: row r = query t of head h_off.
+      const int t = heads_in_rows ? r / G : r, g = heads_in_rows ? r % G : 0;
+      if (t < T) x = q[(row0 + t) * q_stride + (size_t)(h_off + g) * HS + d];
+    }
+    v[p] = x;
+  }
+#pragma unroll
+  for (int p = 0; p < PER; p++) {
+    const int idx = tid + p * NT, r = idx / HS, d = idx % HS;
+    if (idx < nrows * HS) dst[r * ld + d] = v[p];
   }
 }
 
@@ -123,8 +170,8 @@ __global__ void __launch_bounds__(kDecThreads)
     __syncthreads();  // previous chunk fully consumed (and q/inv staged on the first pass)
     if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
     __syncthreads();
-    stage_rows(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, kDecThreads);
-    stage_rows(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, kDecThreads);
+    stage_rows<kDecThreads, kDecCh, HSMAX>(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+    stage_rows<kDecThreads, kDecCh, HSMAX>(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
     __syncthreads();
 
     // Scores: one (query vector, entry) pair per thread and step.
@@ -233,10 +280,8 @@ __global__ void __launch_bounds__(kDecThreads)
   const int used = max(1, min((int)gridDim.x, (n_total + split_len - 1) / split_len));
   if (split >= used) return;
 
-  for (int idx = tid; idx < QV * HS; idx += kDecThreads) {
-    const int qv = idx / HS, d = idx % HS, t = qv / G, g = qv % G;
-    qs[qv][d] = q[((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + d];
-  }
+  stage_q<kDecThreads, kDecMaxQ, HSMAX>(&qs[0][0], HSMAX, QV, HS, q, (size_t)b * T, q_stride, kh * G, G, T, tid,
+                                        true);
   if (rope_theta != 0.f)
     for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
   if (tid < kDecMaxQ) {
@@ -255,8 +300,8 @@ __global__ void __launch_bounds__(kDecThreads)
       if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
     }
     __syncthreads();
-    stage_rows(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, kDecThreads);
-    stage_rows(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, kDecThreads);
+    stage_rows<kDecThreads, kDecCh, HSMAX>(&ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+    stage_rows<kDecThreads, kDecCh, HSMAX>(&vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
     __syncthreads();
 
     for (int idx = tid; idx < QV * kDecCh; idx += kDecThreads) {
@@ -443,10 +488,8 @@ __global__ void __launch_bounds__(256)
   const int n_total = min(lens[b], max_len);
   const int n0 = n_total - T;  // query t sees entries j ≤ n0 + t
 
-  for (int idx = tid; idx < TQ * HSMAX; idx += 256) {
-    const int r = idx / HSMAX, d = idx % HSMAX, t = t0 + r;
-    Qs[r][d] = (t < T && d < HS) ? q[((size_t)b * T + t) * q_stride + (size_t)h * HS + d] : 0.f;
-  }
+  // Rows past T stay zero (their scores are computed, never written).
+  stage_q<256, TQ, HSMAX>(&Qs[0][0], HSMAX + 1, TQ, HS, q, (size_t)b * T + t0, q_stride, h, 1, T - t0, tid, false);
   if (rope_theta != 0.f)
     for (int i = tid; i < HS / 2; i += 256) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
   const float *inv = rope_theta != 0.f ? inv_s : nullptr;
@@ -467,8 +510,8 @@ __global__ void __launch_bounds__(256)
     __syncthreads();  // previous tile consumed; Qs/inv staged on the first pass
     if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
     __syncthreads();
-    stage_rows(&Ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid, 256);
-    stage_rows(&Vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid, 256);
+    stage_rows<256, TK, HSMAX>(&Ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+    stage_rows<256, TK, HSMAX>(&Vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
     __syncthreads();
 
     float s[RQ][RK];

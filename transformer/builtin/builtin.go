@@ -1,3 +1,5 @@
+//go:build !nobuiltin
+
 // Package builtin embeds kvalign's default model so that `kvalign run` works
 // offline with no download. Only the command imports it: the 14 MB stay out
 // of every other binary.
