@@ -393,11 +393,24 @@ __global__ void __launch_bounds__(kDecThreads)
   // Last split: merge. Weights exp(m_s − M) per (query vector, split) go in
   // the key buffer, the partial sums l_s in the value buffer.
   float *wt = &ks[0][0], *ls = &vs[0][0];
-  for (int idx = tid; idx < QV * used; idx += kDecThreads) {
-    const int qv = idx / used, sp = idx % used, t = qv / G, h = kh * G + qv % G;
-    const float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + sp) * (HS + 2);
-    wt[idx] = __ldcg(w + HS);
-    ls[idx] = __ldcg(w + HS + 1);
+  {
+    constexpr int PER = kDecMaxQ * kDecMaxSplit / kDecThreads;
+    float mv[PER], lv[PER];
+#pragma unroll
+    for (int p = 0; p < PER; p++) {  // all loads first, then the stores
+      const int idx = tid + p * kDecThreads, qv = idx / used, sp = idx % used, t = qv / G, h = kh * G + qv % G;
+      const float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + sp) * (HS + 2);
+      mv[p] = idx < QV * used ? __ldcg(w + HS) : 0.f;
+      lv[p] = idx < QV * used ? __ldcg(w + HS + 1) : 0.f;
+    }
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * kDecThreads;
+      if (idx < QV * used) {
+        wt[idx] = mv[p];
+        ls[idx] = lv[p];
+      }
+    }
   }
   __syncthreads();
   for (int qv = tid / 32; qv < QV; qv += kDecThreads / 32) {

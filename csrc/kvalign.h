@@ -41,8 +41,10 @@ const char *kv_error_name(kv_status s);
 
 /* Device selection: makes device current on the calling OS thread. */
 kv_status kv_set_device(int device);
-/* name: at least 256 bytes; total_mem in bytes; sm = major*10+minor. */
-kv_status kv_device_info(int device, char *name, int name_len, size_t *total_mem, int *sm, int *num_sms);
+/* name: at least 256 bytes; total_mem in bytes; sm = major*10+minor;
+ * smem_optin: shared memory per block with opt-in (bytes). */
+kv_status kv_device_info(int device, char *name, int name_len, size_t *total_mem, int *sm, int *num_sms,
+                         int *smem_optin);
 kv_status kv_mem_info(size_t *free_bytes, size_t *total_bytes);
 
 kv_status kv_stream_create(kv_stream *s);   /* non-blocking stream */
@@ -97,7 +99,8 @@ kv_status kv_silu_mul(kv_stream s, float *out, const float *gate, const float *u
 
 /* rope.cu: rotate heads 0..n_heads-1 of each of N rows (row_stride apart,
  * heads HS apart) at position pos[r], HF rotate-half. HS even, ≤ 1024.
- * variant: 0 chooses (v2), 1 = block per row, 2 = thread per pair. */
+ * variant: 0 chooses (v2 for N ≤ 64, else v1), 1 = block per row (angles
+ * shared by the heads), 2 = thread per pair (lowest latency). */
 kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads,
                   int HS, int row_stride, float theta, int variant);
 
@@ -113,12 +116,16 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
 
 /* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
  * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. One block per
- * row. variant: 0 chooses (v2), 1 = v1 (one pass, per-warp top-K lists),
- * 2 = v2 (a first pass bounds the K-th logit, so few elements compete). */
+ * row. smem_optin: the device's opt-in shared memory per block (bytes),
+ * passed to kv_sample_init once per device before any launch. variant: 0
+ * chooses (v3 where the row fits in shared memory, else v2), 1 = v1 (one
+ * pass, per-warp top-K lists), 2 = v2 (a first pass bounds the K-th logit,
+ * so few elements compete), 3 = v3 (v2 on a row staged in shared memory). */
 #define KV_SAMPLE_MAX_TOPK 64
+kv_status kv_sample_init(int smem_optin);
 kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
                     const int32_t *counter, int B, int V, int top_k, int max_ban,
-                    uint64_t seed, int variant);
+                    uint64_t seed, int smem_optin, int variant);
 
 /* ---- matmul, attention, align (cuda-compute) ---- */
 

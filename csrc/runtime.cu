@@ -21,7 +21,7 @@ kv_status kv_set_device(int device) {
 }
 
 kv_status kv_device_info(int device, char *name, int name_len, size_t *total_mem, int *sm,
-                         int *num_sms) {
+                         int *num_sms, int *smem_optin) {
   cudaDeviceProp p;
   KV_TRY(cudaGetDeviceProperties(&p, device));
   if (name_len > 0) {
@@ -31,6 +31,7 @@ kv_status kv_device_info(int device, char *name, int name_len, size_t *total_mem
   *total_mem = p.totalGlobalMem;
   *sm = p.major * 10 + p.minor;
   *num_sms = p.multiProcessorCount;
+  *smem_optin = (int)p.sharedMemPerBlockOptin;
   return 0;
 }
 

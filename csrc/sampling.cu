@@ -5,6 +5,8 @@
 // Uniform(seed, counter[b])·Σp. The random number is counter-based
 // (SplitMix64), computed here from the device counter, so a captured decode
 // step replays with new randomness when the host bumps the counter.
+#include <cuda_pipeline.h>
+
 #include "common.cuh"
 
 #define SAMPLE_THREADS 1024
@@ -76,16 +78,34 @@ __device__ __forceinline__ int sample_count_greater(const uint64_t *L, int K, ui
 // elements are ≥ bound, so every top-K element is, and step 2 skips
 // everything below it with one float compare. Only a few hundred elements
 // of a random row survive, so the insertions nearly vanish.
-template <bool PREFILTER>
+// Both v1 and v2 measured 20 µs even for K = 1 at V = 50k: one SM reading
+// 200 KB with a few loads in flight per thread is latency-bound.
+//
+// v3 (STAGED, on top of v2) first copies the whole row into shared memory
+// with asynchronous copies (cp.async: all of it in flight at once, no
+// registers held), overlapping the ban setup, so the two passes read
+// shared memory. It needs V·4 bytes of shared memory (V ≤ ~50k on Hopper).
+template <bool PREFILTER, bool STAGED>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
-                     const int32_t *__restrict__ banned, const int32_t *__restrict__ counter, int V,
-                     int K, int max_ban, uint64_t seed) {
-  extern __shared__ uint32_t ban_bits[];  // ceil(V/32) words when max_ban > 0
+                  const int32_t *__restrict__ banned, const int32_t *__restrict__ counter, int V,
+                  int K, int max_ban, uint64_t seed) {
+  // Dynamic shared memory: the ban bitmap (ceil(V/32) words, padded to 16
+  // bytes) when max_ban > 0, then the staged row when STAGED.
+  extern __shared__ __align__(16) uint32_t dyn_smem[];
   __shared__ uint64_t lists[SAMPLE_WARPS][64];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool has_ban = max_ban > 0;
+  uint32_t *ban_bits = dyn_smem;
+  const float *l = logits + (long long)b * V;
+  const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // fetched early, used last
+  if (STAGED) {
+    float *row = reinterpret_cast<float *>(dyn_smem + (has_ban ? ((V + 31) / 32 + 3) / 4 * 4 : 0));
+    for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) __pipeline_memcpy_async(&row[i], &l[i], 4);
+    __pipeline_commit();
+    l = row;
+  }
 
   if (has_ban) {
     const int words = (V + 31) >> 5;
@@ -102,10 +122,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
         if (neg) break;
       }
     }
-    __syncthreads();
   }
+  if (STAGED) __pipeline_wait_prior(0);
+  if (STAGED || has_ban) __syncthreads();
 
-  const float *l = logits + (long long)b * V;
   uint64_t bound = 0;  // keys below it cannot be in the top K; 0: no bound
   float bound_v = 0.f;
   if (PREFILTER) {
@@ -223,7 +243,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (lane == 0) {
       float sum = 0.f;
       for (int i = 0; i < n; i++) sum += probs[i];
-      const float u = __fmul_rn(kv_uniform(seed, (uint32_t)counter[b]), sum);
+      const float u = __fmul_rn(kv_uniform(seed, ctr), sum);
       float cum = 0.f;
       int32_t pick = sample_key_id(lists[0][n - 1]);
       for (int i = 0; i < n; i++) {
@@ -238,19 +258,44 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   }
 }
 
+// Static shared memory of sample_kernel (lists, probs, warp bounds), with margin.
+#define SAMPLE_STATIC_SMEM (17 * 1024)
+
+// kv_sample_init lets the sampling kernels use the device's opt-in shared
+// memory (smem_optin bytes per block; cudaDevAttrMaxSharedMemoryPerBlockOptin).
+// Called once per device when a backend opens, so launches (possibly inside
+// a graph capture) need no attribute calls.
+extern "C" kv_status kv_sample_init(int smem_optin) {
+  const int dyn = smem_optin - SAMPLE_STATIC_SMEM;
+  if (dyn <= 48 * 1024) return 0;
+  KV_TRY(cudaFuncSetAttribute(sample_kernel<false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+  KV_TRY(cudaFuncSetAttribute(sample_kernel<true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+  KV_TRY(cudaFuncSetAttribute(sample_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+  return 0;
+}
+
 extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
                                const int32_t *banned, const int32_t *counter, int B, int V,
-                               int top_k, int max_ban, uint64_t seed, int variant) {
+                               int top_k, int max_ban, uint64_t seed, int smem_optin, int variant) {
   if (B <= 0) return 0;
   if (V <= 0 || top_k < 1 || top_k > KV_SAMPLE_MAX_TOPK || max_ban < 0 ||
       (max_ban > 0 && banned == nullptr))
     return (kv_status)cudaErrorInvalidValue;
-  const size_t shmem = max_ban > 0 ? (size_t)((V + 31) / 32) * 4 : 0;
-  auto kernel = variant == 1 ? sample_kernel<false> : sample_kernel<true>;
-  if (shmem > 48 * 1024) {
-    // Vocabularies above ~250k with bans: opt in to more shared memory.
-    KV_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem));
+  const size_t ban_bytes = max_ban > 0 ? (size_t)((V + 31) / 32 + 3) / 4 * 16 : 0;
+  const size_t staged_bytes = ban_bytes + (size_t)V * 4;
+  // The dynamic limit kv_sample_init set (48 KB without it).
+  const size_t limit = smem_optin - SAMPLE_STATIC_SMEM > 48 * 1024 ? (size_t)(smem_optin - SAMPLE_STATIC_SMEM)
+                                                                    : 48 * 1024;
+  if (ban_bytes > limit) return (kv_status)cudaErrorInvalidValue;
+  if (variant == 1) {
+    sample_kernel<false, false><<<B, SAMPLE_THREADS, ban_bytes, s>>>(out, logits, banned, counter, V,
+                                                                     top_k, max_ban, seed);
+  } else if (variant == 2 || staged_bytes > limit) {
+    sample_kernel<true, false><<<B, SAMPLE_THREADS, ban_bytes, s>>>(out, logits, banned, counter, V,
+                                                                    top_k, max_ban, seed);
+  } else {
+    sample_kernel<true, true><<<B, SAMPLE_THREADS, staged_bytes, s>>>(out, logits, banned, counter,
+                                                                      V, top_k, max_ban, seed);
   }
-  kernel<<<B, SAMPLE_THREADS, shmem, s>>>(out, logits, banned, counter, V, top_k, max_ban, seed);
   return kv_launched();
 }

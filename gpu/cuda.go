@@ -35,6 +35,7 @@ import (
 type CUDA struct {
 	device    int
 	name      string
+	smemOptin int // shared memory per block with opt-in, bytes (sampling stages rows in it)
 	stream    C.kv_stream
 	err       error
 	closed    bool
@@ -59,11 +60,14 @@ func NewCUDA(device int) (Backend, error) {
 	}
 	var name [256]C.char
 	var total C.size_t
-	var sm, sms C.int
-	if s := C.kv_device_info(C.int(device), &name[0], C.int(len(name)), &total, &sm, &sms); s != 0 {
+	var sm, sms, smem C.int
+	if s := C.kv_device_info(C.int(device), &name[0], C.int(len(name)), &total, &sm, &sms, &smem); s != 0 {
 		return nil, cudaError("cuda", s, fmt.Sprintf("device %d", device))
 	}
-	c := &CUDA{device: device, allocs: map[uintptr]int{}}
+	if s := C.kv_sample_init(smem); s != 0 {
+		return nil, cudaError("cuda", s, fmt.Sprintf("device %d: set up sampling kernels", device))
+	}
+	c := &CUDA{device: device, smemOptin: int(smem), allocs: map[uintptr]int{}}
 	c.name = fmt.Sprintf("cuda:%d %s", device, C.GoString(&name[0]))
 	if s := C.kv_stream_create(&c.stream); s != 0 {
 		return nil, cudaError("cuda", s, "create stream on "+c.name)

@@ -32,6 +32,6 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 	}
 	c.run(op, func() C.kv_status {
 		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
-			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(variant))
+			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(c.smemOptin), C.int(variant))
 	})
 }

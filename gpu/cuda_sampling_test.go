@@ -65,7 +65,7 @@ func TestCUDASample(t *testing.T) {
 				out := alloc(t, c, I32, tc.B)
 				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
 				lg, bn, ct := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter)
-				for variant := 1; variant <= 2; variant++ {
+				for variant := 1; variant <= 3; variant++ {
 					poison(t, c, out)
 					c.sample(out, lg, bn, ct, p, variant)
 					checkOK(t, c)
@@ -131,8 +131,8 @@ func argmax(v []float32) int32 {
 
 func BenchmarkCUDASample(b *testing.B) {
 	for _, tc := range []struct{ B, V, topK, variant int }{
-		{1, 50257, 1, 1}, {1, 50257, 1, 2}, {1, 50257, 40, 1}, {1, 50257, 40, 2},
-		{1, 49152, 64, 2}, {16, 50257, 40, 2}, {64, 50257, 40, 2},
+		{1, 50257, 1, 1}, {1, 50257, 1, 2}, {1, 50257, 1, 3}, {1, 50257, 40, 1}, {1, 50257, 40, 2},
+		{1, 50257, 40, 3}, {1, 49152, 64, 3}, {16, 50257, 40, 3}, {64, 50257, 40, 3},
 	} {
 		b.Run(fmt.Sprintf("B%d_V%d_top%d_v%d", tc.B, tc.V, tc.topK, tc.variant), func(b *testing.B) {
 			c := newTestCUDA(b)

@@ -21,5 +21,10 @@ mkdir -p .gpurun/shared/models
 cp -r "$shared/models/gutenberg-llama-7m" .gpurun/shared/models/  # gpt2: from transformer/builtin/model
 cp "$shared/data/wikitext-test.txt" .gpurun/shared/data/
 cp -r "$shared/seed/networks" .gpurun/shared/seed/
-cp -r "$shared/reference/configs" .gpurun/shared/reference/
+cp -r "$shared/reference/configs" "$shared/reference/tokenizers" .gpurun/shared/reference/
+cp "$shared/data/gutenberg-valid.txt" .gpurun/shared/data/
+# The GPT-2 fixture comes from transformer/builtin/model on the GPU machine;
+# its vocab.json + merges.txt (for the tokenizer's second loading path) travel.
+mkdir -p .gpurun/shared/models/gutenberg-gpt2-7m.extra
+cp "$shared/models/gutenberg-gpt2-7m/vocab.json" "$shared/models/gutenberg-gpt2-7m/merges.txt" .gpurun/shared/models/gutenberg-gpt2-7m.extra/
 du -sh .gpurun

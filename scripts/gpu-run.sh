@@ -29,6 +29,7 @@ B=$root/.gpurun/bin
 # The GPT-2 fixture is the built-in model: its files travel with the tree.
 if [ ! -d "$KVALIGN_SHARED/models/gutenberg-gpt2-7m" ]; then
   cp -r transformer/builtin/model "$KVALIGN_SHARED/models/gutenberg-gpt2-7m"
+  cp "$KVALIGN_SHARED"/models/gutenberg-gpt2-7m.extra/* "$KVALIGN_SHARED/models/gutenberg-gpt2-7m/"
 fi
 note "== card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 
@@ -39,11 +40,10 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   python3 scripts/reference/hf_golden.py --shared "$KVALIGN_SHARED" --out /tmp/hf-testdata --parts fullsize \
     --device cuda --fullsize-dir "$KVALIGN_FULLSIZE" > "$OUT/golden.log" 2>&1
   note "hf_golden fullsize rc=$?"
-  mkdir -p "$OUT/align"
-  python3 scripts/reference/align_golden.py --shared "$KVALIGN_SHARED" --out "$OUT/align" >> "$OUT/golden.log" 2>&1
-  note "align_golden rc=$?"
-  if ls "$OUT"/align/* >/dev/null 2>&1 && [ ! -e testdata/align/$(ls "$OUT/align" | head -1) ]; then
-    mkdir -p testdata/align && cp "$OUT"/align/* testdata/align/
+  if [ ! -e testdata/align/values_network_smollm2.golden.json ]; then
+    python3 scripts/reference/align_golden.py --shared "$KVALIGN_SHARED" --out testdata/align >> "$OUT/golden.log" 2>&1
+    note "align_golden rc=$?"
+    tar -C testdata -cf "$OUT/align-goldens.tar" align
   fi
   for p in gpu transformer align; do
     (cd "$p" && timeout 400 "$B/$p.test" -test.v -test.timeout 390s > "$OUT/test-$p.log" 2>&1)

@@ -6,10 +6,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kvalign/kvalign/internal/testenv"
 )
 
 func TestParseConfigReferenceConfigs(t *testing.T) {
-	shared := wTestShared(t)
+	shared := testenv.Shared(t)
 	tests := []struct {
 		path   string
 		want   Config

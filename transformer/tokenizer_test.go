@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/kvalign/kvalign/internal/testenv"
 )
 
 // Fixtures: KVALIGN_SHARED (default ../shared beside the module root) holds
@@ -24,48 +26,12 @@ import (
 // checking goldens made elsewhere). Tests that need them skip, saying why,
 // when they are absent; any mismatch is a failure.
 
-// tokModuleRoot walks up from the test's working directory to the folder
-// holding go.mod.
-func tokModuleRoot(t testing.TB) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("no go.mod above the test's working directory")
-		}
-		dir = parent
-	}
-}
-
-// tokSharedDir returns the shared fixtures folder, skipping the test when
-// it is absent.
-func tokSharedDir(t testing.TB) string {
-	t.Helper()
-	dir := os.Getenv("KVALIGN_SHARED")
-	if dir == "" {
-		dir = filepath.Join(tokModuleRoot(t), "..", "shared")
-	} else if !filepath.IsAbs(dir) {
-		dir = filepath.Join(tokModuleRoot(t), dir)
-	}
-	if _, err := os.Stat(dir); err != nil {
-		t.Skipf("shared fixtures not found at %s (set KVALIGN_SHARED): %v", dir, err)
-	}
-	return dir
-}
-
 func tokGoldenDir(t testing.TB) string {
 	t.Helper()
 	if dir := os.Getenv("KVALIGN_TOKENIZER_GOLDEN"); dir != "" {
 		return dir
 	}
-	return filepath.Join(tokModuleRoot(t), "testdata", "tokenizer")
+	return filepath.Join(testenv.Root(), "testdata", "tokenizer")
 }
 
 // tokTestTokenizers are the tokenizers the conformance tests cover, by the
@@ -83,12 +49,11 @@ var tokTestTexts = []struct{ name, path string }{
 
 func tokLoadShared(t testing.TB, name string) *Tokenizer {
 	t.Helper()
-	shared := tokSharedDir(t)
 	for _, tt := range tokTestTokenizers {
 		if tt.name != name {
 			continue
 		}
-		dir := filepath.Join(shared, tt.dir)
+		dir := testenv.Shared(t, tt.dir)
 		if name == "gutenberg-digits" {
 			dir = tokWithDigitsPreTokenizer(t, filepath.Join(dir, "tokenizer.json"))
 		}
@@ -140,7 +105,7 @@ func tokWriteJSON(t testing.TB, path string, v any) {
 
 func tokReadText(t testing.TB, rel string) string {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(tokSharedDir(t), rel))
+	data, err := os.ReadFile(testenv.Shared(t, rel))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,8 +241,7 @@ func TestTokenizerFixtureBasics(t *testing.T) {
 // The fixture ships both tokenizer.json and vocab.json + merges.txt: both
 // loading paths must give the same ids.
 func TestTokenizerFixtureLoadPathsAgree(t *testing.T) {
-	shared := tokSharedDir(t)
-	fixture := filepath.Join(shared, "models", "gutenberg-gpt2-7m")
+	fixture := testenv.Shared(t, "models", "gutenberg-gpt2-7m")
 	fromJSON, err := LoadTokenizer(fixture)
 	if err != nil {
 		t.Fatal(err)
@@ -895,7 +859,7 @@ func BenchmarkEncode(b *testing.B) { tokBenchmarkEncode(b, "gpt2", false) }
 func BenchmarkEncodeColdCache(b *testing.B) { tokBenchmarkEncode(b, "gpt2", true) }
 
 func BenchmarkLoadTokenizerGPT2(b *testing.B) {
-	dir := filepath.Join(tokSharedDir(b), "reference", "tokenizers", "gpt2")
+	dir := testenv.Shared(b, "reference", "tokenizers", "gpt2")
 	for i := 0; i < b.N; i++ {
 		if _, err := LoadTokenizer(dir); err != nil {
 			b.Fatal(err)

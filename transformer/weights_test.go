@@ -3,42 +3,13 @@ package transformer
 import (
 	"encoding/json"
 	"math"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/kvalign/kvalign/internal/testenv"
 )
-
-// wTestShared returns the shared fixture directory ($KVALIGN_SHARED, else
-// ../shared beside the module root), skipping the test when it is absent.
-func wTestShared(t testing.TB) string {
-	t.Helper()
-	dir := os.Getenv("KVALIGN_SHARED")
-	if dir == "" {
-		root, err := os.Getwd()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for !wTestIsFile(filepath.Join(root, "go.mod")) {
-			parent := filepath.Dir(root)
-			if parent == root {
-				t.Skip("shared fixtures: no go.mod above the test directory and KVALIGN_SHARED unset")
-			}
-			root = parent
-		}
-		dir = filepath.Join(root, "..", "shared")
-	}
-	if _, err := os.Stat(filepath.Join(dir, "models")); err != nil {
-		t.Skipf("shared fixtures not found at %s (set KVALIGN_SHARED): %v", dir, err)
-	}
-	return dir
-}
-
-func wTestIsFile(path string) bool {
-	st, err := os.Stat(path)
-	return err == nil && !st.IsDir()
-}
 
 // wTestConfig parses a config edited from a base.
 func wTestConfig(t *testing.T, m map[string]any) *Config {
@@ -96,7 +67,7 @@ func wTestCheckSizes(t *testing.T, c *Config, w *Weights) {
 }
 
 func TestLoadWeightsGPT2Fixture(t *testing.T) {
-	dir := filepath.Join(wTestShared(t), "models/gutenberg-gpt2-7m")
+	dir := testenv.Shared(t, "models", "gutenberg-gpt2-7m")
 	c, err := LoadConfig(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -144,7 +115,7 @@ func TestLoadWeightsGPT2Fixture(t *testing.T) {
 }
 
 func TestLoadWeightsLlamaFixture(t *testing.T) {
-	dir := filepath.Join(wTestShared(t), "models/gutenberg-llama-7m")
+	dir := testenv.Shared(t, "models", "gutenberg-llama-7m")
 	c, err := LoadConfig(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -404,7 +375,7 @@ func wTestMoments(x []float32) (mean, std float64) {
 }
 
 func BenchmarkRandomWeightsSmolLM2(b *testing.B) {
-	c, err := LoadConfig(filepath.Join(wTestShared(b), "reference/configs/smollm2-135m.config.json"))
+	c, err := LoadConfig(testenv.Shared(b, "reference", "configs", "smollm2-135m.config.json"))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -415,7 +386,7 @@ func BenchmarkRandomWeightsSmolLM2(b *testing.B) {
 }
 
 func BenchmarkLoadWeightsGPT2Fixture(b *testing.B) {
-	dir := filepath.Join(wTestShared(b), "models/gutenberg-gpt2-7m")
+	dir := testenv.Shared(b, "models", "gutenberg-gpt2-7m")
 	c, err := LoadConfig(dir)
 	if err != nil {
 		b.Fatal(err)

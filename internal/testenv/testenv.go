@@ -44,8 +44,9 @@ func SharedDir() string {
 	return d
 }
 
-// Shared is the path of a file under the shared fixtures; the test is
-// skipped, saying why, when the fixtures or the file are absent.
+// Shared is the path of a file under the shared fixtures (the directory
+// itself with no rel); the test is skipped, saying why, when the fixtures or
+// the file are absent.
 func Shared(t testing.TB, rel ...string) string {
 	t.Helper()
 	d := SharedDir()
