@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kvalign/kvalign/gpu"
 	"github.com/kvalign/kvalign/gpu/ref"
 	"github.com/kvalign/kvalign/internal/testenv"
 	"github.com/kvalign/kvalign/transformer"
@@ -388,10 +389,22 @@ func TestGoldenConformance(t *testing.T) {
 				ref.Align(cache, []int32{0}, []int32{int32(g.Pos[r])}, n.Ref(), n.L, n.H, HS, n.H*HS)
 				viaAlign = append(viaAlign, cache[off:off+HS]...)
 			}
-			for _, c := range []struct {
+			checks := []struct {
 				name string
 				got  []float32
-			}{{"Forward", viaForward}, {"ref.Align", viaAlign}} {
+			}{{"Forward", viaForward}, {"ref.Align", viaAlign}, {"cpu Align", alignRowsOn(t, gpu.NewCPU(), n, g.X, g.Pos, g.Layer, g.Head)}}
+			for _, b := range gpuBackends() {
+				be, err := gpu.NewCUDA(0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checks = append(checks, struct {
+					name string
+					got  []float32
+				}{b.name + " Align", alignRowsOn(t, be, n, g.X, g.Pos, g.Layer, g.Head)})
+				be.Close()
+			}
+			for _, c := range checks {
 				d := relDiff(c.got, want)
 				t.Logf("%s vs PyTorch: max|Δ|/max|ref| = %.3g", c.name, d)
 				if d > 1e-5 {
@@ -438,4 +451,41 @@ func ExampleNetwork_Check() {
 	n := NewRandomNetwork(6, 12, 64, 256, 256, 64, 1)
 	fmt.Println(n.Check(30, 3, 64, 250))
 	// Output: realignment network has 6 layers (emb_blocks), but the model has 30
+}
+
+// alignRowsOn realigns each row x[r] (at its window index, layer and head)
+// through a backend's Align, one cache slot per row, all rows in one call.
+func alignRowsOn(t *testing.T, be gpu.Backend, n *Network, x [][]float32, pos, layer, head []int) []float32 {
+	t.Helper()
+	rows, HS := len(x), n.HS
+	layerStride := rows * n.H * HS
+	host := make([]float32, n.L*layerStride)
+	slots, index := make([]int32, rows), make([]int32, rows)
+	for r := range rows {
+		copy(host[layer[r]*layerStride+(r*n.H+head[r])*HS:], x[r])
+		slots[r], index[r] = int32(r), int32(pos[r])
+	}
+	dev, err := (&Pair{Keys: n, Values: n}).Upload(be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	cache, _ := be.Alloc(gpu.F32, len(host))
+	sb, _ := be.Alloc(gpu.I32, rows)
+	ib, _ := be.Alloc(gpu.I32, rows)
+	defer func() { be.Free(cache); be.Free(sb); be.Free(ib) }()
+	be.Upload(cache, host)
+	be.UploadInts(sb, slots)
+	be.UploadInts(ib, index)
+	be.Align(cache, sb, ib, &dev.keys, gpu.AlignParams{Rows: rows, L: n.L, NKV: n.H, HS: HS, LayerStride: layerStride})
+	be.Download(host, cache)
+	if err := be.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	var out []float32
+	for r := range rows {
+		off := layer[r]*layerStride + (r*n.H+head[r])*HS
+		out = append(out, host[off:off+HS]...)
+	}
+	return out
 }
