@@ -8,21 +8,25 @@
 // the step stays one graph node. Rows are enumerated r = (l·rows + i)·NKV + h
 // like the reference.
 //
-// A block takes kRows rows: it gathers each row's input [x, embeddings] into
-// shared memory (k-major, so a thread reads its 8 rows as two float4), then
-// runs the three layers as register-tiled SIMT GEMMs whose weight matrices
-// stream through shared memory in k-chunks (prefetched into registers one
-// chunk ahead); h1 and h2 stay in shared memory; the last layer adds into the
-// cache. Each block reads all weights (≈190 KB for distilgpt2 keys) from
-// L2; 64 rows per block keep that traffic a few tens of MB per call.
+// A block takes kRows = 64 rows: it gathers each row's input [x, embeddings]
+// into shared memory and runs the three layers as GEMMs over the block's
+// rows, h1 and h2 staying in shared memory, the last layer adding into the
+// cache. Each block reads all weights (≈190 KB for distilgpt2 keys) from L2.
+// Variants (kv_align's argument), side by side:
+//  - v1: fp32 SIMT, register-tiled (8 rows × up to 8 columns a thread), the
+//    weights streamed through shared memory in k-chunks. Exact fp32, but
+//    ~15 TFLOP/s: 1 block per SM (243 registers), barrier-bound.
+//  - v2 (default): tensor cores, mma.sync TF32 with each operand split in two
+//    TF32 parts (3xTF32): fp32 accuracy.
+//  - v3: tensor cores, plain TF32 (~1e-3 relative), fastest.
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
 // and (p, l, h), so a precomputed table (P + L·NKV rows of H1) would replace
 // 44 of fc1's 108 input columns by one gathered add (≈25% of all FLOPs for
-// distilgpt2's key network). Kept out for now: the table is per network and
-// AlignNet has no place for it; gathering the embeddings as extra input
-// columns keeps the kernel one launch with no scratch. See the report.
+// distilgpt2's key network). Not done: the table is per network and AlignNet
+// has no place for it; gathering the embeddings as extra input columns keeps
+// the kernel one launch with no scratch.
 #include "common.cuh"
 
 namespace {

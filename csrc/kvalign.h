@@ -180,6 +180,10 @@ kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_
                    const float *w2, const float *b2, const float *w3, const float *b3,
                    int H1, int H2, int variant);
 
+/* bandwidth.cu: device-to-device copy bandwidth in GB/s (bytes read plus
+ * written per second) over reps copies of a buffer of `bytes`; synchronous. */
+kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps);
+
 #ifdef __cplusplus
 }
 #endif

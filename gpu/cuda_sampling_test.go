@@ -148,3 +148,46 @@ func BenchmarkCUDASample(b *testing.B) {
 		})
 	}
 }
+
+// TestCUDASampleCaptured replays a captured Sample over a GPT-2-sized
+// vocabulary (the staged kernel, with its large shared memory) with new
+// counters written to pinned memory between replays.
+func TestCUDASampleCaptured(t *testing.T) {
+	c := newTestCUDA(t)
+	r := rand.New(rand.NewPCG(74, 75))
+	const B, V, maxBan = 2, 50257, 3
+	logitsHost := randNormal(r, B*V, 3, 0)
+	banned := []int32{5, 77, -1, 9, -1, 0}
+	logits, bn := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned)
+	counter, out := alloc(t, c, I32, B), alloc(t, c, I32, B)
+	in, err := c.NewHostInts(B)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	res, err := c.NewHostInts(B)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Close()
+	p := SampleParams{B: B, V: V, TopK: 50, MaxBan: maxBan, Seed: 1234}
+	rep, err := c.Capture(func() {
+		c.CopyIn(counter, in)
+		c.Sample(out, logits, bn, counter, p)
+		c.CopyOut(res, out)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	for step := 0; step < 10; step++ {
+		in.Ints()[0], in.Ints()[1] = int32(step), int32(1000+step)
+		rep.Run()
+		checkOK(t, c)
+		want := make([]int32, B)
+		ref.Sample(want, logitsHost, banned, in.Ints(), B, V, p.TopK, maxBan, p.Seed)
+		if got := res.Ints(); got[0] != want[0] || got[1] != want[1] {
+			t.Errorf("step %d: sampled %v, want %v", step, got, want)
+		}
+	}
+}
