@@ -65,8 +65,9 @@ func Generate(s *transformer.Stream, prompt []int32, o GenerateOptions, emit fun
 			seen.add(prompt[i-1], prompt[i])
 		}
 	}
+	var ban []int32
 	banned := func(prev int32) []int32 {
-		var ban []int32
+		ban = ban[:0]
 		if o.EOS >= 0 {
 			ban = append(ban, o.EOS)
 		}
@@ -83,12 +84,15 @@ func Generate(s *transformer.Stream, prompt []int32, o GenerateOptions, emit fun
 	last := prompt[len(prompt)-1]
 	feed := prompt
 	var firstDone time.Time
+	var counter, one [1]int32
+	var bans [1][]int32
+	samp := &transformer.Sampling{Seed: o.Seed, Counter: counter[:], Banned: bans[:]}
 	for i := 0; i < o.NumTokens; i++ {
-		k := o.TopK
+		samp.TopK = o.TopK
 		if i == 0 {
-			k = o.FirstTopK
+			samp.TopK = o.FirstTopK
 		}
-		samp := &transformer.Sampling{TopK: k, Seed: o.Seed, Counter: []int32{int32(i)}, Banned: [][]int32{banned(last)}}
+		counter[0], bans[0] = int32(i), banned(last)
 		if err := s.Feed(feed, transformer.FeedOptions{Sample: samp, Target: -1}); err != nil {
 			return st, err
 		}
@@ -111,7 +115,8 @@ func Generate(s *transformer.Stream, prompt []int32, o GenerateOptions, emit fun
 			return st, err
 		}
 		last = next
-		feed = []int32{next}
+		one[0] = next
+		feed = one[:]
 	}
 	if st.Generated > 1 {
 		st.After = time.Since(firstDone)

@@ -220,8 +220,9 @@ func (c *CUDA) Alloc(dt DType, n int) (Buf, error) {
 
 func gib(b int) float64 { return float64(b) / (1 << 30) }
 
-// Free releases a buffer returned by Alloc (not a View of it). cudaFree
-// waits for the device, so not while capturing.
+// Free releases a buffer returned by Alloc (not a View of it). It works after
+// an earlier error too, so cleanup paths release memory. cudaFree waits for
+// the device, so not while capturing.
 func (c *CUDA) Free(b Buf) {
 	if b.ptr == 0 || c.closed {
 		return
@@ -230,11 +231,18 @@ func (c *CUDA) Free(b Buf) {
 		c.fail("free", "address %#x was not returned by Alloc (a View, or freed twice?)", b.ptr)
 		return
 	}
-	if !c.need("free", !c.capturing, "cannot free while capturing a CUDA graph") {
+	if c.capturing {
+		c.fail("free", "cannot free while capturing a CUDA graph")
 		return
 	}
 	delete(c.allocs, b.ptr)
-	c.run("free", func() C.kv_status { return C.kv_free(dev(b)) })
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	s := C.kv_set_device(C.int(c.device))
+	if s == 0 {
+		s = C.kv_free(dev(b))
+	}
+	c.status("free", s)
 }
 
 // Close waits for the stream, frees every buffer still allocated and

@@ -55,8 +55,10 @@ fi
 
 if [ "$what" = all ] || [ "$what" = memcheck ]; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for p in gpu transformer; do
-    (cd "$p" && timeout 240 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF' \
+  # The out-of-memory test provokes a failed cudaMalloc on purpose, which
+  # memcheck would count as an error: it is skipped here.
+  for p in gpu transformer align; do
+    (cd "$p" && timeout 240 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF|Golden|Policies' -test.skip 'OutOfMemory' \
       > "$OUT/memcheck-$p.log" 2>&1)
     note "memcheck $p rc=$?: $(grep 'ERROR SUMMARY' "$OUT/memcheck-$p.log" | tail -1)"
   done

@@ -47,6 +47,7 @@ type Runner struct {
 
 	realign Realigner
 	graphs  map[stepShape]gpu.Replay
+	last    stepShape // the shape of the last step run
 	bufs    []gpu.Buf
 }
 
@@ -191,6 +192,7 @@ func (r *Runner) Run(s *Step) error {
 	if s.Sample != nil {
 		shape.topK, shape.seed = s.Sample.TopK, s.Sample.Seed
 	}
+	r.last = shape
 	if !s.Graph {
 		r.enqueue(shape)
 		return r.be.Err()

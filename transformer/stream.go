@@ -59,6 +59,12 @@ type Stream struct {
 	hist  []int32 // Recompute: the last CacheSize+1 tokens
 	fed   int     // tokens fed so far
 	nll   bool    // the last step computed an NLL
+
+	// Reused across steps so that a decode step allocates nothing.
+	st      Step
+	order   [1][]int32
+	target  [1]int32
+	indices []int32 // 0, 1, 2, …: window indices and fresh positions/slots
 }
 
 // StreamOptions configures a Stream.
@@ -81,7 +87,10 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 	if o.Mode == KVAlign && o.Realigner == nil {
 		return nil, fmt.Errorf("mode kv needs key and value networks")
 	}
-	s := &Stream{m: m, mode: o.Mode, cache: cache}
+	s := &Stream{m: m, mode: o.Mode, cache: cache, indices: make([]int32, cache.Slots())}
+	for i := range s.indices {
+		s.indices[i] = int32(i)
+	}
 	s.r, err = NewRunner(m, RunnerOptions{
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
 		ShiftKeys: o.Mode == SlidingWindow && m.Cfg.Family == Llama,
@@ -141,23 +150,31 @@ func (s *Stream) Feed(tokens []int32, fo FeedOptions) error {
 }
 
 func (s *Stream) step(st *Step, fo FeedOptions, last bool) error {
-	st.Logits = NoLogits
+	st.Logits, st.Sample, st.Targets = NoLogits, nil, nil
 	s.nll = false
 	if last {
 		st.Logits = LastRow
 		st.Sample = fo.Sample
 		if fo.Target >= 0 {
-			st.Targets = []int32{fo.Target}
+			s.target[0] = fo.Target
+			st.Targets = s.target[:]
 			s.nll = true
 		}
 	}
 	return s.r.Run(st)
 }
 
+// newStep resets the reused Step for T new tokens.
+func (s *Stream) newStep(T int) *Step {
+	st := &s.st
+	*st = Step{T: T, Tokens: st.Tokens[:0], Pos: st.Pos[:0], Slots: st.Slots[:0]}
+	return st
+}
+
 // append runs sw/kv: evict when full, realign (kv), then the new tokens.
 func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
 	c := s.cache
-	st := &Step{T: len(tokens)}
+	st := s.newStep(len(tokens))
 	if c.Full() {
 		if _, err := c.Evict(); err != nil {
 			return err
@@ -165,10 +182,7 @@ func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
 		if s.mode == KVAlign {
 			win := c.Window()
 			st.AlignSlots = win
-			st.AlignIndex = make([]int32, len(win))
-			for i := range st.AlignIndex {
-				st.AlignIndex[i] = int32(i)
-			}
+			st.AlignIndex = s.indices[:len(win)]
 			c.SetPositions()
 		}
 	}
@@ -182,7 +196,8 @@ func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
 		st.Pos = append(st.Pos, int32(pos))
 		st.Slots = append(st.Slots, slot)
 	}
-	st.Order = [][]int32{c.Order()}
+	s.order[0] = c.Order()
+	st.Order = s.order[:]
 	st.Graph = len(tokens) == 1 && c.Len() == c.Slots()
 	s.fed += len(tokens)
 	return s.step(st, fo, last)
@@ -199,12 +214,11 @@ func (s *Stream) recompute(tokens []int32, fo FeedOptions, last bool) error {
 		return nil
 	}
 	T := len(s.hist)
-	st := &Step{T: T, Tokens: s.hist}
-	idx := make([]int32, T)
-	for i := range idx {
-		idx[i] = int32(i)
-	}
-	st.Pos, st.Slots, st.Order = idx, idx, [][]int32{idx}
+	st := s.newStep(T)
+	idx := s.indices[:T]
+	s.order[0] = idx
+	st.Tokens = append(st.Tokens, s.hist...)
+	st.Pos, st.Slots, st.Order = idx, idx, s.order[:]
 	st.Graph = T == s.cache.Slots()
 	return s.step(st, fo, last)
 }
