@@ -240,3 +240,41 @@ type BandwidthMeter interface {
 	// size and returns (bytes read + bytes written) per second, in GB/s.
 	CopyBandwidth(bytes int) (float64, error)
 }
+
+// NormKind selects the normalisation a fused product starts with.
+type NormKind uint8
+
+const (
+	LayerNormKind NormKind = iota + 1 // (x − mean)/sqrt(var + eps)·w + b (GPT-2)
+	RMSNormKind                       // x/sqrt(mean(x²) + eps)·w (Llama)
+)
+
+// Act is an activation applied to a fused product's output.
+type Act uint8
+
+const (
+	NoAct   Act = iota
+	GeluAct     // gelu_new (GPT-2's MLP)
+)
+
+// Fused is implemented by backends with fused decode kernels: each call
+// does the work of several Backend operations in one launch, which is what
+// batch-1 decoding needs (it is bound by launch latency, not arithmetic,
+// once the weights stream at full bandwidth). Their results equal the
+// unfused sequences given in the comments; models use Fused when the
+// backend has it and the plain operations otherwise.
+type Fused interface {
+	// NormMatMul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias)
+	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew.
+	// With accumulate (act must be NoAct), the product is added to out.
+	NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act, accumulate bool)
+	// SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·w[OC,F]ᵀ
+	// = SiluMul then MatMul (gu rows are 2F wide).
+	SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool)
+	// RopeStore takes fused q|k|v rows (rowStride apart: NH query heads,
+	// then NKV key heads, then NKV value heads, HS each): with theta ≠ 0 it
+	// rotates heads 0..ropeHeads-1 in place at pos[r] (RoPE), then copies
+	// each row's k and v heads to slot slots[r] of kc and vc
+	// = RoPE, CacheStore(kc), CacheStore(vc).
+	RopeStore(qkv, kc, vc, pos, slots Buf, N, NH, NKV, HS, rowStride, ropeHeads int, theta float32)
+}

@@ -9,7 +9,10 @@ import (
 )
 
 func testBackends(t *testing.T) []testBackend {
-	bs := []testBackend{{name: "cpu", be: gpu.NewCPU(), dtype: gpu.F32, tol: 1e-4, exact: true}}
+	bs := []testBackend{
+		{name: "cpu", be: gpu.NewCPU(), dtype: gpu.F32, tol: 1e-4, exact: true},
+		{name: "cpu-fused", be: gpu.NewCPUFused(), dtype: gpu.F32, tol: 1e-4, exact: true},
+	}
 	for _, v := range []struct {
 		name  string
 		dt    gpu.DType

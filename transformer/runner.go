@@ -293,27 +293,53 @@ func (r *Runner) enqueue(sh stepShape) {
 	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
 	be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
 	attn := gpu.AttnParams{B: o.B, T: sh.T, NH: NH, NKV: NKV, HS: HS, QStride: qkvW, MaxLen: o.MaxLen}
-	rotHeads := NH + NKV
-	if cfg.Family == Llama && o.ShiftKeys {
+	rotHeads := NH + NKV // Llama: queries and keys rotated before the keys are cached
+	if cfg.Family == GPT2 {
+		rotHeads = 0
+	} else if o.ShiftKeys {
 		attn.RopeTheta = float32(cfg.RopeTheta)
-		rotHeads = NH
+		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
+	fused, _ := be.(gpu.Fused)
 	for l := range w.layers {
 		lw := &w.layers[l]
 		K, V := r.K.View(l*layerSize, layerSize), r.V.View(l*layerSize, layerSize)
-		r.norm(xn, x, lw.norm1W, lw.norm1B, N)
 		qkv := r.qkv.View(0, N*qkvW)
+		att := r.att.View(0, N*NH*HS)
+		F := cfg.FFN
+		theta := float32(0)
+		if cfg.Family == Llama {
+			theta = float32(cfg.RopeTheta)
+		}
+		if fused != nil {
+			// Six launches a layer: the norms, RoPE, cache writes and
+			// activations ride along with the products.
+			nk := r.normKind()
+			fused.NormMatMul(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, qkvW, cfg.Eps, nk, gpu.NoAct, false)
+			fused.RopeStore(qkv, K, V, pos, slots, N, NH, NKV, HS, qkvW, rotHeads, theta)
+			be.Attention(att, qkv, K, V, order, lens, attn)
+			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+			if cfg.Family == GPT2 {
+				up := r.up.View(0, N*F)
+				fused.NormMatMul(up, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct, false)
+				be.MatMul(x, up, lw.downW, lw.downB, N, F, C, true)
+			} else {
+				up := r.up.View(0, N*2*F)
+				fused.NormMatMul(up, x, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct, false)
+				fused.SwiGLUMatMul(x, up, lw.downW, N, F, C, true)
+			}
+			continue
+		}
+		r.norm(xn, x, lw.norm1W, lw.norm1B, N)
 		be.MatMul(qkv, xn, lw.qkvW, lw.qkvB, N, C, qkvW, false)
 		if cfg.Family == Llama {
-			be.RoPE(qkv, pos, N, rotHeads, HS, qkvW, float32(cfg.RopeTheta))
+			be.RoPE(qkv, pos, N, rotHeads, HS, qkvW, theta)
 		}
 		be.CacheStore(K, qkv.View(NH*HS, N*qkvW-NH*HS), slots, N, NKV*HS, qkvW)
 		be.CacheStore(V, qkv.View((NH+NKV)*HS, N*qkvW-(NH+NKV)*HS), slots, N, NKV*HS, qkvW)
-		att := r.att.View(0, N*NH*HS)
 		be.Attention(att, qkv, K, V, order, lens, attn)
 		be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
 		r.norm(xn, x, lw.norm2W, lw.norm2B, N)
-		F := cfg.FFN
 		if cfg.Family == GPT2 {
 			up := r.up.View(0, N*F)
 			be.MatMul(up, xn, lw.upW, lw.upB, N, C, F, false)
@@ -333,17 +359,25 @@ func (r *Runner) enqueue(sh stepShape) {
 	case NoLogits:
 		return
 	case AllRows:
-		r.norm(xn, x, w.normFW, w.normFB, N)
-		be.MatMul(r.logits.View(0, N*V), xn, w.lmHead, gpu.Buf{}, N, C, V, false)
+		if fused != nil {
+			fused.NormMatMul(r.logits.View(0, N*V), x, w.normFW, w.normFB, w.lmHead, gpu.Buf{}, N, C, V, cfg.Eps, r.normKind(), gpu.NoAct, false)
+		} else {
+			r.norm(xn, x, w.normFW, w.normFB, N)
+			be.MatMul(r.logits.View(0, N*V), xn, w.lmHead, gpu.Buf{}, N, C, V, false)
+		}
 		if sh.nll {
 			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), r.view(L.targets, N), N, V)
 		}
 	case LastRow:
-		for b := 0; b < o.B; b++ {
-			last := b*sh.T + sh.T - 1
-			r.norm(xn.View(b*C, C), x.View(last*C, C), w.normFW, w.normFB, 1)
+		if fused != nil && sh.T == 1 {
+			fused.NormMatMul(r.logits.View(0, o.B*V), x, w.normFW, w.normFB, w.lmHead, gpu.Buf{}, o.B, C, V, cfg.Eps, r.normKind(), gpu.NoAct, false)
+		} else {
+			for b := 0; b < o.B; b++ {
+				last := b*sh.T + sh.T - 1
+				r.norm(xn.View(b*C, C), x.View(last*C, C), w.normFW, w.normFB, 1)
+			}
+			be.MatMul(r.logits.View(0, o.B*V), xn.View(0, o.B*C), w.lmHead, gpu.Buf{}, o.B, C, V, false)
 		}
-		be.MatMul(r.logits.View(0, o.B*V), xn.View(0, o.B*C), w.lmHead, gpu.Buf{}, o.B, C, V, false)
 		if sh.nll {
 			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), r.view(L.targets, o.B), o.B, V)
 		}
@@ -353,6 +387,13 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.CopyOut(r.sample, r.view(L.sampled, o.B))
 		}
 	}
+}
+
+func (r *Runner) normKind() gpu.NormKind {
+	if r.m.Cfg.Family == GPT2 {
+		return gpu.LayerNormKind
+	}
+	return gpu.RMSNormKind
 }
 
 func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
