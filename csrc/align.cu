@@ -19,6 +19,12 @@
 //  - v2 (default): tensor cores, mma.sync TF32 with each operand split in two
 //    TF32 parts (3xTF32): fp32 accuracy.
 //  - v3: tensor cores, plain TF32 (~1e-3 relative), fastest.
+//  - v4, v5: v2, v3 with the input gather and the final `cache +=` issuing
+//    their loads in batches (see gather_inputs_batched): the measured v1-v3
+//    times (~80-125 µs whatever the arithmetic) point at these latency
+//    chains. Built and unit-tested on the CPU side only (no device run was
+//    left): make one of them the default once TestCUDAAlign passes and
+//    BenchmarkCUDAAlign shows the gain.
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
@@ -259,7 +265,7 @@ __host__ __device__ constexpr int tc_ld(int k) { return round_up(k, 32) + 8; }
 // padding columns for the next layer), or FINAL: cache row r += the same.
 // A: [kRows][lda] with zero columns in [K, round_up(K, 8)). Every thread
 // calls it; A must be complete (a barrier before the call).
-template <int PASSES, bool FINAL>
+template <int PASSES, bool FINAL, bool BATCHED>
 __device__ __forceinline__ void dense_tc(const float *A, int lda, int K, const float *__restrict__ W,
                                          const float *__restrict__ bias, int M, float *O, int ldo,
                                          float *cache, const long long *rowoff) {
@@ -348,23 +354,48 @@ __device__ __forceinline__ void dense_tc(const float *A, int lda, int K, const f
     for (int j = 0; j < 2; j++) {
       if (warp + 8 * j >= slab_tiles) continue;
       const int col = n0 + (warp + 8 * j) * 8 + 2 * tg;
+      if (FINAL && BATCHED) {
+        // Read the tile's 16 cache values at once, then write: `cache +=`
+        // element by element waits a round trip per element (the stores may
+        // alias the next loads as far as the compiler knows).
+        float x[4][2][2];
 #pragma unroll
-      for (int mt = 0; mt < 4; mt++)
+        for (int mt = 0; mt < 4; mt++)
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-          const int r = mt * 16 + g + hf * 8;
-          float v0 = acc[mt][j][2 * hf], v1 = acc[mt][j][2 * hf + 1];
-          if (FINAL) {
-            const long long off = rowoff[r];
-            if (off < 0) continue;
-            if (col < M) cache[off + col] += v0 + __ldg(bias + col);
-            if (col + 1 < M) cache[off + col + 1] += v1 + __ldg(bias + col + 1);
-          } else {
-            v0 = col < M ? fmaxf(v0 + __ldg(bias + col), 0.f) : 0.f;
-            v1 = col + 1 < M ? fmaxf(v1 + __ldg(bias + col + 1), 0.f) : 0.f;
-            *reinterpret_cast<float2 *>(O + r * ldo + col) = make_float2(v0, v1);
+          for (int hf = 0; hf < 2; hf++) {
+            const long long off = rowoff[mt * 16 + g + hf * 8];
+            x[mt][hf][0] = off >= 0 && col < M ? cache[off + col] : 0.f;
+            x[mt][hf][1] = off >= 0 && col + 1 < M ? cache[off + col + 1] : 0.f;
           }
-        }
+        const float bias0 = col < M ? __ldg(bias + col) : 0.f, bias1 = col + 1 < M ? __ldg(bias + col + 1) : 0.f;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+          for (int hf = 0; hf < 2; hf++) {
+            const long long off = rowoff[mt * 16 + g + hf * 8];
+            if (off < 0) continue;
+            if (col < M) cache[off + col] = x[mt][hf][0] + (acc[mt][j][2 * hf] + bias0);
+            if (col + 1 < M) cache[off + col + 1] = x[mt][hf][1] + (acc[mt][j][2 * hf + 1] + bias1);
+          }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+          for (int hf = 0; hf < 2; hf++) {
+            const int r = mt * 16 + g + hf * 8;
+            float v0 = acc[mt][j][2 * hf], v1 = acc[mt][j][2 * hf + 1];
+            if (FINAL) {
+              const long long off = rowoff[r];
+              if (off < 0) continue;
+              if (col < M) cache[off + col] += v0 + __ldg(bias + col);
+              if (col + 1 < M) cache[off + col + 1] += v1 + __ldg(bias + col + 1);
+            } else {
+              v0 = col < M ? fmaxf(v0 + __ldg(bias + col), 0.f) : 0.f;
+              v1 = col + 1 < M ? fmaxf(v1 + __ldg(bias + col + 1), 0.f) : 0.f;
+              *reinterpret_cast<float2 *>(O + r * ldo + col) = make_float2(v0, v1);
+            }
+          }
+      }
     }
   }
 }
@@ -378,8 +409,48 @@ inline size_t align_tc_smem_bytes(const AlignArgs &a) {
   return sizeof(float) * ((size_t)align_tc_region0(a) + align_tc_region1(a));
 }
 
-// align_kernel_tc: v2 (PASSES = 3) and v3 (PASSES = 1).
-template <int PASSES>
+// gather_inputs_batched writes row r's input [x, pos, layer, head] (zero
+// past K0, up to K0p) to in[r·ld + k]. Each round issues a thread's kGatherBatch
+// loads before any store: the plain loop (load, store, next) waits one memory
+// round trip per element, ~28 of them a thread for distilgpt2 — its SASS
+// shows it, and it bounded the first tensor-core kernels as much as v1.
+constexpr int kGatherBatch = 16;
+__device__ __forceinline__ void gather_inputs_batched(float *in, int ld, const AlignArgs &a, int K0, int K0p,
+                                                      const long long *rowoff, const int *rowl, const int *rowh,
+                                                      const int *rowp) {
+  const int tid = threadIdx.x, total = kRows * K0p;
+  for (int base = tid; base < total; base += kGatherBatch * kThreads) {
+    float v[kGatherBatch];
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; u++) {
+      const int idx = base + u * kThreads, r = idx / K0p, k = idx % K0p;
+      const float *src = nullptr;
+      if (idx < total && k < K0) {
+        const long long off = rowoff[r];
+        if (off >= 0) {
+          if (k < a.HS)
+            src = a.cache + off + k;
+          else if (k < a.HS + a.DP)
+            src = a.pos + (size_t)rowp[r] * a.DP + (k - a.HS);
+          else if (k < a.HS + a.DP + a.DL)
+            src = a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP);
+          else
+            src = a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL);
+        }
+      }
+      v[u] = src ? *src : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; u++) {
+      const int idx = base + u * kThreads;
+      if (idx < total) in[(idx / K0p) * ld + idx % K0p] = v[u];
+    }
+  }
+}
+
+// align_kernel_tc: v2 (PASSES = 3) and v3 (PASSES = 1); v4 and v5 the same
+// with the batched gather and final epilogue (BATCHED).
+template <int PASSES, bool BATCHED>
 __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
   extern __shared__ __align__(16) float smem[];
   __shared__ long long rowoff[kRows];
@@ -410,28 +481,32 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
   }
   __syncthreads();
   const int K0p = round_up(K0, 8);
-  for (int idx = tid; idx < kRows * K0p; idx += kThreads) {
-    const int r = idx / K0p, k = idx % K0p;
-    const long long off = rowoff[r];
-    float v = 0.f;
-    if (off >= 0 && k < K0) {
-      if (k < a.HS)
-        v = a.cache[off + k];
-      else if (k < a.HS + a.DP)
-        v = __ldg(a.pos + (size_t)rowp[r] * a.DP + (k - a.HS));
-      else if (k < a.HS + a.DP + a.DL)
-        v = __ldg(a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP));
-      else
-        v = __ldg(a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL));
+  if (BATCHED) {
+    gather_inputs_batched(in, ld0, a, K0, K0p, rowoff, rowl, rowh, rowp);
+  } else {
+    for (int idx = tid; idx < kRows * K0p; idx += kThreads) {
+      const int r = idx / K0p, k = idx % K0p;
+      const long long off = rowoff[r];
+      float v = 0.f;
+      if (off >= 0 && k < K0) {
+        if (k < a.HS)
+          v = a.cache[off + k];
+        else if (k < a.HS + a.DP)
+          v = __ldg(a.pos + (size_t)rowp[r] * a.DP + (k - a.HS));
+        else if (k < a.HS + a.DP + a.DL)
+          v = __ldg(a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP));
+        else
+          v = __ldg(a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL));
+      }
+      in[r * ld0 + k] = v;
     }
-    in[r * ld0 + k] = v;
   }
   __syncthreads();  // inputs gathered
-  dense_tc<PASSES, false>(in, ld0, K0, a.w1, a.b1, a.H1, h1, ld1, nullptr, nullptr);
+  dense_tc<PASSES, false, BATCHED>(in, ld0, K0, a.w1, a.b1, a.H1, h1, ld1, nullptr, nullptr);
   __syncthreads();  // h1 complete, and every read of `in` done before h2 overwrites it
-  dense_tc<PASSES, false>(h1, ld1, a.H1, a.w2, a.b2, a.H2, in, ld2, nullptr, nullptr);
+  dense_tc<PASSES, false, BATCHED>(h1, ld1, a.H1, a.w2, a.b2, a.H2, in, ld2, nullptr, nullptr);
   __syncthreads();  // h2 complete
-  dense_tc<PASSES, true>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, a.cache, rowoff);
+  dense_tc<PASSES, true, BATCHED>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, a.cache, rowoff);
 }
 
 }  // namespace
@@ -443,7 +518,7 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
                               const float *b3, int H1, int H2, int variant) {
   if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
   if (HS <= 0 || P <= 0 || DP < 0 || DL < 0 || DH < 0 || H1 <= 0 || H2 <= 0 ||
-      HS + DP + DL + DH > KV_ALIGN_MAX_IN || variant < 0 || variant > 3)
+      HS + DP + DL + DH > KV_ALIGN_MAX_IN || variant < 0 || variant > 5)
     return (kv_status)cudaErrorInvalidValue;
   const AlignArgs a{cache, slots, index, rows, L, NKV, HS, layer_stride, pos, layer, head, P, DP, DL, DH,
                     w1, b1, w2, b2, w3, b3, H1, H2};
@@ -458,12 +533,24 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
     return kv_launched();
   }
   const size_t smem = align_tc_smem_bytes(a);
-  if (variant == 2) {
-    KV_TRY(cudaFuncSetAttribute(align_kernel_tc<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    align_kernel_tc<3><<<blocks, kThreads, smem, s>>>(a);
-  } else {
-    KV_TRY(cudaFuncSetAttribute(align_kernel_tc<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    align_kernel_tc<1><<<blocks, kThreads, smem, s>>>(a);
+  // Host-side attributes (no stream work): allowed while capturing.
+  switch (variant) {
+    case 2:
+      KV_TRY(cudaFuncSetAttribute(align_kernel_tc<3, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      align_kernel_tc<3, false><<<blocks, kThreads, smem, s>>>(a);
+      break;
+    case 3:
+      KV_TRY(cudaFuncSetAttribute(align_kernel_tc<1, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      align_kernel_tc<1, false><<<blocks, kThreads, smem, s>>>(a);
+      break;
+    case 4:
+      KV_TRY(cudaFuncSetAttribute(align_kernel_tc<3, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      align_kernel_tc<3, true><<<blocks, kThreads, smem, s>>>(a);
+      break;
+    default:
+      KV_TRY(cudaFuncSetAttribute(align_kernel_tc<1, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      align_kernel_tc<1, true><<<blocks, kThreads, smem, s>>>(a);
+      break;
   }
   return kv_launched();
 }

@@ -171,7 +171,8 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * is left unchanged. HS ≤ KV_ALIGN_MAX_IN in total with the embeddings.
  * variant: 1 = fp32 SIMT; 2 = tensor cores, 3xTF32 (operands split into two
  * TF32 parts: fp32-level accuracy, ~1e-6 relative like v1); 3 = tensor
- * cores, plain TF32 (~1e-3 relative, fastest); 0 = 2. */
+ * cores, plain TF32 (~1e-3 relative, fastest); 4, 5 = 2, 3 with batched
+ * cache gathers (not yet measured on a device); 0 = 2. */
 #define KV_ALIGN_MAX_IN 512
 kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
                    int rows, int L, int NKV, int HS, long long layer_stride,

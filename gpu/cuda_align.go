@@ -20,7 +20,8 @@ func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 }
 
 // align runs one kernel variant (see kv_align): 0 the default (2), 1 fp32
-// SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-3).
+// SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-3),
+// 4 and 5 = 2 and 3 with batched cache gathers (not yet measured).
 func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
 	if !c.need(op, net != nil, "no network") ||

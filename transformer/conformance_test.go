@@ -179,16 +179,8 @@ func checkAgainstGolden(t *testing.T, cfg *Config, w *Weights, g *golden) {
 func TestTinyModelsMatchHF(t *testing.T) {
 	for _, name := range []string{"tiny-gpt2", "tiny-llama"} {
 		t.Run(name, func(t *testing.T) {
-			dir := testenv.Testdata(t, "models", name)
 			g := loadGolden(t, testenv.Testdata(t, "golden", name+".safetensors"))
-			cfg, err := LoadConfig(filepath.Join(dir, "config.json"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			w, err := LoadWeights(dir, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
+			cfg, w := loadModelDir(t, testenv.Testdata(t, "models", name))
 			checkAgainstGolden(t, cfg, w, g)
 		})
 	}
@@ -230,15 +222,22 @@ func TestFullSizeMatchHF(t *testing.T) {
 	}
 	for _, name := range []string{"distilgpt2", "smollm2-135m"} {
 		t.Run(name, func(t *testing.T) {
-			cfg, err := LoadConfig(filepath.Join(dir, name, "config.json"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			w, err := LoadWeights(filepath.Join(dir, name), cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
+			cfg, w := loadModelDir(t, filepath.Join(dir, name))
 			checkAgainstGolden(t, cfg, w, loadGolden(t, filepath.Join(dir, name+".golden.safetensors")))
 		})
 	}
+}
+
+// loadModelDir reads a model directory's config and weights.
+func loadModelDir(t testing.TB, dir string) (*Config, *Weights) {
+	t.Helper()
+	cfg, err := LoadConfig(filepath.Join(dir, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := LoadWeights(dir, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg, w
 }

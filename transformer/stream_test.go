@@ -3,7 +3,6 @@ package transformer
 import (
 	"math"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -16,15 +15,7 @@ import (
 
 func tinyModel(t testing.TB, name string, be gpu.Backend) *Model {
 	t.Helper()
-	dir := testenv.Testdata(t, "models", name)
-	cfg, err := LoadConfig(filepath.Join(dir, "config.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := LoadWeights(dir, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg, w := loadModelDir(t, testenv.Testdata(t, "models", name))
 	m, err := NewModel(cfg, w, be, gpu.F32)
 	if err != nil {
 		t.Fatal(err)
