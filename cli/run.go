@@ -32,7 +32,7 @@ func runCommand() *ucli.Command {
 			&ucli.IntFlag{Name: "num-tokens", Aliases: []string{"num_tokens"}, Value: 2000, Usage: "tokens to generate"},
 			&ucli.IntFlag{Name: "cache-size", Aliases: []string{"cache_size"}, Value: 54, Usage: "cache entries kept between steps (sinks + window)"},
 			&ucli.IntFlag{Name: "start-size", Aliases: []string{"start_size"}, Value: 4, Usage: "attention-sink entries at the start of the cache, never evicted"},
-			&ucli.BoolFlag{Name: "allow-repeats", Aliases: []string{"allow_repeats"}, Usage: "allow repeated 2-grams (default: banned)"},
+			&ucli.BoolFlag{Name: "allow-repeats", Aliases: []string{"allow_repeats"}, Usage: "allow repeated 2-grams (by default a token that would repeat a 2-gram is never drawn)"},
 			&ucli.BoolFlag{Name: "flush", Usage: "flush stdout after every token"},
 			&ucli.StringFlag{Name: "prompt", Value: defaultPrompt, Usage: "the text to continue"},
 			&ucli.Uint64Flag{Name: "seed", Value: 0, Usage: "random seed: the same seed on the same device gives the same text"},

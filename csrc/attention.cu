@@ -30,6 +30,12 @@ constexpr int kDecMaxQ = KV_ATTN_DECODE_MAX_Q;
 constexpr int kMaxHS = KV_ATTN_MAX_HS;
 constexpr int kDecTargetBlocks = 512;     // split until about this many blocks (≈ 4 per SM)
 constexpr int kDecMaxSplit = 128;
+// The scratch starts with kDecCounters int counters (one per sequence and kv
+// head), the partials follow: at fixed offsets, so calls of different shapes
+// sharing one scratch never write partials over each other's counters (which
+// must stay zero between launches). More sequence × kv-head pairs than this
+// fill the GPU unsplit anyway.
+constexpr int kDecCounters = 1024;
 
 struct DecodeSplit {
   int chunks_per_split, nsplit;
@@ -46,6 +52,22 @@ DecodeSplit decode_split(int B, int NKV, int max_len) {
   // the block's key buffer.
   cps = max(max(cps, 1), kv_ceil_div(chunks, kDecMaxSplit));
   return {cps, kv_ceil_div(chunks, cps)};
+}
+
+// RopeFreqs carries the RoPE inverse frequencies into the kernels by value
+// (kernel parameters, so a captured graph keeps them): computed once on the
+// host exactly as ref.RopeInvFreq (float32 exponent, double pow, rounded to
+// float), instead of per block on the device, where the double pow and
+// division run slow-path subroutines (≈2 µs of a decode attention).
+struct RopeFreqs {
+  float v[kMaxHS / 2];
+};
+
+RopeFreqs rope_freqs(int HS, float theta) {
+  RopeFreqs r{};
+  if (theta != 0.f)
+    for (int i = 0; i < HS / 2; i++) r.v[i] = (float)(1.0 / pow((double)theta, (double)((float)(2 * i) / (float)HS)));
+  return r;
 }
 
 // stage_rows copies cnt ≤ ROWS gathered head rows (slots sl[e], kv head kh)
@@ -129,7 +151,7 @@ __global__ void __launch_bounds__(kDecThreads)
     attn_decode_kernel_v1(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
-                          int max_len, float rope_theta, float scale, int chunks_per_split,
+                          int max_len, float rope_theta, RopeFreqs freqs, float scale, int chunks_per_split,
                           float *__restrict__ work) {
   constexpr int OPT = kDecMaxQ * HSMAX / kDecThreads;  // output elements per thread
   __shared__ float qs[kDecMaxQ][HSMAX];
@@ -155,7 +177,7 @@ __global__ void __launch_bounds__(kDecThreads)
     qs[qv][d] = q[((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + d];
   }
   if (rope_theta != 0.f)
-    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = freqs.v[i];
   if (tid < kDecMaxQ) {
     m_run[tid] = -INFINITY;
     l_run[tid] = 0.f;
@@ -253,7 +275,7 @@ __global__ void __launch_bounds__(kDecThreads)
     attn_decode_kernel_v2(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
-                          int max_len, float rope_theta, float scale, int chunks_per_split,
+                          int max_len, float rope_theta, RopeFreqs freqs, float scale, int chunks_per_split,
                           float *__restrict__ work, int *__restrict__ counters) {
   constexpr int OPT = kDecMaxQ * HSMAX / kDecThreads;
   __shared__ float qs[kDecMaxQ][HSMAX];
@@ -283,7 +305,7 @@ __global__ void __launch_bounds__(kDecThreads)
   stage_q<kDecThreads, kDecMaxQ, HSMAX>(&qs[0][0], HSMAX, QV, HS, q, (size_t)b * T, q_stride, kh * G, G, T, tid,
                                         true);
   if (rope_theta != 0.f)
-    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+    for (int i = tid; i < HS / 2; i += kDecThreads) inv_s[i] = freqs.v[i];
   if (tid < kDecMaxQ) {
     m_run[tid] = -INFINITY;
     l_run[tid] = 0.f;
@@ -486,7 +508,7 @@ __global__ void __launch_bounds__(256)
     attn_prefill_kernel_v1(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                            const float *__restrict__ vc, const int32_t *__restrict__ order,
                            const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
-                           int max_len, float rope_theta, float scale) {
+                           int max_len, float rope_theta, RopeFreqs freqs, float scale) {
   constexpr int TQ = 16 * RQ, TK = 16 * RK, RD = HSMAX / 16;
   __shared__ float Qs[TQ][HSMAX + 1];
   __shared__ float Ks[TK][HSMAX + 1];
@@ -504,7 +526,7 @@ __global__ void __launch_bounds__(256)
   // Rows past T stay zero (their scores are computed, never written).
   stage_q<256, TQ, HSMAX>(&Qs[0][0], HSMAX + 1, TQ, HS, q, (size_t)b * T + t0, q_stride, h, 1, T - t0, tid, false);
   if (rope_theta != 0.f)
-    for (int i = tid; i < HS / 2; i += 256) inv_s[i] = kv_rope_inv_freq(i, HS, rope_theta);
+    for (int i = tid; i < HS / 2; i += 256) inv_s[i] = freqs.v[i];
   const float *inv = rope_theta != 0.f ? inv_s : nullptr;
 
   float m[RQ], l[RQ], o[RQ][RD];
@@ -605,13 +627,13 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
-// Split scratch: partials [B·T·NH][nsplit][HS + 2] floats, then B·NKV int
-// counters (v2). Both decode kernels use the same partial layout.
+// Split scratch: kDecCounters int counters (v2), then partials
+// [B·T·NH][nsplit][HS + 2] floats (both decode kernels).
 extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len) {
-  if (B <= 0 || T <= 0 || NKV <= 0 || NH % NKV != 0) return 0;
+  if (B <= 0 || T <= 0 || NKV <= 0 || NH % NKV != 0 || (long long)B * NKV > kDecCounters) return 0;
   const DecodeSplit sp = decode_split(B, NKV, max_len);
   if (sp.nsplit <= 1) return 0;
-  return (long long)B * T * NH * sp.nsplit * (HS + 2) + (long long)B * NKV;
+  return kDecCounters + (long long)B * T * NH * sp.nsplit * (HS + 2);
 }
 
 extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
@@ -624,6 +646,7 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     return (kv_status)cudaErrorInvalidValue;
   cudaStream_t st = s;
   const float scale = 1.0f / sqrtf((float)HS);
+  const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const int QV = T * (NH / NKV);
   if (variant == 0) variant = QV <= kDecMaxQ ? 1 : 2;
   if (variant == 1 || variant == 3) {
@@ -632,29 +655,30 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     const long long need = kv_attention_work_floats(B, T, NH, NKV, HS, max_len);
     if (need == 0 || !work || work_floats < need) sp = {kv_ceil_div(max(max_len, 1), kDecCh), 1};
     const dim3 grid(sp.nsplit, NKV, B);
+    int *counters = sp.nsplit > 1 ? reinterpret_cast<int *>(work) : nullptr;
+    float *partials = sp.nsplit > 1 ? work + kDecCounters : nullptr;
     if (variant == 1) {
-      int *counters = need > 0 ? reinterpret_cast<int *>(work + (need - (long long)B * NKV)) : nullptr;
       if (HS <= 64)
         attn_decode_kernel_v2<64><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
-                                                               q_stride, max_len, rope_theta, scale,
-                                                               sp.chunks_per_split, work, counters);
+                                                               q_stride, max_len, rope_theta, freqs, scale,
+                                                               sp.chunks_per_split, partials, counters);
       else
         attn_decode_kernel_v2<kMaxHS><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
-                                                                   q_stride, max_len, rope_theta, scale,
-                                                                   sp.chunks_per_split, work, counters);
+                                                                   q_stride, max_len, rope_theta, freqs, scale,
+                                                                   sp.chunks_per_split, partials, counters);
       return kv_launched();
     }
     if (HS <= 64)
       attn_decode_kernel_v1<64><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
-                                                             max_len, rope_theta, scale, sp.chunks_per_split, work);
+                                                             max_len, rope_theta, freqs, scale, sp.chunks_per_split, partials);
     else
       attn_decode_kernel_v1<kMaxHS><<<grid, kDecThreads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
-                                                                 q_stride, max_len, rope_theta, scale,
-                                                                 sp.chunks_per_split, work);
+                                                                 q_stride, max_len, rope_theta, freqs, scale,
+                                                                 sp.chunks_per_split, partials);
     if (sp.nsplit > 1) {
       const cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return (kv_status)e;
-      attn_combine_kernel_v1<<<B * T * NH, kMaxHS, 0, st>>>(out, work, lens, T, NH, HS, max_len, sp.nsplit,
+      attn_combine_kernel_v1<<<B * T * NH, kMaxHS, 0, st>>>(out, partials, lens, T, NH, HS, max_len, sp.nsplit,
                                                             sp.chunks_per_split * kDecCh);
     }
     return kv_launched();
@@ -663,11 +687,11 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
   if (HS <= 64) {
     const dim3 grid(kv_ceil_div(T, 64), NH, B);
     attn_prefill_kernel_v1<64, 4, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
-                                                          max_len, rope_theta, scale);
+                                                          max_len, rope_theta, freqs, scale);
   } else {
     const dim3 grid(kv_ceil_div(T, 32), NH, B);
     attn_prefill_kernel_v1<kMaxHS, 2, 1><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
-                                                              q_stride, max_len, rope_theta, scale);
+                                                              q_stride, max_len, rope_theta, freqs, scale);
   }
   return kv_launched();
 }

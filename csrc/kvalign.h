@@ -118,9 +118,10 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
  * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. One block per
  * row. smem_optin: the device's opt-in shared memory per block (bytes),
  * passed to kv_sample_init once per device before any launch. variant: 0
- * chooses (v3 where the row fits in shared memory, else v2), 1 = v1 (one
- * pass, per-warp top-K lists), 2 = v2 (a first pass bounds the K-th logit,
- * so few elements compete), 3 = v3 (v2 on a row staged in shared memory). */
+ * chooses (v4), 1 = v1 (one pass, per-warp top-K lists), 2 = v2 (a first
+ * pass bounds the K-th logit, so few elements compete), 3 = v3 (v2 on a row
+ * staged in shared memory), 4 = v4 (v2 for K > 8 else v1, with a per-warp
+ * vote that skips hopeless elements and a bitonic merge). */
 #define KV_SAMPLE_MAX_TOPK 64
 kv_status kv_sample_init(int smem_optin);
 kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
@@ -184,6 +185,41 @@ kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_
 /* bandwidth.cu: device-to-device copy bandwidth in GB/s (bytes read plus
  * written per second) over reps copies of a buffer of `bytes`; synchronous. */
 kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps);
+
+/* ---- fused decode ops (decode-perf) ---- */
+
+/* fused.cu: the operations of gpu.Fused (reference compositions in
+ * gpu/ref/fused.go), each one launch for decoding.
+ *
+ * kv_norm_matmul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias), norm =
+ * LayerNorm (rms = 0; norm_b may be NULL) or RMSNorm (rms = 1; norm_b
+ * ignored), norm_w/norm_b of dtype norm_f16, act = gelu_new when gelu = 1
+ * (not with accumulate). out must not overlap in.
+ * kv_swiglu_matmul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·w[OC,F]ᵀ,
+ * gu rows 2F apart.
+ * kv_rope_store: qkv rows (row_stride apart) hold NH query heads, NKV key
+ * heads, NKV value heads (HS each, HS even): with theta ≠ 0, heads
+ * 0..rope_heads-1 (≤ NH+2·NKV) are rotated in place at pos[r] (HF
+ * rotate-half, as kv_rope), then the key and value heads go to slot slots[r]
+ * of kc and vc ([S, NKV, HS]; slots outside [0, S) skipped).
+ *
+ * variant: 0 chooses; 1 the single fused kernel (N ≤ 8, 16-byte weight rows,
+ * aligned operands, staged input ≤ 48 KB; else as 3); 2 = 1 launched as a
+ * programmatic dependent (sm_90: the weight loads overlap the previous
+ * kernel); 3 two steps, the norm or activation into a scratch buffer from
+ * the stream-ordered allocator (cudaMallocAsync/cudaFreeAsync, capturable as
+ * graph memory nodes) then kv_matmul (+ kv_gelu_new). For kv_rope_store
+ * (always one kernel) 1 = normal launch, 2 = programmatic dependent.
+ * 0 = 2 where it applies on sm_90, else 1 (else 3 for the products). */
+kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
+                         const void *norm_b, int norm_f16, const void *w, int w_f16,
+                         const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
+                         int gelu, int accumulate, int variant);
+kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
+                           int F, int OC, int accumulate, int variant);
+kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc, int S, const int32_t *pos,
+                        const int32_t *slots, int N, int NH, int NKV, int HS, int row_stride,
+                        int rope_heads, float theta, int variant);
 
 #ifdef __cplusplus
 }

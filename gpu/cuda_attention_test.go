@@ -200,3 +200,29 @@ func TestCUDAAttentionCapture(t *testing.T) {
 		compare(t, fmt.Sprintf("replay %d lens %v", step, lens), got, want, 1e-5*maxAbs(want), 1e-5)
 	}
 }
+
+// TestCUDAAttentionSharedScratch alternates decode shapes (T = 3, 1, 2 and
+// B = 3, 1) through the public Attention, which shares one scratch: a call
+// must not leave anything behind (partials over counters) that breaks the
+// next one of another shape.
+func TestCUDAAttentionSharedScratch(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(17, 18))
+	var cases []*attnCase
+	for _, bt := range [][2]int{{3, 3}, {1, 1}, {3, 2}, {1, 3}, {3, 1}} {
+		p := AttnParams{B: bt[0], T: bt[1], NH: 12, NKV: 12, HS: 64, QStride: 12 * 64, MaxLen: 900}
+		cases = append(cases, newAttnCase(t, c, rng, p))
+	}
+	for round := 0; round < 2; round++ {
+		for i, a := range cases {
+			p := a.p
+			out := alloc(t, c, F32, p.B*p.T*p.NH*p.HS)
+			poison(t, c, out)
+			c.Attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p)
+			got := download(t, c, out)
+			c.Free(out)
+			want := a.want()
+			compare(t, fmt.Sprintf("round %d case %d B%d T%d", round, i, p.B, p.T), got, want, 1e-5*maxAbs(want), 1e-5)
+		}
+	}
+}
