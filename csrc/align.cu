@@ -16,15 +16,15 @@
 //  - v1: fp32 SIMT, register-tiled (8 rows × up to 8 columns a thread), the
 //    weights streamed through shared memory in k-chunks. Exact fp32, but
 //    ~15 TFLOP/s: 1 block per SM (243 registers), barrier-bound.
-//  - v2 (default): tensor cores, mma.sync TF32 with each operand split in two
+//  - v2: tensor cores, mma.sync TF32 with each operand split in two
 //    TF32 parts (3xTF32): fp32 accuracy.
 //  - v3: tensor cores, plain TF32 (~1e-3 relative), fastest.
 //  - v4, v5: v2, v3 with the input gather and the final `cache +=` issuing
 //    their loads in batches (see gather_inputs_batched): the measured v1-v3
 //    times (~80-125 µs whatever the arithmetic) point at these latency
-//    chains. Built and unit-tested on the CPU side only (no device run was
-//    left): make one of them the default once TestCUDAAlign passes and
-//    BenchmarkCUDAAlign shows the gain.
+//    chains. Measured (H200, distilgpt2 keys): v4 121 µs against v2's 124,
+//    v5 75 against v3's 78: the gathers were not the bound. v4 is the
+//    default (v3/v5's TF32 misses the 1e-5 accuracy).
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
@@ -524,7 +524,7 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
                     w1, b1, w2, b2, w3, b3, H1, H2};
   const long long total = (long long)L * rows * NKV;
   const int blocks = kv_ceil_div(total, kRows);
-  if (variant == 0) variant = 2;
+  if (variant == 0) variant = 4;  // v4: fp32-accurate and the fastest such (H200: 121 against 124 µs)
   if (variant == 1) {
     const size_t smem = align_smem_bytes(a);
     // Host-side attribute (no stream work): allowed while capturing.

@@ -498,12 +498,599 @@ __global__ void __launch_bounds__(kMaxHS)
   if (d < HS) out[(size_t)row * NH * HS + (size_t)h * HS + d] = l > 0.f ? acc / l : 0.f;
 }
 
+// ---- decode kernel v3 (variant 4, the default for decoding) ----
+//
+// attn_decode_kernel_v3: v2's structure (one block per key split, kv head and
+// sequence; the last split merges) with the per-chunk latency chain cut
+// further and all 256 threads busy:
+//  - chunks of CH = 64 entries (32 for HS > 64), one chunk per split at the
+//    usual lengths (≤ 256: 4 splits × NKV × B blocks), so a block does one
+//    pass: slots (loaded together with lens and q) → K/V rows → scores →
+//    softmax → P·V → partials;
+//  - K/V rows gathered with 16-byte loads, all of a thread's loads issued
+//    before the first store (keys rotated as they land, pairs (i, i+HS/2)
+//    loaded as two float4);
+//  - scores: 4 lanes per (query vector, entry) pair, interleaved dims
+//    (key rows padded by 4 floats: the 8 entries × 4 lanes of a warp hit 32
+//    distinct banks), two shuffles to finish;
+//  - P·V: NSUB = 256 / (QV·HS) threads per output (the entries dealt
+//    round-robin), summed through shared memory at the end.
+// VEC: HS % 8 == 0 and 16-byte aligned caches; else the scalar staging.
+constexpr int kD3Threads = 256;
+constexpr int kD3TargetBlocks = 264;  // ≈ 2 per SM
+
+__host__ __device__ constexpr int d3_chunk(int hsmax) { return hsmax > 64 ? 32 : 64; }
+
+DecodeSplit decode_split_v3(int B, int NKV, int max_len, int HS) {
+  const int ch = d3_chunk(HS > 64 ? kMaxHS : 64);
+  const int chunks = kv_ceil_div(max(max_len, 1), ch);
+  const long long want = (long long)chunks * B * NKV;
+  int cps = (int)((want + kD3TargetBlocks - 1) / kD3TargetBlocks);
+  cps = max(max(cps, 1), kv_ceil_div(chunks, kDecMaxSplit));
+  return {cps, kv_ceil_div(chunks, cps)};
+}
+
+template <int NT, int CH, int HSMAX>
+__device__ __forceinline__ void stage_rows_vec(float *ks, int ldk, float *vs, int ldv, const float *__restrict__ kc,
+                                               const float *__restrict__ vc, const int *sl, int cnt, int j0, int NKV,
+                                               int kh, int HS, const float *inv, int tid) {
+  const int q4 = HS / 4;  // float4s per row
+  constexpr int PV = CH * HSMAX / 4 / NT;
+  float4 v[PV];
+#pragma unroll
+  for (int p = 0; p < PV; p++) {
+    const int idx = tid + p * NT, e = idx / q4, c = idx % q4;
+    v[p] = idx < cnt * q4
+               ? __ldcg(reinterpret_cast<const float4 *>(vc + ((size_t)sl[e] * NKV + kh) * HS) + c)
+               : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (inv) {
+    const int h4 = HS / 8;  // float4s per half row
+    constexpr int PK = CH * HSMAX / 8 / NT;
+    float4 x1[PK], x2[PK];
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / h4, c = idx % h4;
+      const float4 *row = reinterpret_cast<const float4 *>(kc + ((size_t)(idx < cnt * h4 ? sl[e] : 0) * NKV + kh) * HS);
+      x1[p] = idx < cnt * h4 ? __ldcg(row + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+      x2[p] = idx < cnt * h4 ? __ldcg(row + c + h4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / h4, c = idx % h4;
+      if (idx < cnt * h4) {
+        const float a1[4] = {x1[p].x, x1[p].y, x1[p].z, x1[p].w}, a2[4] = {x2[p].x, x2[p].y, x2[p].z, x2[p].w};
+        float r1[4], r2[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          float sn, cs;
+          sincosf((float)(j0 + e) * inv[c * 4 + u], &sn, &cs);
+          r1[u] = a1[u] * cs - a2[u] * sn;
+          r2[u] = a2[u] * cs + a1[u] * sn;
+        }
+        *reinterpret_cast<float4 *>(ks + e * ldk + c * 4) = make_float4(r1[0], r1[1], r1[2], r1[3]);
+        *reinterpret_cast<float4 *>(ks + e * ldk + HS / 2 + c * 4) = make_float4(r2[0], r2[1], r2[2], r2[3]);
+      }
+    }
+  } else {
+    constexpr int PK = CH * HSMAX / 4 / NT;
+    float4 x[PK];
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / q4, c = idx % q4;
+      x[p] = idx < cnt * q4
+                 ? __ldcg(reinterpret_cast<const float4 *>(kc + ((size_t)sl[e] * NKV + kh) * HS) + c)
+                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / q4, c = idx % q4;
+      if (idx < cnt * q4) *reinterpret_cast<float4 *>(ks + e * ldk + c * 4) = x[p];
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < PV; p++) {
+    const int idx = tid + p * NT, e = idx / q4, c = idx % q4;
+    if (idx < cnt * q4) *reinterpret_cast<float4 *>(vs + e * ldv + c * 4) = v[p];
+  }
+}
+
+template <int HSMAX, bool VEC>
+__global__ void __launch_bounds__(kD3Threads)
+    attn_decode_kernel_v3(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
+                          const float *__restrict__ vc, const int32_t *__restrict__ order,
+                          const int32_t *__restrict__ lens, int T, int NH, int NKV, int HS, int q_stride,
+                          int max_len, float rope_theta, RopeFreqs freqs, float scale, int chunks_per_split,
+                          float *__restrict__ work, int *__restrict__ counters) {
+  constexpr int NT = kD3Threads, CH = d3_chunk(HSMAX), LDK = HSMAX + 4, LDV = HSMAX + 4;
+  constexpr int OPT = kDecMaxQ * HSMAX / NT;  // (output, sub) pairs per thread at most
+  static_assert(kDecMaxQ * HSMAX <= CH * LDK, "the sub reduction reuses the key buffer");
+  static_assert(kDecMaxQ * kDecMaxSplit <= CH * LDK && kDecMaxQ * kDecMaxSplit <= CH * LDV,
+                "the merge stages its weights in K/V");
+  __shared__ __align__(16) float qs[kDecMaxQ][HSMAX];
+  __shared__ __align__(16) float ks[CH * LDK];
+  __shared__ __align__(16) float vs[CH * LDV];
+  __shared__ float ps[kDecMaxQ][CH];
+  __shared__ float m_run[kDecMaxQ], l_run[kDecMaxQ], alpha[kDecMaxQ];
+  __shared__ float inv_s[HSMAX / 2];
+  __shared__ int sl[CH];
+  __shared__ int is_last;
+
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int G = NH / NKV, QV = T * G, QVHS = QV * HS;
+  const int NSUB = max(1, NT / QVHS);
+  const int split_len = chunks_per_split * CH;
+  const int j_begin = split * split_len;
+  // Speculative: slots of the first chunk, before the length is known.
+  if (tid < CH && j_begin + tid < max_len) sl[tid] = order[(size_t)b * max_len + j_begin + tid];
+  const int n_total = max(0, min(lens[b], max_len));
+  const int j_end = min(n_total, j_begin + split_len);
+  const bool partial = gridDim.x > 1;
+  const int used = max(1, min((int)gridDim.x, (n_total + split_len - 1) / split_len));
+  if (split >= used) return;
+
+  stage_q<NT, kDecMaxQ, HSMAX>(&qs[0][0], HSMAX, QV, HS, q, (size_t)b * T, q_stride, kh * G, G, T, tid, true);
+  if (rope_theta != 0.f)
+    for (int i = tid; i < HS / 2; i += NT) inv_s[i] = freqs.v[i];
+  if (tid < kDecMaxQ) {
+    m_run[tid] = -INFINITY;
+    l_run[tid] = 0.f;
+  }
+  float o[OPT];
+#pragma unroll
+  for (int k = 0; k < OPT; k++) o[k] = 0.f;
+  const float *inv = rope_theta != 0.f ? inv_s : nullptr;
+
+  for (int j0 = j_begin; j0 < j_end; j0 += CH) {
+    const int cnt = min(CH, j_end - j0);
+    if (j0 != j_begin) {
+      __syncthreads();  // previous chunk consumed
+      if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
+    }
+    __syncthreads();  // slots (and q, inv on the first pass) staged
+    if (VEC)
+      stage_rows_vec<NT, CH, HSMAX>(ks, LDK, vs, LDV, kc, vc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+    else {
+      stage_rows<NT, CH, HSMAX>(ks, LDK, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+      stage_rows<NT, CH, HSMAX>(vs, LDV, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
+    }
+    __syncthreads();
+
+    // Scores: 4 lanes per (qv, e), lane sub takes dims sub, sub+4, ….
+    {
+      const int sub = tid & 3;
+      for (int pr = tid >> 2; pr < QV * CH; pr += NT / 4) {
+        const int qv = pr / CH, e = pr % CH, t = qv / G;
+        const float *kr = ks + e * LDK, *qr = qs[qv];
+        float a0 = 0.f, a1 = 0.f;
+        int d = sub;
+        for (; d + 4 < HS; d += 8) {
+          a0 = fmaf(qr[d], kr[d], a0);
+          a1 = fmaf(qr[d + 4], kr[d + 4], a1);
+        }
+        if (d < HS) a0 = fmaf(qr[d], kr[d], a0);
+        float s = a0 + a1;
+        s += __shfl_xor_sync(KV_FULL_MASK, s, 1);
+        s += __shfl_xor_sync(KV_FULL_MASK, s, 2);
+        if (sub == 0) ps[qv][e] = (e < cnt && j0 + e <= n_total - T + t) ? s * scale : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    for (int qv = tid / 32; qv < QV; qv += NT / 32) {
+      const int lane = tid % 32;
+      float s[CH / 32];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < CH / 32; u++) {
+        s[u] = ps[qv][lane + 32 * u];
+        mx = fmaxf(mx, s[u]);
+      }
+      const float m_old = m_run[qv];
+      const float m_new = fmaxf(m_old, kv_warp_max(mx));
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < CH / 32; u++) {
+        const float p = s[u] == -INFINITY ? 0.f : expf(s[u] - m_new);
+        ps[qv][lane + 32 * u] = p;
+        sum += p;
+      }
+      sum = kv_warp_sum(sum);
+      if (lane == 0) {
+        const float a = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+        alpha[qv] = a;
+        l_run[qv] = l_run[qv] * a + sum;
+        m_run[qv] = m_new;
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int k = 0; k < OPT; k++) {
+      const int idx = tid + k * NT;
+      if (idx < NSUB * QVHS) {
+        const int oi = idx % QVHS, sub = idx / QVHS, qv = oi / HS, d = oi % HS;
+        float a0 = 0.f, a1 = 0.f;
+        int e = sub;
+        for (; e + NSUB < cnt; e += 2 * NSUB) {
+          a0 = fmaf(ps[qv][e], vs[e * LDV + d], a0);
+          a1 = fmaf(ps[qv][e + NSUB], vs[(e + NSUB) * LDV + d], a1);
+        }
+        if (e < cnt) a0 = fmaf(ps[qv][e], vs[e * LDV + d], a0);
+        o[k] = o[k] * alpha[qv] + (a0 + a1);
+      }
+    }
+  }
+  __syncthreads();  // K/V consumed, m_run/l_run final
+
+  // Sum the subs' partial outputs: red[sub·QVHS + oi].
+  float *red = ks;
+#pragma unroll
+  for (int k = 0; k < OPT; k++) {
+    const int idx = tid + k * NT;
+    if (idx < NSUB * QVHS) red[idx] = o[k];
+  }
+  __syncthreads();
+
+  if (!partial) {
+    for (int oi = tid; oi < QVHS; oi += NT) {
+      float v = 0.f;
+      for (int sb = 0; sb < NSUB; sb++) v += red[sb * QVHS + oi];
+      const int qv = oi / HS, d = oi % HS, t = qv / G, h = kh * G + qv % G;
+      const float l = l_run[qv];
+      out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = l > 0.f ? v / l : 0.f;
+    }
+    return;
+  }
+
+  // Publish this split's partials: work[((b·T + t)·NH + h)·nsplit + split][HS + 2].
+  const int nsplit = gridDim.x;
+  for (int oi = tid; oi < QVHS; oi += NT) {
+    float v = 0.f;
+    for (int sb = 0; sb < NSUB; sb++) v += red[sb * QVHS + oi];
+    const int qv = oi / HS, d = oi % HS, t = qv / G, h = kh * G + qv % G;
+    float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + split) * (HS + 2);
+    w[d] = v;
+    if (d == 0) {
+      w[HS] = m_run[qv];
+      w[HS + 1] = l_run[qv];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  int *counter = counters + (size_t)b * NKV + kh;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == used - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Last split: merge (weights exp(m_s − M) in ks, partial sums l_s in vs).
+  float *wt = ks, *ls = vs;
+  {
+    constexpr int PER = kDecMaxQ * kDecMaxSplit / NT;
+    float mv[PER], lv[PER];
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT, qv = idx / used, sp = idx % used, t = qv / G, h = kh * G + qv % G;
+      const bool ok = idx < QV * used;
+      const float *w = work + ((((size_t)b * T + t) * NH + h) * nsplit + (ok ? sp : 0)) * (HS + 2);
+      mv[p] = ok ? __ldcg(w + HS) : 0.f;
+      lv[p] = ok ? __ldcg(w + HS + 1) : 0.f;
+    }
+#pragma unroll
+    for (int p = 0; p < PER; p++) {
+      const int idx = tid + p * NT;
+      if (idx < QV * used) {
+        wt[idx] = mv[p];
+        ls[idx] = lv[p];
+      }
+    }
+  }
+  __syncthreads();
+  for (int qv = tid / 32; qv < QV; qv += NT / 32) {
+    const int lane = tid % 32;
+    float m = -INFINITY;
+    for (int sp = lane; sp < used; sp += 32) m = fmaxf(m, wt[qv * used + sp]);
+    m = kv_warp_max(m);
+    float l = 0.f;
+    for (int sp = lane; sp < used; sp += 32) {
+      const float ms = wt[qv * used + sp];
+      const float f = (ms == -INFINITY) ? 0.f : expf(ms - m);
+      wt[qv * used + sp] = f;
+      l += f * ls[qv * used + sp];
+    }
+    l = kv_warp_sum(l);
+    if (lane == 0) l_run[qv] = l;
+  }
+  __syncthreads();
+  for (int oi = tid; oi < QVHS; oi += NT) {
+    const int qv = oi / HS, d = oi % HS, t = qv / G, h = kh * G + qv % G;
+    const size_t row = (size_t)b * T + t;
+    const float *w = work + (row * NH + h) * nsplit * (HS + 2) + d;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int sp = 0;
+    for (; sp + 4 <= used; sp += 4) {
+      a0 = fmaf(wt[qv * used + sp], __ldcg(w + (size_t)sp * (HS + 2)), a0);
+      a1 = fmaf(wt[qv * used + sp + 1], __ldcg(w + (size_t)(sp + 1) * (HS + 2)), a1);
+      a2 = fmaf(wt[qv * used + sp + 2], __ldcg(w + (size_t)(sp + 2) * (HS + 2)), a2);
+      a3 = fmaf(wt[qv * used + sp + 3], __ldcg(w + (size_t)(sp + 3) * (HS + 2)), a3);
+    }
+    for (; sp < used; sp++) a0 = fmaf(wt[qv * used + sp], __ldcg(w + (size_t)sp * (HS + 2)), a0);
+    const float l = l_run[qv];
+    out[row * NH * HS + (size_t)h * HS + d] = l > 0.f ? ((a0 + a1) + (a2 + a3)) / l : 0.f;
+  }
+  if (tid == 0) *counter = 0;
+}
+
+// ---- decode kernel v4 (variant 6, the default for short decodes) ----
+//
+// attn_decode_kernel_v4: measured, v3's split + last-block merge costs six
+// dependent memory round trips (slots, K/V, partials + fence, counter,
+// partial (m, l), partial outputs), ~8 µs whatever the length. Here one
+// block of 512 threads per (kv head, sequence) takes every entry (lengths up
+// to a few hundred), with two round trips: slots, then K/V rows straight
+// into registers (no shared staging, no barrier until the end).
+// A group of LPK = HS/4 lanes takes one key at a time, lane li holding dims
+// 4li..4li+3 of the key, the value and each query vector; the group's
+// shuffles finish the dot products. Each group runs its own online softmax
+// over the keys gi, gi + NG, … (U keys per batch, all loads first), and one
+// barrier-separated pass merges the NG groups' (m, l, o) in shared memory.
+// Keys are rotated in registers (the partner half comes by one shuffle).
+// Needs HS/4 ∈ {4, 8, 16, 32}, 16-byte aligned caches, T·G ≤ QVM.
+constexpr int kD4Threads = 512;
+
+template <int LPK, int QVM, int U>
+__global__ void __launch_bounds__(kD4Threads)
+    attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
+                          const float *__restrict__ vc, const int32_t *__restrict__ order,
+                          const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
+                          float rope_theta, RopeFreqs freqs, float scale) {
+  constexpr int HS = LPK * 4, NG = kD4Threads / LPK;
+  __shared__ __align__(16) float so[QVM][NG][HS];
+  __shared__ float sm[QVM][NG], sl_[QVM][NG];
+  __shared__ float sL[QVM];
+  const int kh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int gi = tid / LPK, li = tid % LPK;
+  const int G = NH / NKV, QV = T * G;
+  const int32_t *ord = order + (size_t)b * max_len;
+
+  // Round trip 1: the first batch's slots (speculative), lens, q, all at once.
+  int slot[U];
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const int j = gi + NG * u;
+    slot[u] = j < max_len ? __ldg(ord + j) : 0;
+  }
+  const int n_total = max(0, min(lens[b], max_len));
+  float4 qr[QVM];
+#pragma unroll
+  for (int v = 0; v < QVM; v++) {
+    const int t = v / G, g = v % G;
+    qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + 4 * li)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  // RoPE: this lane's four frequencies (dims 4·(li mod LPK/2) + c of the half).
+  const bool rope = rope_theta != 0.f, upper = li >= LPK / 2;
+  float inv[4];
+#pragma unroll
+  for (int c = 0; c < 4; c++) inv[c] = rope ? freqs.v[4 * (li % (LPK / 2)) + c] : 0.f;
+
+  float m[QVM], l[QVM];
+  float4 o[QVM];
+#pragma unroll
+  for (int v = 0; v < QVM; v++) {
+    m[v] = -INFINITY;
+    l[v] = 0.f;
+    o[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+
+  for (int base = 0; base < n_total; base += NG * U) {
+    // Round trip 2: this batch's key and value rows.
+    float4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int j = base + gi + NG * u;
+      const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
+      kr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(kc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      vr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(vc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // The next batch's slots, in flight while this one computes.
+    if (base + NG * U < n_total) {
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int j = base + NG * U + gi + NG * u;
+        slot[u] = j < n_total ? __ldg(ord + j) : 0;
+      }
+    }
+    float s[U][QVM];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int j = base + gi + NG * u;
+      float4 k = kr[u];
+      if (rope) {
+        float4 p;
+        p.x = __shfl_xor_sync(KV_FULL_MASK, k.x, LPK / 2);
+        p.y = __shfl_xor_sync(KV_FULL_MASK, k.y, LPK / 2);
+        p.z = __shfl_xor_sync(KV_FULL_MASK, k.z, LPK / 2);
+        p.w = __shfl_xor_sync(KV_FULL_MASK, k.w, LPK / 2);
+        float sn[4], cs[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) sincosf((float)j * inv[c], &sn[c], &cs[c]);
+        // Lower half: x1·cos − x2·sin; upper half: x2·cos + x1·sin.
+        const float sg = upper ? 1.f : -1.f;
+        k.x = k.x * cs[0] + sg * (p.x * sn[0]);
+        k.y = k.y * cs[1] + sg * (p.y * sn[1]);
+        k.z = k.z * cs[2] + sg * (p.z * sn[2]);
+        k.w = k.w * cs[3] + sg * (p.w * sn[3]);
+      }
+#pragma unroll
+      for (int v = 0; v < QVM; v++)
+        s[u][v] = fmaf(qr[v].x, k.x, fmaf(qr[v].y, k.y, fmaf(qr[v].z, k.z, qr[v].w * k.w)));
+    }
+#pragma unroll
+    for (int off = LPK / 2; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int v = 0; v < QVM; v++) s[u][v] += __shfl_xor_sync(KV_FULL_MASK, s[u][v], off);
+#pragma unroll
+    for (int v = 0; v < QVM; v++) {
+      if (v >= QV) break;
+      const int t = v / G;
+      const int last = n_total - T + t;  // query vector v sees j ≤ last
+      float bm = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int j = base + gi + NG * u;
+        s[u][v] = (j < n_total && j <= last) ? s[u][v] * scale : -INFINITY;
+        bm = fmaxf(bm, s[u][v]);
+      }
+      const float m_new = fmaxf(m[v], bm);
+      if (m_new == -INFINITY) continue;  // nothing visible yet
+      const float a = m[v] == -INFINITY ? 0.f : expf(m[v] - m_new);
+      float4 acc = make_float4(o[v].x * a, o[v].y * a, o[v].z * a, o[v].w * a);
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const float p = s[u][v] == -INFINITY ? 0.f : expf(s[u][v] - m_new);
+        sum += p;
+        acc.x = fmaf(p, vr[u].x, acc.x);
+        acc.y = fmaf(p, vr[u].y, acc.y);
+        acc.z = fmaf(p, vr[u].z, acc.z);
+        acc.w = fmaf(p, vr[u].w, acc.w);
+      }
+      o[v] = acc;
+      l[v] = l[v] * a + sum;
+      m[v] = m_new;
+    }
+  }
+
+  // Merge the NG groups.
+#pragma unroll
+  for (int v = 0; v < QVM; v++) {
+    if (v >= QV) break;
+    *reinterpret_cast<float4 *>(&so[v][gi][4 * li]) = o[v];
+    if (li == 0) {
+      sm[v][gi] = m[v];
+      sl_[v][gi] = l[v];
+    }
+  }
+  __syncthreads();
+  {
+    const int warp = tid / 32, lane = tid % 32;
+    if (warp < QV) {  // warp v: the factors exp(m_g − M) and the total sum
+      const int v = warp;
+      float mx = -INFINITY;
+      for (int g = lane; g < NG; g += 32) mx = fmaxf(mx, sm[v][g]);
+      mx = kv_warp_max(mx);
+      float L = 0.f;
+      for (int g = lane; g < NG; g += 32) {
+        const float f = sm[v][g] == -INFINITY ? 0.f : expf(sm[v][g] - mx);
+        sm[v][g] = f;
+        L += f * sl_[v][g];
+      }
+      L = kv_warp_sum(L);
+      if (lane == 0) sL[v] = L;
+    }
+  }
+  __syncthreads();
+  for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+    const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll 4
+    for (int g = 0; g < NG; g += 2) {
+      a0 = fmaf(sm[v][g], so[v][g][d], a0);
+      a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+    }
+    const float L = sL[v];
+    out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? (a0 + a1) / L : 0.f;
+  }
+}
+
+// launch_decode_v4: false when the shapes do not fit the kernel.
+bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
+                      const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS, int q_stride,
+                      int max_len, float rope_theta, const RopeFreqs &freqs, float scale) {
+  const int QV = T * (NH / NKV);
+  const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
+                    reinterpret_cast<uintptr_t>(q)) & 15) == 0;
+  if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
+  const dim3 grid(NKV, B);
+#define KV_D4(LPK, QVM, U)                                                                                       \
+  attn_decode_kernel_v4<LPK, QVM, U><<<grid, kD4Threads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, q_stride, \
+                                                                  max_len, rope_theta, freqs, scale)
+#define KV_D4_Q(LPK) \
+  if (QV == 1) KV_D4(LPK, 1, 8); else KV_D4(LPK, 4, 4)
+  switch (HS) {
+    case 16: KV_D4_Q(4); break;
+    case 32: KV_D4_Q(8); break;
+    case 64: KV_D4_Q(16); break;
+    default: KV_D4_Q(32); break;
+  }
+#undef KV_D4_Q
+#undef KV_D4
+  return true;
+}
+
+// Register staging for the pipelined prefill (PIPE): a tile's raw key rows
+// as (x[i], x[i + HS/2]) pairs (rotated when stored) and value rows, loaded
+// a tile ahead so that their latency hides behind the current tile's math.
+template <int NT, int ROWS, int HSMAX>
+struct TileRegs {
+  static constexpr int PK = (ROWS * HSMAX / 2 + NT - 1) / NT, PV = (ROWS * HSMAX + NT - 1) / NT;
+  float k1[PK], k2[PK], v[PV];
+  __device__ __forceinline__ void load(const float *__restrict__ kc, const float *__restrict__ vc, const int *sl,
+                                       int cnt, int NKV, int kh, int HS, int tid) {
+    const int h = HS / 2;
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / h, i = idx % h;
+      const bool ok = idx < cnt * h;
+      const float *row = kc + ((size_t)(ok ? sl[e] : 0) * NKV + kh) * HS;
+      k1[p] = ok ? __ldcg(row + i) : 0.f;
+      k2[p] = ok ? __ldcg(row + i + h) : 0.f;
+    }
+#pragma unroll
+    for (int p = 0; p < PV; p++) {
+      const int idx = tid + p * NT, e = idx / HS, d = idx % HS;
+      v[p] = idx < cnt * HS ? __ldcg(vc + ((size_t)sl[e] * NKV + kh) * HS + d) : 0.f;
+    }
+  }
+  __device__ __forceinline__ void store(float *ks, int ldk, float *vs, int ldv, int cnt, int j0, int HS,
+                                        const float *inv, int tid) const {
+    const int h = HS / 2;
+#pragma unroll
+    for (int p = 0; p < PK; p++) {
+      const int idx = tid + p * NT, e = idx / h, i = idx % h;
+      if (idx < cnt * h) {
+        float a = k1[p], c = k2[p];
+        if (inv) {
+          float sn, cs;
+          sincosf((float)(j0 + e) * inv[i], &sn, &cs);
+          a = k1[p] * cs - k2[p] * sn;
+          c = k2[p] * cs + k1[p] * sn;
+        }
+        ks[e * ldk + i] = a;
+        ks[e * ldk + i + h] = c;
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < PV; p++) {
+      const int idx = tid + p * NT, e = idx / HS, d = idx % HS;
+      if (idx < cnt * HS) vs[e * ldv + d] = v[p];
+    }
+  }
+};
+
 // attn_prefill_kernel_v1: grid (query tile, head, sequence), 256 threads as
 // 16×16 (ty, tx). Thread (ty, tx) owns query rows ty·RQ + i (i < RQ),
 // entries tx + 16k of each key tile (k < RK) for the scores and head dims
 // tx + 16j for the output; a row's 16 threads form one half-warp, so row
 // max/sum are half-warp shuffles and P needs only a warp barrier.
-template <int HSMAX, int RQ, int RK>
+// PIPE (variant 7): key/value tiles loaded into registers one tile ahead
+// and slots two tiles ahead, so a tile costs its math, not two memory round
+// trips (T = 256 ran 42 µs, mostly those round trips).
+template <int HSMAX, int RQ, int RK, bool PIPE = false>
 __global__ void __launch_bounds__(256)
     attn_prefill_kernel_v1(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                            const float *__restrict__ vc, const int32_t *__restrict__ order,
@@ -540,14 +1127,36 @@ __global__ void __launch_bounds__(256)
 
   // Entries any row of this tile can see.
   const int j_end = max(0, min(n_total, n0 + min(t0 + TQ, T)));
-  for (int j0 = 0; j0 < j_end; j0 += TK) {
+  __shared__ int slp[PIPE ? 2 : 1][TK];
+  TileRegs<256, TK, HSMAX> regs;
+  if (PIPE) {
+    if (tid < TK) {
+      const int32_t *ord = order + (size_t)b * max_len;
+      slp[0][tid] = tid < j_end ? ord[tid] : 0;
+      slp[PIPE ? 1 : 0][tid] = TK + tid < j_end ? ord[TK + tid] : 0;
+    }
+    __syncthreads();  // slots, Qs, inv
+    if (j_end > 0) regs.load(kc, vc, slp[0], min(TK, j_end), NKV, kh, HS, tid);
+  }
+  for (int j0 = 0, it = 0; j0 < j_end; j0 += TK, it++) {
     const int cnt = min(TK, j_end - j0);
-    __syncthreads();  // previous tile consumed; Qs/inv staged on the first pass
-    if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
-    __syncthreads();
-    stage_rows<256, TK, HSMAX>(&Ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
-    stage_rows<256, TK, HSMAX>(&Vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
-    __syncthreads();
+    if (PIPE) {
+      regs.store(&Ks[0][0], HSMAX + 1, &Vs[0][0], HSMAX, cnt, j0, HS, inv, tid);
+      __syncthreads();  // tile it staged; slp[it & 1] no longer read
+      if (tid < TK) {
+        const int j = j0 + 2 * TK + tid;
+        slp[it & 1][tid] = j < j_end ? order[(size_t)b * max_len + j] : 0;
+      }
+      if (j0 + TK < j_end)
+        regs.load(kc, vc, slp[(it + 1) & (PIPE ? 1 : 0)], min(TK, j_end - j0 - TK), NKV, kh, HS, tid);
+    } else {
+      __syncthreads();  // previous tile consumed; Qs/inv staged on the first pass
+      if (tid < cnt) sl[tid] = order[(size_t)b * max_len + j0 + tid];
+      __syncthreads();
+      stage_rows<256, TK, HSMAX>(&Ks[0][0], HSMAX + 1, kc, sl, cnt, j0, NKV, kh, HS, inv, tid);
+      stage_rows<256, TK, HSMAX>(&Vs[0][0], HSMAX, vc, sl, cnt, j0, NKV, kh, HS, nullptr, tid);
+      __syncthreads();
+    }
 
     float s[RQ][RK];
 #pragma unroll
@@ -610,6 +1219,7 @@ __global__ void __launch_bounds__(256)
         for (int j = 0; j < RD; j++) o[i][j] = fmaf(p, vv[j], o[i][j]);
       }
     }
+    if (PIPE) __syncthreads();  // Ks/Vs/Ps consumed before the next tile is stored
   }
 
 #pragma unroll
@@ -631,9 +1241,10 @@ __global__ void __launch_bounds__(256)
 // [B·T·NH][nsplit][HS + 2] floats (both decode kernels).
 extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len) {
   if (B <= 0 || T <= 0 || NKV <= 0 || NH % NKV != 0 || (long long)B * NKV > kDecCounters) return 0;
-  const DecodeSplit sp = decode_split(B, NKV, max_len);
-  if (sp.nsplit <= 1) return 0;
-  return kDecCounters + (long long)B * T * NH * sp.nsplit * (HS + 2);
+  // Enough for either split decode kernel (v2: variant 1, v3: variant 4).
+  const int nsplit = max(decode_split(B, NKV, max_len).nsplit, decode_split_v3(B, NKV, max_len, HS).nsplit);
+  if (nsplit <= 1) return 0;
+  return kDecCounters + (long long)B * T * NH * nsplit * (HS + 2);
 }
 
 extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
@@ -648,7 +1259,43 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
   const float scale = 1.0f / sqrtf((float)HS);
   const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const int QV = T * (NH / NKV);
-  if (variant == 0) variant = QV <= kDecMaxQ ? 1 : 2;
+  if (variant == 0) {
+    // v4 (one block per kv head) while its blocks' K/V stay small (≤ 384
+    // entries of 64 dims: ~2 µs of one SM's L2 bandwidth), else the split v3.
+    if (QV <= 4 && (long long)max_len * HS <= 384 * 64 &&
+        launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
+      return kv_launched();
+    variant = QV <= kDecMaxQ ? 4 : 7;
+  }
+  if (variant == 6) {
+    if (!launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs,
+                          scale))
+      return (kv_status)cudaErrorInvalidValue;
+    return kv_launched();
+  }
+  if (variant == 4) {
+    if (QV > kDecMaxQ) return (kv_status)cudaErrorInvalidValue;
+    DecodeSplit sp = decode_split_v3(B, NKV, max_len, HS);
+    const long long need = kv_attention_work_floats(B, T, NH, NKV, HS, max_len);
+    if (sp.nsplit <= 1 || need == 0 || !work || work_floats < need)
+      sp = {kv_ceil_div(max(max_len, 1), d3_chunk(HS > 64 ? kMaxHS : 64)), 1};
+    const dim3 grid(sp.nsplit, NKV, B);
+    int *counters = sp.nsplit > 1 ? reinterpret_cast<int *>(work) : nullptr;
+    float *partials = sp.nsplit > 1 ? work + kDecCounters : nullptr;
+    const bool vec = HS % 8 == 0 && (reinterpret_cast<uintptr_t>(kc) & 15) == 0 &&
+                     (reinterpret_cast<uintptr_t>(vc) & 15) == 0;
+#define KV_D3(HSM, V)                                                                                         \
+  attn_decode_kernel_v3<HSM, V><<<grid, kD3Threads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride, \
+                                                            max_len, rope_theta, freqs, scale, sp.chunks_per_split, \
+                                                            partials, counters)
+    if (HS <= 64) {
+      if (vec) KV_D3(64, true); else KV_D3(64, false);
+    } else {
+      if (vec) KV_D3(kMaxHS, true); else KV_D3(kMaxHS, false);
+    }
+#undef KV_D3
+    return kv_launched();
+  }
   if (variant == 1 || variant == 3) {
     if (QV > kDecMaxQ) return (kv_status)cudaErrorInvalidValue;
     DecodeSplit sp = decode_split(B, NKV, max_len);
@@ -683,7 +1330,63 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     }
     return kv_launched();
   }
-  if (variant != 2) return (kv_status)cudaErrorInvalidValue;
+  if (variant == 0) variant = 7;
+  if (variant != 2 && variant != 5 && variant != 7) return (kv_status)cudaErrorInvalidValue;
+  if (variant == 7) {
+    const int sms = 132;  // as variant 5, pipelined
+    if (HS <= 64) {
+      if ((long long)kv_ceil_div(T, 64) * NH * B >= 2 * sms) {
+        const dim3 grid(kv_ceil_div(T, 64), NH, B);
+        attn_prefill_kernel_v1<64, 4, 2, true><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                    q_stride, max_len, rope_theta, freqs, scale);
+      } else if ((long long)kv_ceil_div(T, 32) * NH * B >= sms) {
+        const dim3 grid(kv_ceil_div(T, 32), NH, B);
+        attn_prefill_kernel_v1<64, 2, 2, true><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                    q_stride, max_len, rope_theta, freqs, scale);
+      } else {
+        const dim3 grid(kv_ceil_div(T, 16), NH, B);
+        attn_prefill_kernel_v1<64, 1, 2, true><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                    q_stride, max_len, rope_theta, freqs, scale);
+      }
+    } else {
+      const dim3 grid(kv_ceil_div(T, 16), NH, B);
+      attn_prefill_kernel_v1<kMaxHS, 1, 1, true><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                      q_stride, max_len, rope_theta, freqs, scale);
+    }
+    return kv_launched();
+  }
+  if (variant == 5) {
+    // Query tiles sized to the grid: the `ar` mode's prefills (T ≤ 257, 9-12
+    // heads) give 36-48 blocks of 64 queries, a third of the SMs; smaller
+    // tiles (same kernel) fill them.
+    const int sms = 132;
+    if (HS <= 64) {
+      if ((long long)kv_ceil_div(T, 64) * NH * B >= 2 * sms) {
+        const dim3 grid(kv_ceil_div(T, 64), NH, B);
+        attn_prefill_kernel_v1<64, 4, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
+                                                              max_len, rope_theta, freqs, scale);
+      } else if ((long long)kv_ceil_div(T, 32) * NH * B >= sms) {
+        const dim3 grid(kv_ceil_div(T, 32), NH, B);
+        attn_prefill_kernel_v1<64, 2, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
+                                                              max_len, rope_theta, freqs, scale);
+      } else {
+        const dim3 grid(kv_ceil_div(T, 16), NH, B);
+        attn_prefill_kernel_v1<64, 1, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,
+                                                              max_len, rope_theta, freqs, scale);
+      }
+    } else {
+      if ((long long)kv_ceil_div(T, 32) * NH * B >= sms) {
+        const dim3 grid(kv_ceil_div(T, 32), NH, B);
+        attn_prefill_kernel_v1<kMaxHS, 2, 1><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                  q_stride, max_len, rope_theta, freqs, scale);
+      } else {
+        const dim3 grid(kv_ceil_div(T, 16), NH, B);
+        attn_prefill_kernel_v1<kMaxHS, 1, 1><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS,
+                                                                  q_stride, max_len, rope_theta, freqs, scale);
+      }
+    }
+    return kv_launched();
+  }
   if (HS <= 64) {
     const dim3 grid(kv_ceil_div(T, 64), NH, B);
     attn_prefill_kernel_v1<64, 4, 2><<<grid, 256, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, HS, q_stride,

@@ -115,18 +115,24 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
                  int N, int V);
 
 /* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
- * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. One block per
- * row. smem_optin: the device's opt-in shared memory per block (bytes),
- * passed to kv_sample_init once per device before any launch. variant: 0
- * chooses (v4), 1 = v1 (one pass, per-warp top-K lists), 2 = v2 (a first
- * pass bounds the K-th logit, so few elements compete), 3 = v3 (v2 on a row
- * staged in shared memory), 4 = v4 (v2 for K > 8 else v1, with a per-warp
- * vote that skips hopeless elements and a bitonic merge). */
+ * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. smem_optin: the
+ * device's opt-in shared memory per block (bytes), passed to kv_sample_init
+ * once per device before any launch. scratch: device memory of scratch_keys
+ * 64-bit keys for v5 (B·ceil(V/512)·64 are used; NULL or too small: v4).
+ * variant: 0 chooses (v5 for B ≤ 16, else v4);
+ *   1 = one block per row, one pass, per-warp top-K lists;
+ *   2 = v1 after a pass that bounds the K-th logit, so few elements compete;
+ *   3 = v2 on a row staged in shared memory;
+ *   4 = v2 for K > 8 else v1, with a per-warp vote that skips hopeless
+ *       elements and a bitonic merge of the lists;
+ *   5 = 512-element chunks in parallel blocks, then one block per row
+ *       merges their lists and picks (two kernels). */
 #define KV_SAMPLE_MAX_TOPK 64
 kv_status kv_sample_init(int smem_optin);
 kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
                     const int32_t *counter, int B, int V, int top_k, int max_ban,
-                    uint64_t seed, int smem_optin, int variant);
+                    uint64_t seed, int smem_optin, uint64_t *scratch, long long scratch_keys,
+                    int variant);
 
 /* ---- matmul, attention, align (cuda-compute) ---- */
 
@@ -139,6 +145,13 @@ kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_
  * weights, fp32 SIMT (no TF32) for float weights. out must not alias in. */
 kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                     const void *bias, int bias_f16, int N, int C, int OC, int accumulate);
+/* kv_matmul_variant: kv_matmul with the GEMM kernel chosen (N > 8): 0 the
+ * default (v2: fp16 weights through a cp.async pipeline, 32- or 64-row
+ * tiles; fp32 weights with 32-row tiles when 64 leave SMs idle), 1 the first
+ * kernels (one k-step register prefetch, 64×64 tiles), kept for comparison. */
+kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                            const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
+                            int gemm_variant);
 
 /* attention.cu: see gpu.AttnParams and ref.Attention. q rows q_stride apart,
  * out [B·T, NH·HS], caches [S, NKV, HS] (one layer), order [B·max_len]
@@ -149,12 +162,19 @@ kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int
  * much the split path needs for these shapes. It must be zero-filled before
  * its first use (the kernels leave the counters at zero again). With less
  * (or NULL) the decode kernel runs unsplit: correct, slower at long lengths.
- * variant: 0 chooses; 1 the decode kernel (one block per sequence, kv head
+ * variant: 0 chooses (6, 4 or 5); 1 the decode kernel (one block per sequence, kv head
  * and key split, serving all T·(NH/NKV) queries together, the last split
  * merging the others' partials; needs T·NH/NKV ≤ KV_ATTN_DECODE_MAX_Q);
  * 2 the tiled prefill kernel (flash-attention style online softmax, key
  * tiles in shared memory); 3 the first decode kernel (a second launch merges
- * the splits), kept for comparison. */
+ * the splits), kept for comparison; 4 (default for decoding) decode v3: 256
+ * threads, 64-entry chunks gathered with 16-byte loads, one chunk per split
+ * at usual lengths; 5 (default above) 2 with query tiles of 16-64 rows,
+ * chosen so that the grid fills the GPU; 6 decode v4: one 512-thread block
+ * per (sequence, kv head), K/V rows straight into registers, two memory
+ * round trips (needs HS ∈ {16, 32, 64, 128}, T·NH/NKV ≤ 4, 16-byte
+ * aligned q, caches and q_stride % 4 == 0). 0 = 6 when it applies and
+ * max_len·HS ≤ 384·64, else 4 (decoding) or 5. */
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
@@ -173,7 +193,8 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * variant: 1 = fp32 SIMT; 2 = tensor cores, 3xTF32 (operands split into two
  * TF32 parts: fp32-level accuracy, ~1e-6 relative like v1); 3 = tensor
  * cores, plain TF32 (~1e-3 relative, fastest); 4, 5 = 2, 3 with batched
- * cache gathers (not yet measured on a device); 0 = 2. */
+ * cache gathers (measured on an H200: v4 3% faster than v2, same
+ * accuracy; v5 5-7% faster than v3); 0 = 4. */
 #define KV_ALIGN_MAX_IN 512
 kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
                    int rows, int L, int NKV, int HS, long long layer_stride,
@@ -203,14 +224,16 @@ kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps)
  * rotate-half, as kv_rope), then the key and value heads go to slot slots[r]
  * of kc and vc ([S, NKV, HS]; slots outside [0, S) skipped).
  *
- * variant: 0 chooses; 1 the single fused kernel (N ≤ 8, 16-byte weight rows,
- * aligned operands, staged input ≤ 48 KB; else as 3); 2 = 1 launched as a
- * programmatic dependent (sm_90: the weight loads overlap the previous
- * kernel); 3 two steps, the norm or activation into a scratch buffer from
- * the stream-ordered allocator (cudaMallocAsync/cudaFreeAsync, capturable as
- * graph memory nodes) then kv_matmul (+ kv_gelu_new). For kv_rope_store
- * (always one kernel) 1 = normal launch, 2 = programmatic dependent.
- * 0 = 2 where it applies on sm_90, else 1 (else 3 for the products). */
+ * variant: 0 chooses; 1 the single fused kernel (16-byte weight rows and
+ * aligned operands; N = 1: v2, inputs in registers; N ≤ 8: v1, input staged
+ * in shared memory, ≤ 48 KB; else as 3); 2 = 1 launched as a programmatic
+ * dependent (sm_90: the weight loads overlap the previous kernel); 3 two
+ * steps, the norm or activation into a scratch buffer from the
+ * stream-ordered allocator (cudaMallocAsync/cudaFreeAsync, capturable as
+ * graph memory nodes) then kv_matmul (+ kv_gelu_new); 4 = 2 with v1 also
+ * for N = 1 (for comparison). For kv_rope_store (always one kernel) 1 =
+ * normal launch, 2 and 4 = programmatic dependent. 0 = 2 on sm_90, else 1
+ * (3 for the products where no kernel applies). */
 kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                          const void *norm_b, int norm_f16, const void *w, int w_f16,
                          const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,

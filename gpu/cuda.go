@@ -42,6 +42,11 @@ type CUDA struct {
 	capturing bool
 	allocs    map[uintptr]int // base address → bytes of every live Alloc, freed by Close
 
+	// sampleScratch holds the per-chunk candidate lists of the multi-block
+	// sampler (csrc/sampling.cu v5): sampleScratchKeys 64-bit keys, as I32
+	// pairs. Allocated once by NewCUDA, since Sample runs inside captures.
+	sampleScratch Buf
+
 	// attnScratch is split-K attention's partial-result buffer, grown
 	// (outside capture) by cuda_attention.go through Alloc, so Close frees
 	// it with every other live allocation.
@@ -72,8 +77,16 @@ func NewCUDA(device int) (Backend, error) {
 	if s := C.kv_stream_create(&c.stream); s != 0 {
 		return nil, cudaError("cuda", s, "create stream on "+c.name)
 	}
+	// 4 MiB: B·ceil(V/512)·64 keys cover B ≤ 80 rows at V = 50k; bigger
+	// batches fall back to one block per row, which fills the GPU anyway.
+	if buf, err := c.Alloc(I32, 2*sampleScratchKeys); err == nil {
+		c.sampleScratch = buf
+	}
 	return c, nil
 }
+
+// sampleScratchKeys is the size of CUDA.sampleScratch in 64-bit keys.
+const sampleScratchKeys = 512 * 1024
 
 func cudaError(op string, s C.kv_status, context string) *Error {
 	msg := C.GoString(C.kv_error_string(s))
@@ -268,6 +281,7 @@ func (c *CUDA) Close() error {
 	}
 	clear(c.allocs)
 	c.attnScratch = Buf{}
+	c.sampleScratch = Buf{}
 	keep("close", C.kv_stream_destroy(c.stream))
 	c.stream = nil
 	c.closed = true

@@ -110,10 +110,13 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 		variant int
 		work    Buf
 	}
-	runs := []run{{0, work}, {2, Buf{}}}
+	runs := []run{{0, work}, {2, Buf{}}, {5, Buf{}}}
 	if p.T*p.NH/p.NKV <= 16 {
 		// The second split run reuses work: the first must leave its counters at zero.
-		runs = append(runs, run{1, Buf{}}, run{1, work}, run{3, Buf{}}, run{3, work})
+		runs = append(runs, run{1, Buf{}}, run{1, work}, run{3, Buf{}}, run{3, work}, run{4, Buf{}}, run{4, work}, run{4, work})
+	}
+	if p.T*p.NH/p.NKV <= 4 && (p.HS == 16 || p.HS == 32 || p.HS == 64 || p.HS == 128) {
+		runs = append(runs, run{6, Buf{}}) // one block per kv head, any length
 	}
 	for _, r := range runs {
 		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
@@ -151,7 +154,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 					c.UploadInts(a.lBuf, lens)
 					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
 					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
-					for _, variant := range []int{1, 3} {
+					for _, variant := range []int{1, 3, 4, 6, 0} {
 						b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
 							sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, work) })
 							b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")
@@ -161,16 +164,22 @@ func BenchmarkCUDAAttention(b *testing.B) {
 				})
 			}
 		}
-		b.Run(fmt.Sprintf("prefill_%s_T1024", m.name), func(b *testing.B) {
-			p := AttnParams{B: 1, T: 1024, NH: m.NH, NKV: m.NKV, HS: 64, QStride: m.NH * 64, MaxLen: 1024, RopeTheta: m.theta}
-			a := newAttnCase(b, c, rng, p)
-			c.UploadInts(a.lBuf, []int32{1024})
-			out := uploadNew(b, c, F32, make([]float32, 1024*m.NH*64))
-			sec := graphTime(b, c, 5, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, 0, Buf{}) })
-			flops := 2.0 * 2 * 1024 * 1024 / 2 * 64 * float64(m.NH) // causal: half the scores
-			b.ReportMetric(flops/sec/1e12, "TFLOP/s")
-			b.ReportMetric(sec*1e6, "µs/call")
-		})
+		// Prefills: a perplexity window (T = 1024) and the `ar` mode's full
+		// recomputation of a 256-entry cache.
+		for _, T := range []int{1024, 256} {
+			for _, variant := range []int{2, 5} {
+				b.Run(fmt.Sprintf("prefill_%s_T%d/v%d", m.name, T, variant), func(b *testing.B) {
+					p := AttnParams{B: 1, T: T, NH: m.NH, NKV: m.NKV, HS: 64, QStride: m.NH * 64, MaxLen: T, RopeTheta: m.theta}
+					a := newAttnCase(b, c, rng, p)
+					c.UploadInts(a.lBuf, []int32{int32(T)})
+					out := uploadNew(b, c, F32, make([]float32, T*m.NH*64))
+					sec := graphTime(b, c, 5, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, Buf{}) })
+					flops := 2.0 * 2 * float64(T) * float64(T) / 2 * 64 * float64(m.NH) // causal: half the scores
+					b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+					b.ReportMetric(sec*1e6, "µs/call")
+				})
+			}
+		}
 	}
 }
 
@@ -180,7 +189,13 @@ func BenchmarkCUDAAttention(b *testing.B) {
 func TestCUDAAttentionCapture(t *testing.T) {
 	c := newTestCUDA(t)
 	rng := rand.New(rand.NewPCG(15, 16))
-	p := AttnParams{B: 2, T: 1, NH: 9, NKV: 3, HS: 64, QStride: 15 * 64, MaxLen: 700, RopeTheta: 10000}
+	for _, maxLen := range []int{700, 300} { // split v3; one block per kv head (v4)
+		testAttentionCapture(t, c, rng, maxLen)
+	}
+}
+
+func testAttentionCapture(t *testing.T, c *CUDA, rng *rand.Rand, maxLen int) {
+	p := AttnParams{B: 2, T: 1, NH: 9, NKV: 3, HS: 64, QStride: 15 * 64, MaxLen: maxLen, RopeTheta: 10000}
 	a := newAttnCase(t, c, rng, p)
 	out := alloc(t, c, F32, p.B*p.NH*p.HS)
 	c.Attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p) // sizes the scratch outside the capture
@@ -191,6 +206,9 @@ func TestCUDAAttentionCapture(t *testing.T) {
 	}
 	defer r.Close()
 	for step, lens := range [][]int32{{1, 700}, {699, 33}, {0, 64}, {257, 511}} {
+		for i := range lens {
+			lens[i] = min(lens[i], int32(maxLen))
+		}
 		copy(a.lens, lens)
 		c.UploadInts(a.lBuf, a.lens)
 		poison(t, c, out)

@@ -13,10 +13,13 @@ import "C"
 // N ≤ 8 (decoding: a weight stream) and a tiled GEMM above (tensor cores for
 // F16 weights, fp32 SIMT for F32 weights).
 func (c *CUDA) MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool) {
-	c.matmul(out, in, w, bias, N, C, OC, accumulate)
+	c.matmul(out, in, w, bias, N, C, OC, accumulate, 0)
 }
 
-func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool) {
+// matmul runs the product with GEMM kernel variant (N > 8; see
+// kv_matmul_variant): 0 the default, 1 the first kernels (tests and
+// benchmarks compare them).
+func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool, variant int) {
 	const op = "matmul"
 	if !c.need(op, n >= 0 && ch >= 0 && oc >= 0, "negative shape N=%d C=%d OC=%d", n, ch, oc) ||
 		!c.needBuf(op, "out", out, n*oc, F32) ||
@@ -33,8 +36,8 @@ func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool) {
 		acc = 1
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_matmul(c.stream, devF32(out), devF32(in), dev(w), f16(w), dev(bias), f16(bias),
-			C.int(n), C.int(ch), C.int(oc), acc)
+		return C.kv_matmul_variant(c.stream, devF32(out), devF32(in), dev(w), f16(w), dev(bias), f16(bias),
+			C.int(n), C.int(ch), C.int(oc), acc, C.int(variant))
 	})
 }
 

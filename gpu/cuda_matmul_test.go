@@ -61,6 +61,7 @@ func TestCUDAMatMul(t *testing.T) {
 		{8, 67, 45},                  // C not a multiple of the vector: scalar GEMV
 		{4, 768, 300}, {6, 768, 130}, // lanes split evenly (32 per group, 3 chunks each)
 		{9, 40, 17}, {37, 576, 203}, {37, 67, 51}, {200, 768, 97}, {64, 64, 64},
+		{70, 3072, 200}, {1030, 72, 1100}, // GEMM v2: 32-row tiles, many k-tiles; 64-row tiles
 	}
 	for _, sh := range shapes {
 		for _, wdt := range []DType{F32, F16} {
@@ -70,8 +71,14 @@ func TestCUDAMatMul(t *testing.T) {
 						if misalign == 1 && (sh.N > 9 || biasDT != int(wdt) || acc) {
 							continue // one misaligned run per shape and dtype is enough
 						}
-						name := fmt.Sprintf("N%d_C%d_OC%d_w%v_bias%d_acc%v_mis%d", sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign)
-						testMatMul(t, c, rng, name, sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign)
+						variants := []int{0}
+						if sh.N > 8 {
+							variants = append(variants, 1) // the first GEMM kernels, kept side by side
+						}
+						for _, v := range variants {
+							name := fmt.Sprintf("N%d_C%d_OC%d_w%v_bias%d_acc%v_mis%d_v%d", sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)
+							testMatMul(t, c, rng, name, sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)
+						}
 					}
 				}
 			}
@@ -79,7 +86,7 @@ func TestCUDAMatMul(t *testing.T) {
 	}
 }
 
-func testMatMul(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, OC int, wdt DType, biasDT int, acc bool, misalign int) {
+func testMatMul(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, OC int, wdt DType, biasDT int, acc bool, misalign, variant int) {
 	t.Helper()
 	in := randVals(rng, N*C, 1)
 	w := randVals(rng, OC*C, 1/float32(math.Sqrt(float64(C))))
@@ -119,7 +126,7 @@ func testMatMul(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, OC int
 	if !acc {
 		poison(t, c, out)
 	}
-	c.MatMul(out, inBuf, wBuf, bBuf, N, C, OC, acc)
+	c.matmul(out, inBuf, wBuf, bBuf, N, C, OC, acc, variant)
 	got := download(t, c, out)
 	rtol := 1e-5
 	if wdt == F16 || biasDT == int(F16) {
@@ -245,20 +252,23 @@ func BenchmarkCUDAMatMulGEMM(b *testing.B) {
 	c := newTestCUDA(b)
 	rng := rand.New(rand.NewPCG(5, 6))
 	for _, wdt := range []DType{F16, F32} {
-		for _, sh := range []struct{ N, C, OC int }{{256, 768, 2304}, {256, 3072, 768}, {1024, 768, 3072}, {256, 768, 50257}} {
-			b.Run(fmt.Sprintf("%v_N%d_C%d_OC%d", wdt, sh.N, sh.C, sh.OC), func(b *testing.B) {
-				in := uploadNew(b, c, F32, randVals(rng, sh.N*sh.C, 1))
-				w := uploadNew(b, c, wdt, randVals(rng, sh.OC*sh.C, 0.05))
-				bias := uploadNew(b, c, wdt, randVals(rng, sh.OC, 0.1))
-				out, err := c.Alloc(F32, sh.N*sh.OC)
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer c.Free(out)
-				sec := graphTime(b, c, 10, func(int) { c.MatMul(out, in, w, bias, sh.N, sh.C, sh.OC, false) })
-				b.ReportMetric(2*float64(sh.N)*float64(sh.C)*float64(sh.OC)/sec/1e12, "TFLOP/s")
-				b.ReportMetric(sec*1e6, "µs/call")
-			})
+		for _, sh := range []struct{ N, C, OC int }{{256, 768, 2304}, {256, 768, 768}, {256, 768, 3072}, {256, 3072, 768},
+			{64, 3072, 768}, {256, 576, 960}, {256, 1536, 576}, {1024, 768, 3072}, {256, 768, 50257}} {
+			for _, variant := range []int{1, 0} {
+				b.Run(fmt.Sprintf("%v_N%d_C%d_OC%d/v%d", wdt, sh.N, sh.C, sh.OC, variant), func(b *testing.B) {
+					in := uploadNew(b, c, F32, randVals(rng, sh.N*sh.C, 1))
+					w := uploadNew(b, c, wdt, randVals(rng, sh.OC*sh.C, 0.05))
+					bias := uploadNew(b, c, wdt, randVals(rng, sh.OC, 0.1))
+					out, err := c.Alloc(F32, sh.N*sh.OC)
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer c.Free(out)
+					sec := graphTime(b, c, 10, func(int) { c.matmul(out, in, w, bias, sh.N, sh.C, sh.OC, false, variant) })
+					b.ReportMetric(2*float64(sh.N)*float64(sh.C)*float64(sh.OC)/sec/1e12, "TFLOP/s")
+					b.ReportMetric(sec*1e6, "µs/call")
+				})
+			}
 		}
 	}
 }

@@ -30,8 +30,10 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 		p.MaxBan > 0 && !c.needBuf(op, "banned", banned, p.B*p.MaxBan, I32) {
 		return
 	}
+	scratchKeys := c.sampleScratch.n / 2
 	c.run(op, func() C.kv_status {
 		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
-			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(c.smemOptin), C.int(variant))
+			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(c.smemOptin),
+			(*C.uint64_t)(dev(c.sampleScratch)), C.longlong(scratchKeys), C.int(variant))
 	})
 }

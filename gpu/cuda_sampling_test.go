@@ -28,7 +28,7 @@ func TestCUDASample(t *testing.T) {
 		{64, 7, 1, false},
 		{32, 130, 2, true},
 	} {
-		for _, topK := range []int{1, 5, 40, 64} {
+		for _, topK := range []int{1, 5, 9, 40, 64} {
 			rounds := tc.rounds
 			if testing.Short() {
 				rounds = 1
@@ -65,7 +65,7 @@ func TestCUDASample(t *testing.T) {
 				out := alloc(t, c, I32, tc.B)
 				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
 				lg, bn, ct := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter)
-				for variant := 1; variant <= 3; variant++ {
+				for variant := 1; variant <= 5; variant++ {
 					poison(t, c, out)
 					c.sample(out, lg, bn, ct, p, variant)
 					checkOK(t, c)
@@ -131,8 +131,8 @@ func argmax(v []float32) int32 {
 
 func BenchmarkCUDASample(b *testing.B) {
 	for _, tc := range []struct{ B, V, topK, variant int }{
-		{1, 50257, 1, 1}, {1, 50257, 1, 2}, {1, 50257, 1, 3}, {1, 50257, 40, 1}, {1, 50257, 40, 2},
-		{1, 50257, 40, 3}, {1, 49152, 64, 3}, {16, 50257, 40, 3}, {64, 50257, 40, 3},
+		{1, 50257, 1, 4}, {1, 50257, 1, 5}, {1, 50257, 40, 4}, {1, 50257, 40, 5},
+		{1, 49152, 64, 5}, {16, 50257, 40, 4}, {16, 50257, 40, 5}, {64, 50257, 40, 5},
 	} {
 		b.Run(fmt.Sprintf("B%d_V%d_top%d_v%d", tc.B, tc.V, tc.topK, tc.variant), func(b *testing.B) {
 			c := newTestCUDA(b)

@@ -1,0 +1,833 @@
+// fused.cu — the fused decode operations of gpu.Fused (reference
+// compositions: gpu/ref/fused.go). Batch-1 decoding is bound by launch
+// latency once the weights stream at full bandwidth, so each entry point does
+// the work of several plain operations in one launch:
+//
+//  - kv_norm_matmul:   LayerNorm/RMSNorm → MatMul (+ bias, gelu_new, residual add)
+//  - kv_swiglu_matmul: silu(gate)·up → MatMul (+ residual add)
+//  - kv_rope_store:    RoPE on q|k → CacheStore(k) → CacheStore(v)
+//
+// Small N (decoding): one GEMV kernel that streams its weight rows like
+// matmul.cu's gemv_kernel_v1 and computes its input itself: every block (or
+// group of lanes) normalises the input row — the row statistics of a row of
+// ≤ a few KB, read through L1 — so no launch and no round trip through
+// memory separate the norm from the product. The weights, which no earlier
+// kernel writes, are loaded before the input is touched, so their fetch
+// latency overlaps the normalisation. N = 1 (v2): each lane loads just the
+// input elements its weight chunks multiply and a group of lanes reduces the
+// statistics with shuffles; 2 ≤ N ≤ 8 (v1): the block stages the rows in
+// shared memory.
+//
+// Programmatic dependent launch (sm_90, variant 2 / default): a fused kernel
+// launched as a programmatic dependent issues its weight loads before
+// waiting for its predecessor (griddepcontrol.wait), then lets the next
+// kernel of the stream launch (griddepcontrol.launch_dependents) — after the
+// wait, so that at most one kernel prefetches ahead (triggering at the start
+// let a whole chain of kernels launch at once and flood the memory system
+// with far-ahead weight loads). Only constant data (weights) is read before
+// the wait; every read of activations and every write comes after it, and
+// each kernel completes only after its predecessor has, so stream order
+// holds.
+//
+// Large N (prefill, scoring, recomputation) and shapes the GEMV cannot take
+// (rows not 16-byte multiples, inputs too large for shared memory): the norm
+// or activation writes a scratch buffer taken from the stream-ordered
+// allocator (cudaMallocAsync/cudaFreeAsync: graph memory nodes under
+// capture), then kv_matmul (and kv_gelu_new) run on it.
+#include <utility>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kFusedThreads = 128;
+constexpr int kFusedMaxN = 8;
+constexpr int kFusedSmemMax = 48 * 1024;  // dynamic shared memory without an opt-in
+constexpr int kV2ChunksPerLane = 4;       // v2: 16-byte weight chunks a lane holds (a row ≤ 4·128 chunks)
+
+enum InMode { kLayerNorm = 0, kRMSNorm = 1, kSwiGLU = 2 };
+
+// ---- programmatic dependent launch (PTX griddepcontrol, sm_90) ----
+
+// pdl_launch_dependents lets the next kernel in the stream start launching;
+// it still waits (pdl_wait) for this one to complete before it reads.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// pdl_wait blocks until the grids this one depends on have completed and
+// their writes are visible; a no-op for a kernel launched normally.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// ---- asynchronous copies global → shared (sm_80+) ----
+
+// cp_async16 copies 16 bytes, allocating in L1 (.ca): the staged inputs are
+// the same few KB for every block, so blocks on one SM share them.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// ---- weight stream (adapted from matmul.cu: ld_stream16, unpack16) ----
+
+// ld_stream16 loads 16 bytes that are used once: read-only path, no L1
+// allocation, so the streamed weights do not evict the staged inputs.
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// unpack16 widens 16 bytes of weights to VEC floats (8 halves or 4 floats).
+template <bool F16>
+__device__ __forceinline__ void unpack16(uint4 v, float *f) {
+  if constexpr (F16) {
+    const __half2 *h = reinterpret_cast<const __half2 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float2 t = __half22float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+  }
+}
+
+// load_batch issues one batch of weight loads: for the R rows of (tile,
+// group), chunks c0, c0+TPR, … (U of them). Rows past OC reread the last row
+// (never stored), chunks past the row give zeros.
+template <bool F16, int R, int U, int TPR, int GROUPS>
+__device__ __forceinline__ void load_batch(uint4 (&wv)[R][U], const char *__restrict__ w, size_t row_bytes,
+                                           int tile, int group, int c0, int chunks, int OC) {
+  const int row0 = (tile * GROUPS + group) * R;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const uint4 *p = reinterpret_cast<const uint4 *>(w + (size_t)min(row0 + r, OC - 1) * row_bytes);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int c = c0 + u * TPR;
+      wv[r][u] = c < chunks ? ld_stream16(p + c) : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// block_sum_rows: v[n] becomes the block-wide sum for every n < NB, in every
+// thread. red is this call's own scratch (each call site passes a different
+// one, so no barrier is needed before reuse).
+template <int NB>
+__device__ __forceinline__ void block_sum_rows(float (&v)[NB], float (*red)[NB]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < NB; n++) v[n] = kv_warp_sum(v[n]);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < NB; n++) red[warp][n] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < NB; n++) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < kFusedThreads / 32; k++) t += red[k][n];
+    v[n] = t;
+  }
+}
+
+__device__ __forceinline__ float load_norm_w(const unsigned char *s, int f16, int c) {
+  return f16 ? __half2float(reinterpret_cast<const __half *>(s)[c]) : reinterpret_cast<const float *>(s)[c];
+}
+
+// silu(g)·u as activation.cu's silu_mul_kernel_v1 (full-precision expf).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+__device__ __forceinline__ float gelu_new(float v) {
+  // As activation.cu's gelu_new_kernel_v1: full-precision tanhf.
+  return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+// fused_gemv_kernel_v1 (any N ≤ 8): out[N,OC] (+)= act(xform(in)[N,K]·w[OC,K]ᵀ + bias).
+// xform (MODE): LayerNorm or RMSNorm of rows of K = C, or
+// silu(gu[:, :K])·gu[:, K:2K] (rows 2K apart). The input rows (and the norm
+// weights) are staged in shared memory by cp.async and transformed there by
+// the whole block; then GROUPS groups of TPR lanes compute R output rows each
+// for all N inputs (matmul.cu gemv_kernel_v1's weight stream, inputs from
+// shared memory). The first batch of weights is loaded before the staging.
+// The staging copies are L1-allocating (cp.async.ca): every block reads the
+// same few KB, and with L1-bypassing copies (.cg) the blocks' requests for
+// the same L2 lines serialised — a first version spent 2–3 µs there at 576
+// blocks (distilgpt2 qkv), more than the whole product.
+//
+// Shared memory (dynamic): xs[N][K] floats (SwiGLU: + us[N][K] for the up
+// half), then for the norms norm_w and norm_b as stored (half or float).
+template <bool F16, int NB, int R, int TPR, int MODE>
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
+                         const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
+                         const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
+                         int accumulate) {
+  constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
+  constexpr int U = 4 / R;          // chunks per row per batch (R·U = 4 loads in flight)
+  constexpr int GROUPS = kFusedThreads / TPR;
+  constexpr int WPG = TPR > 32 ? TPR / 32 : 1;  // warps per group
+  constexpr int NWARPS = kFusedThreads / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[2][NWARPS][NB];
+
+  const int tid = threadIdx.x;
+  const int group = tid / TPR, lane = tid % TPR;
+  const int chunks = K / VEC;
+  const size_t row_bytes = (size_t)K * (F16 ? 2 : 4);
+  const char *wb = static_cast<const char *>(w);
+  float *xs = reinterpret_cast<float *>(smem);
+  const int K4 = K / 4;
+
+  // 1. Constant data first: the first batch of weights, and the norm
+  // weights into shared memory.
+  uint4 wv[R][U];
+  load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC);
+  const int nbytes = K * (norm_f16 ? 2 : 4);  // a multiple of 16 (host checks)
+  unsigned char *nws = smem + (size_t)N * K * 4 * (MODE == kSwiGLU ? 2 : 1);
+  unsigned char *nbs = nws + nbytes;
+  if constexpr (MODE != kSwiGLU) {
+    for (int i = tid; i < nbytes / 16; i += kFusedThreads) {
+      cp_async16(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
+      if (MODE == kLayerNorm && norm_b != nullptr) cp_async16(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
+    }
+  }
+
+  // 2. The input rows (written by the previous kernel).
+  pdl_wait();
+  pdl_launch_dependents();
+  if constexpr (MODE == kSwiGLU) {
+    float *us = xs + N * K;
+    for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
+      const int n = idx / K4, i = idx - n * K4;
+      cp_async16(xs + 4 * idx, in + (size_t)n * 2 * K + 4 * i);
+      cp_async16(us + 4 * idx, in + (size_t)n * 2 * K + K + 4 * i);
+    }
+  } else {
+    for (int idx = tid; idx < N * K4; idx += kFusedThreads) cp_async16(xs + 4 * idx, in + 4 * (size_t)idx);
+  }
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  // 3. Transform in place; each thread owns the same float4s in every pass.
+  float4 *xs4 = reinterpret_cast<float4 *>(xs);
+  if constexpr (MODE == kSwiGLU) {
+    // silu(g)·u as activation.cu's silu_mul_kernel_v1 (full-precision expf).
+    const float4 *us4 = reinterpret_cast<const float4 *>(xs + N * K);
+    for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
+      float4 g = xs4[idx];
+      const float4 u = us4[idx];
+      g.x = silu_mul(g.x, u.x);
+      g.y = silu_mul(g.y, u.y);
+      g.z = silu_mul(g.z, u.z);
+      g.w = silu_mul(g.w, u.w);
+      xs4[idx] = g;
+    }
+  } else {
+    // Row statistics in fp32, two passes for LayerNorm (as norm.cu: the
+    // one-pass E[x²]−E[x]² would cancel for rows with a large mean).
+    float mean[NB], rstd[NB];
+    float s[NB];
+#pragma unroll
+    for (int n = 0; n < NB; n++) s[n] = 0.f;
+    for (int i = tid; i < K4; i += kFusedThreads) {
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        if (n < N) {
+          const float4 v = xs4[n * K4 + i];
+          s[n] += MODE == kLayerNorm ? (v.x + v.y) + (v.z + v.w) : (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+        }
+      }
+    }
+    block_sum_rows<NB>(s, red[0]);
+    if constexpr (MODE == kLayerNorm) {
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        mean[n] = s[n] / (float)K;
+        s[n] = 0.f;
+      }
+      for (int i = tid; i < K4; i += kFusedThreads) {
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+          if (n < N) {
+            const float4 v = xs4[n * K4 + i];
+            const float a = v.x - mean[n], b = v.y - mean[n], c = v.z - mean[n], d = v.w - mean[n];
+            s[n] += (a * a + b * b) + (c * c + d * d);
+          }
+        }
+      }
+      block_sum_rows<NB>(s, red[1]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NB; n++) mean[n] = 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < NB; n++) rstd[n] = 1.f / sqrtf(s[n] / (float)K + eps);
+    const bool has_b = MODE == kLayerNorm && norm_b != nullptr;
+    for (int i = tid; i < K4; i += kFusedThreads) {
+      float wn[4], bn[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        wn[e] = load_norm_w(nws, norm_f16, 4 * i + e);
+        if (has_b) bn[e] = load_norm_w(nbs, norm_f16, 4 * i + e);
+      }
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        if (n < N) {
+          float4 v = xs4[n * K4 + i];
+          v.x = (v.x - mean[n]) * rstd[n] * wn[0] + bn[0];
+          v.y = (v.y - mean[n]) * rstd[n] * wn[1] + bn[1];
+          v.z = (v.z - mean[n]) * rstd[n] * wn[2] + bn[2];
+          v.w = (v.w - mean[n]) * rstd[n] * wn[3] + bn[3];
+          xs4[n * K4 + i] = v;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // 4. The weight stream (matmul.cu gemv_kernel_v1's loop, inputs from
+  // shared memory); the first batch is already in wv.
+  float acc[R][NB];
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++) acc[r][n] = 0.f;
+  const int nlast = N - 1;
+  for (int c0 = lane; c0 < chunks; c0 += TPR * U) {
+    if (c0 != lane) load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, c0, chunks, OC);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int c = c0 + u * TPR;
+      if (c < chunks) {
+        float wf[R][VEC];
+#pragma unroll
+        for (int r = 0; r < R; r++) unpack16<F16>(wv[r][u], wf[r]);
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+          // Rows n ≥ N read row N−1 (a valid address); their sums are dropped.
+          const float4 *xp = reinterpret_cast<const float4 *>(xs + (size_t)min(n, nlast) * K + (size_t)c * VEC);
+#pragma unroll
+          for (int v4 = 0; v4 < VEC / 4; v4++) {
+            const float4 x = xp[v4];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+              acc[r][n] = fmaf(wf[r][4 * v4 + 0], x.x, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 1], x.y, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 2], x.z, acc[r][n]);
+              acc[r][n] = fmaf(wf[r][4 * v4 + 3], x.w, acc[r][n]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Reduce over the group's lanes: shuffles within each warp …
+  constexpr int SPAN = TPR < 32 ? TPR : 32;
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+#pragma unroll
+      for (int o = SPAN / 2; o > 0; o >>= 1) acc[r][n] += __shfl_xor_sync(KV_FULL_MASK, acc[r][n], o);
+  // … then across the group's warps through shared memory.
+  if constexpr (WPG > 1) {
+    __shared__ float part[NWARPS][R * NB];
+    const int warp = tid / 32;
+    if ((tid & 31) == 0) {
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int n = 0; n < NB; n++) part[warp][r * NB + n] = acc[r][n];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < WPG; k++) t += part[group * WPG + k][r * NB + n];
+        acc[r][n] = t;
+      }
+  }
+
+  // Epilogue: lane k of the group writes output k.
+  const int row0 = (blockIdx.x * GROUPS + group) * R;
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      const int row = row0 + r;
+      if (n < N && lane == (r * NB + n) % TPR && row < OC) {
+        float v = acc[r][n];
+        if (bias) v += kv_load_w(bias, bias_f16, row);
+        if (gelu) v = gelu_new(v);
+        float *o = out + (size_t)n * OC + row;
+        *o = accumulate ? *o + v : v;
+      }
+    }
+}
+
+// group_sum: the sum of v over the TPR lanes of this thread's group, in
+// every lane (shuffles, then shared memory across the group's warps).
+// scratch: this call site's own __shared__ float[kFusedThreads/32]; every
+// thread of the block must call it (it has a barrier when TPR > 32).
+template <int TPR>
+__device__ __forceinline__ float group_sum(float v, float *scratch) {
+  constexpr int SPAN = TPR < 32 ? TPR : 32;
+#pragma unroll
+  for (int o = SPAN / 2; o > 0; o >>= 1) v += __shfl_xor_sync(KV_FULL_MASK, v, o);
+  if constexpr (TPR > 32) {
+    constexpr int WPG = TPR / 32;
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+    __syncthreads();
+    const int g0 = warp / WPG * WPG;
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < WPG; k++) t += scratch[g0 + k];
+    v = t;
+  }
+  return v;
+}
+
+// ldg_vec loads VEC consecutive weight-like values at element off of p
+// (half or float per f16) through the read-only cache.
+template <int VEC>
+__device__ __forceinline__ void ldg_vec(const void *p, int f16, int off, float (&f)[VEC]) {
+  if (f16) {
+    const __half *h = static_cast<const __half *>(p) + off;
+    if constexpr (VEC == 8) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(h));
+      unpack16<true>(v, f);
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2 *>(h));
+      const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
+      const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+      f[0] = a.x;
+      f[1] = a.y;
+      f[2] = b.x;
+      f[3] = b.y;
+    }
+  } else {
+    const float4 *q = reinterpret_cast<const float4 *>(static_cast<const float *>(p) + off);
+#pragma unroll
+    for (int i = 0; i < VEC / 4; i++) {
+      const float4 t = __ldg(q + i);
+      f[4 * i] = t.x;
+      f[4 * i + 1] = t.y;
+      f[4 * i + 2] = t.z;
+      f[4 * i + 3] = t.w;
+    }
+  }
+}
+
+// fused_gemv1_kernel_v2 (N = 1, the batch-1 decode step): one output row
+// per group of TPR lanes, every lane holding all its chunks of the row
+// (≤ kV2ChunksPerLane) — weights, and the matching input values. The weight
+// loads go first; then (after the wait) each lane loads only the input
+// elements its chunks multiply, through L1 (as gemv_kernel_v1 does: blocks
+// on one SM share them), and the group computes the row statistics with
+// shuffles. No shared-memory staging and, for TPR = 32, no barrier: the
+// normalisation adds two warp reductions to the GEMV.
+// At most 64 registers (8 blocks, 32 warps an SM; LayerNorm, holding norm
+// weight and bias chunks, 80 and 6 blocks so as not to spill): enough weight
+// loads in flight per SM for the LM head to stream at bandwidth.
+template <bool F16, int TPR, int MODE>
+__global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
+    fused_gemv1_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
+                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
+                          const void *__restrict__ bias, int bias_f16, int K, int OC, float eps, int gelu,
+                          int accumulate) {
+  constexpr int VEC = F16 ? 8 : 4;
+  constexpr int GROUPS = kFusedThreads / TPR;
+  constexpr int CPL = kV2ChunksPerLane;
+  __shared__ float red[3][kFusedThreads / 32];
+  const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
+  const int chunks = K / VEC;
+  const int row = blockIdx.x * GROUPS + group;
+  const uint4 *wr =
+      reinterpret_cast<const uint4 *>(static_cast<const char *>(w) + (size_t)min(row, OC - 1) * K * (F16 ? 2 : 4));
+  uint4 wv[CPL];
+#pragma unroll
+  for (int j = 0; j < CPL; j++) {
+    const int c = lane + j * TPR;
+    wv[j] = c < chunks ? ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
+  }
+
+  pdl_wait();
+  pdl_launch_dependents();
+  float xv[CPL][VEC];
+#pragma unroll
+  for (int j = 0; j < CPL; j++) {
+    const int c = lane + j * TPR;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) xv[j][e] = 0.f;
+    if (c < chunks) {
+      const float4 *xp = reinterpret_cast<const float4 *>(in + (size_t)c * VEC);
+#pragma unroll
+      for (int v4 = 0; v4 < VEC / 4; v4++) {
+        float4 x = __ldg(xp + v4);
+        if constexpr (MODE == kSwiGLU) {
+          const float4 u = __ldg(reinterpret_cast<const float4 *>(in + K + (size_t)c * VEC) + v4);
+          x.x = silu_mul(x.x, u.x);
+          x.y = silu_mul(x.y, u.y);
+          x.z = silu_mul(x.z, u.z);
+          x.w = silu_mul(x.w, u.w);
+        }
+        xv[j][4 * v4] = x.x;
+        xv[j][4 * v4 + 1] = x.y;
+        xv[j][4 * v4 + 2] = x.z;
+        xv[j][4 * v4 + 3] = x.w;
+      }
+    }
+  }
+  if constexpr (MODE != kSwiGLU) {
+    float mean = 0.f, ss = 0.f;
+    if constexpr (MODE == kLayerNorm) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < CPL; j++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) s += xv[j][e];  // padding chunks hold 0
+      mean = group_sum<TPR>(s, red[0]) / (float)K;
+#pragma unroll
+      for (int j = 0; j < CPL; j++) {
+        if (lane + j * TPR < chunks) {
+#pragma unroll
+          for (int e = 0; e < VEC; e++) {
+            const float d = xv[j][e] - mean;
+            ss += d * d;
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < CPL; j++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) ss += xv[j][e] * xv[j][e];
+    }
+    const float rstd = 1.f / sqrtf(group_sum<TPR>(ss, red[1]) / (float)K + eps);
+    const bool has_b = MODE == kLayerNorm && norm_b != nullptr;
+#pragma unroll
+    for (int j = 0; j < CPL; j++) {
+      const int c = lane + j * TPR;
+      if (c < chunks) {
+        float wn[VEC], bn[VEC];
+        ldg_vec<VEC>(norm_w, norm_f16, c * VEC, wn);
+        if (has_b) {
+          ldg_vec<VEC>(norm_b, norm_f16, c * VEC, bn);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; e++) bn[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; e++) xv[j][e] = (xv[j][e] - mean) * rstd * wn[e] + bn[e];
+      }
+    }
+  }
+
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < CPL; j++) {
+    float wf[VEC];
+    unpack16<F16>(wv[j], wf);  // padding chunks: zero weights and zero inputs
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc = fmaf(wf[e], xv[j][e], acc);
+  }
+  acc = group_sum<TPR>(acc, red[2]);
+  if (lane == 0 && row < OC) {
+    float v = acc;
+    if (bias) v += kv_load_w(bias, bias_f16, row);
+    if (gelu) v = gelu_new(v);
+    float *o = out + row;
+    *o = accumulate ? *o + v : v;
+  }
+}
+
+// rope_store_kernel_v1: grid (N, ceil(pairs/128)), one thread per rotated
+// pair (i, i+HS/2) of heads h0..NH+2·NKV−1 of row r (h0 = NH when nothing is
+// rotated: the queries are then untouched). Heads below rope_heads are
+// rotated in place (rope.cu rope_kernel_v2's arithmetic); key and value
+// heads are then written to slot slots[r] of kc / vc (skipped for slots
+// outside [0, S), as cache.cu does). The inverse frequency (a double pow)
+// depends on no earlier kernel and is computed before the wait.
+__global__ void __launch_bounds__(128)
+    rope_store_kernel_v1(float *__restrict__ qkv, float *__restrict__ kc, float *__restrict__ vc, int S,
+                         const int32_t *__restrict__ pos, const int32_t *__restrict__ slots, int NH, int NKV,
+                         int HS, int row_stride, int rope_heads, int h0, float theta) {
+  const int half = HS / 2;
+  const int p = blockIdx.y * blockDim.x + threadIdx.x;
+  if (p >= (NH + 2 * NKV - h0) * half) return;
+  const int h = h0 + p / half, i = p % half;
+  const bool rotate = h < rope_heads;
+  const float inv = rotate ? kv_rope_inv_freq(i, HS, theta) : 0.f;
+  pdl_wait();
+  pdl_launch_dependents();
+  const int r = blockIdx.x;
+  float *head = qkv + (long long)r * row_stride + h * HS;
+  float x1 = head[i], x2 = head[i + half];
+  if (rotate) {
+    float sn, cs;
+    sincosf((float)pos[r] * inv, &sn, &cs);
+    const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
+    x1 = y1;
+    x2 = y2;
+    head[i] = x1;
+    head[i + half] = x2;
+  }
+  if (h >= NH) {
+    const int slot = slots[r];
+    if (slot >= 0 && slot < S) {
+      int kh = h - NH;
+      float *cache = kc;
+      if (kh >= NKV) {
+        kh -= NKV;
+        cache = vc;
+      }
+      float *d = cache + ((long long)slot * NKV + kh) * HS;
+      d[i] = x1;
+      d[i + half] = x2;
+    }
+  }
+}
+
+// ---- host side ----
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// pdl_supported: programmatic dependent launch needs compute capability 9.0.
+bool pdl_supported() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+
+// launch enqueues kernel<<<grid, block, smem, s>>>(args…), with the
+// programmatic-stream-serialization attribute when pdl is set.
+template <typename... Exp, typename... Act>
+cudaError_t launch(void (*kernel)(Exp...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
+                   Act &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...);
+}
+
+struct GemvArgs {
+  float *out;
+  const float *in;
+  const void *norm_w, *norm_b;
+  int norm_f16;
+  const void *w;
+  const void *bias;
+  int bias_f16;
+  int N, K, OC;
+  float eps;
+  int gelu, accumulate;
+};
+
+// fused_smem is the dynamic shared memory of fused_gemv_kernel_v1.
+size_t fused_smem(int mode, int N, int K, int norm_f16) {
+  size_t b = (size_t)N * K * 4 * (mode == kSwiGLU ? 2 : 1);
+  if (mode != kSwiGLU) b += 2 * (size_t)K * (norm_f16 ? 2 : 4);
+  return b;
+}
+
+template <bool F16, int NB, int R, int TPR, int MODE>
+cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
+  constexpr int GROUPS = kFusedThreads / TPR;
+  return launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
+                dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
+                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate);
+}
+
+// gemv_tpr: lanes per row group, matmul.cu launch_gemv_r's rule: a width
+// that gives every lane the same number of chunks (at most per_lane) comes
+// first, else the fewest lanes ≥ a warp that cover a row in one round.
+int gemv_tpr(int chunks, int per_lane) {
+  for (int t = 32; t <= kFusedThreads; t *= 2)
+    if (chunks % t == 0 && chunks / t <= per_lane) return t;
+  int t = 32;
+  while (t < kFusedThreads && t * per_lane < chunks) t *= 2;
+  return t;
+}
+
+template <bool F16, int NB, int MODE>
+cudaError_t launch_fused_gemv_n(cudaStream_t s, bool pdl, const GemvArgs &a) {
+  constexpr int R = NB <= 2 ? 1 : (NB <= 4 ? 2 : 4);
+  constexpr int VEC = F16 ? 8 : 4, U = 4 / R;
+  switch (gemv_tpr(a.K / VEC, U)) {
+    case 32: return launch_fused_gemv_k<F16, NB, R, 32, MODE>(s, pdl, a);
+    case 64: return launch_fused_gemv_k<F16, NB, R, 64, MODE>(s, pdl, a);
+    default: return launch_fused_gemv_k<F16, NB, R, 128, MODE>(s, pdl, a);
+  }
+}
+
+template <bool F16, int MODE>
+cudaError_t launch_fused_gemv_f(cudaStream_t s, bool pdl, const GemvArgs &a) {
+  if (a.N <= 1) return launch_fused_gemv_n<F16, 1, MODE>(s, pdl, a);
+  if (a.N <= 2) return launch_fused_gemv_n<F16, 2, MODE>(s, pdl, a);
+  if (a.N <= 4) return launch_fused_gemv_n<F16, 4, MODE>(s, pdl, a);
+  return launch_fused_gemv_n<F16, 8, MODE>(s, pdl, a);
+}
+
+template <int MODE>
+cudaError_t launch_fused_gemv(cudaStream_t s, bool pdl, int w_f16, const GemvArgs &a) {
+  return w_f16 ? launch_fused_gemv_f<true, MODE>(s, pdl, a) : launch_fused_gemv_f<false, MODE>(s, pdl, a);
+}
+
+template <bool F16, int MODE>
+cudaError_t launch_fused_gemv1_f(cudaStream_t s, bool pdl, const GemvArgs &a) {
+  constexpr int VEC = F16 ? 8 : 4;
+  const int tpr = gemv_tpr(a.K / VEC, kV2ChunksPerLane);
+#define KV_FUSED_V2(T)                                                                                         \
+  return launch(fused_gemv1_kernel_v2<F16, T, MODE>, dim3(kv_ceil_div(a.OC, kFusedThreads / T)),             \
+                dim3(kFusedThreads), 0, s, pdl, a.out, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, a.bias,      \
+                a.bias_f16, a.K, a.OC, a.eps, a.gelu, a.accumulate)
+  switch (tpr) {
+    case 32: KV_FUSED_V2(32);
+    case 64: KV_FUSED_V2(64);
+    default: KV_FUSED_V2(128);
+  }
+#undef KV_FUSED_V2
+}
+
+template <int MODE>
+cudaError_t launch_fused_gemv1(cudaStream_t s, bool pdl, int w_f16, const GemvArgs &a) {
+  return w_f16 ? launch_fused_gemv1_f<true, MODE>(s, pdl, a) : launch_fused_gemv1_f<false, MODE>(s, pdl, a);
+}
+
+// fused_gemv_applies: the single-kernel paths need 16-byte weight rows and
+// aligned operands (16-byte loads, cp.async); v1 needs N ≤ 8 and its staged
+// input within the shared memory a block gets without an opt-in, v2 N = 1
+// and a row of at most kV2ChunksPerLane·128 chunks.
+bool fused_gemv_applies(int version, int mode, const float *in, const void *norm_w, const void *norm_b,
+                        int norm_f16, const void *w, int w_f16, int N, int K) {
+  const int vec = w_f16 ? 8 : 4;
+  if (K % vec != 0 || K % 4 != 0 || !aligned16(w) || !aligned16(in)) return false;
+  if (mode != kSwiGLU) {
+    if ((K * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(norm_w) || (norm_b && !aligned16(norm_b))) return false;
+  }
+  if (version == 2) return N == 1 && K / vec <= kV2ChunksPerLane * kFusedThreads;
+  return N <= kFusedMaxN && fused_smem(mode, N, K, norm_f16) <= (size_t)kFusedSmemMax;
+}
+
+// fused_launch runs the single-kernel path the variant asks for, returning
+// false (nothing launched) where it does not apply.
+template <int MODE>
+bool fused_launch(int variant, int w_f16, const GemvArgs &a, cudaStream_t s, cudaError_t *err) {
+  if (variant == 3) return false;
+  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && pdl_supported());
+  if (variant != 4 && fused_gemv_applies(2, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
+    *err = launch_fused_gemv1<MODE>(s, pdl, w_f16, a);
+    return true;
+  }
+  if (fused_gemv_applies(1, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
+    *err = launch_fused_gemv<MODE>(s, pdl, w_f16, a);
+    return true;
+  }
+  return false;
+}
+
+// The two-step path: scratch from the stream-ordered allocator, the plain
+// kernels, scratch freed in stream order (a graph memory node pair when
+// captured).
+template <typename Fill>
+kv_status with_scratch(cudaStream_t s, size_t bytes, Fill fill) {
+  void *scratch = nullptr;
+  KV_TRY(cudaMallocAsync(&scratch, bytes, s));
+  const kv_status st = fill(static_cast<float *>(scratch));
+  const cudaError_t fe = cudaFreeAsync(scratch, s);
+  if (st != 0) return st;
+  KV_TRY(fe);
+  return kv_launched();
+}
+
+}  // namespace
+
+extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
+                                    const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                    const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
+                                    int gelu, int accumulate, int variant) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (C <= 0 || !out || !in || !w || !norm_w || (gelu && accumulate)) return (kv_status)cudaErrorInvalidValue;
+  if (rms) norm_b = nullptr;
+  const GemvArgs a{out, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, gelu, accumulate};
+  cudaError_t e = cudaSuccess;
+  if (rms ? fused_launch<kRMSNorm>(variant, w_f16, a, s, &e) : fused_launch<kLayerNorm>(variant, w_f16, a, s, &e)) {
+    KV_TRY(e);
+    return kv_launched();
+  }
+  return with_scratch(s, (size_t)N * C * sizeof(float), [&](float *xn) -> kv_status {
+    kv_status st = rms ? kv_rmsnorm(s, xn, in, norm_w, norm_f16, N, C, eps, 0)
+                       : kv_layernorm(s, xn, in, norm_w, norm_b, norm_f16, N, C, eps, 0);
+    if (st == 0) st = kv_matmul(s, out, xn, w, w_f16, bias, bias_f16, N, C, OC, accumulate);
+    if (st == 0 && gelu) st = kv_gelu_new(s, out, (long long)N * OC);
+    return st;
+  });
+}
+
+extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
+                                      int F, int OC, int accumulate, int variant) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (F <= 0 || !out || !gu || !w) return (kv_status)cudaErrorInvalidValue;
+  const GemvArgs a{out, gu, nullptr, nullptr, 0, w, nullptr, 0, N, F, OC, 0.f, 0, accumulate};
+  cudaError_t e = cudaSuccess;
+  if (fused_launch<kSwiGLU>(variant, w_f16, a, s, &e)) {
+    KV_TRY(e);
+    return kv_launched();
+  }
+  return with_scratch(s, (size_t)N * F * sizeof(float), [&](float *act) -> kv_status {
+    kv_status st = kv_silu_mul(s, act, gu, gu + F, N, F, 2 * F);
+    if (st == 0) st = kv_matmul(s, out, act, w, w_f16, nullptr, 0, N, F, OC, accumulate);
+    return st;
+  });
+}
+
+extern "C" kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc, int S, const int32_t *pos,
+                                   const int32_t *slots, int N, int NH, int NKV, int HS, int row_stride,
+                                   int rope_heads, float theta, int variant) {
+  if (N <= 0) return kv_launched();
+  if (HS <= 0 || HS % 2 != 0 || NH < 0 || NKV < 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
+    return (kv_status)cudaErrorInvalidValue;
+  if (theta == 0.f) rope_heads = 0;
+  const int h0 = rope_heads > 0 ? 0 : NH;
+  const long long pairs = (long long)(NH + 2 * NKV - h0) * (HS / 2);
+  if (pairs == 0) return kv_launched();
+  if (pairs > 65535LL * 128) return (kv_status)cudaErrorInvalidValue;
+  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && pdl_supported());
+  KV_TRY(launch(rope_store_kernel_v1, dim3(N, kv_ceil_div(pairs, 128)), dim3(128), 0, s, pdl, qkv, kc, vc, S, pos,
+                slots, NH, NKV, HS, row_stride, rope_heads, h0, theta));
+  return kv_launched();
+}

@@ -1,0 +1,135 @@
+//go:build cuda && !nofused
+
+package gpu
+
+// #include "kvalign.h"
+import "C"
+
+// The CUDA backend's fused decode operations (gpu.Fused, csrc/fused.cu).
+// Build tag nofused leaves them out, so the same tree gives the unfused
+// backend to compare against (kvalign bench decode with and without).
+
+var _ Fused = (*CUDA)(nil)
+
+// Variants of the fused entry points (kvalign.h): tests and benchmarks force
+// each one; the operations use fusedAuto.
+const (
+	fusedAuto    = 0 // the fused kernel with programmatic dependent launch where it applies
+	fusedKernel  = 1 // the fused kernel, launched normally
+	fusedPDL     = 2 // the fused kernel as a programmatic dependent (sm_90)
+	fusedTwoStep = 3 // norm/activation into stream-ordered scratch, then MatMul
+	fusedSmem    = 4 // as fusedPDL but always the shared-memory kernel (v1), also for N = 1
+)
+
+// NormMatMul: out[N,OC] (+)= act(norm(in)·wᵀ + bias), see Fused. normW,
+// normB (optional, LayerNorm only), w and bias (optional) are F16 or F32;
+// normB has normW's dtype. out must not overlap in.
+func (c *CUDA) NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act, accumulate bool) {
+	c.normMatMul(out, in, normW, normB, w, bias, N, C, OC, eps, norm, act, accumulate, fusedAuto)
+}
+
+func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps float32, norm NormKind, act Act, accumulate bool, variant int) {
+	const op = "normmatmul"
+	if !c.need(op, n >= 0 && ch > 0 && oc >= 0, "invalid shape N=%d C=%d OC=%d", n, ch, oc) ||
+		!c.need(op, norm == LayerNormKind || norm == RMSNormKind, "unknown norm kind %d", norm) ||
+		!c.need(op, act == NoAct || act == GeluAct, "unknown activation %d", act) ||
+		!c.need(op, !(accumulate && act != NoAct), "an activation cannot be combined with accumulate") ||
+		!c.needBuf(op, "out", out, n*oc, F32) ||
+		!c.needBuf(op, "in", in, n*ch, F32) ||
+		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
+		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
+		!c.needBuf(op, "w", w, oc*ch, F32, F16) ||
+		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) ||
+		!c.need(op, !overlaps(out, n*oc, in, n*ch), "out overlaps in") {
+		return
+	}
+	if n == 0 || oc == 0 {
+		return
+	}
+	rms, gelu, acc := C.int(0), C.int(0), C.int(0)
+	if norm == RMSNormKind {
+		rms, normB = 1, Buf{}
+	}
+	if act == GeluAct {
+		gelu = 1
+	}
+	if accumulate {
+		acc = 1
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_norm_matmul(c.stream, devF32(out), devF32(in), dev(normW), dev(normB), f16(normW),
+			dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.int(oc), C.float(eps), rms, gelu, acc,
+			C.int(variant))
+	})
+}
+
+// SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·wᵀ, see Fused;
+// w is F16 or F32. out must not overlap gu.
+func (c *CUDA) SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool) {
+	c.swiGLUMatMul(out, gu, w, N, F, OC, accumulate, fusedAuto)
+}
+
+func (c *CUDA) swiGLUMatMul(out, gu, w Buf, n, f, oc int, accumulate bool, variant int) {
+	const op = "swiglumatmul"
+	if !c.need(op, n >= 0 && f > 0 && oc >= 0, "invalid shape N=%d F=%d OC=%d", n, f, oc) ||
+		!c.needBuf(op, "out", out, n*oc, F32) ||
+		!c.needBuf(op, "gu", gu, n*2*f, F32) ||
+		!c.needBuf(op, "w", w, oc*f, F32, F16) ||
+		!c.need(op, !overlaps(out, n*oc, gu, n*2*f), "out overlaps gu") {
+		return
+	}
+	if n == 0 || oc == 0 {
+		return
+	}
+	acc := C.int(0)
+	if accumulate {
+		acc = 1
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_swiglu_matmul(c.stream, devF32(out), devF32(gu), dev(w), f16(w), C.int(n), C.int(f), C.int(oc),
+			acc, C.int(variant))
+	})
+}
+
+// RopeStore rotates heads 0..ropeHeads-1 of each q|k|v row in place at
+// pos[r] (when theta ≠ 0) and copies the row's key and value heads to slot
+// slots[r] of kc and vc, see Fused. HS must be even; slots outside the
+// caches are skipped (as CacheStore does).
+func (c *CUDA) RopeStore(qkv, kc, vc, pos, slots Buf, N, NH, NKV, HS, rowStride, ropeHeads int, theta float32) {
+	c.ropeStore(qkv, kc, vc, pos, slots, N, NH, NKV, HS, rowStride, ropeHeads, theta, fusedAuto)
+}
+
+func (c *CUDA) ropeStore(qkv, kc, vc, pos, slots Buf, n, nh, nkv, hs, rowStride, ropeHeads int, theta float32, variant int) {
+	const op = "ropestore"
+	width := (nh + 2*nkv) * hs
+	rotates := theta != 0 && ropeHeads > 0
+	if n <= 0 {
+		return
+	}
+	if !c.need(op, nh >= 0 && nkv > 0 && hs > 0 && hs%2 == 0, "invalid heads NH=%d NKV=%d HS=%d (HS must be even)", nh, nkv, hs) ||
+		!c.need(op, rowStride >= width, "rowStride %d < %d heads × %d", rowStride, nh+2*nkv, hs) ||
+		!c.need(op, ropeHeads >= 0 && ropeHeads <= nh+2*nkv, "ropeHeads %d outside [0, %d]", ropeHeads, nh+2*nkv) ||
+		!c.need(op, !rotates || theta > 0, "theta %v must be positive", theta) ||
+		!c.needBuf(op, "qkv", qkv, (n-1)*rowStride+width, F32) ||
+		!c.needBuf(op, "kc", kc, nkv*hs, F32) ||
+		!c.needBuf(op, "vc", vc, kc.n, F32) ||
+		!c.needBuf(op, "pos", pos, n, I32) ||
+		!c.needBuf(op, "slots", slots, n, I32) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_rope_store(c.stream, devF32(qkv), devF32(kc), devF32(vc), C.int(kc.n/(nkv*hs)), devI32(pos), devI32(slots),
+			C.int(n), C.int(nh), C.int(nkv), C.int(hs), C.int(rowStride), C.int(ropeHeads), C.float(theta), C.int(variant))
+	})
+}
+
+// overlaps reports whether the first na elements of a and the first nb of b
+// share device memory.
+func overlaps(a Buf, na int, b Buf, nb int) bool {
+	if a.ptr == 0 || b.ptr == 0 || na == 0 || nb == 0 {
+		return false
+	}
+	aEnd := a.ptr + uintptr(na*a.dt.Size())
+	bEnd := b.ptr + uintptr(nb*b.dt.Size())
+	return a.ptr < bEnd && b.ptr < aEnd
+}

@@ -1,0 +1,605 @@
+//go:build cuda && !nofused
+
+package gpu
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/kvalign/kvalign/gpu/ref"
+)
+
+// fusedVariants are the entry points' variants a small-N test runs: the
+// fused kernel launched normally and as a programmatic dependent, the
+// two-step path (scratch + MatMul) that large N takes, and the
+// shared-memory kernel (v1) where N = 1 would take v2.
+var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedSmem}
+
+func variantName(v int) string {
+	return [...]string{"auto", "kernel", "pdl", "twostep", "smem"}[v]
+}
+
+// refWeight is asWeight keeping an absent operand absent.
+func refWeight(dt DType, v []float32) []float32 {
+	if v == nil {
+		return nil
+	}
+	return asWeight(dt, v)
+}
+
+// fusedTol is the relative tolerance of a fused product: fp32 arithmetic
+// (the reference sees the same fp16-rounded weights) except where the
+// tensor-core GEMM rounds activations to fp16 (F16 weights, N > 8).
+func fusedTol(wdt DType, N int) float64 {
+	if wdt == F16 && N > 8 {
+		return 1e-2
+	}
+	return 1e-5
+}
+
+func TestCUDAFusedNormMatMul(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(21, 22))
+	shapes := []struct{ N, C, OC int }{
+		{1, 64, 33}, {1, 576, 961}, {1, 768, 2305}, {2, 768, 129}, {3, 576, 193}, {3, 64, 65},
+		{5, 768, 77}, {8, 576, 31}, {37, 576, 201}, {37, 64, 65}, {300, 768, 97},
+	}
+	for i, sh := range shapes {
+		if testing.Short() && i%4 != 0 {
+			continue // memcheck runs: a few shapes
+		}
+		variants := fusedVariants
+		if sh.N > 8 {
+			variants = []int{fusedAuto}
+		}
+		for _, wdt := range weightTypes {
+			for _, norm := range []NormKind{LayerNormKind, RMSNormKind} {
+				for _, mode := range []string{"plain", "gelu", "acc"} {
+					for _, v := range variants {
+						name := fmt.Sprintf("N%d_C%d_OC%d_%v_norm%d_%s_%s", sh.N, sh.C, sh.OC, wdt, norm, mode, variantName(v))
+						// LayerNorm with norm bias and product bias (GPT-2), RMSNorm without (Llama).
+						withBias := norm == LayerNormKind
+						testNormMatMul(t, c, rng, name, sh.N, sh.C, sh.OC, wdt, wdt, norm, withBias, withBias, mode == "gelu", mode == "acc", v)
+					}
+				}
+			}
+		}
+	}
+	// Mixed dtypes and optional operands: LayerNorm without its bias, an F32
+	// product bias over F16 weights, F16 norm weights over F32 weights.
+	for _, v := range append(fusedVariants, fusedAuto) {
+		testNormMatMul(t, c, rng, "mixed_a_"+variantName(v), 3, 768, 95, F16, F32, LayerNormKind, false, true, false, false, v)
+		testNormMatMul(t, c, rng, "mixed_b_"+variantName(v), 1, 576, 130, F32, F16, LayerNormKind, true, false, true, false, v)
+	}
+}
+
+func testNormMatMul(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, OC int, wdt, ndt DType, norm NormKind,
+	normBias, bias, gelu, acc bool, variant int) {
+	t.Helper()
+	in := randNormal(rng, N*C, 1, 0.4) // a non-zero mean: LayerNorm must subtract it
+	nw := randNormal(rng, C, 0.2, 1)
+	var nb, bv []float32
+	if normBias && norm == LayerNormKind {
+		nb = randNormal(rng, C, 0.1, 0)
+	}
+	if bias {
+		bv = randNormal(rng, OC, 0.5, 0)
+	}
+	w := randVals(rng, OC*C, 1/float32(math.Sqrt(float64(C))))
+	prev := randNormal(rng, N*OC, 1, 0)
+
+	want := make([]float32, N*OC)
+	if acc {
+		copy(want, prev)
+	}
+	ref.NormMatMul(want, in, refWeight(ndt, nw), refWeight(ndt, nb), asWeight(wdt, w), refWeight(ndt, bv), N, C, OC, 1e-5,
+		norm == RMSNormKind, gelu, acc)
+
+	inBuf := uploadNew(t, c, F32, in)
+	nwBuf := uploadNew(t, c, ndt, nw)
+	var nbBuf, bBuf Buf
+	if nb != nil {
+		nbBuf = uploadNew(t, c, ndt, nb)
+	}
+	if bv != nil {
+		bBuf = uploadNew(t, c, ndt, bv)
+	}
+	wBuf := uploadNew(t, c, wdt, w)
+	out := uploadNew(t, c, F32, prev)
+	if !acc {
+		poison(t, c, out)
+	}
+	act := NoAct
+	if gelu {
+		act = GeluAct
+	}
+	c.normMatMul(out, inBuf, nwBuf, nbBuf, wBuf, bBuf, N, C, OC, 1e-5, norm, act, acc, variant)
+	got := download(t, c, out)
+	tol := fusedTol(wdt, N)
+	if e := relErr(got, want); e > tol {
+		t.Errorf("%s: max|Δ|/max|ref| = %.3g > %g", name, e, tol)
+	}
+	compare(t, name, got, want, tol*maxAbs(want), tol)
+	for _, b := range []Buf{inBuf, nwBuf, nbBuf, bBuf, wBuf, out} {
+		c.Free(b)
+	}
+}
+
+func TestCUDAFusedSwiGLUMatMul(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(23, 24))
+	shapes := []struct{ N, F, OC int }{
+		{1, 64, 33}, {1, 1536, 577}, {2, 96, 129}, {3, 1536, 65}, {4, 1536, 31}, {8, 256, 77},
+		{1, 36, 17}, // F not a multiple of the 16-byte vector: the two-step path
+		{37, 1536, 101}, {300, 96, 63},
+	}
+	for i, sh := range shapes {
+		if testing.Short() && i%3 != 0 {
+			continue
+		}
+		variants := fusedVariants
+		if sh.N > 8 {
+			variants = []int{fusedAuto}
+		}
+		for _, wdt := range weightTypes {
+			for _, acc := range []bool{false, true} {
+				for _, v := range variants {
+					name := fmt.Sprintf("N%d_F%d_OC%d_%v_acc%v_%s", sh.N, sh.F, sh.OC, wdt, acc, variantName(v))
+					gu := randNormal(rng, sh.N*2*sh.F, 1.5, 0)
+					w := randVals(rng, sh.OC*sh.F, 1/float32(math.Sqrt(float64(sh.F))))
+					prev := randNormal(rng, sh.N*sh.OC, 1, 0)
+					want := make([]float32, sh.N*sh.OC)
+					if acc {
+						copy(want, prev)
+					}
+					ref.SwiGLUMatMul(want, gu, asWeight(wdt, w), sh.N, sh.F, sh.OC, acc)
+					guBuf := uploadNew(t, c, F32, gu)
+					wBuf := uploadNew(t, c, wdt, w)
+					out := uploadNew(t, c, F32, prev)
+					if !acc {
+						poison(t, c, out)
+					}
+					c.swiGLUMatMul(out, guBuf, wBuf, sh.N, sh.F, sh.OC, acc, v)
+					got := download(t, c, out)
+					tol := fusedTol(wdt, sh.N)
+					if e := relErr(got, want); e > tol {
+						t.Errorf("%s: max|Δ|/max|ref| = %.3g > %g", name, e, tol)
+					}
+					compare(t, name, got, want, tol*maxAbs(want), tol)
+					for _, b := range []Buf{guBuf, wBuf, out} {
+						c.Free(b)
+					}
+				}
+			}
+		}
+	}
+}
+
+type ropeStoreCase struct {
+	name                      string
+	NH, NKV, HS, pad, rotHead int
+	theta                     float32
+}
+
+var ropeStoreCases = []ropeStoreCase{
+	{"llama", 9, 3, 64, 0, 12, 10000},          // queries and keys rotated, then cached
+	{"llama_shiftkeys", 9, 3, 64, 0, 9, 10000}, // keys cached unrotated
+	{"gpt2", 12, 12, 64, 0, 0, 0},              // no rotation: the cache copies only
+	{"padded", 4, 2, 16, 5, 8, 500000},         // rows wider than q|k|v, every head rotated
+	{"theta_no_heads", 2, 1, 8, 3, 0, 10000},   // theta given but nothing to rotate
+}
+
+func TestCUDAFusedRopeStore(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(25, 26))
+	for _, cs := range ropeStoreCases {
+		for _, N := range []int{1, 3, 37, 300} {
+			if testing.Short() && N > 3 {
+				continue
+			}
+			for _, v := range []int{fusedKernel, fusedPDL} {
+				name := fmt.Sprintf("%s_N%d_%s", cs.name, N, variantName(v))
+				testRopeStore(t, c, rng, name, cs, N, v)
+			}
+		}
+	}
+}
+
+func testRopeStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, N, variant int) {
+	t.Helper()
+	width := (cs.NH + 2*cs.NKV) * cs.HS
+	stride := width + cs.pad
+	S := N + 5
+	row := cs.NKV * cs.HS
+	qkv := randNormal(rng, N*stride, 1, 0)
+	kc := randNormal(rng, S*row, 1, 0)
+	vc := randNormal(rng, S*row, 1, 0)
+	pos := randInts(rng, N, 100000)
+	perm := rng.Perm(S)
+	slots := make([]int32, N)
+	for r := range slots {
+		slots[r] = int32(perm[r])
+	}
+	if N > 1 {
+		slots[1] = -1 // a padding row: rotated in place, not cached
+	}
+
+	wantQKV := append([]float32(nil), qkv...)
+	wantK := append([]float32(nil), kc...)
+	wantV := append([]float32(nil), vc...)
+	for r := 0; r < N; r++ {
+		x := wantQKV[r*stride:]
+		if slots[r] < 0 {
+			if cs.theta != 0 && cs.rotHead > 0 {
+				ref.RoPE(x, pos[r:r+1], 1, cs.rotHead, cs.HS, stride, cs.theta)
+			}
+			continue
+		}
+		ref.RopeStore(x, wantK, wantV, pos[r:r+1], slots[r:r+1], 1, cs.NH, cs.NKV, cs.HS, stride, cs.rotHead, cs.theta)
+	}
+
+	qkvBuf := uploadNew(t, c, F32, qkv)
+	kBuf := uploadNew(t, c, F32, kc)
+	vBuf := uploadNew(t, c, F32, vc)
+	posBuf := uploadInts(t, c, pos)
+	slotBuf := uploadInts(t, c, slots)
+	c.ropeStore(qkvBuf, kBuf, vBuf, posBuf, slotBuf, N, cs.NH, cs.NKV, cs.HS, stride, cs.rotHead, cs.theta, variant)
+	compare(t, name+" qkv", download(t, c, qkvBuf), wantQKV, 1e-5, 1e-5)
+	compare(t, name+" kc", download(t, c, kBuf), wantK, 1e-5, 1e-5)
+	compare(t, name+" vc", download(t, c, vBuf), wantV, 1e-5, 1e-5)
+	for _, b := range []Buf{qkvBuf, kBuf, vBuf, posBuf, slotBuf} {
+		c.Free(b)
+	}
+}
+
+// TestCUDAFusedCapture captures a Llama-like and a GPT-2-like layer built
+// from the fused operations (plus the final norm and LM head) once per
+// variant and row count, and replays it with new activations, positions and
+// slots written between replays, checking every output against the
+// reference chain. N = 37 runs the two-step path, whose scratch buffers
+// become graph memory nodes.
+func TestCUDAFusedCapture(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(27, 28))
+	const C, NH, NKV, HS, F, V = 576, 9, 3, 64, 1536, 1001
+	const QKV = (NH + 2*NKV) * HS
+	const eps, theta = 1e-5, 10000
+	for _, wdt := range weightTypes {
+		wq := randVals(rng, QKV*C, 0.05)
+		wup := randVals(rng, 2*F*C, 0.05)
+		wfc := randVals(rng, F*C, 0.05)
+		bfc := randNormal(rng, F, 0.1, 0)
+		wdown := randVals(rng, C*F, 0.03)
+		wlm := randVals(rng, V*C, 0.05)
+		n1, n2, nf, lnb := randNormal(rng, C, 0.2, 1), randNormal(rng, C, 0.2, 1), randNormal(rng, C, 0.2, 1), randNormal(rng, C, 0.1, 0)
+		bufs := map[string]Buf{}
+		up := func(name string, dt DType, v []float32) Buf {
+			b := uploadNew(t, c, dt, v)
+			bufs[name] = b
+			return b
+		}
+		Wq, Wup, Wfc, Bfc, Wdown, Wlm := up("wq", wdt, wq), up("wup", wdt, wup), up("wfc", wdt, wfc), up("bfc", wdt, bfc), up("wdown", wdt, wdown), up("wlm", wdt, wlm)
+		N1, N2, NF, LNB := up("n1", wdt, n1), up("n2", wdt, n2), up("nf", wdt, nf), up("lnb", wdt, lnb)
+		for _, N := range []int{1, 37} {
+			for _, v := range fusedVariants {
+				name := fmt.Sprintf("%v_N%d_%s", wdt, N, variantName(v))
+				S := N + 3
+				x := alloc(t, c, F32, N*C)
+				qkv := alloc(t, c, F32, N*QKV)
+				kc, vc := alloc(t, c, F32, S*NKV*HS), alloc(t, c, F32, S*NKV*HS)
+				gu := alloc(t, c, F32, N*2*F)
+				h := alloc(t, c, F32, N*F)
+				logits := alloc(t, c, F32, N*V)
+				pos, slots := alloc(t, c, I32, N), alloc(t, c, I32, N)
+				rep, err := c.Capture(func() {
+					c.normMatMul(qkv, x, N1, Buf{}, Wq, Buf{}, N, C, QKV, eps, RMSNormKind, NoAct, false, v)
+					c.ropeStore(qkv, kc, vc, pos, slots, N, NH, NKV, HS, QKV, NH+NKV, theta, v)
+					c.normMatMul(gu, x, N2, Buf{}, Wup, Buf{}, N, C, 2*F, eps, RMSNormKind, NoAct, false, v)
+					c.swiGLUMatMul(x, gu, Wdown, N, F, C, true, v)
+					c.normMatMul(h, x, N2, LNB, Wfc, Bfc, N, C, F, eps, LayerNormKind, GeluAct, false, v)
+					c.normMatMul(logits, x, NF, Buf{}, Wlm, Buf{}, N, C, V, eps, RMSNormKind, NoAct, false, v)
+				})
+				if err != nil {
+					t.Fatalf("%s: capture: %v", name, err)
+				}
+				kcHost, vcHost := make([]float32, S*NKV*HS), make([]float32, S*NKV*HS)
+				for step := 0; step < 3; step++ {
+					xh := randNormal(rng, N*C, 1, 0.2)
+					ph := randInts(rng, N, 5000)
+					perm := rng.Perm(S)
+					sh := make([]int32, N)
+					for r := range sh {
+						sh[r] = int32(perm[r])
+					}
+					c.Upload(x, xh)
+					c.UploadInts(pos, ph)
+					c.UploadInts(slots, sh)
+					for _, b := range []Buf{qkv, gu, h, logits} {
+						poison(t, c, b)
+					}
+					rep.Run()
+					checkOK(t, c)
+
+					rq, rgu, rh, rl := make([]float32, N*QKV), make([]float32, N*2*F), make([]float32, N*F), make([]float32, N*V)
+					rx := append([]float32(nil), xh...)
+					ref.NormMatMul(rq, rx, asWeight(wdt, n1), nil, asWeight(wdt, wq), nil, N, C, QKV, eps, true, false, false)
+					ref.RopeStore(rq, kcHost, vcHost, ph, sh, N, NH, NKV, HS, QKV, NH+NKV, theta)
+					ref.NormMatMul(rgu, rx, asWeight(wdt, n2), nil, asWeight(wdt, wup), nil, N, C, 2*F, eps, true, false, false)
+					ref.SwiGLUMatMul(rx, rgu, asWeight(wdt, wdown), N, F, C, true)
+					ref.NormMatMul(rh, rx, asWeight(wdt, n2), asWeight(wdt, lnb), asWeight(wdt, wfc), asWeight(wdt, bfc), N, C, F, eps, false, true, false)
+					ref.NormMatMul(rl, rx, asWeight(wdt, nf), nil, asWeight(wdt, wlm), nil, N, C, V, eps, true, false, false)
+
+					tol := 1e-4 // a chain of products: rounding accumulates
+					if wdt == F16 && N > 8 {
+						tol = 2e-2
+					}
+					stepName := fmt.Sprintf("%s step %d", name, step)
+					for _, o := range []struct {
+						what      string
+						got, want []float32
+					}{
+						{"qkv", download(t, c, qkv), rq}, {"gu", download(t, c, gu), rgu}, {"x", download(t, c, x), rx},
+						{"h", download(t, c, h), rh}, {"logits", download(t, c, logits), rl},
+					} {
+						if e := relErr(o.got, o.want); e > tol {
+							t.Errorf("%s %s: max|Δ|/max|ref| = %.3g > %g", stepName, o.what, e, tol)
+						}
+					}
+					// The cache rows written this step (others hold last step's or poison).
+					gk, gv := download(t, c, kc), download(t, c, vc)
+					for _, s := range sh {
+						lo, hi := int(s)*NKV*HS, int(s+1)*NKV*HS
+						compare(t, stepName+" kc", gk[lo:hi], kcHost[lo:hi], tol*maxAbs(kcHost[lo:hi]), tol)
+						compare(t, stepName+" vc", gv[lo:hi], vcHost[lo:hi], tol*maxAbs(vcHost[lo:hi]), tol)
+					}
+				}
+				if err := rep.Close(); err != nil {
+					t.Fatal(err)
+				}
+				for _, b := range []Buf{x, qkv, kc, vc, gu, h, logits, pos, slots} {
+					c.Free(b)
+				}
+				checkOK(t, c)
+			}
+		}
+		for _, b := range bufs {
+			c.Free(b)
+		}
+	}
+}
+
+// TestCUDAFusedErrors: bad arguments are errors naming the operation.
+func TestCUDAFusedErrors(t *testing.T) {
+	c := newTestCUDA(t)
+	x := alloc(t, c, F32, 64)
+	w := alloc(t, c, F16, 64*4)
+	c.NormMatMul(x, x, w.View(0, 64), Buf{}, w, Buf{}, 1, 64, 4, 1e-5, RMSNormKind, NoAct, false)
+	if err := c.Err(); err == nil || !strings.Contains(err.Error(), "normmatmul") || !strings.Contains(err.Error(), "overlaps") {
+		t.Errorf("overlapping in/out: error %v", err)
+	}
+	d := newTestCUDA(t)
+	y := alloc(t, d, F32, 64)
+	o := alloc(t, d, F32, 4)
+	v := alloc(t, d, F16, 64*4)
+	d.NormMatMul(o, y, v.View(0, 64), Buf{}, v, Buf{}, 1, 64, 4, 1e-5, LayerNormKind, GeluAct, true)
+	if err := d.Err(); err == nil || !strings.Contains(err.Error(), "accumulate") {
+		t.Errorf("gelu with accumulate: error %v", err)
+	}
+}
+
+// ---- benchmarks ----
+
+// fusedBenchShapes are the decode-time fused products of the two models.
+var fusedBenchShapes = []struct {
+	name       string
+	norm       NormKind // 0: SwiGLUMatMul (C is then F)
+	C, OC      int
+	gelu, bias bool
+	accumulate bool
+}{
+	{"distil_ln_qkv", LayerNormKind, 768, 2304, false, true, false},
+	{"distil_ln_fc_gelu", LayerNormKind, 768, 3072, true, true, false},
+	{"distil_ln_lmhead", LayerNormKind, 768, 50257, false, false, false},
+	{"smol_rms_qkv", RMSNormKind, 576, 960, false, false, false},
+	{"smol_rms_gateup", RMSNormKind, 576, 3072, false, false, false},
+	{"smol_swiglu_down", 0, 1536, 576, false, false, true},
+	{"smol_rms_lmhead", RMSNormKind, 576, 49152, false, false, false},
+}
+
+// BenchmarkCUDAFused: each fused product at N = 1 with fp16 weights rotated
+// through a pool larger than L2 (as the decode step streams them), per
+// variant, timed inside a captured graph of back-to-back calls (so the
+// programmatic-dependent variant overlaps each call's weight fetch with the
+// previous call, as in a decode step). GB/s counts weight bytes.
+func BenchmarkCUDAFused(b *testing.B) {
+	c := newTestCUDA(b)
+	pool := newBenchPool(b, c, F16)
+	rng := rand.New(rand.NewPCG(29, 30))
+	for _, sh := range fusedBenchShapes {
+		for _, v := range fusedVariants {
+			b.Run(fmt.Sprintf("%s_N1/%s", sh.name, variantName(v)), func(b *testing.B) {
+				ws := poolViews(pool, sh.OC*sh.C)
+				inLen := sh.C
+				if sh.norm == 0 {
+					inLen = 2 * sh.C
+				}
+				in := uploadNew(b, c, F32, randNormal(rng, inLen, 1, 0.1))
+				nw := uploadNew(b, c, F16, randNormal(rng, sh.C, 0.2, 1))
+				nb := uploadNew(b, c, F16, randNormal(rng, sh.C, 0.1, 0))
+				var bias Buf
+				if sh.bias {
+					bias = uploadNew(b, c, F16, randNormal(rng, sh.OC, 0.1, 0))
+				}
+				out := uploadNew(b, c, F32, make([]float32, sh.OC))
+				act := NoAct
+				if sh.gelu {
+					act = GeluAct
+				}
+				sec := graphTime(b, c, len(ws), func(i int) {
+					switch sh.norm {
+					case 0:
+						c.swiGLUMatMul(out, in, ws[i], 1, sh.C, sh.OC, sh.accumulate, v)
+					case LayerNormKind:
+						c.normMatMul(out, in, nw, nb, ws[i], bias, 1, sh.C, sh.OC, 1e-5, LayerNormKind, act, sh.accumulate, v)
+					default:
+						c.normMatMul(out, in, nw, Buf{}, ws[i], bias, 1, sh.C, sh.OC, 1e-5, RMSNormKind, act, sh.accumulate, v)
+					}
+				})
+				b.ReportMetric(float64(sh.OC*sh.C*2)/sec/1e9, "GB/s")
+				b.ReportMetric(sec*1e6, "µs/call")
+			})
+		}
+	}
+	for _, cs := range ropeStoreCases[:3] {
+		for _, v := range []int{fusedKernel, fusedPDL} {
+			b.Run(fmt.Sprintf("ropestore_%s_N1/%s", cs.name, variantName(v)), func(b *testing.B) {
+				width := (cs.NH + 2*cs.NKV) * cs.HS
+				qkv := uploadNew(b, c, F32, randNormal(rng, width, 1, 0))
+				kc := uploadNew(b, c, F32, make([]float32, 256*cs.NKV*cs.HS))
+				vc := uploadNew(b, c, F32, make([]float32, 256*cs.NKV*cs.HS))
+				pos := uploadInts(b, c, []int32{1234})
+				slots := uploadInts(b, c, []int32{77})
+				sec := graphTime(b, c, 100, func(int) {
+					c.ropeStore(qkv, kc, vc, pos, slots, 1, cs.NH, cs.NKV, cs.HS, width, cs.rotHead, cs.theta, v)
+				})
+				b.ReportMetric(sec*1e6, "µs/call")
+			})
+		}
+	}
+}
+
+// decodeChainModel is the part of a decode step a model spends outside
+// attention: per layer the qkv product, RoPE and cache writes, the output
+// projection, the MLP; then the final norm and the LM head.
+type decodeChainModel struct {
+	name                    string
+	llama                   bool
+	L, C, NH, NKV, HS, F, V int
+}
+
+var decodeChainModels = []decodeChainModel{
+	{"distilgpt2", false, 6, 768, 12, 12, 64, 3072, 50257},
+	{"smollm2", true, 30, 576, 9, 3, 64, 1536, 49152},
+}
+
+// BenchmarkCUDAFusedDecodeChain times that part of a batch-1 decode step
+// (attention and sampling left out) as one captured graph: the plain
+// operations (what the runner enqueues without Fused), and the fused
+// operations per variant (normal launch, programmatic dependents, two-step,
+// the shared-memory kernel).
+// Each layer has its own fp16 weights from a pool larger than L2.
+func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
+	c := newTestCUDA(b)
+	pool := newBenchPool(b, c, F16)
+	rng := rand.New(rand.NewPCG(31, 32))
+	for _, m := range decodeChainModels {
+		qkvW := (m.NH + 2*m.NKV) * m.HS
+		upW := m.F
+		if m.llama {
+			upW = 2 * m.F
+		}
+		// Carve each layer's matrices out of the pool.
+		off := 0
+		take := func(n int) Buf {
+			v := pool.View(off, n)
+			off += (n + 7) / 8 * 8
+			return v
+		}
+		type layer struct{ qkv, o, up, down, n1, n2, nb1, nb2, bq, bo, bu, bd Buf }
+		layers := make([]layer, m.L)
+		for l := range layers {
+			ly := &layers[l]
+			ly.qkv, ly.o, ly.up, ly.down = take(qkvW*m.C), take(m.C*m.NH*m.HS), take(upW*m.C), take(m.C*m.F)
+			ly.n1, ly.n2, ly.nb1, ly.nb2 = take(m.C), take(m.C), take(m.C), take(m.C)
+			ly.bq, ly.bo, ly.bu, ly.bd = take(qkvW), take(m.C), take(upW), take(m.C)
+			if m.llama {
+				ly.nb1, ly.nb2, ly.bq, ly.bo, ly.bu, ly.bd = Buf{}, Buf{}, Buf{}, Buf{}, Buf{}, Buf{}
+			}
+		}
+		lm, nf, nbf := take(m.V*m.C), take(m.C), take(m.C)
+		if m.llama {
+			nbf = Buf{}
+		}
+		if off > pool.Len() {
+			b.Fatalf("%s: pool too small (%d > %d)", m.name, off, pool.Len())
+		}
+		x := uploadNew(b, c, F32, randNormal(rng, m.C, 1, 0))
+		xn := alloc(b, c, F32, m.C)
+		qkv := alloc(b, c, F32, qkvW)
+		att := uploadNew(b, c, F32, randNormal(rng, m.NH*m.HS, 1, 0))
+		up := alloc(b, c, F32, upW)
+		act := alloc(b, c, F32, m.F)
+		logits := alloc(b, c, F32, m.V)
+		kc, vc := alloc(b, c, F32, 256*m.NKV*m.HS), alloc(b, c, F32, 256*m.NKV*m.HS)
+		pos, slots := uploadInts(b, c, []int32{300}), uploadInts(b, c, []int32{5})
+		theta, rot := float32(0), 0
+		if m.llama {
+			theta, rot = 10000, m.NH+m.NKV
+		}
+		norm := func(out, in, w, bb Buf) {
+			if m.llama {
+				c.RMSNorm(out, in, w, 1, m.C, 1e-5)
+			} else {
+				c.LayerNorm(out, in, w, bb, 1, m.C, 1e-5)
+			}
+		}
+		nk := LayerNormKind
+		if m.llama {
+			nk = RMSNormKind
+		}
+		unfused := func() {
+			for _, ly := range layers {
+				norm(xn, x, ly.n1, ly.nb1)
+				c.MatMul(qkv, xn, ly.qkv, ly.bq, 1, m.C, qkvW, false)
+				if m.llama {
+					c.RoPE(qkv, pos, 1, rot, m.HS, qkvW, theta)
+				}
+				c.CacheStore(kc, qkv.View(m.NH*m.HS, m.NKV*m.HS*2), slots, 1, m.NKV*m.HS, qkvW)
+				c.CacheStore(vc, qkv.View((m.NH+m.NKV)*m.HS, m.NKV*m.HS), slots, 1, m.NKV*m.HS, qkvW)
+				c.MatMul(x, att, ly.o, ly.bo, 1, m.NH*m.HS, m.C, true)
+				norm(xn, x, ly.n2, ly.nb2)
+				if m.llama {
+					c.MatMul(up, xn, ly.up, Buf{}, 1, m.C, upW, false)
+					c.SiluMul(act, up, up.View(m.F, m.F), 1, m.F, 2*m.F)
+					c.MatMul(x, act, ly.down, Buf{}, 1, m.F, m.C, true)
+				} else {
+					c.MatMul(up, xn, ly.up, ly.bu, 1, m.C, upW, false)
+					c.GeluNew(up, m.F)
+					c.MatMul(x, up, ly.down, ly.bd, 1, m.F, m.C, true)
+				}
+			}
+			norm(xn, x, nf, nbf)
+			c.MatMul(logits, xn, lm, Buf{}, 1, m.C, m.V, false)
+		}
+		fused := func(v int) func() {
+			return func() {
+				for _, ly := range layers {
+					c.normMatMul(qkv, x, ly.n1, ly.nb1, ly.qkv, ly.bq, 1, m.C, qkvW, 1e-5, nk, NoAct, false, v)
+					c.ropeStore(qkv, kc, vc, pos, slots, 1, m.NH, m.NKV, m.HS, qkvW, rot, theta, v)
+					c.MatMul(x, att, ly.o, ly.bo, 1, m.NH*m.HS, m.C, true)
+					if m.llama {
+						c.normMatMul(up, x, ly.n2, Buf{}, ly.up, Buf{}, 1, m.C, upW, 1e-5, nk, NoAct, false, v)
+						c.swiGLUMatMul(x, up, ly.down, 1, m.F, m.C, true, v)
+					} else {
+						c.normMatMul(up, x, ly.n2, ly.nb2, ly.up, ly.bu, 1, m.C, upW, 1e-5, nk, GeluAct, false, v)
+						c.MatMul(x, up, ly.down, ly.bd, 1, m.F, m.C, true)
+					}
+				}
+				c.normMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false, v)
+			}
+		}
+		for _, way := range []struct {
+			name string
+			fn   func()
+		}{{"unfused", unfused}, {"fused", fused(fusedKernel)}, {"fusedPDL", fused(fusedPDL)}, {"twostep", fused(fusedTwoStep)}, {"smemPDL", fused(fusedSmem)}} {
+			b.Run(m.name+"/"+way.name, func(b *testing.B) {
+				sec := graphTime(b, c, 1, func(int) { way.fn() })
+				b.ReportMetric(sec*1e6, "µs/step")
+				b.ReportMetric(sec*1e6/float64(m.L), "µs/layer")
+			})
+		}
+	}
+}
