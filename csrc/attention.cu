@@ -22,6 +22,9 @@
 // then sincosf (full-range, not the fast intrinsic).
 #include "common.cuh"
 
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
 namespace {
 
 constexpr int kDecThreads = 128;
@@ -839,7 +842,12 @@ __global__ void __launch_bounds__(kD3Threads)
 // Needs HS/4 ∈ {4, 8, 16, 32}, 16-byte aligned caches, T·G ≤ QVM.
 constexpr int kD4Threads = 512;
 
-template <int LPK, int QVM, int U>
+// CS > 1 (variant 8): a thread block cluster of CS blocks shares a (kv head,
+// sequence), block r taking the keys of groups r·NG + gi: each SM pulls 1/CS
+// of the K/V (one SM's L2 bandwidth bound v4: ~1 µs per 128 KB), and the
+// blocks' partials merge through distributed shared memory, no global round
+// trip. sm_90 only (the host launches it there).
+template <int LPK, int QVM, int U, int CS = 1>
 __global__ void __launch_bounds__(kD4Threads)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
@@ -848,9 +856,11 @@ __global__ void __launch_bounds__(kD4Threads)
   constexpr int HS = LPK * 4, NG = kD4Threads / LPK;
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
-  __shared__ float sL[QVM];
-  const int kh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  __shared__ float sL[QVM], sMx[QVM];
+  const int kh = blockIdx.x / CS, rank = blockIdx.x % CS, b = blockIdx.y, tid = threadIdx.x;
   const int gi = tid / LPK, li = tid % LPK;
+  const int gk = rank * NG + gi;  // this group's first key
+  constexpr int STEP = NG * CS;   // keys per group step
   const int G = NH / NKV, QV = T * G;
   const int32_t *ord = order + (size_t)b * max_len;
 
@@ -858,7 +868,7 @@ __global__ void __launch_bounds__(kD4Threads)
   int slot[U];
 #pragma unroll
   for (int u = 0; u < U; u++) {
-    const int j = gi + NG * u;
+    const int j = gk + STEP * u;
     slot[u] = j < max_len ? __ldg(ord + j) : 0;
   }
   const int n_total = max(0, min(lens[b], max_len));
@@ -884,28 +894,28 @@ __global__ void __launch_bounds__(kD4Threads)
     o[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 
-  for (int base = 0; base < n_total; base += NG * U) {
+  for (int base = 0; base < n_total; base += STEP * U) {
     // Round trip 2: this batch's key and value rows.
     float4 kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int j = base + gi + NG * u;
+      const int j = base + gk + STEP * u;
       const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
       kr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(kc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
       vr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(vc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     // The next batch's slots, in flight while this one computes.
-    if (base + NG * U < n_total) {
+    if (base + STEP * U < n_total) {
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int j = base + NG * U + gi + NG * u;
+        const int j = base + STEP * U + gk + STEP * u;
         slot[u] = j < n_total ? __ldg(ord + j) : 0;
       }
     }
     float s[U][QVM];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int j = base + gi + NG * u;
+      const int j = base + gk + STEP * u;
       float4 k = kr[u];
       if (rope) {
         float4 p;
@@ -941,7 +951,7 @@ __global__ void __launch_bounds__(kD4Threads)
       float bm = -INFINITY;
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int j = base + gi + NG * u;
+        const int j = base + gk + STEP * u;
         s[u][v] = (j < n_total && j <= last) ? s[u][v] * scale : -INFINITY;
         bm = fmaxf(bm, s[u][v]);
       }
@@ -990,21 +1000,121 @@ __global__ void __launch_bounds__(kD4Threads)
         L += f * sl_[v][g];
       }
       L = kv_warp_sum(L);
-      if (lane == 0) sL[v] = L;
+      if (lane == 0) {
+        sL[v] = L;
+        sMx[v] = mx;
+      }
     }
   }
   __syncthreads();
-  for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
-    const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
-    float a0 = 0.f, a1 = 0.f;
+  if constexpr (CS == 1) {
+    for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+      const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
+      float a0 = 0.f, a1 = 0.f;
 #pragma unroll 4
-    for (int g = 0; g < NG; g += 2) {
-      a0 = fmaf(sm[v][g], so[v][g][d], a0);
-      a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+      for (int g = 0; g < NG; g += 2) {
+        a0 = fmaf(sm[v][g], so[v][g][d], a0);
+        a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+      }
+      const float L = sL[v];
+      out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? (a0 + a1) / L : 0.f;
     }
-    const float L = sL[v];
-    out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? (a0 + a1) / L : 0.f;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // This block's partial (unnormalised o, its max M_b, sum L_b) in bo/bm/bl.
+    __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
+    for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+      const int v = oi / HS, d = oi % HS;
+      float a0 = 0.f, a1 = 0.f;
+#pragma unroll 4
+      for (int g = 0; g < NG; g += 2) {
+        a0 = fmaf(sm[v][g], so[v][g][d], a0);
+        a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+      }
+      bo[v][d] = a0 + a1;
+    }
+    if (tid < QV) {  // sm holds exp(m_g − M_b), M_b = sMx
+      bl[tid] = sL[tid];
+      bm[tid] = sMx[tid];
+    }
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's partial visible cluster-wide
+    if (rank == 0) {
+      for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+        const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
+        float mr[CS], lr[CS], orr[CS];
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+          mr[r] = *cluster.map_shared_rank(&bm[v], r);
+          lr[r] = *cluster.map_shared_rank(&bl[v], r);
+          orr[r] = *cluster.map_shared_rank(&bo[v][d], r);
+        }
+        float M = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < CS; r++) M = fmaxf(M, mr[r]);
+        float L = 0.f, acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+          const float f = mr[r] == -INFINITY ? 0.f : expf(mr[r] - M);
+          L = fmaf(f, lr[r], L);
+          acc = fmaf(f, orr[r], acc);
+        }
+        out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
+      }
+    }
+    cluster.sync();  // rank 0 done reading the others' shared memory
+#endif
   }
+}
+
+// cluster_launch runs kernel k over grid (NKV·CS, B) in clusters of CS blocks.
+template <typename... Args>
+cudaError_t cluster_launch(void (*k)(Args...), int CS, dim3 grid, cudaStream_t st, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kD4Threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, k, args...);
+}
+
+// launch_decode_v4_cluster (variant 8): false when the shapes do not fit or
+// the device has no clusters (before sm_90).
+bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
+                              const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
+                              int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale) {
+  constexpr int CS = 4;
+  const int QV = T * (NH / NKV);
+  const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
+                    reinterpret_cast<uintptr_t>(q)) & 15) == 0;
+  if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
+    cudaGetLastError();
+    return false;
+  }
+  const dim3 grid(NKV * CS, B);
+#define KV_D4C(LPK, QVM, U)                                                                                  \
+  cluster_launch(attn_decode_kernel_v4<LPK, QVM, U, CS>, CS, grid, st, out, q, kc, vc, order, lens, T, NH, NKV, \
+                 q_stride, max_len, rope_theta, freqs, scale)
+#define KV_D4C_Q(LPK) \
+  if (QV == 1) KV_D4C(LPK, 1, 8); else KV_D4C(LPK, 4, 4)
+  switch (HS) {
+    case 16: KV_D4C_Q(4); break;
+    case 32: KV_D4C_Q(8); break;
+    case 64: KV_D4C_Q(16); break;
+    default: KV_D4C_Q(32); break;
+  }
+#undef KV_D4C_Q
+#undef KV_D4C
+  return true;
 }
 
 // launch_decode_v4: false when the shapes do not fit the kernel.
@@ -1266,6 +1376,12 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
       return kv_launched();
     variant = QV <= kDecMaxQ ? 4 : 7;
+  }
+  if (variant == 8) {
+    if (!launch_decode_v4_cluster(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta,
+                                  freqs, scale))
+      return (kv_status)cudaErrorInvalidValue;
+    return kv_launched();
   }
   if (variant == 6) {
     if (!launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs,

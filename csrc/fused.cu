@@ -7,16 +7,15 @@
 //  - kv_swiglu_matmul: silu(gate)·up → MatMul (+ residual add)
 //  - kv_rope_store:    RoPE on q|k → CacheStore(k) → CacheStore(v)
 //
-// Small N (decoding): one GEMV kernel that streams its weight rows like
-// matmul.cu's gemv_kernel_v1 and computes its input itself: every block (or
-// group of lanes) normalises the input row — the row statistics of a row of
-// ≤ a few KB, read through L1 — so no launch and no round trip through
-// memory separate the norm from the product. The weights, which no earlier
-// kernel writes, are loaded before the input is touched, so their fetch
-// latency overlaps the normalisation. N = 1 (v2): each lane loads just the
-// input elements its weight chunks multiply and a group of lanes reduces the
-// statistics with shuffles; 2 ≤ N ≤ 8 (v1): the block stages the rows in
-// shared memory.
+// Small N (decoding, N ≤ 8): one GEMV kernel (v1) that streams its weight
+// rows like matmul.cu's gemv_kernel_v1 and computes its input itself: every
+// block stages the input rows (≤ a few KB, read through L1) in shared memory
+// and normalises them there, so no launch and no round trip through memory
+// separate the norm from the product. The weights, which no earlier kernel
+// writes, are loaded before the input is touched, so their fetch latency
+// overlaps the normalisation. (v2, N = 1 with the input in registers, lost
+// to v1 and is kept for comparison.) Products of more than kFusedMaxBlocks
+// blocks (the LM head) take the two-step path below.
 //
 // Programmatic dependent launch (sm_90, variant 2 / default): a fused kernel
 // launched as a programmatic dependent issues its weight loads before
@@ -42,7 +41,15 @@ namespace {
 
 constexpr int kFusedThreads = 128;
 constexpr int kFusedMaxN = 8;
-constexpr int kFusedSmemMax = 48 * 1024;  // dynamic shared memory without an opt-in
+// Dynamic shared memory of v1: 48 KB (a block's limit without an opt-in)
+// less room for the kernel's static arrays.
+constexpr int kFusedSmemMax = 46 * 1024;
+// v1 launches at most this many blocks; above it (the LM head: 12–25k
+// blocks) the two-step path is used: every block normalises the input
+// itself, and at that count the redundant staging costs more than a second
+// launch (H200, N = 1: distilgpt2 LM head 37.5 µs fused, 22.2 µs two-step;
+// 3072 rows, 768 blocks: 4.4 µs fused, 6.1 µs two-step).
+constexpr int kFusedMaxBlocks = 1536;
 constexpr int kV2ChunksPerLane = 4;       // v2: 16-byte weight chunks a lane holds (a row ≤ 4·128 chunks)
 
 enum InMode { kLayerNorm = 0, kRMSNorm = 1, kSwiGLU = 2 };
@@ -441,7 +448,8 @@ __device__ __forceinline__ void ldg_vec(const void *p, int f16, int off, float (
   }
 }
 
-// fused_gemv1_kernel_v2 (N = 1, the batch-1 decode step): one output row
+// fused_gemv1_kernel_v2 (N = 1; variant 4 only: slower than v1 on an H200 at
+// every decode shape, kept for comparison): one output row
 // per group of TPR lanes, every lane holding all its chunks of the row
 // (≤ kV2ChunksPerLane) — weights, and the matching input values. The weight
 // loads go first; then (after the wait) each lane loads only the input
@@ -743,16 +751,28 @@ bool fused_gemv_applies(int version, int mode, const float *in, const void *norm
   return N <= kFusedMaxN && fused_smem(mode, N, K, norm_f16) <= (size_t)kFusedSmemMax;
 }
 
+// v1_blocks is the grid of fused_gemv_kernel_v1 for these shapes.
+int v1_blocks(int w_f16, int N, int K, int OC) {
+  const int R = N <= 2 ? 1 : (N <= 4 ? 2 : 4);
+  const int tpr = gemv_tpr(K / (w_f16 ? 8 : 4), 4 / R);
+  return kv_ceil_div(OC, kFusedThreads / tpr * R);
+}
+
 // fused_launch runs the single-kernel path the variant asks for, returning
-// false (nothing launched) where it does not apply.
+// false (nothing launched) where it does not apply. Variant 0 takes v1
+// (measured faster than v2 at every decode shape on an H200, e.g. SmolLM2's
+// qkv 1.97 against 2.32 µs and the 30-layer chain 387 against 401 µs: one
+// staged copy of the input per block beats every group reading it through
+// L1) up to kFusedMaxBlocks blocks.
 template <int MODE>
 bool fused_launch(int variant, int w_f16, const GemvArgs &a, cudaStream_t s, cudaError_t *err) {
   if (variant == 3) return false;
   const bool pdl = variant == 2 || variant == 4 || (variant == 0 && pdl_supported());
-  if (variant != 4 && fused_gemv_applies(2, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
+  if (variant == 4 && fused_gemv_applies(2, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
     *err = launch_fused_gemv1<MODE>(s, pdl, w_f16, a);
     return true;
   }
+  if (variant == 0 && v1_blocks(w_f16, a.N, a.K, a.OC) > kFusedMaxBlocks) return false;
   if (fused_gemv_applies(1, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
     *err = launch_fused_gemv<MODE>(s, pdl, w_f16, a);
     return true;

@@ -224,16 +224,17 @@ kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps)
  * rotate-half, as kv_rope), then the key and value heads go to slot slots[r]
  * of kc and vc ([S, NKV, HS]; slots outside [0, S) skipped).
  *
- * variant: 0 chooses; 1 the single fused kernel (16-byte weight rows and
- * aligned operands; N = 1: v2, inputs in registers; N ≤ 8: v1, input staged
- * in shared memory, ≤ 48 KB; else as 3); 2 = 1 launched as a programmatic
- * dependent (sm_90: the weight loads overlap the previous kernel); 3 two
- * steps, the norm or activation into a scratch buffer from the
- * stream-ordered allocator (cudaMallocAsync/cudaFreeAsync, capturable as
- * graph memory nodes) then kv_matmul (+ kv_gelu_new); 4 = 2 with v1 also
- * for N = 1 (for comparison). For kv_rope_store (always one kernel) 1 =
- * normal launch, 2 and 4 = programmatic dependent. 0 = 2 on sm_90, else 1
- * (3 for the products where no kernel applies). */
+ * variant: 0 chooses; 1 the single fused kernel v1 (N ≤ 8, 16-byte weight
+ * rows, aligned operands, input staged in shared memory ≤ 46 KB; else as 3);
+ * 2 = 1 launched as a programmatic dependent (sm_90: the weight loads
+ * overlap the previous kernel); 3 two steps, the norm or activation into a
+ * scratch buffer from the stream-ordered allocator (cudaMallocAsync/
+ * cudaFreeAsync, capturable as graph memory nodes) then kv_matmul
+ * (+ kv_gelu_new); 4 = the N = 1 kernel v2 (input in registers; for
+ * comparison) as a programmatic dependent, else as 2. 0 = 2 on sm_90 (1
+ * before) up to 1536 blocks (every block normalises the input: above that,
+ * the LM head, 3 is faster), else 3. For kv_rope_store (always one kernel)
+ * 1 = normal launch, 2 and 4 = programmatic dependent, 0 = 2 on sm_90. */
 kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                          const void *norm_b, int norm_f16, const void *w, int w_f16,
                          const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,

@@ -13,6 +13,10 @@ import (
 type Latency struct {
 	Steps            int
 	Median, P10, P90 time.Duration
+	// Device is the mean time of a step replayed back to back without
+	// waiting for each token: the GPU's share of Median; the rest is the
+	// host's per-token round trip (launch, copy, synchronise).
+	Device time.Duration
 }
 
 // MeasureDecode fills the stream's cache with a prompt of random tokens,
@@ -46,7 +50,12 @@ func MeasureDecode(s *transformer.Stream, vocab, warmup, steps int) (Latency, er
 	}
 	slices.Sort(times)
 	q := func(p float64) time.Duration { return times[min(len(times)-1, int(p*float64(len(times))))] }
-	return Latency{Steps: len(times), Median: q(0.5), P10: q(0.1), P90: q(0.9)}, nil
+	lat := Latency{Steps: len(times), Median: q(0.5), P10: q(0.1), P90: q(0.9)}
+	start := time.Now()
+	if err := s.Runner().ReplayLast(steps); err == nil {
+		lat.Device = time.Since(start) / time.Duration(steps)
+	}
+	return lat, nil
 }
 
 // Ms is a duration in milliseconds.

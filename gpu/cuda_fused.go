@@ -14,11 +14,11 @@ var _ Fused = (*CUDA)(nil)
 // Variants of the fused entry points (kvalign.h): tests and benchmarks force
 // each one; the operations use fusedAuto.
 const (
-	fusedAuto    = 0 // the fused kernel with programmatic dependent launch where it applies
-	fusedKernel  = 1 // the fused kernel, launched normally
-	fusedPDL     = 2 // the fused kernel as a programmatic dependent (sm_90)
+	fusedAuto    = 0 // fusedPDL up to 1536 blocks (the block matrices), fusedTwoStep above (the LM head)
+	fusedKernel  = 1 // the fused kernel (v1), launched normally
+	fusedPDL     = 2 // the fused kernel (v1) as a programmatic dependent (sm_90)
 	fusedTwoStep = 3 // norm/activation into stream-ordered scratch, then MatMul
-	fusedSmem    = 4 // as fusedPDL but always the shared-memory kernel (v1), also for N = 1
+	fusedRegs    = 4 // N = 1: the register kernel (v2, slower; for comparison) as a programmatic dependent
 )
 
 // NormMatMul: out[N,OC] (+)= act(norm(in)·wᵀ + bias), see Fused. normW,

@@ -14,12 +14,12 @@ import (
 
 // fusedVariants are the entry points' variants a small-N test runs: the
 // fused kernel launched normally and as a programmatic dependent, the
-// two-step path (scratch + MatMul) that large N takes, and the
-// shared-memory kernel (v1) where N = 1 would take v2.
-var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedSmem}
+// two-step path (scratch + MatMul) that large N and the LM head take, and
+// the N = 1 register kernel.
+var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedRegs}
 
 func variantName(v int) string {
-	return [...]string{"auto", "kernel", "pdl", "twostep", "smem"}[v]
+	return [...]string{"auto", "kernel", "pdl", "twostep", "regs"}[v]
 }
 
 // refWeight is asWeight keeping an absent operand absent.
@@ -46,12 +46,13 @@ func TestCUDAFusedNormMatMul(t *testing.T) {
 	shapes := []struct{ N, C, OC int }{
 		{1, 64, 33}, {1, 576, 961}, {1, 768, 2305}, {2, 768, 129}, {3, 576, 193}, {3, 64, 65},
 		{5, 768, 77}, {8, 576, 31}, {37, 576, 201}, {37, 64, 65}, {300, 768, 97},
+		{1, 64, 8193}, // over 1536 blocks: the default takes the two-step path (as for an LM head)
 	}
 	for i, sh := range shapes {
 		if testing.Short() && i%4 != 0 {
 			continue // memcheck runs: a few shapes
 		}
-		variants := fusedVariants
+		variants := append([]int{fusedAuto}, fusedVariants...)
 		if sh.N > 8 {
 			variants = []int{fusedAuto}
 		}
@@ -140,7 +141,7 @@ func TestCUDAFusedSwiGLUMatMul(t *testing.T) {
 		if testing.Short() && i%3 != 0 {
 			continue
 		}
-		variants := fusedVariants
+		variants := append([]int{fusedAuto}, fusedVariants...)
 		if sh.N > 8 {
 			variants = []int{fusedAuto}
 		}
@@ -284,7 +285,7 @@ func TestCUDAFusedCapture(t *testing.T) {
 		Wq, Wup, Wfc, Bfc, Wdown, Wlm := up("wq", wdt, wq), up("wup", wdt, wup), up("wfc", wdt, wfc), up("bfc", wdt, bfc), up("wdown", wdt, wdown), up("wlm", wdt, wlm)
 		N1, N2, NF, LNB := up("n1", wdt, n1), up("n2", wdt, n2), up("nf", wdt, nf), up("lnb", wdt, lnb)
 		for _, N := range []int{1, 37} {
-			for _, v := range fusedVariants {
+			for _, v := range append([]int{fusedAuto}, fusedVariants...) {
 				name := fmt.Sprintf("%v_N%d_%s", wdt, N, variantName(v))
 				S := N + 3
 				x := alloc(t, c, F32, N*C)
@@ -419,7 +420,7 @@ func BenchmarkCUDAFused(b *testing.B) {
 	pool := newBenchPool(b, c, F16)
 	rng := rand.New(rand.NewPCG(29, 30))
 	for _, sh := range fusedBenchShapes {
-		for _, v := range fusedVariants {
+		for _, v := range append([]int{fusedAuto}, fusedVariants...) {
 			b.Run(fmt.Sprintf("%s_N1/%s", sh.name, variantName(v)), func(b *testing.B) {
 				ws := poolViews(pool, sh.OC*sh.C)
 				inLen := sh.C
@@ -489,7 +490,7 @@ var decodeChainModels = []decodeChainModel{
 // (attention and sampling left out) as one captured graph: the plain
 // operations (what the runner enqueues without Fused), and the fused
 // operations per variant (normal launch, programmatic dependents, two-step,
-// the shared-memory kernel).
+// the N = 1 register kernel, and the default choice).
 // Each layer has its own fp16 weights from a pool larger than L2.
 func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 	c := newTestCUDA(b)
@@ -594,7 +595,7 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 		for _, way := range []struct {
 			name string
 			fn   func()
-		}{{"unfused", unfused}, {"fused", fused(fusedKernel)}, {"fusedPDL", fused(fusedPDL)}, {"twostep", fused(fusedTwoStep)}, {"smemPDL", fused(fusedSmem)}} {
+		}{{"unfused", unfused}, {"fused", fused(fusedKernel)}, {"fusedPDL", fused(fusedPDL)}, {"twostep", fused(fusedTwoStep)}, {"regsPDL", fused(fusedRegs)}, {"auto", fused(fusedAuto)}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")

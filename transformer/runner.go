@@ -405,6 +405,21 @@ func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
 	}
 }
 
+// ReplayLast runs the last captured step n more times back to back and
+// waits: the device time of a step without the host's per-token round trip
+// (a benchmark tool: it repeats the step's cache writes, so the stream's
+// state is not meaningful afterwards).
+func (r *Runner) ReplayLast(n int) error {
+	g, ok := r.graphs[r.last]
+	if !ok {
+		return fmt.Errorf("runner: the last step was not captured")
+	}
+	for i := 0; i < n; i++ {
+		g.Run()
+	}
+	return r.be.Sync()
+}
+
 // Logits downloads the logits of the last step: rows × V.
 func (r *Runner) Logits(rows int) ([]float32, error) {
 	out := make([]float32, rows*r.m.Cfg.VocabSize)
