@@ -173,8 +173,11 @@ kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void
  * chosen so that the grid fills the GPU; 6 decode v4: one 512-thread block
  * per (sequence, kv head), K/V rows straight into registers, two memory
  * round trips (needs HS ∈ {16, 32, 64, 128}, T·NH/NKV ≤ 4, 16-byte
- * aligned q, caches and q_stride % 4 == 0). 0 = 6 when it applies and
- * max_len·HS ≤ 384·64, else 4 (decoding) or 5. */
+ * aligned q, caches and q_stride % 4 == 0); 7 (default above) 5 with the
+ * key/value tiles loaded a tile ahead into registers; 8 = 6 in thread block
+ * clusters of 4 (sm_90: each block takes a quarter of the entries, the
+ * partials merge in distributed shared memory). 0: for max_len·HS ≤ 1024·64
+ * 8 when B·NKV·4 ≤ 132 blocks, else 6; longer, 4 (decoding) or 7. */
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);

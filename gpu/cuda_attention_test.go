@@ -116,7 +116,7 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 		runs = append(runs, run{1, Buf{}}, run{1, work}, run{3, Buf{}}, run{3, work}, run{4, Buf{}}, run{4, work}, run{4, work})
 	}
 	if p.T*p.NH/p.NKV <= 4 && (p.HS == 16 || p.HS == 32 || p.HS == 64 || p.HS == 128) {
-		runs = append(runs, run{6, Buf{}}) // one block per kv head, any length
+		runs = append(runs, run{6, Buf{}}, run{8, Buf{}}) // one block (cluster of 4 on sm_90) per kv head, any length
 	}
 	for _, r := range runs {
 		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
@@ -154,7 +154,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 					c.UploadInts(a.lBuf, lens)
 					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
 					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
-					for _, variant := range []int{1, 3, 4, 6, 0} {
+					for _, variant := range []int{1, 3, 4, 6, 8, 0} {
 						b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
 							sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, work) })
 							b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")
@@ -167,7 +167,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 		// Prefills: a perplexity window (T = 1024) and the `ar` mode's full
 		// recomputation of a 256-entry cache.
 		for _, T := range []int{1024, 256} {
-			for _, variant := range []int{2, 5} {
+			for _, variant := range []int{2, 5, 7} {
 				b.Run(fmt.Sprintf("prefill_%s_T%d/v%d", m.name, T, variant), func(b *testing.B) {
 					p := AttnParams{B: 1, T: T, NH: m.NH, NKV: m.NKV, HS: 64, QStride: m.NH * 64, MaxLen: T, RopeTheta: m.theta}
 					a := newAttnCase(b, c, rng, p)
