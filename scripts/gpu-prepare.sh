@@ -4,18 +4,23 @@
 # copies the shared fixtures the GPU tests read, all into .gpurun/
 # (git-ignored). Then carry .gpurun to the GPU machine and run
 # scripts/gpu-run.sh there.
+#   usage: scripts/gpu-prepare.sh [gpu] [transformer] [align] [kvalign]
+# (default: all four; name fewer when what travels would exceed the limit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${KVALIGN_SHARED:-../shared}
 make -s lib
 rm -rf .gpurun && mkdir -p .gpurun/bin .gpurun/shared/data .gpurun/shared/seed .gpurun/shared/reference
-# The packages whose tests use the CUDA backend.
-for p in gpu transformer align; do
-  go test -c -tags cuda -ldflags="-s -w" -o ".gpurun/bin/$p.test" "./$p"
+what=${*:-gpu transformer align kvalign}
+for p in $what; do
+  if [ "$p" = kvalign ]; then
+    # Without the embedded model: what travels is limited, and the GPU
+    # machine gets that model's files from transformer/builtin/model anyway.
+    go build -tags cuda,nobuiltin -ldflags="-s -w" -o .gpurun/bin/kvalign .
+  else # a package whose tests use the CUDA backend
+    go test -c -tags cuda -ldflags="-s -w" -o ".gpurun/bin/$p.test" "./$p"
+  fi
 done
-# Without the embedded model: what travels is limited, and the GPU machine
-# gets that model's files from transformer/builtin/model anyway.
-go build -tags cuda,nobuiltin -ldflags="-s -w" -o .gpurun/bin/kvalign .
 xz -T2 -6 .gpurun/bin/*
 mkdir -p .gpurun/shared/models
 cp -r "$shared/models/gutenberg-llama-7m" .gpurun/shared/models/  # gpt2: from transformer/builtin/model

@@ -46,6 +46,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     tar -C testdata -cf "$OUT/align-goldens.tar" align
   fi
   for p in gpu transformer align; do
+    [ -x "$B/$p.test" ] || continue
     (cd "$p" && timeout 400 "$B/$p.test" -test.v -test.timeout 390s > "$OUT/test-$p.log" 2>&1)
     rc=$?
     note "test $p rc=$rc: $(grep -c '^--- PASS\|^    --- PASS' "$OUT/test-$p.log") pass, $(grep -c -- '--- FAIL' "$OUT/test-$p.log") fail, $(grep -c -- '--- SKIP' "$OUT/test-$p.log") skip"
@@ -58,13 +59,14 @@ if [ "$what" = all ] || [ "$what" = memcheck ]; then
   # The out-of-memory test provokes a failed cudaMalloc on purpose, which
   # memcheck would count as an error: it is skipped here.
   for p in gpu transformer align; do
+    [ -x "$B/$p.test" ] || continue
     (cd "$p" && timeout 240 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF|Golden|Policies' -test.skip 'OutOfMemory' \
       > "$OUT/memcheck-$p.log" 2>&1)
     note "memcheck $p rc=$?: $(grep 'ERROR SUMMARY' "$OUT/memcheck-$p.log" | tail -1)"
   done
 fi
 
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if { [ "$what" = all ] || [ "$what" = bench ]; } && [ -x "$B/kvalign" ]; then
   for cfg in distilgpt2 smollm2-135m; do
     for dt in fp16 fp32; do
       "$B/kvalign" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
