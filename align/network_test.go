@@ -122,24 +122,11 @@ func TestForwardMatchesRefAlign(t *testing.T) {
 					}
 				}
 			}
-			if d := relDiff(cache, want); d > 1e-5 {
+			if d := testenv.RelErr(cache, want); d > 1e-5 {
 				t.Errorf("ref.Align vs Forward: max|Δ|/max|ref| = %.3g > 1e-5", d)
 			}
 		})
 	}
-}
-
-// relDiff is max|got−want| / max|want|.
-func relDiff(got, want []float32) float64 {
-	var d, m float64
-	for i := range want {
-		d = max(d, math.Abs(float64(got[i])-float64(want[i])))
-		m = max(m, math.Abs(float64(want[i])))
-	}
-	if m == 0 {
-		return d
-	}
-	return d / m
 }
 
 func TestSaveLoadRoundTrip(t *testing.T) {
@@ -405,7 +392,7 @@ func TestGoldenConformance(t *testing.T) {
 				be.Close()
 			}
 			for _, c := range checks {
-				d := relDiff(c.got, want)
+				d := testenv.RelErr(c.got, want)
 				t.Logf("%s vs PyTorch: max|Δ|/max|ref| = %.3g", c.name, d)
 				if d > 1e-5 {
 					t.Errorf("%s differs from PyTorch by %.3g relative (> 1e-5)", c.name, d)

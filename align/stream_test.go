@@ -1,7 +1,6 @@
 package align
 
 import (
-	"math"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -58,15 +57,6 @@ func manualEviction(t *testing.T, m *transformer.Model, toks []int32, size, star
 	return out
 }
 
-func maxRelErr(a, b []float32) float64 {
-	var d, m float64
-	for i := range b {
-		d = math.Max(d, math.Abs(float64(a[i])-float64(b[i])))
-		m = math.Max(m, math.Abs(float64(b[i])))
-	}
-	return d / m
-}
-
 // KV-Align with networks whose last layer is zero (x' = x) is sw on the
 // GPT-2 family and eviction without position shift on the Llama family,
 // through the real realignment operation.
@@ -109,13 +99,13 @@ func TestKVAlignWithZeroLastLayer(t *testing.T) {
 					t.Fatal(err)
 				}
 				got, _ := kv.Logits()
-				if e := maxRelErr(got, want[i]); e > 1e-6 {
+				if e := testenv.RelErr(got, want[i]); e > 1e-6 {
 					t.Fatalf("kv step %d vs eviction without shift: %.3g", i, e)
 				}
 				if cfg.Family == transformer.GPT2 {
 					sw.Feed([]int32{tok}, transformer.FeedOptions{Target: -1})
 					swl, _ := sw.Logits()
-					if e := maxRelErr(got, swl); e > 1e-6 {
+					if e := testenv.RelErr(got, swl); e > 1e-6 {
 						t.Fatalf("kv step %d vs sw: %.3g", i, e)
 					}
 				}
@@ -150,7 +140,7 @@ func TestKVAlignRewritesTheWindow(t *testing.T) {
 	for i, tok := range toks {
 		kv.Feed([]int32{tok}, transformer.FeedOptions{Target: -1})
 		got, _ := kv.Logits()
-		e := maxRelErr(got, want[i])
+		e := testenv.RelErr(got, want[i])
 		if i <= size && e > 1e-6 {
 			t.Fatalf("step %d (before any eviction) differs: %.3g", i, e)
 		}

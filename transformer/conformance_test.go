@@ -65,19 +65,6 @@ func loadGolden(t *testing.T, path string) *golden {
 	return g
 }
 
-// relErr is max|a−b| / max|b|.
-func relErr(a, b []float32) float64 {
-	var d, m float64
-	for i := range b {
-		d = math.Max(d, math.Abs(float64(a[i])-float64(b[i])))
-		m = math.Max(m, math.Abs(float64(b[i])))
-	}
-	if m == 0 {
-		return d
-	}
-	return d / m
-}
-
 // headMajor turns [T, NKV·HS] rows into HF's cache layout [NKV, T, HS].
 func headMajor(rows []float32, T, NKV, HS int) []float32 {
 	out := make([]float32, len(rows))
@@ -119,7 +106,7 @@ func checkAgainstGolden(t *testing.T, cfg *Config, w *Weights, g *golden) {
 			V := cfg.VocabSize
 			worst := 0.0
 			for p := 0; p < T; p++ {
-				e := relErr(logits[p*V:p*V+V], g.logits[p*g.V:p*g.V+V])
+				e := testenv.RelErr(logits[p*V:p*V+V], g.logits[p*g.V:p*g.V+V])
 				worst = math.Max(worst, e)
 				if e > tb.tol {
 					t.Fatalf("logits at position %d: max|Δ|/max|ref| = %.3g > %.g", p, e, tb.tol)
@@ -135,10 +122,10 @@ func checkAgainstGolden(t *testing.T, cfg *Config, w *Weights, g *golden) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if e := relErr(headMajor(k, T, cfg.NKV, cfg.HS), kv.wantK); e > tb.tol {
+				if e := testenv.RelErr(headMajor(k, T, cfg.NKV, cfg.HS), kv.wantK); e > tb.tol {
 					t.Errorf("%s layer K: %.3g > %.g", kv.name, e, tb.tol)
 				}
-				if e := relErr(headMajor(v, T, cfg.NKV, cfg.HS), kv.wantV); e > tb.tol {
+				if e := testenv.RelErr(headMajor(v, T, cfg.NKV, cfg.HS), kv.wantV); e > tb.tol {
 					t.Errorf("%s layer V: %.3g > %.g", kv.name, e, tb.tol)
 				}
 			}

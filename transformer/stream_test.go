@@ -80,7 +80,7 @@ func feedLogits(t testing.TB, s *Stream, tokens []int32) []float32 {
 
 func assertClose(t testing.TB, what string, got, want []float32, tol float64) {
 	t.Helper()
-	if e := relErr(got, want); e > tol || math.IsNaN(e) {
+	if e := testenv.RelErr(got, want); e > tol || math.IsNaN(e) {
 		t.Fatalf("%s: max|Δ|/max|ref| = %.3g > %.g", what, e, tol)
 	}
 }

@@ -4,6 +4,7 @@
 package testenv
 
 import (
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -69,4 +70,23 @@ func Testdata(t testing.TB, rel ...string) string {
 		t.Skipf("%s not found: generate it with scripts/reference (see scripts/reference/README.md)", p)
 	}
 	return p
+}
+
+// RelErr is max|got − want| / max|want| (max|got − want| when want is all
+// zero): the error measure of every numerical comparison in the tests. NaN
+// in got makes it NaN, which fails any bound.
+func RelErr(got, want []float32) float64 {
+	var d, m float64
+	for i := range want {
+		diff := math.Abs(float64(got[i]) - float64(want[i]))
+		if math.IsNaN(diff) {
+			return math.NaN()
+		}
+		d = math.Max(d, diff)
+		m = math.Max(m, math.Abs(float64(want[i])))
+	}
+	if m == 0 {
+		return d
+	}
+	return d / m
 }
