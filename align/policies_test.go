@@ -36,7 +36,7 @@ func greedyStream(t *testing.T, be gpu.Backend, dt gpu.DType, ck *transformer.Ch
 	var out []int32
 	feed := prompt
 	for i := 0; i < steps; i++ {
-		err := s.Feed(feed, transformer.FeedOptions{Target: -1, Sample: &transformer.Sampling{TopK: 1, Counter: []int32{int32(i)}}})
+		err := s.Feed(feed, transformer.FeedOptions{Sample: &transformer.Sampling{TopK: 1, Counter: []int32{int32(i)}}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -95,7 +95,7 @@ func TestKVAlignWithZeroLastLayer(t *testing.T) {
 			}
 			want := manualEviction(t, m, toks, size, start)
 			for i, tok := range toks {
-				if err := kv.Feed([]int32{tok}, transformer.FeedOptions{Target: -1}); err != nil {
+				if err := kv.Feed([]int32{tok}, transformer.FeedOptions{}); err != nil {
 					t.Fatal(err)
 				}
 				got, _ := kv.Logits()
@@ -103,7 +103,7 @@ func TestKVAlignWithZeroLastLayer(t *testing.T) {
 					t.Fatalf("kv step %d vs eviction without shift: %.3g", i, e)
 				}
 				if cfg.Family == transformer.GPT2 {
-					sw.Feed([]int32{tok}, transformer.FeedOptions{Target: -1})
+					sw.Feed([]int32{tok}, transformer.FeedOptions{})
 					swl, _ := sw.Logits()
 					if e := testenv.RelErr(got, swl); e > 1e-6 {
 						t.Fatalf("kv step %d vs sw: %.3g", i, e)
@@ -138,7 +138,7 @@ func TestKVAlignRewritesTheWindow(t *testing.T) {
 	}
 	want := manualEviction(t, m, toks, size, start)
 	for i, tok := range toks {
-		kv.Feed([]int32{tok}, transformer.FeedOptions{Target: -1})
+		kv.Feed([]int32{tok}, transformer.FeedOptions{})
 		got, _ := kv.Logits()
 		e := testenv.RelErr(got, want[i])
 		if i <= size && e > 1e-6 {

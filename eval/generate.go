@@ -93,7 +93,7 @@ func Generate(s *transformer.Stream, prompt []int32, o GenerateOptions, emit fun
 			samp.TopK = o.FirstTopK
 		}
 		counter[0], bans[0] = int32(i), banned(last)
-		if err := s.Feed(feed, transformer.FeedOptions{Sample: samp, Target: -1}); err != nil {
+		if err := s.Feed(feed, transformer.FeedOptions{Sample: samp}); err != nil {
 			return st, err
 		}
 		next, err := s.Sampled()

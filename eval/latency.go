@@ -32,7 +32,7 @@ func MeasureDecode(s *transformer.Stream, vocab, warmup, steps int) (Latency, er
 	times := make([]time.Duration, 0, steps)
 	for i := 0; i < warmup+steps; i++ {
 		start := time.Now()
-		err := s.Feed(tok, transformer.FeedOptions{Target: -1, Sample: &transformer.Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}})
+		err := s.Feed(tok, transformer.FeedOptions{Sample: &transformer.Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}})
 		if err != nil {
 			return Latency{}, err
 		}

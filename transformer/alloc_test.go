@@ -15,7 +15,7 @@ func TestDecodeStepAllocatesNothing(t *testing.T) {
 		feedLogits(t, s, testTokens(30, m.Cfg.VocabSize, 1))
 		tok := []int32{3}
 		samp := &Sampling{TopK: 1, Counter: []int32{0}, Banned: [][]int32{{5}}}
-		fo := FeedOptions{Target: -1, Sample: samp}
+		fo := FeedOptions{Sample: samp}
 		step := func() {
 			if err := s.Feed(tok, fo); err != nil {
 				t.Fatal(err)

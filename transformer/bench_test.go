@@ -25,13 +25,13 @@ func BenchmarkDecodeCPU(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer s.Close()
-			if err := s.Feed(testTokens(256, ck.Cfg.VocabSize, 1), FeedOptions{Target: -1}); err != nil {
+			if err := s.Feed(testTokens(256, ck.Cfg.VocabSize, 1), FeedOptions{}); err != nil {
 				b.Fatal(err)
 			}
 			tok := []int32{1}
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if err := s.Feed(tok, FeedOptions{Target: -1, Sample: &Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}}); err != nil {
+				if err := s.Feed(tok, FeedOptions{Sample: &Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}}); err != nil {
 					b.Fatal(err)
 				}
 				next, err := s.Sampled()

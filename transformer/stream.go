@@ -117,7 +117,8 @@ func (s *Stream) Fed() int { return s.fed }
 // FeedOptions says what the step after the last fed token produces.
 type FeedOptions struct {
 	Sample *Sampling // draw the next token on the device
-	Target int32     // ≥ 0: compute the NLL of this next token
+	Score  bool      // compute the NLL of Target as the next token
+	Target int32
 }
 
 // Feed appends tokens, evicting (and realigning) as the mode says, and
@@ -155,7 +156,7 @@ func (s *Stream) step(st *Step, fo FeedOptions, last bool) error {
 	if last {
 		st.Logits = LastRow
 		st.Sample = fo.Sample
-		if fo.Target >= 0 {
+		if fo.Score {
 			s.target[0] = fo.Target
 			st.Targets = s.target[:]
 			s.nll = true

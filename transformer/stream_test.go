@@ -68,7 +68,7 @@ func newStream(t testing.TB, m *Model, mode Mode, size, start int, re Realigner)
 
 func feedLogits(t testing.TB, s *Stream, tokens []int32) []float32 {
 	t.Helper()
-	if err := s.Feed(tokens, FeedOptions{Target: -1}); err != nil {
+	if err := s.Feed(tokens, FeedOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	l, err := s.Logits()
@@ -226,7 +226,7 @@ func TestMemoryFlatOver100kTokens(t *testing.T) {
 	tok := []int32{1}
 	var at10k int
 	for i := 0; i < 100_000; i++ {
-		if err := s.Feed(tok, FeedOptions{Target: -1, Sample: &Sampling{TopK: 20, Seed: 9, Counter: []int32{int32(i)}}}); err != nil {
+		if err := s.Feed(tok, FeedOptions{Sample: &Sampling{TopK: 20, Seed: 9, Counter: []int32{int32(i)}}}); err != nil {
 			t.Fatal(err)
 		}
 		next, err := s.Sampled()
