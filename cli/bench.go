@@ -160,50 +160,11 @@ func benchRun(c *ucli.Context) error {
 	var cells []benchCell
 	out := c.App.Writer
 	for _, name := range c.StringSlice("config") {
-		cfg, w, err := benchModel(name)
+		cfgCells, err := benchConfig(c, be, dt, name, modes)
 		if err != nil {
 			return err
 		}
-		m, err := transformer.NewModel(cfg, w, be, dt)
-		if err != nil {
-			return err
-		}
-		h := originalNetworkSizes(cfg)
-		pair := &align.Pair{
-			Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[0], h[1], 1),
-			Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[2], h[3], 2),
-		}
-		dev, err := pair.Upload(be)
-		if err != nil {
-			m.Close()
-			return err
-		}
-		fmt.Fprintf(out, "\n%s (%s weights, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt), be.Name(),
-			joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
-		for _, size := range c.IntSlice("cache-size") {
-			fmt.Fprintf(out, "| %d |", size)
-			for _, mode := range modes {
-				s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1})
-				if err != nil {
-					dev.Close()
-					m.Close()
-					return usageError{err}
-				}
-				lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"))
-				s.Close()
-				if err != nil {
-					dev.Close()
-					m.Close()
-					return err
-				}
-				fmt.Fprintf(out, " %.3f |", eval.Ms(lat.Median))
-				cells = append(cells, benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
-					P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()})
-			}
-			fmt.Fprintln(out)
-		}
-		dev.Close()
-		m.Close()
+		cells = append(cells, cfgCells...)
 	}
 	fmt.Fprintln(out, "\nmedian ms/token once the cache is full (batch 1, sampling on the device)")
 	if path := c.String("json"); path != "" {
@@ -221,4 +182,51 @@ func joinModes(modes []transformer.Mode, sep string) string {
 		s = append(s, m.String())
 	}
 	return strings.Join(s, sep)
+}
+
+// benchConfig times every mode and cache size of one config, printing a
+// markdown table row per cache size as it goes.
+func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, modes []transformer.Mode) ([]benchCell, error) {
+	cfg, w, err := benchModel(name)
+	if err != nil {
+		return nil, err
+	}
+	m, err := transformer.NewModel(cfg, w, be, dt)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	h := originalNetworkSizes(cfg)
+	pair := &align.Pair{
+		Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[0], h[1], 1),
+		Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[2], h[3], 2),
+	}
+	dev, err := pair.Upload(be)
+	if err != nil {
+		return nil, err
+	}
+	defer dev.Close()
+	out := c.App.Writer
+	fmt.Fprintf(out, "\n%s (%s weights, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt), be.Name(),
+		joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	var cells []benchCell
+	for _, size := range c.IntSlice("cache-size") {
+		fmt.Fprintf(out, "| %d |", size)
+		for _, mode := range modes {
+			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1})
+			if err != nil {
+				return nil, usageError{err}
+			}
+			lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"))
+			s.Close()
+			if err != nil {
+				return nil, err
+			}
+			fmt.Fprintf(out, " %.3f |", eval.Ms(lat.Median))
+			cells = append(cells, benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
+				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()})
+		}
+		fmt.Fprintln(out)
+	}
+	return cells, nil
 }
