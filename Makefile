@@ -26,7 +26,7 @@ endif
 lib: csrc/libkvalign.a
 
 csrc/libkvalign.a: $(CSRC) csrc/Makefile
-	$(MAKE) -C csrc
+	$(MAKE) -C csrc -j$$(nproc)
 
 # The CPU test suite: runs everywhere, no GPU needed.
 test:
