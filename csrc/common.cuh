@@ -79,6 +79,37 @@ __device__ __forceinline__ float kv_load_w(const void *w, int f16, long long i) 
   return f16 ? __half2float(static_cast<const __half *>(w)[i]) : static_cast<const float *>(w)[i];
 }
 
+// Weight streaming shared by the GEMV kernels (matmul.cu, fused.cu).
+
+// kv_ld_stream16 loads 16 bytes that are used once: read-only path, no L1
+// allocation, so the streamed weights do not evict inputs staged for reuse.
+__device__ __forceinline__ uint4 kv_ld_stream16(const void *p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// kv_unpack16 widens 16 bytes of weights to VEC floats (8 halves or 4 floats).
+template <bool F16>
+__device__ __forceinline__ void kv_unpack16(uint4 v, float *f) {
+  if constexpr (F16) {
+    const __half2 *h = reinterpret_cast<const __half2 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float2 t = __half22float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+  }
+}
+
 // kv_rope_inv_freq is HF's default RoPE inverse frequency for pair i of a
 // head of HS: float32(1/θ^(float32(2i)/float32(HS))), the exponent rounded
 // to float32 first and the power taken in double, exactly as

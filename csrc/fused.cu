@@ -83,37 +83,6 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// ---- weight stream (adapted from matmul.cu: ld_stream16, unpack16) ----
-
-// ld_stream16 loads 16 bytes that are used once: read-only path, no L1
-// allocation, so the streamed weights do not evict the staged inputs.
-__device__ __forceinline__ uint4 ld_stream16(const void *p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
-
-// unpack16 widens 16 bytes of weights to VEC floats (8 halves or 4 floats).
-template <bool F16>
-__device__ __forceinline__ void unpack16(uint4 v, float *f) {
-  if constexpr (F16) {
-    const __half2 *h = reinterpret_cast<const __half2 *>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const float2 t = __half22float2(h[i]);
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
-  } else {
-    f[0] = __uint_as_float(v.x);
-    f[1] = __uint_as_float(v.y);
-    f[2] = __uint_as_float(v.z);
-    f[3] = __uint_as_float(v.w);
-  }
-}
-
 // load_batch issues one batch of weight loads: for the R rows of (tile,
 // group), chunks c0, c0+TPR, … (U of them). Rows past OC reread the last row
 // (never stored), chunks past the row give zeros.
@@ -127,7 +96,7 @@ __device__ __forceinline__ void load_batch(uint4 (&wv)[R][U], const char *__rest
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int c = c0 + u * TPR;
-      wv[r][u] = c < chunks ? ld_stream16(p + c) : make_uint4(0, 0, 0, 0);
+      wv[r][u] = c < chunks ? kv_ld_stream16(p + c) : make_uint4(0, 0, 0, 0);
     }
   }
 }
@@ -326,7 +295,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (c < chunks) {
         float wf[R][VEC];
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack16<F16>(wv[r][u], wf[r]);
+        for (int r = 0; r < R; r++) kv_unpack16<F16>(wv[r][u], wf[r]);
 #pragma unroll
         for (int n = 0; n < NB; n++) {
           // Rows n ≥ N read row N−1 (a valid address); their sums are dropped.
@@ -425,7 +394,7 @@ __device__ __forceinline__ void ldg_vec(const void *p, int f16, int off, float (
     const __half *h = static_cast<const __half *>(p) + off;
     if constexpr (VEC == 8) {
       const uint4 v = __ldg(reinterpret_cast<const uint4 *>(h));
-      unpack16<true>(v, f);
+      kv_unpack16<true>(v, f);
     } else {
       const uint2 v = __ldg(reinterpret_cast<const uint2 *>(h));
       const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
@@ -479,7 +448,7 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
 #pragma unroll
   for (int j = 0; j < CPL; j++) {
     const int c = lane + j * TPR;
-    wv[j] = c < chunks ? ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
+    wv[j] = c < chunks ? kv_ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
   }
 
   pdl_wait();
@@ -558,7 +527,7 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
 #pragma unroll
   for (int j = 0; j < CPL; j++) {
     float wf[VEC];
-    unpack16<F16>(wv[j], wf);  // padding chunks: zero weights and zero inputs
+    kv_unpack16<F16>(wv[j], wf);  // padding chunks: zero weights and zero inputs
 #pragma unroll
     for (int e = 0; e < VEC; e++) acc = fmaf(wf[e], xv[j][e], acc);
   }

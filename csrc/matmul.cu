@@ -17,35 +17,6 @@ namespace {
 constexpr int kGemvMaxN = 8;
 constexpr int kGemvThreads = 128;
 
-// ld_stream16 loads 16 bytes that are used once: read-only path, no L1
-// allocation, so the streamed weights do not evict the (reused) inputs.
-__device__ __forceinline__ uint4 ld_stream16(const void *p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
-
-// unpack16 widens 16 bytes of weights to VEC floats (8 halves or 4 floats).
-template <bool F16>
-__device__ __forceinline__ void unpack16(uint4 v, float *f) {
-  if constexpr (F16) {
-    const __half2 *h = reinterpret_cast<const __half2 *>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const float2 t = __half22float2(h[i]);
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
-  } else {
-    f[0] = __uint_as_float(v.x);
-    f[1] = __uint_as_float(v.y);
-    f[2] = __uint_as_float(v.z);
-    f[3] = __uint_as_float(v.w);
-  }
-}
-
 // gemv_kernel_v1: groups of TPR lanes; a group computes R consecutive output
 // rows for all NB inputs. Each lane takes 16-byte chunks lane, lane+TPR, …
 // of the rows, UNROLL chunks per row loaded before any is used (R·UNROLL = 4
@@ -88,7 +59,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int r = 0; r < R; r++) {
         const int c = c0 + u * TPR;
-        wv[r][u] = c < chunks ? ld_stream16(wr[r] + c) : make_uint4(0, 0, 0, 0);
+        wv[r][u] = c < chunks ? kv_ld_stream16(wr[r] + c) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
@@ -96,7 +67,7 @@ __global__ void __launch_bounds__(kGemvThreads)
       if (c < chunks) {
         float wf[R][VEC];
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack16<F16>(wv[r][u], wf[r]);
+        for (int r = 0; r < R; r++) kv_unpack16<F16>(wv[r][u], wf[r]);
 #pragma unroll
         for (int n = 0; n < NB; n++) {
           const float4 *xp = reinterpret_cast<const float4 *>(in + (size_t)n * C + (size_t)c * VEC);

@@ -107,8 +107,11 @@ func devF32(b Buf) *C.float   { return (*C.float)(dev(b)) }
 func devI32(b Buf) *C.int32_t { return (*C.int32_t)(dev(b)) }
 
 // f16 is the C flag of a weight-like operand's dtype.
-func f16(b Buf) C.int {
-	if b.dt == F16 {
+func f16(b Buf) C.int { return cFlag(b.dt == F16) }
+
+// cFlag is a Go bool as the int flag the C entry points take.
+func cFlag(b bool) C.int {
+	if b {
 		return 1
 	}
 	return 0

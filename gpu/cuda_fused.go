@@ -46,15 +46,9 @@ func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps
 	if n == 0 || oc == 0 {
 		return
 	}
-	rms, gelu, acc := C.int(0), C.int(0), C.int(0)
+	rms, gelu, acc := cFlag(norm == RMSNormKind), cFlag(act == GeluAct), cFlag(accumulate)
 	if norm == RMSNormKind {
-		rms, normB = 1, Buf{}
-	}
-	if act == GeluAct {
-		gelu = 1
-	}
-	if accumulate {
-		acc = 1
+		normB = Buf{} // RMSNorm has no bias
 	}
 	c.run(op, func() C.kv_status {
 		return C.kv_norm_matmul(c.stream, devF32(out), devF32(in), dev(normW), dev(normB), f16(normW),
@@ -81,10 +75,7 @@ func (c *CUDA) swiGLUMatMul(out, gu, w Buf, n, f, oc int, accumulate bool, varia
 	if n == 0 || oc == 0 {
 		return
 	}
-	acc := C.int(0)
-	if accumulate {
-		acc = 1
-	}
+	acc := cFlag(accumulate)
 	c.run(op, func() C.kv_status {
 		return C.kv_swiglu_matmul(c.stream, devF32(out), devF32(gu), dev(w), f16(w), C.int(n), C.int(f), C.int(oc),
 			acc, C.int(variant))

@@ -31,10 +31,7 @@ func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool, vari
 	if n == 0 || oc == 0 {
 		return
 	}
-	acc := C.int(0)
-	if accumulate {
-		acc = 1
-	}
+	acc := cFlag(accumulate)
 	c.run(op, func() C.kv_status {
 		return C.kv_matmul_variant(c.stream, devF32(out), devF32(in), dev(w), f16(w), dev(bias), f16(bias),
 			C.int(n), C.int(ch), C.int(oc), acc, C.int(variant))
