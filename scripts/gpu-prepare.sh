@@ -6,30 +6,34 @@
 # scripts/gpu-run.sh there.
 #   usage: scripts/gpu-prepare.sh [gpu] [transformer] [align] [kvalign]
 # (default: all four; name fewer when what travels would exceed the limit)
+# GPURUN=.gpurun-x names another folder (matching /.gpurun*/ in .gitignore),
+# so that work in several checkouts can be carried side by side;
+# gpu-run.sh takes the same variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${KVALIGN_SHARED:-../shared}
+R=${GPURUN:-.gpurun}
 make -s lib
-rm -rf .gpurun && mkdir -p .gpurun/bin .gpurun/shared/data .gpurun/shared/seed .gpurun/shared/reference
+rm -rf "$R" && mkdir -p "$R/bin" "$R/shared/data" "$R/shared/seed" "$R/shared/reference"
 what=${*:-gpu transformer align kvalign}
 for p in $what; do
   if [ "$p" = kvalign ]; then
     # Without the embedded model: what travels is limited, and the GPU
     # machine gets that model's files from transformer/builtin/model anyway.
-    go build -tags cuda,nobuiltin -ldflags="-s -w" -o .gpurun/bin/kvalign .
+    go build -tags cuda,nobuiltin -ldflags="-s -w" -o "$R"/bin/kvalign .
   else # a package whose tests use the CUDA backend
-    go test -c -tags cuda -ldflags="-s -w" -o ".gpurun/bin/$p.test" "./$p"
+    go test -c -tags cuda -ldflags="-s -w" -o "$R/bin/$p.test" "./$p"
   fi
 done
-xz -T2 -6 .gpurun/bin/*
-mkdir -p .gpurun/shared/models
-cp -r "$shared/models/gutenberg-llama-7m" .gpurun/shared/models/  # gpt2: from transformer/builtin/model
-cp "$shared/data/wikitext-test.txt" .gpurun/shared/data/
-cp -r "$shared/seed/networks" .gpurun/shared/seed/
-cp -r "$shared/reference/configs" "$shared/reference/tokenizers" .gpurun/shared/reference/
-cp "$shared/data/gutenberg-valid.txt" .gpurun/shared/data/
+xz -T2 -6 "$R"/bin/*
+mkdir -p "$R"/shared/models
+cp -r "$shared/models/gutenberg-llama-7m" "$R"/shared/models/  # gpt2: from transformer/builtin/model
+cp "$shared/data/wikitext-test.txt" "$R"/shared/data/
+cp -r "$shared/seed/networks" "$R"/shared/seed/
+cp -r "$shared/reference/configs" "$shared/reference/tokenizers" "$R"/shared/reference/
+cp "$shared/data/gutenberg-valid.txt" "$R"/shared/data/
 # The GPT-2 fixture comes from transformer/builtin/model on the GPU machine;
 # its vocab.json + merges.txt (for the tokenizer's second loading path) travel.
-mkdir -p .gpurun/shared/models/gutenberg-gpt2-7m.extra
-cp "$shared/models/gutenberg-gpt2-7m/vocab.json" "$shared/models/gutenberg-gpt2-7m/merges.txt" .gpurun/shared/models/gutenberg-gpt2-7m.extra/
-du -sh .gpurun
+mkdir -p "$R"/shared/models/gutenberg-gpt2-7m.extra
+cp "$shared/models/gutenberg-gpt2-7m/vocab.json" "$shared/models/gutenberg-gpt2-7m/merges.txt" "$R"/shared/models/gutenberg-gpt2-7m.extra/
+du -sh "$R"

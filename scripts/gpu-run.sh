@@ -7,17 +7,18 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+R=${GPURUN:-.gpurun}
 what=${1:-all}
 OUT=${OUT:-/tmp/gpurun-out}
 mkdir -p "$OUT"
-export KVALIGN_SHARED=$root/.gpurun/shared
+export KVALIGN_SHARED=$root/$R/shared
 S=$OUT/summary.txt
 : > "$S"
 note() { echo "$*" | tee -a "$S"; }
 
 python3 - <<'PY'
 import lzma, os, shutil, stat
-d = ".gpurun/bin"
+d = os.environ.get("GPURUN", ".gpurun") + "/bin"
 for f in os.listdir(d):
     if f.endswith(".xz"):
         with lzma.open(os.path.join(d, f)) as src, open(os.path.join(d, f[:-3]), "wb") as dst:
@@ -25,7 +26,7 @@ for f in os.listdir(d):
         os.chmod(os.path.join(d, f[:-3]), 0o755)
         os.remove(os.path.join(d, f))
 PY
-B=$root/.gpurun/bin
+B=$root/$R/bin
 # The GPT-2 fixture is the built-in model: its files travel with the tree.
 if [ ! -d "$KVALIGN_SHARED/models/gutenberg-gpt2-7m" ]; then
   cp -r transformer/builtin/model "$KVALIGN_SHARED/models/gutenberg-gpt2-7m"
