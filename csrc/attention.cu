@@ -15,9 +15,11 @@
 //    the entries are split over many blocks (flash-decoding) whose partial
 //    (max, sum, output) a second kernel combines. Decoding now defaults to
 //    decode v4 (attn_decode_kernel_v4): K/V rows straight into registers, a
-//    group of HS/4 lanes per key, one block (or a cluster of 4 on sm_90) per
-//    (kv head, sequence) up to 1024 entries; the split kernels take longer
-//    sequences.
+//    group of HS/4 lanes per key, one block (or a cluster of 4 or 8 on
+//    sm_90) per (kv head, sequence) up to 1024 entries, launched as a
+//    programmatic dependent that gathers the older entries' rows before
+//    waiting for the kernel that stores this step's keys and values; the
+//    split kernels take longer sequences.
 //  - prefill (long T): flash-attention style tiles in fp32 SIMT, TQ queries of
 //    one head per block, key/value tiles of TK entries in shared memory,
 //    online softmax in registers.
@@ -851,13 +853,20 @@ constexpr int kD4Threads = 512;
 // of the K/V (one SM's L2 bandwidth bound v4: ~1 µs per 128 KB), and the
 // blocks' partials merge through distributed shared memory, no global round
 // trip. sm_90 only (the host launches it there).
-template <int LPK, int QVM, int U, int CS = 1>
-__global__ void __launch_bounds__(kD4Threads)
+//
+// NT < 512 (variant 9: 128 threads, clusters of 8): more, smaller blocks,
+// each SM taking fewer keys, and the first batch's rotation factors
+// (sincosf, ~40 instructions each) computed before the programmatic wait,
+// with the K/V gathers, instead of on the critical path after it (512
+// threads have no registers to spare for them).
+template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads>
+__global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
                           float rope_theta, RopeFreqs freqs, float scale) {
-  constexpr int HS = LPK * 4, NG = kD4Threads / LPK;
+  constexpr int HS = LPK * 4, NG = NT / LPK;
+  constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
@@ -868,7 +877,8 @@ __global__ void __launch_bounds__(kD4Threads)
   const int G = NH / NKV, QV = T * G;
   const int32_t *ord = order + (size_t)b * max_len;
 
-  // Round trip 1: the first batch's slots (speculative), lens, q, all at once.
+  // Round trip 1: the first batch's slots (speculative) and lens, both
+  // written by no kernel (copied in before the step).
   int slot[U];
 #pragma unroll
   for (int u = 0; u < U; u++) {
@@ -876,6 +886,47 @@ __global__ void __launch_bounds__(kD4Threads)
     slot[u] = j < max_len ? __ldg(ord + j) : 0;
   }
   const int n_total = max(0, min(lens[b], max_len));
+  // Round trip 2 for the first batch, before the programmatic wait (see
+  // kv_attention in kvalign.h): the rows of entries before the newest T,
+  // which the previous kernel (the one storing this step's keys and values)
+  // does not write.
+  const int fresh = max(0, n_total - T);
+  float4 kr[U], vr[U];
+  auto load_kv = [&](int base, int lo, int hi) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int j = base + gk + STEP * u;
+      if (j >= lo && j < hi) {
+        const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
+        kr[u] = __ldcg(reinterpret_cast<const float4 *>(kc + off));
+        vr[u] = __ldcg(reinterpret_cast<const float4 *>(vc + off));
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < U; u++) kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+  load_kv(0, 0, fresh);
+  // RoPE: this lane's four frequencies (dims 4·(li mod LPK/2) + c of the half).
+  const bool rope = rope_theta != 0.f, upper = li >= LPK / 2;
+  float inv[4];
+#pragma unroll
+  for (int c = 0; c < 4; c++) inv[c] = rope ? freqs.v[4 * (li % (LPK / 2)) + c] : 0.f;
+  // kPreRot: a batch's rotation factors, for key j = base + gk + STEP·u.
+  float rsn[kPreRot ? U : 1][4], rcs[kPreRot ? U : 1][4];
+  auto rot_factors = [&](int base) {
+    if constexpr (kPreRot) {
+      if (rope) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+          for (int c = 0; c < 4; c++) sincosf((float)(base + gk + STEP * u) * inv[c], &rsn[u][c], &rcs[u][c]);
+      }
+    }
+  };
+  rot_factors(0);
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
+  load_kv(0, fresh, n_total);
   float4 qr[QVM];
 #pragma unroll
   for (int v = 0; v < QVM; v++) {
@@ -883,11 +934,6 @@ __global__ void __launch_bounds__(kD4Threads)
     qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + 4 * li)
                    : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  // RoPE: this lane's four frequencies (dims 4·(li mod LPK/2) + c of the half).
-  const bool rope = rope_theta != 0.f, upper = li >= LPK / 2;
-  float inv[4];
-#pragma unroll
-  for (int c = 0; c < 4; c++) inv[c] = rope ? freqs.v[4 * (li % (LPK / 2)) + c] : 0.f;
 
   float m[QVM], l[QVM];
   float4 o[QVM];
@@ -899,14 +945,11 @@ __global__ void __launch_bounds__(kD4Threads)
   }
 
   for (int base = 0; base < n_total; base += STEP * U) {
-    // Round trip 2: this batch's key and value rows.
-    float4 kr[U], vr[U];
+    if (base > 0) {  // round trip 2 of the later batches: this batch's key and value rows
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int j = base + gk + STEP * u;
-      const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
-      kr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(kc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      vr[u] = j < n_total ? __ldcg(reinterpret_cast<const float4 *>(vc + off)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int u = 0; u < U; u++) kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      load_kv(base, 0, n_total);
+      rot_factors(base);
     }
     // The next batch's slots, in flight while this one computes.
     if (base + STEP * U < n_total) {
@@ -929,7 +972,14 @@ __global__ void __launch_bounds__(kD4Threads)
         p.w = __shfl_xor_sync(KV_FULL_MASK, k.w, LPK / 2);
         float sn[4], cs[4];
 #pragma unroll
-        for (int c = 0; c < 4; c++) sincosf((float)j * inv[c], &sn[c], &cs[c]);
+        for (int c = 0; c < 4; c++) {
+          if constexpr (kPreRot) {
+            sn[c] = rsn[u][c];
+            cs[c] = rcs[u][c];
+          } else {
+            sincosf((float)j * inv[c], &sn[c], &cs[c]);
+          }
+        }
         // Lower half: x1·cos − x2·sin; upper half: x2·cos + x1·sin.
         const float sg = upper ? 1.f : -1.f;
         k.x = k.x * cs[0] + sg * (p.x * sn[0]);
@@ -1012,7 +1062,7 @@ __global__ void __launch_bounds__(kD4Threads)
   }
   __syncthreads();
   if constexpr (CS == 1) {
-    for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+    for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
       float a0 = 0.f, a1 = 0.f;
 #pragma unroll 4
@@ -1027,7 +1077,7 @@ __global__ void __launch_bounds__(kD4Threads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // This block's partial (unnormalised o, its max M_b, sum L_b) in bo/bm/bl.
     __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
-    for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+    for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS;
       float a0 = 0.f, a1 = 0.f;
 #pragma unroll 4
@@ -1044,7 +1094,7 @@ __global__ void __launch_bounds__(kD4Threads)
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's partial visible cluster-wide
     if (rank == 0) {
-      for (int oi = tid; oi < QV * HS; oi += kD4Threads) {
+      for (int oi = tid; oi < QV * HS; oi += NT) {
         const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
         float mr[CS], lr[CS], orr[CS];
 #pragma unroll
@@ -1071,30 +1121,14 @@ __global__ void __launch_bounds__(kD4Threads)
   }
 }
 
-// cluster_launch runs kernel k over grid (NKV·CS, B) in clusters of CS blocks.
-template <typename... Args>
-cudaError_t cluster_launch(void (*k)(Args...), int CS, dim3 grid, cudaStream_t st, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kD4Threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CS;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, k, args...);
-}
-
-// launch_decode_v4_cluster (variant 8): false when the shapes do not fit or
-// the device has no clusters (before sm_90).
+// launch_decode_v4_cluster (variant 8: CS = 4, NT = 512; variant 9: CS = 8,
+// NT = 128): false when the shapes do not fit or the device has no clusters
+// (before sm_90).
+template <int CS, int NT>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
-                              int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale) {
-  constexpr int CS = 4;
+                              int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
+                              bool pdl = true) {
   const int QV = T * (NH / NKV);
   const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
                     reinterpret_cast<uintptr_t>(q)) & 15) == 0;
@@ -1105,11 +1139,11 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
     return false;
   }
   const dim3 grid(NKV * CS, B);
-#define KV_D4C(LPK, QVM, U)                                                                                  \
-  cluster_launch(attn_decode_kernel_v4<LPK, QVM, U, CS>, CS, grid, st, out, q, kc, vc, order, lens, T, NH, NKV, \
-                 q_stride, max_len, rope_theta, freqs, scale)
+#define KV_D4C(LPK, QVM, U)                                                                                   \
+  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT>, CS, grid, dim3(NT), 0, st, pdl, out, q, kc, vc,  \
+                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale)
 #define KV_D4C_Q(LPK) \
-  if (QV == 1) KV_D4C(LPK, 1, 8); else KV_D4C(LPK, 4, 4)
+  if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); else KV_D4C(LPK, 4, 4)
   switch (HS) {
     case 16: KV_D4C_Q(4); break;
     case 32: KV_D4C_Q(8); break;
@@ -1130,9 +1164,10 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
                     reinterpret_cast<uintptr_t>(q)) & 15) == 0;
   if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
   const dim3 grid(NKV, B);
-#define KV_D4(LPK, QVM, U)                                                                                       \
-  attn_decode_kernel_v4<LPK, QVM, U><<<grid, kD4Threads, 0, st>>>(out, q, kc, vc, order, lens, T, NH, NKV, q_stride, \
-                                                                  max_len, rope_theta, freqs, scale)
+  const bool pdl = kv_pdl_supported();
+#define KV_D4(LPK, QVM, U)                                                                                  \
+  kv_launch(attn_decode_kernel_v4<LPK, QVM, U>, grid, dim3(kD4Threads), 0, st, pdl, out, q, kc, vc, order, lens, T, \
+            NH, NKV, q_stride, max_len, rope_theta, freqs, scale)
 #define KV_D4_Q(LPK) \
   if (QV == 1) KV_D4(LPK, 1, 8); else KV_D4(LPK, 4, 4)
   switch (HS) {
@@ -1380,19 +1415,31 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     // clusters fit one wave (H200: smol len 255 7.6 µs against 10.9 unclustered,
     // distil len 1024 5.7 against 11.1), else v4 unclustered (distil B = 4:
     // 5.2 µs at len 255, 12.1 at 1024, against 9.5 / 12.5 clustered and 9.1 / 18.1 split).
+    // First, clusters of 8 smaller blocks (v9) while they fit one wave: in
+    // the decode layer chain (BenchmarkCUDAFusedDecodeChain, H200) SmolLM2's
+    // attention costs 8.1 µs a layer against 8.2 (v8) and 12.5 (v6), and
+    // launching it as a programmatic dependent saves 2.2 µs (v10: 10.4).
+    if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV * 8 <= 132 &&
+        launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
+                                         rope_theta, freqs, scale))
+      return kv_launched();
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV * 4 <= 132 &&
-        launch_decode_v4_cluster(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta,
-                                 freqs, scale))
+        launch_decode_v4_cluster<4, kD4Threads>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
+                                                rope_theta, freqs, scale))
       return kv_launched();
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 &&
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
       return kv_launched();
     variant = QV <= kDecMaxQ ? 4 : 7;
   }
-  if (variant == 8) {
-    if (!launch_decode_v4_cluster(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta,
-                                  freqs, scale))
-      return (kv_status)cudaErrorInvalidValue;
+  if (variant == 8 || variant == 9 || variant == 10 || variant == 11) {
+    const bool pdl = variant <= 9;  // 10, 11: 9, 8 launched normally
+    const bool ok = variant == 8 || variant == 11
+                        ? launch_decode_v4_cluster<4, kD4Threads>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS,
+                                                                  q_stride, max_len, rope_theta, freqs, scale, pdl)
+                        : launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS,
+                                                           q_stride, max_len, rope_theta, freqs, scale, pdl);
+    if (!ok) return (kv_status)cudaErrorInvalidValue;
     return kv_launched();
   }
   if (variant == 6) {

@@ -8,6 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <utility>
+
 #include "kvalign.h"
 
 // KV_TRY returns the status of a failed runtime call from the enclosing
@@ -117,4 +119,81 @@ __device__ __forceinline__ void kv_unpack16(uint4 v, float *f) {
 __device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
   const float e = (float)(2 * i) / (float)HS;
   return (float)(1.0 / pow((double)theta, (double)e));
+}
+
+// ---- programmatic dependent launch (PTX griddepcontrol, sm_90) ----
+//
+// A kernel launched with the programmatic-stream-serialization attribute
+// may start while its predecessor in the stream still runs, once every
+// block of the predecessor has called kv_pdl_launch_dependents (or exited).
+// Before kv_pdl_wait it may read only what the predecessor does not write
+// (weights, and data written by kernels before it: when it starts, its
+// predecessor has passed its own wait, so every earlier kernel is complete);
+// kv_pdl_wait returns once the predecessor has completed and its writes are
+// visible. Without the attribute both are no-ops in effect.
+
+// kv_pdl_launch_dependents lets the next kernel in the stream start
+// launching; called after this kernel's own wait, so that at most one kernel
+// prefetches ahead (triggering at the start let a whole chain of kernels
+// launch at once and flood the memory system with far-ahead weight loads).
+__device__ __forceinline__ void kv_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kv_pdl_wait blocks until the grids this one depends on have completed and
+// their writes are visible; a no-op for a kernel launched normally.
+__device__ __forceinline__ void kv_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// kv_pdl_supported: programmatic dependent launch needs compute capability 9.0.
+static inline bool kv_pdl_supported() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+
+// kv_launch_clustered enqueues kernel<<<grid, block, smem, s>>>(args…), as a
+// programmatic dependent when pdl is set, in thread block clusters of
+// cluster blocks (along x) when cluster > 1 (sm_90).
+template <typename... Exp, typename... Act>
+cudaError_t kv_launch_clustered(void (*kernel)(Exp...), int cluster, dim3 grid, dim3 block, size_t smem,
+                                cudaStream_t s, bool pdl, Act &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    n++;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    n++;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...);
+}
+
+// kv_launch: kv_launch_clustered without clusters.
+template <typename... Exp, typename... Act>
+cudaError_t kv_launch(void (*kernel)(Exp...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
+                      Act &&...args) {
+  return kv_launch_clustered(kernel, 1, grid, block, smem, s, pdl, std::forward<Act>(args)...);
 }

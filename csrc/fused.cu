@@ -6,6 +6,9 @@
 //  - kv_norm_matmul:   LayerNorm/RMSNorm → MatMul (+ bias, gelu_new, residual add)
 //  - kv_swiglu_matmul: silu(gate)·up → MatMul (+ residual add)
 //  - kv_rope_store:    RoPE on q|k → CacheStore(k) → CacheStore(v)
+//  - kv_norm_matmul_store: kv_norm_matmul into q|k|v rows → kv_rope_store,
+//    one kernel (the GEMV's blocks take rotation pairs of rows)
+// and, through fused.cuh, plain decode products for matmul.cu (kPlain).
 //
 // Small N (decoding, N ≤ 8): one GEMV kernel (v1) that streams its weight
 // rows like matmul.cu's gemv_kernel_v1 and computes its input itself: every
@@ -33,9 +36,8 @@
 // or activation writes a scratch buffer taken from the stream-ordered
 // allocator (cudaMallocAsync/cudaFreeAsync: graph memory nodes under
 // capture), then kv_matmul (and kv_gelu_new) run on it.
-#include <utility>
-
 #include "common.cuh"
+#include "fused.cuh"
 
 namespace {
 
@@ -52,25 +54,11 @@ constexpr int kFusedSmemMax = 46 * 1024;
 constexpr int kFusedMaxBlocks = 1536;
 constexpr int kV2ChunksPerLane = 4;       // v2: 16-byte weight chunks a lane holds (a row ≤ 4·128 chunks)
 
-enum InMode { kLayerNorm = 0, kRMSNorm = 1, kSwiGLU = 2 };
-
-// ---- programmatic dependent launch (PTX griddepcontrol, sm_90) ----
-
-// pdl_launch_dependents lets the next kernel in the stream start launching;
-// it still waits (pdl_wait) for this one to complete before it reads.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// pdl_wait blocks until the grids this one depends on have completed and
-// their writes are visible; a no-op for a kernel launched normally.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// kPlain: the input as it is (a plain product, so that decode products with
+// no norm — the attention output projection, GPT-2's MLP projection — also
+// prefetch their weights as programmatic dependents).
+enum InMode { kLayerNorm = 0, kRMSNorm = 1, kSwiGLU = 2, kPlain = 3 };
+__host__ __device__ constexpr bool has_norm(int mode) { return mode == kLayerNorm || mode == kRMSNorm; }
 
 // ---- asynchronous copies global → shared (sm_80+) ----
 
@@ -83,16 +71,29 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// block_row is the output row of a block's k-th row (k = group·R + r, RB
+// rows a block). Normally rows are consecutive; PAIRED (the q|k|v product
+// with its RoPE and cache store fused in) gives a block RB/2 rotation pairs
+// instead, rows (i, i + HS/2) of a head, pair p = tile·RB/2 + k mod RB/2 and
+// k < RB/2 the first of each pair, so the block can rotate what it computed.
+template <int RB>
+__device__ __forceinline__ int block_row(bool paired, int tile, int k, int hs) {
+  if (!paired) return tile * RB + k;
+  constexpr int HP = RB / 2 > 0 ? RB / 2 : 1;  // RB = 1 is never paired (the host checks)
+  const int pair = tile * HP + k % HP, hh = hs / 2;
+  return pair / hh * hs + pair % hh + k / HP * hh;
+}
+
 // load_batch issues one batch of weight loads: for the R rows of (tile,
 // group), chunks c0, c0+TPR, … (U of them). Rows past OC reread the last row
 // (never stored), chunks past the row give zeros.
 template <bool F16, int R, int U, int TPR, int GROUPS>
 __device__ __forceinline__ void load_batch(uint4 (&wv)[R][U], const char *__restrict__ w, size_t row_bytes,
-                                           int tile, int group, int c0, int chunks, int OC) {
-  const int row0 = (tile * GROUPS + group) * R;
+                                           int tile, int group, int c0, int chunks, int OC, bool paired, int hs) {
 #pragma unroll
   for (int r = 0; r < R; r++) {
-    const uint4 *p = reinterpret_cast<const uint4 *>(w + (size_t)min(row0 + r, OC - 1) * row_bytes);
+    const int row = block_row<GROUPS * R>(paired, tile, group * R + r, hs);
+    const uint4 *p = reinterpret_cast<const uint4 *>(w + (size_t)min(row, OC - 1) * row_bytes);
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int c = c0 + u * TPR;
@@ -149,12 +150,26 @@ __device__ __forceinline__ float gelu_new(float v) {
 //
 // Shared memory (dynamic): xs[N][K] floats (SwiGLU: + us[N][K] for the up
 // half), then for the norms norm_w and norm_b as stored (half or float).
+//
+// With st.kc set (kv_norm_matmul_store; a run-time switch, not a template
+// one, so as not to double the instantiations): out holds q|k|v rows (OC = (NH + 2·NKV)·HS);
+// the block's rows are rotation pairs (block_row), and its epilogue rotates
+// the pairs of heads below st.rope_heads at pos[n] (rope_store_kernel_v1's
+// arithmetic) and writes key and value heads to slot slots[n] of the caches
+// too, which saves the separate RoPE/store launch of every layer.
+struct StoreArgs {
+  float *kc, *vc;  // one layer's caches [S, NKV, HS]
+  const int32_t *pos, *slots;
+  int S, NH, NKV, HS, rope_heads;
+  float theta;
+};
+
 template <bool F16, int NB, int R, int TPR, int MODE>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
                          const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
-                         int accumulate) {
+                         int accumulate, StoreArgs st) {
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
   constexpr int U = 4 / R;          // chunks per row per batch (R·U = 4 loads in flight)
   constexpr int GROUPS = kFusedThreads / TPR;
@@ -172,13 +187,21 @@ __global__ void __launch_bounds__(kFusedThreads)
   const int K4 = K / 4;
 
   // 1. Constant data first: the first batch of weights, and the norm
-  // weights into shared memory.
+  // weights into shared memory (and when storing, the inverse frequency of
+  // the pair this thread rotates: a double pow, ≈2 µs of latency if it waited).
+  constexpr int RB = GROUPS * R, HP = RB / 2 > 0 ? RB / 2 : 1;
+  const bool store = st.kc != nullptr;
+  float inv_freq = 0.f;
+  if (store) {
+    const int pair = blockIdx.x * HP + tid % HP;
+    if (st.rope_heads > 0) inv_freq = kv_rope_inv_freq(pair % (st.HS / 2), st.HS, st.theta);
+  }
   uint4 wv[R][U];
-  load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC);
+  load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
   const int nbytes = K * (norm_f16 ? 2 : 4);  // a multiple of 16 (host checks)
   unsigned char *nws = smem + (size_t)N * K * 4 * (MODE == kSwiGLU ? 2 : 1);
   unsigned char *nbs = nws + nbytes;
-  if constexpr (MODE != kSwiGLU) {
+  if constexpr (has_norm(MODE)) {
     for (int i = tid; i < nbytes / 16; i += kFusedThreads) {
       cp_async16(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
       if (MODE == kLayerNorm && norm_b != nullptr) cp_async16(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
@@ -186,8 +209,8 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
 
   // 2. The input rows (written by the previous kernel).
-  pdl_wait();
-  pdl_launch_dependents();
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
   if constexpr (MODE == kSwiGLU) {
     float *us = xs + N * K;
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
@@ -216,7 +239,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       g.w = silu_mul(g.w, u.w);
       xs4[idx] = g;
     }
-  } else {
+  } else if constexpr (has_norm(MODE)) {
     // Row statistics in fp32, two passes for LayerNorm (as norm.cu: the
     // one-pass E[x²]−E[x]² would cancel for rows with a large mean).
     float mean[NB], rstd[NB];
@@ -288,7 +311,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int n = 0; n < NB; n++) acc[r][n] = 0.f;
   const int nlast = N - 1;
   for (int c0 = lane; c0 < chunks; c0 += TPR * U) {
-    if (c0 != lane) load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, c0, chunks, OC);
+    if (c0 != lane) load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, c0, chunks, OC, store, st.HS);
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int c = c0 + u * TPR;
@@ -344,6 +367,50 @@ __global__ void __launch_bounds__(kFusedThreads)
         for (int k = 0; k < WPG; k++) t += part[group * WPG + k][r * NB + n];
         acc[r][n] = t;
       }
+  }
+
+  if (store) {
+    // The block's RB rows through shared memory, then one thread per
+    // (pair, input row): rotate, write q|k|v, store the key/value heads.
+    __shared__ float res[RB][NB];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        const int k = group * R + r;
+        if (n < N && lane == (r * NB + n) % TPR) {
+          const int row = min(block_row<RB>(true, blockIdx.x, k, st.HS), OC - 1);
+          res[k][n] = bias ? acc[r][n] + kv_load_w(bias, bias_f16, row) : acc[r][n];
+        }
+      }
+    __syncthreads();
+    const int hh = st.HS / 2;
+    for (int idx = tid; idx < HP * N; idx += kFusedThreads) {
+      const int k = idx % HP, n = idx / HP;  // k = tid % HP: kFusedThreads is a multiple of HP
+      const int pair = blockIdx.x * HP + k;
+      if (pair >= OC / 2) continue;
+      const int h = pair / hh, i = pair % hh;
+      float x1 = res[k][n], x2 = res[k + HP][n];
+      if (h < st.rope_heads) {
+        float sn, cs;
+        sincosf((float)st.pos[n] * inv_freq, &sn, &cs);
+        const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
+        x1 = y1;
+        x2 = y2;
+      }
+      float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
+      o[0] = x1;
+      o[hh] = x2;
+      const int slot = st.slots[n];
+      if (h >= st.NH && slot >= 0 && slot < st.S) {
+        const int kvh = h - st.NH;
+        float *cache = kvh < st.NKV ? st.kc : st.vc;
+        float *d = cache + ((size_t)slot * st.NKV + kvh % st.NKV) * st.HS + i;
+        d[0] = x1;
+        d[hh] = x2;
+      }
+    }
+    return;
   }
 
   // Epilogue: lane k of the group writes output k.
@@ -451,8 +518,8 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
     wv[j] = c < chunks ? kv_ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
   }
 
-  pdl_wait();
-  pdl_launch_dependents();
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
   float xv[CPL][VEC];
 #pragma unroll
   for (int j = 0; j < CPL; j++) {
@@ -478,7 +545,7 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
       }
     }
   }
-  if constexpr (MODE != kSwiGLU) {
+  if constexpr (has_norm(MODE)) {
     float mean = 0.f, ss = 0.f;
     if constexpr (MODE == kLayerNorm) {
       float s = 0.f;
@@ -558,8 +625,8 @@ __global__ void __launch_bounds__(128)
   const int h = h0 + p / half, i = p % half;
   const bool rotate = h < rope_heads;
   const float inv = rotate ? kv_rope_inv_freq(i, HS, theta) : 0.f;
-  pdl_wait();
-  pdl_launch_dependents();
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
   const int r = blockIdx.x;
   float *head = qkv + (long long)r * row_stride + h * HS;
   float x1 = head[i], x2 = head[i + half];
@@ -592,35 +659,6 @@ __global__ void __launch_bounds__(128)
 
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// pdl_supported: programmatic dependent launch needs compute capability 9.0.
-bool pdl_supported() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major >= 9;
-}
-
-// launch enqueues kernel<<<grid, block, smem, s>>>(args…), with the
-// programmatic-stream-serialization attribute when pdl is set.
-template <typename... Exp, typename... Act>
-cudaError_t launch(void (*kernel)(Exp...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
-                   Act &&...args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...);
-}
-
 struct GemvArgs {
   float *out;
   const float *in;
@@ -632,21 +670,22 @@ struct GemvArgs {
   int N, K, OC;
   float eps;
   int gelu, accumulate;
+  StoreArgs st;  // st.kc == nullptr: a plain product
 };
 
 // fused_smem is the dynamic shared memory of fused_gemv_kernel_v1.
 size_t fused_smem(int mode, int N, int K, int norm_f16) {
   size_t b = (size_t)N * K * 4 * (mode == kSwiGLU ? 2 : 1);
-  if (mode != kSwiGLU) b += 2 * (size_t)K * (norm_f16 ? 2 : 4);
+  if (has_norm(mode)) b += 2 * (size_t)K * (norm_f16 ? 2 : 4);
   return b;
 }
 
 template <bool F16, int NB, int R, int TPR, int MODE>
 cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int GROUPS = kFusedThreads / TPR;
-  return launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
+  return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
                 dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
-                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate);
+                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st);
 }
 
 // gemv_tpr: lanes per row group, matmul.cu launch_gemv_r's rule: a width
@@ -689,7 +728,7 @@ cudaError_t launch_fused_gemv1_f(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int VEC = F16 ? 8 : 4;
   const int tpr = gemv_tpr(a.K / VEC, kV2ChunksPerLane);
 #define KV_FUSED_V2(T)                                                                                         \
-  return launch(fused_gemv1_kernel_v2<F16, T, MODE>, dim3(kv_ceil_div(a.OC, kFusedThreads / T)),             \
+  return kv_launch(fused_gemv1_kernel_v2<F16, T, MODE>, dim3(kv_ceil_div(a.OC, kFusedThreads / T)),             \
                 dim3(kFusedThreads), 0, s, pdl, a.out, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, a.bias,      \
                 a.bias_f16, a.K, a.OC, a.eps, a.gelu, a.accumulate)
   switch (tpr) {
@@ -713,19 +752,21 @@ bool fused_gemv_applies(int version, int mode, const float *in, const void *norm
                         int norm_f16, const void *w, int w_f16, int N, int K) {
   const int vec = w_f16 ? 8 : 4;
   if (K % vec != 0 || K % 4 != 0 || !aligned16(w) || !aligned16(in)) return false;
-  if (mode != kSwiGLU) {
+  if (has_norm(mode)) {
     if ((K * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(norm_w) || (norm_b && !aligned16(norm_b))) return false;
   }
   if (version == 2) return N == 1 && K / vec <= kV2ChunksPerLane * kFusedThreads;
   return N <= kFusedMaxN && fused_smem(mode, N, K, norm_f16) <= (size_t)kFusedSmemMax;
 }
 
-// v1_blocks is the grid of fused_gemv_kernel_v1 for these shapes.
-int v1_blocks(int w_f16, int N, int K, int OC) {
+// v1_rows: the output rows a block of fused_gemv_kernel_v1 computes for
+// these shapes (as launch_fused_gemv_n chooses them); v1_blocks its grid.
+int v1_rows(int w_f16, int N, int K) {
   const int R = N <= 2 ? 1 : (N <= 4 ? 2 : 4);
   const int tpr = gemv_tpr(K / (w_f16 ? 8 : 4), 4 / R);
-  return kv_ceil_div(OC, kFusedThreads / tpr * R);
+  return kFusedThreads / tpr * R;
 }
+int v1_blocks(int w_f16, int N, int K, int OC) { return kv_ceil_div(OC, v1_rows(w_f16, N, K)); }
 
 // fused_launch runs the single-kernel path the variant asks for, returning
 // false (nothing launched) where it does not apply. Variant 0 takes v1
@@ -736,7 +777,7 @@ int v1_blocks(int w_f16, int N, int K, int OC) {
 template <int MODE>
 bool fused_launch(int variant, int w_f16, const GemvArgs &a, cudaStream_t s, cudaError_t *err) {
   if (variant == 3) return false;
-  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && pdl_supported());
+  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && kv_pdl_supported());
   if (variant == 4 && fused_gemv_applies(2, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
     *err = launch_fused_gemv1<MODE>(s, pdl, w_f16, a);
     return true;
@@ -765,6 +806,13 @@ kv_status with_scratch(cudaStream_t s, size_t bytes, Fill fill) {
 
 }  // namespace
 
+bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
+                          int bias_f16, int N, int K, int OC, int accumulate, cudaError_t *err) {
+  if (N <= 0 || OC <= 0 || !kv_pdl_supported()) return false;
+  const GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, accumulate};
+  return fused_launch<kPlain>(0, w_f16, a, s, err);
+}
+
 extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                                     const void *norm_b, int norm_f16, const void *w, int w_f16,
                                     const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
@@ -785,6 +833,35 @@ extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, co
     if (st == 0 && gelu) st = kv_gelu_new(s, out, (long long)N * OC);
     return st;
   });
+}
+
+extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
+                                          const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                          const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
+                                          float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
+                                          int HS, int rope_heads, float theta, int variant) {
+  if (N <= 0) return kv_launched();
+  if (C <= 0 || !qkv || !in || !w || !norm_w || !kc || !vc || !pos || !slots || HS <= 0 || HS % 2 != 0 || NH < 0 ||
+      NKV <= 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
+    return (kv_status)cudaErrorInvalidValue;
+  if (theta == 0.f) rope_heads = 0;
+  if (rms) norm_b = nullptr;
+  const int OC = (NH + 2 * NKV) * HS;
+  // The kernel pairs rows within a block: it needs an even row count.
+  if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
+    const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
+    const GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
+    const int v = variant == 4 ? 2 : variant;  // the register kernel (v2) cannot store
+    cudaError_t e = cudaSuccess;
+    if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
+      KV_TRY(e);
+      return kv_launched();
+    }
+  }
+  const kv_status st = kv_norm_matmul(s, qkv, in, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, OC, eps,
+                                      rms, 0, 0, 0);
+  if (st != 0) return st;
+  return kv_rope_store(s, qkv, kc, vc, S, pos, slots, N, NH, NKV, HS, OC, rope_heads, theta, 0);
 }
 
 extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
@@ -815,8 +892,8 @@ extern "C" kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc
   const long long pairs = (long long)(NH + 2 * NKV - h0) * (HS / 2);
   if (pairs == 0) return kv_launched();
   if (pairs > 65535LL * 128) return (kv_status)cudaErrorInvalidValue;
-  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && pdl_supported());
-  KV_TRY(launch(rope_store_kernel_v1, dim3(N, kv_ceil_div(pairs, 128)), dim3(128), 0, s, pdl, qkv, kc, vc, S, pos,
+  const bool pdl = variant == 2 || variant == 4 || (variant == 0 && kv_pdl_supported());
+  KV_TRY(kv_launch(rope_store_kernel_v1, dim3(N, kv_ceil_div(pairs, 128)), dim3(128), 0, s, pdl, qkv, kc, vc, S, pos,
                 slots, NH, NKV, HS, row_stride, rope_heads, h0, theta));
   return kv_launched();
 }

@@ -145,10 +145,12 @@ kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_
  * weights, fp32 SIMT (no TF32) for float weights. out must not alias in. */
 kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                     const void *bias, int bias_f16, int N, int C, int OC, int accumulate);
-/* kv_matmul_variant: kv_matmul with the GEMM kernel chosen (N > 8): 0 the
+/* kv_matmul_variant: kv_matmul with the kernel chosen. N > 8: 0 the
  * default (v2: fp16 weights through a cp.async pipeline, 32- or 64-row
  * tiles; fp32 weights with 32-row tiles when 64 leave SMs idle), 1 the first
- * kernels (one k-step register prefetch, 64×64 tiles), kept for comparison. */
+ * kernels (one k-step register prefetch, 64×64 tiles), kept for comparison.
+ * N ≤ 8: 0 = fused.cu's GEMV launched as a programmatic dependent (sm_90,
+ * weight loads before the wait) where it applies, else 1 = matmul.cu's GEMV. */
 kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                             const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
                             int gemm_variant);
@@ -176,8 +178,16 @@ kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void
  * aligned q, caches and q_stride % 4 == 0); 7 (default above) 5 with the
  * key/value tiles loaded a tile ahead into registers; 8 = 6 in thread block
  * clusters of 4 (sm_90: each block takes a quarter of the entries, the
- * partials merge in distributed shared memory). 0: for max_len·HS ≤ 1024·64
- * 8 when B·NKV·4 ≤ 132 blocks, else 6; longer, 4 (decoding) or 7. */
+ * partials merge in distributed shared memory); 9 = 6 in clusters of 8
+ * blocks of 128 threads (sm_90), the first keys' rotation factors computed
+ * before the programmatic wait; 10, 11 = 9, 8 launched normally (for
+ * comparison). 0: for max_len·HS ≤ 1024·64, 9 when B·NKV·8 ≤ 132 blocks,
+ * else 8 when B·NKV·4 ≤ 132, else 6; longer, 4 (decoding) or 7.
+ * On sm_90, 6, 8 and 9 launch as programmatic dependents and gather the rows of
+ * every entry but each sequence's newest T before waiting for the previous
+ * kernel: that kernel may write q and the newest T entries (this step's
+ * keys and values), nothing else the call reads (order, lens and older
+ * entries must come from earlier kernels or copies). */
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
@@ -242,6 +252,18 @@ kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *n
                          const void *norm_b, int norm_f16, const void *w, int w_f16,
                          const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
                          int gelu, int accumulate, int variant);
+/* kv_norm_matmul_store: kv_norm_matmul into qkv rows of OC = (NH+2·NKV)·HS
+ * (no activation, no accumulation), then kv_rope_store on them (row_stride
+ * OC), as one kernel: the product's blocks take rotation pairs (i, i+HS/2)
+ * of a head, rotate them and store the key and value heads themselves.
+ * variant: 0 chooses (the single kernel where v1 applies, as a
+ * programmatic dependent on sm_90); 1, 2 as kv_norm_matmul's (4 = 2);
+ * 3 the two launches kv_norm_matmul + kv_rope_store (the defaults). */
+kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
+                               const void *norm_b, int norm_f16, const void *w, int w_f16,
+                               const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
+                               float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
+                               int HS, int rope_heads, float theta, int variant);
 kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
                            int F, int OC, int accumulate, int variant);
 kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc, int S, const int32_t *pos,

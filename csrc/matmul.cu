@@ -11,6 +11,7 @@
 //    operands, fp32 accumulation) for fp16 weights, fp32 SIMT for fp32
 //    weights (the fp32 mode must match the reference to ~1e-6, so no TF32).
 #include "common.cuh"
+#include "fused.cuh"
 
 namespace {
 
@@ -630,6 +631,12 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
   if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
   cudaStream_t st = s;
   if (N <= kGemvMaxN) {
+    cudaError_t e = cudaSuccess;
+    if (gemm_variant == 0 &&
+        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, &e)) {
+      KV_TRY(e);
+      return kv_launched();
+    }
     const int vec = w_f16 ? 8 : 4;
     if (C % vec == 0 && aligned16(w) && aligned16(in)) {
       if (w_f16)

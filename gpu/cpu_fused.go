@@ -21,3 +21,9 @@ func (c *CPUFused) SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool) {
 func (c *CPUFused) RopeStore(qkv, kc, vc, pos, slots Buf, N, NH, NKV, HS, rowStride, ropeHeads int, theta float32) {
 	ref.RopeStore(qkv.f, kc.f, vc.f, pos.i, slots.i, N, NH, NKV, HS, rowStride, ropeHeads, theta)
 }
+
+func (c *CPUFused) NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
+	OC := (st.NH + 2*st.NKV) * st.HS
+	c.NormMatMul(qkv, in, normW, normB, w, bias, N, C, OC, eps, norm, NoAct, false)
+	c.RopeStore(qkv, st.K, st.V, st.Pos, st.Slots, N, st.NH, st.NKV, st.HS, OC, st.RopeHeads, st.Theta)
+}

@@ -26,11 +26,12 @@ func attnWorkFloats(p AttnParams) int {
 	return int(C.kv_attention_work_floats(C.int(p.B), C.int(p.T), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen)))
 }
 
-// attention runs one kernel variant (0 chooses: 8 or 6 for decodes up to
+// attention runs one kernel variant (0 chooses: 9, 8 or 6 for decodes up to
 // 1024 entries, else 4 for decoding, 7 above; tests force 1 = decode v2,
 // 2 = prefill with 64-query tiles, 3 = the two-launch decode, 4 = decode v3
 // (split), 5 = prefill with tiles sized to the grid, 6 = decode v4 (a block
-// per kv head), 7 = 5 pipelined, 8 = 6 in clusters of 4 blocks (sm_90), see
+// per kv head), 7 = 5 pipelined, 8 = 6 in clusters of 4 blocks (sm_90), 9 =
+// 6 in clusters of 8 blocks of 128 threads (sm_90), see
 // kv_attention) with scratch work (may be absent; zero-filled when
 // first used).
 func (c *CUDA) attention(out, q, kc, vc, order, lens Buf, p AttnParams, variant int, work Buf) {

@@ -116,7 +116,9 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 		runs = append(runs, run{1, Buf{}}, run{1, work}, run{3, Buf{}}, run{3, work}, run{4, Buf{}}, run{4, work}, run{4, work})
 	}
 	if p.T*p.NH/p.NKV <= 4 && (p.HS == 16 || p.HS == 32 || p.HS == 64 || p.HS == 128) {
-		runs = append(runs, run{6, Buf{}}, run{8, Buf{}}) // one block (cluster of 4 on sm_90) per kv head, any length
+		// One block (a cluster of 4 or 8 on sm_90) per kv head, any length,
+		// as programmatic dependents and (10, 11) launched normally.
+		runs = append(runs, run{6, Buf{}}, run{8, Buf{}}, run{9, Buf{}}, run{10, Buf{}}, run{11, Buf{}})
 	}
 	for _, r := range runs {
 		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
@@ -140,7 +142,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 		name    string
 		NH, NKV int
 		theta   float32
-	}{{"distil", 12, 12, 0}, {"smol", 9, 3, 100000}}
+	}{{"distil", 12, 12, 0}, {"smol", 9, 3, 100000}, {"smol_norope", 9, 3, 0}, {"smol_g1", 3, 3, 100000}}
 	for _, m := range models {
 		for _, n := range []int{255, 1024} {
 			for _, B := range []int{1, 4} {
@@ -154,7 +156,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 					c.UploadInts(a.lBuf, lens)
 					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
 					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
-					for _, variant := range []int{1, 3, 4, 6, 8, 0} {
+					for _, variant := range []int{1, 3, 4, 6, 8, 9, 0} {
 						b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
 							sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, work) })
 							b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")

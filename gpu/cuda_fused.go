@@ -114,6 +114,49 @@ func (c *CUDA) ropeStore(qkv, kc, vc, pos, slots Buf, n, nh, nkv, hs, rowStride,
 	})
 }
 
+// NormMatMulStore: the q|k|v product with its RoPE and cache writes in one
+// kernel where it applies, see Fused and kv_norm_matmul_store.
+func (c *CUDA) NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
+	c.normMatMulStore(qkv, in, normW, normB, w, bias, N, C, eps, norm, st, fusedAuto)
+}
+
+func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, eps float32, norm NormKind, st QKVStore, variant int) {
+	const op = "normmatmulstore"
+	if n <= 0 {
+		return
+	}
+	nh, nkv, hs := st.NH, st.NKV, st.HS
+	oc := (nh + 2*nkv) * hs
+	rotates := st.Theta != 0 && st.RopeHeads > 0
+	if !c.need(op, ch > 0, "invalid C=%d", ch) ||
+		!c.need(op, norm == LayerNormKind || norm == RMSNormKind, "unknown norm kind %d", norm) ||
+		!c.need(op, nh >= 0 && nkv > 0 && hs > 0 && hs%2 == 0, "invalid heads NH=%d NKV=%d HS=%d (HS must be even)", nh, nkv, hs) ||
+		!c.need(op, st.RopeHeads >= 0 && st.RopeHeads <= nh+2*nkv, "RopeHeads %d outside [0, %d]", st.RopeHeads, nh+2*nkv) ||
+		!c.need(op, !rotates || st.Theta > 0, "theta %v must be positive", st.Theta) ||
+		!c.needBuf(op, "qkv", qkv, n*oc, F32) ||
+		!c.needBuf(op, "in", in, n*ch, F32) ||
+		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
+		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
+		!c.needBuf(op, "w", w, oc*ch, F32, F16) ||
+		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) ||
+		!c.needBuf(op, "K", st.K, nkv*hs, F32) ||
+		!c.needBuf(op, "V", st.V, st.K.n, F32) ||
+		!c.needBuf(op, "Pos", st.Pos, n, I32) ||
+		!c.needBuf(op, "Slots", st.Slots, n, I32) ||
+		!c.need(op, !overlaps(qkv, n*oc, in, n*ch), "qkv overlaps in") {
+		return
+	}
+	if norm == RMSNormKind {
+		normB = Buf{}
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_norm_matmul_store(c.stream, devF32(qkv), devF32(in), dev(normW), dev(normB), f16(normW),
+			dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.float(eps), cFlag(norm == RMSNormKind),
+			devF32(st.K), devF32(st.V), C.int(st.K.n/(nkv*hs)), devI32(st.Pos), devI32(st.Slots), C.int(nh), C.int(nkv),
+			C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant))
+	})
+}
+
 // overlaps reports whether the first na elements of a and the first nb of b
 // share device memory.
 func overlaps(a Buf, na int, b Buf, nb int) bool {

@@ -256,6 +256,109 @@ func testRopeStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeSt
 	}
 }
 
+// TestCUDAFusedNormMatMulStore: the q|k|v product with RoPE and cache
+// writes fused in, against NormMatMul + RopeStore in the reference, for the
+// RoPE cases (GPT-2, Llama with and without shifted keys, all heads
+// rotated), both weight dtypes, row counts that take the single kernel and
+// the two-launch path, fp32 shapes whose blocks hold 2 rows, and padding
+// rows (slot −1: rotated but not cached).
+func TestCUDAFusedNormMatMulStore(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(27, 28))
+	for _, cs := range ropeStoreCases {
+		if cs.pad != 0 {
+			continue // q|k|v rows are exactly (NH+2·NKV)·HS wide here
+		}
+		for _, C := range []int{64, 576} {
+			for _, N := range []int{1, 3, 8, 37} {
+				if testing.Short() && (N == 8 || C == 64) {
+					continue
+				}
+				for _, wdt := range weightTypes {
+					for _, v := range []int{fusedAuto, fusedKernel, fusedPDL, fusedTwoStep, fusedRegs} {
+						name := fmt.Sprintf("%s_C%d_N%d_%v_%s", cs.name, C, N, wdt, variantName(v))
+						testNormMatMulStore(t, c, rng, name, cs, C, N, wdt, v)
+					}
+				}
+			}
+		}
+	}
+}
+
+func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, C, N int, wdt DType, variant int) {
+	t.Helper()
+	oc := (cs.NH + 2*cs.NKV) * cs.HS
+	S := N + 5
+	row := cs.NKV * cs.HS
+	norm := RMSNormKind
+	var nb, bv []float32
+	if cs.theta == 0 { // GPT-2: LayerNorm with both biases
+		norm = LayerNormKind
+		nb = randNormal(rng, C, 0.1, 0)
+		bv = randNormal(rng, oc, 0.5, 0)
+	}
+	in := randNormal(rng, N*C, 1, 0.4)
+	nw := randNormal(rng, C, 0.2, 1)
+	w := randVals(rng, oc*C, 1/float32(math.Sqrt(float64(C))))
+	kc := randNormal(rng, S*row, 1, 0)
+	vc := randNormal(rng, S*row, 1, 0)
+	pos := randInts(rng, N, 100000)
+	perm := rng.Perm(S)
+	slots := make([]int32, N)
+	for r := range slots {
+		slots[r] = int32(perm[r])
+	}
+	if N > 1 {
+		slots[1] = -1
+	}
+
+	want := make([]float32, N*oc)
+	wantK := append([]float32(nil), kc...)
+	wantV := append([]float32(nil), vc...)
+	ref.NormMatMul(want, in, refWeight(wdt, nw), refWeight(wdt, nb), asWeight(wdt, w), refWeight(wdt, bv), N, C, oc, 1e-5,
+		norm == RMSNormKind, false, false)
+	for r := 0; r < N; r++ { // row by row: the reference has no padding rows
+		if slots[r] < 0 {
+			if cs.theta != 0 && cs.rotHead > 0 {
+				ref.RoPE(want[r*oc:], pos[r:r+1], 1, cs.rotHead, cs.HS, oc, cs.theta)
+			}
+			continue
+		}
+		ref.RopeStore(want[r*oc:], wantK, wantV, pos[r:r+1], slots[r:r+1], 1, cs.NH, cs.NKV, cs.HS, oc, cs.rotHead, cs.theta)
+	}
+
+	inBuf := uploadNew(t, c, F32, in)
+	nwBuf := uploadNew(t, c, wdt, nw)
+	var nbBuf, bBuf Buf
+	if nb != nil {
+		nbBuf = uploadNew(t, c, wdt, nb)
+		bBuf = uploadNew(t, c, wdt, bv)
+	}
+	wBuf := uploadNew(t, c, wdt, w)
+	kBuf := uploadNew(t, c, F32, kc)
+	vBuf := uploadNew(t, c, F32, vc)
+	posBuf := uploadInts(t, c, pos)
+	slotBuf := uploadInts(t, c, slots)
+	out, err := c.Alloc(F32, N*oc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poison(t, c, out)
+	st := QKVStore{K: kBuf, V: vBuf, Pos: posBuf, Slots: slotBuf, NH: cs.NH, NKV: cs.NKV, HS: cs.HS, RopeHeads: cs.rotHead, Theta: cs.theta}
+	c.normMatMulStore(out, inBuf, nwBuf, nbBuf, wBuf, bBuf, N, C, 1e-5, norm, st, variant)
+	tol := fusedTol(wdt, N)
+	got := download(t, c, out)
+	if e := relErr(got, want); e > tol {
+		t.Errorf("%s: qkv max|Δ|/max|ref| = %.3g > %g", name, e, tol)
+	}
+	compare(t, name+" qkv", got, want, tol*maxAbs(want), tol)
+	compare(t, name+" kc", download(t, c, kBuf), wantK, tol*maxAbs(wantK), tol)
+	compare(t, name+" vc", download(t, c, vBuf), wantV, tol*maxAbs(wantV), tol)
+	for _, b := range []Buf{inBuf, nwBuf, nbBuf, bBuf, wBuf, kBuf, vBuf, posBuf, slotBuf, out} {
+		c.Free(b)
+	}
+}
+
 // TestCUDAFusedCapture captures a Llama-like and a GPT-2-like layer built
 // from the fused operations (plus the final norm and LM head) once per
 // variant and row count, and replays it with new activations, positions and
@@ -296,8 +399,10 @@ func TestCUDAFusedCapture(t *testing.T) {
 				logits := alloc(t, c, F32, N*V)
 				pos, slots := alloc(t, c, I32, N), alloc(t, c, I32, N)
 				rep, err := c.Capture(func() {
-					c.normMatMul(qkv, x, N1, Buf{}, Wq, Buf{}, N, C, QKV, eps, RMSNormKind, NoAct, false, v)
-					c.ropeStore(qkv, kc, vc, pos, slots, N, NH, NKV, HS, QKV, NH+NKV, theta, v)
+					// The q|k|v product with its RoPE and cache writes (the
+					// runner's path; fusedTwoStep takes the two launches).
+					c.normMatMulStore(qkv, x, N1, Buf{}, Wq, Buf{}, N, C, eps, RMSNormKind,
+						QKVStore{K: kc, V: vc, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: NH + NKV, Theta: theta}, v)
 					c.normMatMul(gu, x, N2, Buf{}, Wup, Buf{}, N, C, 2*F, eps, RMSNormKind, NoAct, false, v)
 					c.swiGLUMatMul(x, gu, Wdown, N, F, C, true, v)
 					c.normMatMul(h, x, N2, LNB, Wfc, Bfc, N, C, F, eps, LayerNormKind, GeluAct, false, v)
@@ -592,10 +697,56 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 				c.normMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false, v)
 			}
 		}
+		// The runner's decode layer: the q|k|v product with RoPE and cache
+		// writes, attention over a full 256-entry cache (Llama: with the
+		// position shift, keys rotated as read), then the rest.
+		order := make([]int32, 256)
+		for i := range order {
+			order[i] = int32(i)
+		}
+		orderBuf, lensBuf := uploadInts(b, c, order), uploadInts(b, c, []int32{256})
+		ap := AttnParams{B: 1, T: 1, NH: m.NH, NKV: m.NKV, HS: m.HS, QStride: qkvW, MaxLen: 256}
+		storeRot := 0
+		if m.llama {
+			ap.RopeTheta, storeRot = theta, m.NH
+		}
+		work := c.attnWork(attnWorkFloats(ap))
+		apNoRope := ap
+		apNoRope.RopeTheta = 0
+		runnerLayer := func(attention bool, variant, mmVariant int) func() {
+			return func() {
+				ap := ap
+				if variant < 0 { // the attention without the position shift
+					ap, variant = apNoRope, -variant
+				}
+				for _, ly := range layers {
+					c.NormMatMulStore(qkv, x, ly.n1, ly.nb1, ly.qkv, ly.bq, 1, m.C, 1e-5, nk,
+						QKVStore{K: kc, V: vc, Pos: pos, Slots: slots, NH: m.NH, NKV: m.NKV, HS: m.HS, RopeHeads: storeRot, Theta: theta})
+					if attention {
+						c.attention(att, qkv, kc, vc, orderBuf, lensBuf, ap, variant, work)
+					}
+					c.matmul(x, att, ly.o, ly.bo, 1, m.NH*m.HS, m.C, true, mmVariant)
+					if m.llama {
+						c.NormMatMul(up, x, ly.n2, Buf{}, ly.up, Buf{}, 1, m.C, upW, 1e-5, nk, NoAct, false)
+						c.SwiGLUMatMul(x, up, ly.down, 1, m.F, m.C, true)
+					} else {
+						c.NormMatMul(up, x, ly.n2, ly.nb2, ly.up, ly.bu, 1, m.C, upW, 1e-5, nk, GeluAct, false)
+						c.matmul(x, up, ly.down, ly.bd, 1, m.F, m.C, true, mmVariant)
+					}
+				}
+				c.NormMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
+			}
+		}
 		for _, way := range []struct {
 			name string
 			fn   func()
-		}{{"unfused", unfused}, {"fused", fused(fusedKernel)}, {"fusedPDL", fused(fusedPDL)}, {"twostep", fused(fusedTwoStep)}, {"regsPDL", fused(fusedRegs)}, {"auto", fused(fusedAuto)}} {
+		}{{"unfused", unfused}, {"fused", fused(fusedKernel)}, {"fusedPDL", fused(fusedPDL)}, {"twostep", fused(fusedTwoStep)},
+			{"regsPDL", fused(fusedRegs)}, {"auto", fused(fusedAuto)}, {"store", runnerLayer(false, 0, 0)},
+			{"store_plaingemv", runnerLayer(false, 0, 1)}, {"store+attention", runnerLayer(true, 0, 0)},
+			{"store+attention_v6", runnerLayer(true, 6, 0)}, {"store+attention_v8", runnerLayer(true, 8, 0)},
+			{"store+attention_v9", runnerLayer(true, 9, 0)}, {"store+attention_v4", runnerLayer(true, 4, 0)},
+			{"store+attention_v9_norope", runnerLayer(true, -9, 0)}, {"store+attention_v10", runnerLayer(true, 10, 0)},
+			{"store+attention_v11", runnerLayer(true, 11, 0)}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")

@@ -16,9 +16,9 @@ func (c *CUDA) MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool) {
 	c.matmul(out, in, w, bias, N, C, OC, accumulate, 0)
 }
 
-// matmul runs the product with GEMM kernel variant (N > 8; see
-// kv_matmul_variant): 0 the default, 1 the first kernels (tests and
-// benchmarks compare them).
+// matmul runs the product with kernel variant (see kv_matmul_variant): 0
+// the default, 1 the first kernels (N > 8) or the plain GEMV (N ≤ 8) that
+// the default replaced (tests and benchmarks compare them).
 func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool, variant int) {
 	const op = "matmul"
 	if !c.need(op, n >= 0 && ch >= 0 && oc >= 0, "negative shape N=%d C=%d OC=%d", n, ch, oc) ||

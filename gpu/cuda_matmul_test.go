@@ -71,10 +71,9 @@ func TestCUDAMatMul(t *testing.T) {
 						if misalign == 1 && (sh.N > 9 || biasDT != int(wdt) || acc) {
 							continue // one misaligned run per shape and dtype is enough
 						}
-						variants := []int{0}
-						if sh.N > 8 {
-							variants = append(variants, 1) // the first GEMM kernels, kept side by side
-						}
+						// Variant 1: the first GEMM kernels (N > 8) or the plain
+						// GEMV (N ≤ 8), kept side by side with the defaults.
+						variants := []int{0, 1}
 						for _, v := range variants {
 							name := fmt.Sprintf("N%d_C%d_OC%d_w%v_bias%d_acc%v_mis%d_v%d", sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)
 							testMatMul(t, c, rng, name, sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)

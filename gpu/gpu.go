@@ -277,4 +277,16 @@ type Fused interface {
 	// each row's k and v heads to slot slots[r] of kc and vc
 	// = RoPE, CacheStore(kc), CacheStore(vc).
 	RopeStore(qkv, kc, vc, pos, slots Buf, N, NH, NKV, HS, rowStride, ropeHeads int, theta float32)
+	// NormMatMulStore: the q|k|v product of a layer with its RoPE and cache
+	// writes, = NormMatMul(qkv, in, …, OC = (NH+2·NKV)·HS, NoAct, no
+	// accumulate), then RopeStore(qkv, st…, rowStride OC).
+	NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore)
+}
+
+// QKVStore says where NormMatMulStore's keys and values go and which heads
+// it rotates (RopeStore's arguments).
+type QKVStore struct {
+	K, V, Pos, Slots       Buf // one layer's caches [S, NKV, HS]; per row: position, slot
+	NH, NKV, HS, RopeHeads int
+	Theta                  float32 // 0: no rotation
 }

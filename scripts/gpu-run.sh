@@ -16,15 +16,15 @@ S=$OUT/summary.txt
 : > "$S"
 note() { echo "$*" | tee -a "$S"; }
 
+# Unpack the binaries (scripts/gpu-prepare.sh's bin.tar.xz; Python, as the
+# GPU machine may have no xz).
 python3 - <<'PY'
-import lzma, os, shutil, stat
-d = os.environ.get("GPURUN", ".gpurun") + "/bin"
-for f in os.listdir(d):
-    if f.endswith(".xz"):
-        with lzma.open(os.path.join(d, f)) as src, open(os.path.join(d, f[:-3]), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.chmod(os.path.join(d, f[:-3]), 0o755)
-        os.remove(os.path.join(d, f))
+import os, tarfile
+r = os.environ.get("GPURUN", ".gpurun")
+with tarfile.open(r + "/bin.tar.xz", "r:xz") as t:
+    t.extractall(r + "/bin")
+for f in os.listdir(r + "/bin"):
+    os.chmod(os.path.join(r, "bin", f), 0o755)
 PY
 B=$root/$R/bin
 # The GPT-2 fixture is the built-in model: its files travel with the tree.

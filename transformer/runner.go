@@ -312,11 +312,11 @@ func (r *Runner) enqueue(sh stepShape) {
 			theta = float32(cfg.RopeTheta)
 		}
 		if fused != nil {
-			// Six launches a layer: the norms, RoPE, cache writes and
+			// Five launches a layer: the norms, RoPE, cache writes and
 			// activations ride along with the products.
 			nk := r.normKind()
-			fused.NormMatMul(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, qkvW, cfg.Eps, nk, gpu.NoAct, false)
-			fused.RopeStore(qkv, K, V, pos, slots, N, NH, NKV, HS, qkvW, rotHeads, theta)
+			fused.NormMatMulStore(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk,
+				gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta})
 			be.Attention(att, qkv, K, V, order, lens, attn)
 			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
 			if cfg.Family == GPT2 {
