@@ -132,6 +132,8 @@ type benchCell struct {
 	P90Ms     float64 `json:"p90_ms"`
 	Device    string  `json:"device"`
 	DType     string  `json:"dtype"`
+	// AlignDType is the realignment networks' precision (kv mode).
+	AlignDType string `json:"align_dtype,omitempty"`
 }
 
 // originalNetworkSizes are the hidden sizes (keys h1, h2, values h1, h2) of
@@ -201,14 +203,14 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[0], h[1], 1),
 		Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[2], h[3], 2),
 	}
-	dev, err := pair.Upload(be)
+	dev, err := pair.Upload(be, dt)
 	if err != nil {
 		return nil, err
 	}
 	defer dev.Close()
 	out := c.App.Writer
-	fmt.Fprintf(out, "\n%s (%s weights, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt), be.Name(),
-		joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
+		dev.Precision(), be.Name(), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
 	var cells []benchCell
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
@@ -223,8 +225,12 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 				return nil, err
 			}
 			fmt.Fprintf(out, " %.3f |", eval.Ms(lat.Median))
-			cells = append(cells, benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
-				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()})
+			cell := benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
+				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()}
+			if mode == transformer.KVAlign {
+				cell.AlignDType = dev.Precision().String()
+			}
+			cells = append(cells, cell)
 		}
 		fmt.Fprintln(out)
 	}

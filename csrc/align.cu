@@ -509,6 +509,299 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
   dense_tc<PASSES, true, BATCHED>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, a.cache, rowoff);
 }
 
+
+// ---- v6: fp16 tensor cores, activations in registers (gpu.AlignPack) ----
+//
+// v1-v5 stage each 64-row block's activations through shared memory between
+// the layers, every block re-reads all weights from L2, and the layers are
+// separated by block barriers: ~75-125 µs whatever the arithmetic. Here:
+//  - a warp owns a 16-row tile (mma's M) and runs all three layers on it with
+//    the activations in registers: with the packed row order (gpu.alignPsi) an
+//    m16n8k16 accumulator fragment, relu'd and rounded to fp16, is the next
+//    layer's A fragment as is. fc1 is computed 32 outputs at a time and fed
+//    straight into fc2's accumulators, so h1 never exists whole. No barrier
+//    after the staging; warps never wait for one another.
+//  - the weights (fp16, gpu.AlignPack.W: the shared-memory image) are staged
+//    once per block with cp.async; the grid is one block per SM, its warps
+//    taking tiles round-robin over the blocks, so every SM loads them once.
+//  - fc1's embedding part is a table lookup (PosT[p] + LH[l, h], fp32 from
+//    L2, prefetched one 32-output chunk ahead) instead of 44 more inputs.
+//  - a tile is 16 consecutive list entries of one (layer, head), so the LH row
+//    is the same for the whole warp.
+// Rounding: x, the weights, h1 and h2 are fp16 (11-bit significands); the
+// products accumulate in fp32 and the residual add is fp32.
+
+__host__ __device__ constexpr int half_ld(int k) { return k % 64 == 32 ? k : k + 32; }  // = gpu.alignLd(k, F16)
+
+struct AlignHalfArgs {
+  float *cache;
+  const int32_t *slots, *index;
+  int rows, NKV, HS;
+  long long layer_stride;
+  const uint4 *w;     // the shared-memory image of the weights
+  const float *bias;  // b2 [H2p], b3 [HSp]
+  const float *post;  // [P][H1p]
+  const float *lh;    // [Ln·Hn][H1p]
+  int P, Hn, H1p;
+  int tiles_per_lh, tiles;
+  int vec;  // 16-byte cache accesses (HS, layer_stride multiples of 4, aligned cache)
+};
+
+__device__ __forceinline__ void cp_async16_cg(void *smem, const void *gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_all() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_everything() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// h2pack: two floats as an fp16 pair, lo in the low half (the lower k or column).
+__device__ __forceinline__ uint32_t h2pack(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+__device__ __forceinline__ uint32_t h2relu(float lo, float hi) { return h2pack(fmaxf(lo, 0.f), fmaxf(hi, 0.f)); }
+
+// mma_f16: c += A·B, m16n8k16, fp16 operands, fp32 accumulators. Not
+// volatile: it is a pure function of its operands, so the compiler may
+// schedule it.
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void unpack8(float (&v)[8], float4 lo, float4 hi) {
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
+// align_kernel_half: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
+// they size register arrays); fc1's width H1p is a loop bound. Lane (g, t)
+// of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8; for each
+// 32-wide block s of a layer's inputs it supplies the k-slots of columns
+// 32s+8t … 32s+8t+7 (gpu.alignPsi): x[r][s][q] = x_row[32s+8t+q].
+template <int NX, int NH2, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int HSp = 32 * NX, H2p = 32 * NH2, ld1 = half_ld(HSp), ld3 = half_ld(H2p);
+  const int H1p = a.H1p, ld2 = half_ld(H1p), nc1 = H1p / 32;
+  __half *w1s = reinterpret_cast<__half *>(smem_raw);  // [H1p][ld1]: fc1's x columns
+  __half *w2s = w1s + H1p * ld1;                       // [H2p][ld2]
+  __half *w3s = w2s + H2p * ld2;                       // [HSp][ld3]
+  float *bs = reinterpret_cast<float *>(w3s + HSp * ld3);
+  {
+    const int wunits = (H1p * ld1 + H2p * ld2 + HSp * ld3) / 8, bunits = (H2p + HSp) / 4;
+    for (int u = threadIdx.x; u < wunits; u += WARPS * 32)
+      cp_async16_cg(reinterpret_cast<uint4 *>(smem_raw) + u, a.w + u);
+    for (int u = threadIdx.x; u < bunits; u += WARPS * 32)
+      cp_async16_cg(reinterpret_cast<float4 *>(bs) + u, reinterpret_cast<const float4 *>(a.bias) + u);
+    cp_async_commit_all();
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int stride = gridDim.x * WARPS;
+
+  // The tile's state: rows g and g+8 (r2 = 0, 1). x is kept as fc1's A
+  // fragments only (fp16, 16 registers at HS 64); the residual add re-reads
+  // the fp32 values (an L1 hit: this lane loaded them), which keeps the
+  // 12-warp instances within 168 registers.
+  uint32_t xa[NX][2][4];  // [s][σ]: slots q = 0..3 of k16 step σ are columns 32s+8t+4σ+q
+  long long off[2];
+  const float *pe[2], *pl;
+  float4 e[3][2];  // fc1 table values of the next chunk: PosT rows g, g+8; LH
+
+  // load_x reads the rows' head vectors (zero past HS and for skipped rows).
+  auto load_x = [&](float(&x)[2][NX][8]) {
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++)
+#pragma unroll
+      for (int s = 0; s < NX; s++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const int col = 32 * s + 8 * t + 4 * u;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (off[r2] >= 0) {
+            const float *src = a.cache + off[r2] + col;
+            if (a.vec) {
+              if (col < a.HS) v = *reinterpret_cast<const float4 *>(src);  // HS % 4 == 0
+            } else {
+              v.x = col < a.HS ? src[0] : 0.f;
+              v.y = col + 1 < a.HS ? src[1] : 0.f;
+              v.z = col + 2 < a.HS ? src[2] : 0.f;
+              v.w = col + 3 < a.HS ? src[3] : 0.f;
+            }
+          }
+          x[r2][s][4 * u] = v.x, x[r2][s][4 * u + 1] = v.y, x[r2][s][4 * u + 2] = v.z, x[r2][s][4 * u + 3] = v.w;
+        }
+  };
+  auto load_e = [&](int c) {
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+      e[r2][0] = __ldg(reinterpret_cast<const float4 *>(pe[r2] + 32 * c));
+      e[r2][1] = __ldg(reinterpret_cast<const float4 *>(pe[r2] + 32 * c + 4));
+    }
+    e[2][0] = __ldg(reinterpret_cast<const float4 *>(pl + 32 * c));
+    e[2][1] = __ldg(reinterpret_cast<const float4 *>(pl + 32 * c + 4));
+  };
+  auto load_tile = [&](int T) {
+    const int lhi = T / a.tiles_per_lh, i0 = (T - lhi * a.tiles_per_lh) * 16;
+    const int l = lhi / a.NKV, h = lhi - l * a.NKV;
+    pl = a.lh + (size_t)(l * a.Hn + h) * H1p + 8 * t;
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+      const int i = i0 + g + 8 * r2;
+      long long o = -1;
+      int p = 0;
+      if (i < a.rows) {
+        const int slot = a.slots[i], pi = a.index[i];
+        if (slot >= 0 && pi >= 0 && pi < a.P) {
+          o = l * a.layer_stride + ((long long)slot * a.NKV + h) * a.HS;
+          p = pi;
+        }
+      }
+      off[r2] = o;
+      pe[r2] = a.post + (size_t)p * H1p + 8 * t;
+    }
+    float x[2][NX][8];
+    load_x(x);
+#pragma unroll
+    for (int s = 0; s < NX; s++)
+#pragma unroll
+      for (int sg = 0; sg < 2; sg++) {
+        xa[s][sg][0] = h2pack(x[0][s][4 * sg], x[0][s][4 * sg + 1]);
+        xa[s][sg][1] = h2pack(x[1][s][4 * sg], x[1][s][4 * sg + 1]);
+        xa[s][sg][2] = h2pack(x[0][s][4 * sg + 2], x[0][s][4 * sg + 3]);
+        xa[s][sg][3] = h2pack(x[1][s][4 * sg + 2], x[1][s][4 * sg + 3]);
+      }
+    load_e(0);
+  };
+
+  int T = warp * gridDim.x + blockIdx.x;  // round-robin over blocks: every SM gets its share
+  if (T < a.tiles) load_tile(T);          // the first tile's loads overlap the staging
+  cp_async_wait_everything();
+  __syncthreads();
+
+  for (; T < a.tiles; T += stride) {
+    if (T >= stride) load_tile(T);
+    float acc2[4 * NH2][4];
+#pragma unroll
+    for (int j = 0; j < 4 * NH2; j++) acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
+
+    for (int c = 0; c < nc1; c++) {
+      // fc1 outputs 32c … 32c+31 (logical), started at their table values:
+      // accumulator (tile j, e) of row g holds neuron 32c+8t+2j+e.
+      float acc1[4][4];
+      {
+        float p0[8], p1[8], lv[8];
+        unpack8(p0, e[0][0], e[0][1]);
+        unpack8(p1, e[1][0], e[1][1]);
+        unpack8(lv, e[2][0], e[2][1]);
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+          for (int ee = 0; ee < 2; ee++) {
+            acc1[j][ee] = p0[2 * j + ee] + lv[2 * j + ee];
+            acc1[j][2 + ee] = p1[2 * j + ee] + lv[2 * j + ee];
+          }
+      }
+      if (c + 1 < nc1) load_e(c + 1);
+#pragma unroll
+      for (int s = 0; s < NX; s++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const uint4 b = *reinterpret_cast<const uint4 *>(w1s + (32 * c + 8 * j + g) * ld1 + 32 * s + 8 * t);
+          mma_f16(acc1[j], xa[s][0], b.x, b.y);
+          mma_f16(acc1[j], xa[s][1], b.z, b.w);
+        }
+      // relu(h1) as fc2's A fragments: slots of step σ are neurons 32c+8t+4σ+q.
+      uint32_t ha[2][4];
+#pragma unroll
+      for (int sg = 0; sg < 2; sg++) {
+        ha[sg][0] = h2relu(acc1[2 * sg][0], acc1[2 * sg][1]);
+        ha[sg][1] = h2relu(acc1[2 * sg][2], acc1[2 * sg][3]);
+        ha[sg][2] = h2relu(acc1[2 * sg + 1][0], acc1[2 * sg + 1][1]);
+        ha[sg][3] = h2relu(acc1[2 * sg + 1][2], acc1[2 * sg + 1][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4 * NH2; j++) {
+        const uint4 b = *reinterpret_cast<const uint4 *>(w2s + (8 * j + g) * ld2 + 32 * c + 8 * t);
+        mma_f16(acc2[j], ha[0], b.x, b.y);
+        mma_f16(acc2[j], ha[1], b.z, b.w);
+      }
+    }
+
+    float acc3[4 * NX][4];
+#pragma unroll
+    for (int j = 0; j < 4 * NX; j++) acc3[j][0] = acc3[j][1] = acc3[j][2] = acc3[j][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < NH2; c++) {
+      float bv[8];
+      unpack8(bv, *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t),
+              *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t + 4));
+      uint32_t ha[2][4];
+#pragma unroll
+      for (int sg = 0; sg < 2; sg++) {
+        const float(&u)[4] = acc2[4 * c + 2 * sg];
+        const float(&v)[4] = acc2[4 * c + 2 * sg + 1];
+        ha[sg][0] = h2relu(u[0] + bv[4 * sg], u[1] + bv[4 * sg + 1]);
+        ha[sg][1] = h2relu(u[2] + bv[4 * sg], u[3] + bv[4 * sg + 1]);
+        ha[sg][2] = h2relu(v[0] + bv[4 * sg + 2], v[1] + bv[4 * sg + 3]);
+        ha[sg][3] = h2relu(v[2] + bv[4 * sg + 2], v[3] + bv[4 * sg + 3]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4 * NX; j++) {
+        const uint4 b = *reinterpret_cast<const uint4 *>(w3s + (8 * j + g) * ld3 + 32 * c + 8 * t);
+        mma_f16(acc3[j], ha[0], b.x, b.y);
+        mma_f16(acc3[j], ha[1], b.z, b.w);
+      }
+    }
+
+    // Residual: fc3's output (j = 4s + q/2, e = q%2) is head value 32s+8t+q,
+    // exactly the x values this lane loaded (read again here, after fc3:
+    // earlier they would be live across fc3 along with acc2 and acc3).
+    float x[2][NX][8];
+    load_x(x);
+#pragma unroll
+    for (int s = 0; s < NX; s++) {
+      float bv[8];
+      unpack8(bv, *reinterpret_cast<const float4 *>(bs + H2p + 32 * s + 8 * t),
+              *reinterpret_cast<const float4 *>(bs + H2p + 32 * s + 8 * t + 4));
+#pragma unroll
+      for (int r2 = 0; r2 < 2; r2++) {
+        if (off[r2] < 0) continue;
+        float y[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) y[q] = x[r2][s][q] + (acc3[4 * s + q / 2][2 * r2 + q % 2] + bv[q]);
+        float *dst = a.cache + off[r2] + 32 * s + 8 * t;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const int col = 32 * s + 8 * t + 4 * u;
+          if (a.vec) {
+            if (col < a.HS) *reinterpret_cast<float4 *>(dst + 4 * u) = make_float4(y[4 * u], y[4 * u + 1], y[4 * u + 2], y[4 * u + 3]);
+          } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+              if (col + q < a.HS) dst[4 * u + q] = y[4 * u + q];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int NX, int NH2, int WARPS>
+kv_status launch_align_half(kv_stream s, const AlignHalfArgs &a, int HSp, int H1p, int H2p) {
+  const size_t smem = (size_t)(H1p * half_ld(HSp) + H2p * half_ld(H1p) + HSp * half_ld(H2p)) * 2 + 4 * (H2p + HSp);
+  int dev = 0, sms = 0;
+  KV_TRY(cudaGetDevice(&dev));
+  KV_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Host-side attribute (no stream work): allowed while capturing.
+  KV_TRY(cudaFuncSetAttribute(align_kernel_half<NX, NH2, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const int blocks = min(sms, a.tiles);
+  align_kernel_half<NX, NH2, WARPS><<<blocks, WARPS * 32, smem, s>>>(a);
+  return kv_launched();
+}
+
 }  // namespace
 
 extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
@@ -553,4 +846,29 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
       break;
   }
   return kv_launched();
+}
+
+
+extern "C" kv_status kv_align_half(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
+                                   int L, int NKV, int HS, long long layer_stride, const void *w, const float *bias,
+                                   const float *post, const float *lh, int P, int Ln, int Hn, int HSp, int H1p,
+                                   int H2p) {
+  if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
+  if (HS <= 0 || HS > HSp || P <= 0 || H1p <= 0 || H1p % 32 != 0 || L > Ln || NKV > Hn)
+    return (kv_status)cudaErrorInvalidValue;
+  const int tiles_per_lh = kv_ceil_div(rows, 16);
+  const long long tiles = (long long)L * NKV * tiles_per_lh;
+  if (tiles > INT32_MAX) return (kv_status)cudaErrorInvalidValue;
+  const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(cache) % 16 == 0;
+  const AlignHalfArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
+                        post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
+  // Warps per block: the SM's share of a step's tiles (distilgpt2 1,152 and
+  // SmolLM2 1,440 tiles of 16 rows at window 251 over 132 SMs: 9-11), while
+  // the registers allow; the larger instances hold more per lane.
+  if (HSp == 64 && H2p == 64) return launch_align_half<2, 2, 12>(s, a, HSp, H1p, H2p);
+  if (HSp == 64 && H2p == 128) return launch_align_half<2, 4, 12>(s, a, HSp, H1p, H2p);
+  if (HSp == 64 && H2p == 256) return launch_align_half<2, 8, 8>(s, a, HSp, H1p, H2p);
+  if (HSp == 128 && H2p == 64) return launch_align_half<4, 2, 8>(s, a, HSp, H1p, H2p);
+  if (HSp == 128 && H2p == 128) return launch_align_half<4, 4, 8>(s, a, HSp, H1p, H2p);
+  return (kv_status)cudaErrorInvalidValue;
 }

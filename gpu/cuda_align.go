@@ -9,21 +9,36 @@ import "C"
 
 // Align realigns cache entries in place with a KV-Align network (see
 // Backend, AlignParams, ref.Align): every layer × listed slot × kv head in
-// one launch of csrc/align.cu (variant 4): tensor cores in 3xTF32 (each fp32 operand
-// split in two TF32 parts), which matches the fp32 reference to ~1e-6. The
-// network's buffers must be F32 (they are small). Entries
-// whose index lies outside [0, net.P) or whose slot is negative are left as
-// they are; slots must be distinct and inside the cache (they are device
-// data, so this is not checked here).
+// one launch of csrc/align.cu. With a pack for fp16 (net.Pack, set by
+// align.Pair.Upload for fp16 models) it runs variant 6: fp16 tensor cores,
+// fp32 accumulation, ~1e-3 relative on the correction. Otherwise variant 4:
+// tensor cores in 3xTF32 (each fp32 operand split in two TF32 parts), which
+// matches the fp32 reference to ~1e-6. Entries whose index lies outside
+// [0, net.P) or whose slot is negative are left as they are; slots must be
+// distinct and inside the cache (they are device data, so this is not
+// checked here).
 func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 	c.align(cache, slots, index, net, p, 0)
 }
 
-// align runs one kernel variant (see kv_align): 0 the default (4), 1 fp32
-// SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-4),
-// 4 and 5 = 2 and 3 with batched cache gathers (a few % faster).
+// align runs one kernel variant (see kv_align): 0 the default (6 when the
+// network has an fp16 pack that fits the device's shared memory, else 4),
+// 1 fp32 SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32
+// (~1e-4), 4 and 5 = 2 and 3 with batched cache gathers (a few % faster),
+// 6 fp16 tensor cores from net.Pack with the activations in registers
+// (kv_align_half).
 func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
+	if variant == 0 {
+		variant = 4
+		if net != nil && net.Pack != nil && net.Pack.DType == F16 && net.Pack.SmemBytes() <= c.smemOptin {
+			variant = 6
+		}
+	}
+	if variant == 6 {
+		c.alignPacked(cache, slots, index, net, p)
+		return
+	}
 	if !c.need(op, net != nil, "no network") ||
 		!c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.HS > 0 && p.LayerStride >= 0,
 			"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride) ||
@@ -59,5 +74,38 @@ func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, vari
 			devF32(net.Pos), C.int(net.P), C.int(net.DP), devF32(net.Layer), C.int(net.DL),
 			devF32(net.Head), C.int(net.DH), devF32(net.W1), devF32(net.B1), devF32(net.W2),
 			devF32(net.B2), devF32(net.W3), devF32(net.B3), C.int(net.H1), C.int(net.H2), C.int(variant))
+	})
+}
+
+// alignPacked is variant 6: kv_align_half over net.Pack.
+func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams) {
+	const op = "align"
+	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == F16, "variant 6 needs an f16 AlignPack (gpu.PackAlign)") {
+		return
+	}
+	k := net.Pack
+	if !c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.LayerStride >= 0 && p.HS == k.HS,
+		"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d for a pack of head size %d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride, k.HS) ||
+		!c.need(op, p.L <= k.Ln && p.NKV <= k.Hn, "%d layers × %d heads, the pack has tables for %d × %d", p.L, p.NKV, k.Ln, k.Hn) ||
+		!c.need(op, k.SmemBytes() <= c.smemOptin, "the pack needs %d bytes of shared memory, the device has %d", k.SmemBytes(), c.smemOptin) ||
+		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
+		!c.needBuf(op, "index", index, p.Rows, I32) ||
+		!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, F16), F16) ||
+		!c.needBuf(op, "pack.Bias", k.Bias, k.H2p+k.HSp, F32) ||
+		!c.needBuf(op, "pack.PosT", k.PosT, k.P*k.H1p, F32) ||
+		!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
+		return
+	}
+	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
+		return
+	}
+	if !c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_align_half(c.stream, devF32(cache), devI32(slots), devI32(index),
+			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
+			dev(k.W), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
+			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p))
 	})
 }
