@@ -16,19 +16,27 @@ type Device struct {
 }
 
 // Upload copies both networks to be for a model whose weights are dt (the
-// dtype asked of be.WeightDType). The fp32 networks always go: they are
-// small, and the realignment of an fp32 model must stay within 1e-5 of
-// PyTorch. Where the backend stores the model in fp16 the networks also go
-// as fp16 packs (gpu.PackAlign): the CUDA backend then runs them on fp16
-// tensor cores (~1e-3 relative on the correction, far faster), the
-// precision the model itself runs at. A network shape the packed kernel
-// does not take keeps the fp32 path.
+// dtype asked of be.WeightDType), twice: as they are (fp32; kernels without
+// a pack use them) and packed for the register-resident kernels
+// (gpu.PackAlign) in the model's precision. Where the backend stores the
+// model in fp16 the packs are fp16: the CUDA backend runs them on fp16
+// tensor cores with fp32 accumulation (~5e-4 relative on the correction),
+// the precision the model itself runs at. Otherwise they are fp32 and run
+// in 3xTF32, within 1e-5 of PyTorch like the model. A network shape no
+// packed kernel takes keeps the unpacked path (fp32). The CPU backend runs
+// the fp32 networks and ignores the packs.
 func (p *Pair) Upload(be gpu.Backend, dt gpu.DType) (*Device, error) {
+	return p.UploadAs(be, be.WeightDType(dt), true)
+}
+
+// UploadAs is Upload with the packs' dtype chosen by the caller (F16 or
+// F32), or without packs (packed false: the kernels of the plain networks,
+// for comparison).
+func (p *Pair) UploadAs(be gpu.Backend, packDT gpu.DType, packed bool) (*Device, error) {
 	d := &Device{be: be}
-	half := be.WeightDType(dt) == gpu.F16
 	var err error
-	if d.keys, err = d.upload(p.Keys, half); err == nil {
-		d.values, err = d.upload(p.Values, half)
+	if d.keys, err = d.upload(p.Keys, packDT, packed); err == nil {
+		d.values, err = d.upload(p.Values, packDT, packed)
 	}
 	if err != nil {
 		d.Close()
@@ -37,15 +45,20 @@ func (p *Pair) Upload(be gpu.Backend, dt gpu.DType) (*Device, error) {
 	return d, be.Sync()
 }
 
-// Precision is the dtype the networks run in: F16 when both have a pack.
+// Precision is the precision the networks' arithmetic keeps: F16 when both
+// run from fp16 packs, else F32.
 func (d *Device) Precision() gpu.DType {
-	if d.keys.Pack != nil && d.values.Pack != nil {
+	if d.keys.Pack != nil && d.values.Pack != nil && d.keys.Pack.DType == gpu.F16 && d.values.Pack.DType == gpu.F16 {
 		return gpu.F16
 	}
 	return gpu.F32
 }
 
-func (d *Device) upload(n *Network, half bool) (gpu.AlignNet, error) {
+// Packed says whether both networks have packs (the register-resident
+// kernels run them where the backend has those).
+func (d *Device) Packed() bool { return d.keys.Pack != nil && d.values.Pack != nil }
+
+func (d *Device) upload(n *Network, packDT gpu.DType, packed bool) (gpu.AlignNet, error) {
 	out := gpu.AlignNet{P: n.P, DP: n.DP, DL: n.DL, DH: n.DH, H1: n.H1, H2: n.H2}
 	for _, t := range []struct {
 		dst *gpu.Buf
@@ -62,15 +75,16 @@ func (d *Device) upload(n *Network, half bool) (gpu.AlignNet, error) {
 		d.be.Upload(b, t.src)
 		*t.dst = b
 	}
-	if half {
-		if h, err := gpu.PackAlign(n.Ref(), gpu.F16); err == nil { // else: a shape only the fp32 kernels take
-			pk, err := h.Upload(d.be)
-			if err != nil {
-				return out, err
-			}
-			d.packs = append(d.packs, pk)
-			out.Pack = pk
+	if !packed {
+		return out, nil
+	}
+	if h, err := gpu.PackAlign(n.Ref(), packDT); err == nil { // else: a shape only the unpacked kernels take
+		pk, err := h.Upload(d.be)
+		if err != nil {
+			return out, err
 		}
+		d.packs = append(d.packs, pk)
+		out.Pack = pk
 	}
 	return out, nil
 }

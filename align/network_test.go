@@ -377,7 +377,8 @@ func TestGoldenConformance(t *testing.T) {
 				viaAlign = append(viaAlign, cache[off:off+HS]...)
 			}
 			// fp32 paths hold 1e-5; an fp16 model's networks run on fp16
-			// tensor cores (fp32 accumulation): 2e-3 of the largest output.
+			// tensor cores (fp32 accumulation): 1e-3 of the largest output
+			// (an H200 saw ≤ 3.3e-4).
 			type check struct {
 				name string
 				got  []float32
@@ -394,7 +395,7 @@ func TestGoldenConformance(t *testing.T) {
 				}
 				tol := 1e-5
 				if b.dtype == gpu.F16 {
-					tol = 2e-3
+					tol = 1e-3
 				}
 				checks = append(checks, check{b.name + " Align", alignRowsOn(t, be, b.dtype, n, g.X, g.Pos, g.Layer, g.Head), tol})
 				be.Close()

@@ -510,30 +510,41 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
 }
 
 
-// ---- v6: fp16 tensor cores, activations in registers (gpu.AlignPack) ----
+// ---- v6, v7: activations in registers, packed networks (gpu.AlignPack) ----
 //
 // v1-v5 stage each 64-row block's activations through shared memory between
 // the layers, every block re-reads all weights from L2, and the layers are
 // separated by block barriers: ~75-125 µs whatever the arithmetic. Here:
 //  - a warp owns a 16-row tile (mma's M) and runs all three layers on it with
-//    the activations in registers: with the packed row order (gpu.alignPsi) an
-//    m16n8k16 accumulator fragment, relu'd and rounded to fp16, is the next
-//    layer's A fragment as is. fc1 is computed 32 outputs at a time and fed
-//    straight into fc2's accumulators, so h1 never exists whole. No barrier
-//    after the staging; warps never wait for one another.
-//  - the weights (fp16, gpu.AlignPack.W: the shared-memory image) are staged
-//    once per block with cp.async; the grid is one block per SM, its warps
-//    taking tiles round-robin over the blocks, so every SM loads them once.
+//    the activations in registers: with the packed row order (gpu.alignPsi) a
+//    lane's accumulators of a 32-column block are 8 consecutive neurons per
+//    row, which are exactly the k-slots it supplies to the next layer, so an
+//    accumulator fragment (relu'd, rounded) is the next layer's A fragment,
+//    no shuffle. fc1 is computed 32 outputs at a time and fed straight into
+//    fc2's accumulators, so h1 never exists whole. No barrier after the
+//    staging; warps never wait for one another.
+//  - the weights (gpu.AlignPack.W: the shared-memory image) are staged once
+//    per block with cp.async; the grid is one block per SM, its warps taking
+//    tiles round-robin over the blocks, so every SM loads them once.
 //  - fc1's embedding part is a table lookup (PosT[p] + LH[l, h], fp32 from
 //    L2, prefetched one 32-output chunk ahead) instead of 44 more inputs.
 //  - a tile is 16 consecutive list entries of one (layer, head), so the LH row
 //    is the same for the whole warp.
-// Rounding: x, the weights, h1 and h2 are fp16 (11-bit significands); the
-// products accumulate in fp32 and the residual add is fp32.
+// Two math policies:
+//  - v6 (MathF16): fp16 weights, m16n8k16 on fp16 operands (x, h1, h2
+//    rounded to fp16), fp32 accumulation, fp32 residual add. ~5e-4 relative
+//    on the correction.
+//  - v7 (MathTF32x3): fp32 weights, m16n8k8 TF32 in three passes (both
+//    operands split into big + small TF32 parts, as v2): fp32 accuracy.
+// Measured (H200, window 251, graph-timed): v6 distilgpt2 keys 10.3 µs,
+// values 7.3, SmolLM2 10.3 (v4: 122, 76, 91).
 
-__host__ __device__ constexpr int half_ld(int k) { return k % 64 == 32 ? k : k + 32; }  // = gpu.alignLd(k, F16)
+template <int ESZ>
+__host__ __device__ constexpr int packed_ld(int k) {  // = gpu.alignLd(k, dtype of ESZ bytes); k % 32 == 0
+  return ESZ == 2 ? (k % 64 == 32 ? k : k + 32) : k + 16;
+}
 
-struct AlignHalfArgs {
+struct AlignPackedArgs {
   float *cache;
   const int32_t *slots, *index;
   int rows, NKV, HS;
@@ -560,38 +571,113 @@ __device__ __forceinline__ uint32_t h2pack(float lo, float hi) {
   return *reinterpret_cast<const uint32_t *>(&v);
 }
 
-__device__ __forceinline__ uint32_t h2relu(float lo, float hi) { return h2pack(fmaxf(lo, 0.f), fmaxf(hi, 0.f)); }
-
-// mma_f16: c += A·B, m16n8k16, fp16 operands, fp32 accumulators. Not
-// volatile: it is a pure function of its operands, so the compiler may
-// schedule it.
+// mma_f16 / mma_tf32_nv: c += A·B. Not volatile (unlike mma_tf32 above):
+// they are pure functions of their operands, so the compiler may interleave
+// the independent accumulators' chains.
 __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void mma_tf32_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A math policy turns a lane's share of a 32-wide k block — v[r][p], rows g
+// (r = 0) and g+8 (r = 1), k = 32c+8t+p for p < 8 — into A fragments
+// (make), and multiplies them into one n-tile's accumulators by the 8
+// weights W[n][32c+8t … +7] (mma; w 16-byte aligned in shared memory).
+struct MathF16 {
+  using W = __half;
+  // k16 step σ: slots q = 0..3 are p = 4σ+q (low/high halves: q = 0, 1 in
+  // registers 0 (row g) and 1 (row g+8), q = 2, 3 in registers 2 and 3).
+  struct A {
+    uint32_t r[2][4];
+  };
+  __device__ __forceinline__ static A make(const float (&v)[2][8]) {
+    A a;
+#pragma unroll
+    for (int sg = 0; sg < 2; sg++) {
+      a.r[sg][0] = h2pack(v[0][4 * sg], v[0][4 * sg + 1]);
+      a.r[sg][1] = h2pack(v[1][4 * sg], v[1][4 * sg + 1]);
+      a.r[sg][2] = h2pack(v[0][4 * sg + 2], v[0][4 * sg + 3]);
+      a.r[sg][3] = h2pack(v[1][4 * sg + 2], v[1][4 * sg + 3]);
+    }
+    return a;
+  }
+  __device__ __forceinline__ static void mma(float (&acc)[4], const A &a, const W *w) {
+    const uint4 b = *reinterpret_cast<const uint4 *>(w);  // W[n][p], p = 0..7: b.x = p 0,1 … b.w = p 6,7
+    mma_f16(acc, a.r[0], b.x, b.y);
+    mma_f16(acc, a.r[1], b.z, b.w);
+  }
+};
+
+struct MathTF32x3 {
+  using W = float;
+  // k8 step j: slot t is p = 2j, slot t+4 is p = 2j+1 (registers: a0 (g,
+  // t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (t), b1 (t+4)).
+  struct A {
+    uint32_t big[4][4], small[4][4];
+  };
+  __device__ __forceinline__ static A make(const float (&v)[2][8]) {
+    A a;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float f[4] = {v[0][2 * j], v[1][2 * j], v[0][2 * j + 1], v[1][2 * j + 1]};
+#pragma unroll
+      for (int i = 0; i < 4; i++) split_tf32(f[i], a.big[j][i], a.small[j][i]);
+    }
+    return a;
+  }
+  __device__ __forceinline__ static void mma(float (&acc)[4], const A &a, const W *w) {
+    const float4 lo = *reinterpret_cast<const float4 *>(w), hi = *reinterpret_cast<const float4 *>(w + 4);
+    const float wv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      uint32_t bb0, bs0, bb1, bs1;
+      split_tf32(wv[2 * j], bb0, bs0);
+      split_tf32(wv[2 * j + 1], bb1, bs1);
+      mma_tf32_nv(acc, a.small[j], bb0, bb1);  // small terms first
+      mma_tf32_nv(acc, a.big[j], bs0, bs1);
+      mma_tf32_nv(acc, a.big[j], bb0, bb1);
+    }
+  }
+};
 
 __device__ __forceinline__ void unpack8(float (&v)[8], float4 lo, float4 hi) {
   v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
 }
 
-// align_kernel_half: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
+// block_relu: a lane's 8 neurons of the 32-wide block whose accumulators are
+// acc[0..3] (tile j = p/2, e = p%2; row g+8 in elements 2, 3), plus add[p],
+// relu'd: the next layer's v[r][p].
+__device__ __forceinline__ void block_relu(float (&v)[2][8], const float (*acc)[4], const float (&add)[8]) {
+#pragma unroll
+  for (int r2 = 0; r2 < 2; r2++)
+#pragma unroll
+    for (int p = 0; p < 8; p++) v[r2][p] = fmaxf(acc[p / 2][2 * r2 + p % 2] + add[p], 0.f);
+}
+
+// align_kernel_packed: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
 // they size register arrays); fc1's width H1p is a loop bound. Lane (g, t)
-// of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8; for each
-// 32-wide block s of a layer's inputs it supplies the k-slots of columns
-// 32s+8t … 32s+8t+7 (gpu.alignPsi): x[r][s][q] = x_row[32s+8t+q].
-template <int NX, int NH2, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs a) {
+// of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8.
+template <class M, int NX, int NH2, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPackedArgs a) {
+  using W = typename M::W;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int HSp = 32 * NX, H2p = 32 * NH2, ld1 = half_ld(HSp), ld3 = half_ld(H2p);
-  const int H1p = a.H1p, ld2 = half_ld(H1p), nc1 = H1p / 32;
-  __half *w1s = reinterpret_cast<__half *>(smem_raw);  // [H1p][ld1]: fc1's x columns
-  __half *w2s = w1s + H1p * ld1;                       // [H2p][ld2]
-  __half *w3s = w2s + H2p * ld2;                       // [HSp][ld3]
-  float *bs = reinterpret_cast<float *>(w3s + HSp * ld3);
+  constexpr int ESZ = sizeof(W), HSp = 32 * NX, H2p = 32 * NH2;
+  constexpr int ld1 = packed_ld<ESZ>(HSp), ld3 = packed_ld<ESZ>(H2p);
+  const int H1p = a.H1p, ld2 = packed_ld<ESZ>(H1p), nc1 = H1p / 32;
+  const W *w1s = reinterpret_cast<const W *>(smem_raw);  // [H1p][ld1]: fc1's x columns
+  const W *w2s = w1s + H1p * ld1;                        // [H2p][ld2]
+  const W *w3s = w2s + H2p * ld2;                        // [HSp][ld3]
+  float *bs = reinterpret_cast<float *>(smem_raw + (size_t)(H1p * ld1 + H2p * ld2 + HSp * ld3) * ESZ);
   {
-    const int wunits = (H1p * ld1 + H2p * ld2 + HSp * ld3) / 8, bunits = (H2p + HSp) / 4;
+    const int wunits = (H1p * ld1 + H2p * ld2 + HSp * ld3) * ESZ / 16, bunits = (H2p + HSp) / 4;
     for (int u = threadIdx.x; u < wunits; u += WARPS * 32)
       cp_async16_cg(reinterpret_cast<uint4 *>(smem_raw) + u, a.w + u);
     for (int u = threadIdx.x; u < bunits; u += WARPS * 32)
@@ -602,15 +688,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
   const int stride = gridDim.x * WARPS;
 
   // The tile's state: rows g and g+8 (r2 = 0, 1). x is kept as fc1's A
-  // fragments only (fp16, 16 registers at HS 64); the residual add re-reads
-  // the fp32 values (an L1 hit: this lane loaded them), which keeps the
-  // 12-warp instances within 168 registers.
-  uint32_t xa[NX][2][4];  // [s][σ]: slots q = 0..3 of k16 step σ are columns 32s+8t+4σ+q
+  // fragments only; the residual add re-reads the fp32 values (an L1 hit:
+  // this lane loaded them), which keeps the 12-warp fp16 instances within
+  // 168 registers.
+  typename M::A xa[NX];
   long long off[2];
   const float *pe[2], *pl;
   float4 e[3][2];  // fc1 table values of the next chunk: PosT rows g, g+8; LH
 
-  // load_x reads the rows' head vectors (zero past HS and for skipped rows).
+  // load_x reads the rows' head vectors x[r2][s][p] = x_row[32s+8t+p]
+  // (zero past HS and for skipped rows).
   auto load_x = [&](float(&x)[2][NX][8]) {
 #pragma unroll
     for (int r2 = 0; r2 < 2; r2++)
@@ -665,14 +752,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
     float x[2][NX][8];
     load_x(x);
 #pragma unroll
-    for (int s = 0; s < NX; s++)
+    for (int s = 0; s < NX; s++) {
+      float v[2][8];
 #pragma unroll
-      for (int sg = 0; sg < 2; sg++) {
-        xa[s][sg][0] = h2pack(x[0][s][4 * sg], x[0][s][4 * sg + 1]);
-        xa[s][sg][1] = h2pack(x[1][s][4 * sg], x[1][s][4 * sg + 1]);
-        xa[s][sg][2] = h2pack(x[0][s][4 * sg + 2], x[0][s][4 * sg + 3]);
-        xa[s][sg][3] = h2pack(x[1][s][4 * sg + 2], x[1][s][4 * sg + 3]);
-      }
+      for (int p = 0; p < 8; p++) v[0][p] = x[0][s][p], v[1][p] = x[1][s][p];
+      xa[s] = M::make(v);
+    }
     load_e(0);
   };
 
@@ -708,26 +793,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
 #pragma unroll
       for (int s = 0; s < NX; s++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const uint4 b = *reinterpret_cast<const uint4 *>(w1s + (32 * c + 8 * j + g) * ld1 + 32 * s + 8 * t);
-          mma_f16(acc1[j], xa[s][0], b.x, b.y);
-          mma_f16(acc1[j], xa[s][1], b.z, b.w);
-        }
-      // relu(h1) as fc2's A fragments: slots of step σ are neurons 32c+8t+4σ+q.
-      uint32_t ha[2][4];
+        for (int j = 0; j < 4; j++) M::mma(acc1[j], xa[s], w1s + (32 * c + 8 * j + g) * ld1 + 32 * s + 8 * t);
+      float v[2][8];
+      const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      block_relu(v, acc1, zero);
+      const typename M::A ha = M::make(v);
 #pragma unroll
-      for (int sg = 0; sg < 2; sg++) {
-        ha[sg][0] = h2relu(acc1[2 * sg][0], acc1[2 * sg][1]);
-        ha[sg][1] = h2relu(acc1[2 * sg][2], acc1[2 * sg][3]);
-        ha[sg][2] = h2relu(acc1[2 * sg + 1][0], acc1[2 * sg + 1][1]);
-        ha[sg][3] = h2relu(acc1[2 * sg + 1][2], acc1[2 * sg + 1][3]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4 * NH2; j++) {
-        const uint4 b = *reinterpret_cast<const uint4 *>(w2s + (8 * j + g) * ld2 + 32 * c + 8 * t);
-        mma_f16(acc2[j], ha[0], b.x, b.y);
-        mma_f16(acc2[j], ha[1], b.z, b.w);
-      }
+      for (int j = 0; j < 4 * NH2; j++) M::mma(acc2[j], ha, w2s + (8 * j + g) * ld2 + 32 * c + 8 * t);
     }
 
     float acc3[4 * NX][4];
@@ -735,28 +807,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
     for (int j = 0; j < 4 * NX; j++) acc3[j][0] = acc3[j][1] = acc3[j][2] = acc3[j][3] = 0.f;
 #pragma unroll
     for (int c = 0; c < NH2; c++) {
-      float bv[8];
+      float bv[8], v[2][8];
       unpack8(bv, *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t),
               *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t + 4));
-      uint32_t ha[2][4];
+      block_relu(v, acc2 + 4 * c, bv);
+      const typename M::A ha = M::make(v);
 #pragma unroll
-      for (int sg = 0; sg < 2; sg++) {
-        const float(&u)[4] = acc2[4 * c + 2 * sg];
-        const float(&v)[4] = acc2[4 * c + 2 * sg + 1];
-        ha[sg][0] = h2relu(u[0] + bv[4 * sg], u[1] + bv[4 * sg + 1]);
-        ha[sg][1] = h2relu(u[2] + bv[4 * sg], u[3] + bv[4 * sg + 1]);
-        ha[sg][2] = h2relu(v[0] + bv[4 * sg + 2], v[1] + bv[4 * sg + 3]);
-        ha[sg][3] = h2relu(v[2] + bv[4 * sg + 2], v[3] + bv[4 * sg + 3]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4 * NX; j++) {
-        const uint4 b = *reinterpret_cast<const uint4 *>(w3s + (8 * j + g) * ld3 + 32 * c + 8 * t);
-        mma_f16(acc3[j], ha[0], b.x, b.y);
-        mma_f16(acc3[j], ha[1], b.z, b.w);
-      }
+      for (int j = 0; j < 4 * NX; j++) M::mma(acc3[j], ha, w3s + (8 * j + g) * ld3 + 32 * c + 8 * t);
     }
 
-    // Residual: fc3's output (j = 4s + q/2, e = q%2) is head value 32s+8t+q,
+    // Residual: fc3's output (j = 4s + p/2, e = p%2) is head value 32s+8t+p,
     // exactly the x values this lane loaded (read again here, after fc3:
     // earlier they would be live across fc3 along with acc2 and acc3).
     float x[2][NX][8];
@@ -770,6 +830,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
       for (int r2 = 0; r2 < 2; r2++) {
         if (off[r2] < 0) continue;
         float y[8];
+        // As PyTorch: fc3's output is a float32, then the residual add.
 #pragma unroll
         for (int q = 0; q < 8; q++) y[q] = x[r2][s][q] + (acc3[4 * s + q / 2][2 * r2 + q % 2] + bv[q]);
         float *dst = a.cache + off[r2] + 32 * s + 8 * t;
@@ -777,7 +838,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
         for (int u = 0; u < 2; u++) {
           const int col = 32 * s + 8 * t + 4 * u;
           if (a.vec) {
-            if (col < a.HS) *reinterpret_cast<float4 *>(dst + 4 * u) = make_float4(y[4 * u], y[4 * u + 1], y[4 * u + 2], y[4 * u + 3]);
+            if (col < a.HS)
+              *reinterpret_cast<float4 *>(dst + 4 * u) = make_float4(y[4 * u], y[4 * u + 1], y[4 * u + 2], y[4 * u + 3]);
           } else {
 #pragma unroll
             for (int q = 0; q < 4; q++)
@@ -789,16 +851,19 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_half(AlignHalfArgs
   }
 }
 
-template <int NX, int NH2, int WARPS>
-kv_status launch_align_half(kv_stream s, const AlignHalfArgs &a, int HSp, int H1p, int H2p) {
-  const size_t smem = (size_t)(H1p * half_ld(HSp) + H2p * half_ld(H1p) + HSp * half_ld(H2p)) * 2 + 4 * (H2p + HSp);
+template <class M, int NX, int NH2, int WARPS>
+kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
+  constexpr int ESZ = sizeof(typename M::W), HSp = 32 * NX, H2p = 32 * NH2;
+  const size_t smem =
+      (size_t)(H1p * packed_ld<ESZ>(HSp) + H2p * packed_ld<ESZ>(H1p) + HSp * packed_ld<ESZ>(H2p)) * ESZ +
+      4 * (H2p + HSp);
   int dev = 0, sms = 0;
   KV_TRY(cudaGetDevice(&dev));
   KV_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   // Host-side attribute (no stream work): allowed while capturing.
-  KV_TRY(cudaFuncSetAttribute(align_kernel_half<NX, NH2, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const int blocks = min(sms, a.tiles);
-  align_kernel_half<NX, NH2, WARPS><<<blocks, WARPS * 32, smem, s>>>(a);
+  KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)smem));
+  align_kernel_packed<M, NX, NH2, WARPS><<<min(sms, a.tiles), WARPS * 32, smem, s>>>(a);
   return kv_launched();
 }
 
@@ -849,10 +914,10 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
 }
 
 
-extern "C" kv_status kv_align_half(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
-                                   int L, int NKV, int HS, long long layer_stride, const void *w, const float *bias,
-                                   const float *post, const float *lh, int P, int Ln, int Hn, int HSp, int H1p,
-                                   int H2p) {
+extern "C" kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
+                                     int rows, int L, int NKV, int HS, long long layer_stride, const void *w,
+                                     int w_f16, const float *bias, const float *post, const float *lh, int P, int Ln,
+                                     int Hn, int HSp, int H1p, int H2p) {
   if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
   if (HS <= 0 || HS > HSp || P <= 0 || H1p <= 0 || H1p % 32 != 0 || L > Ln || NKV > Hn)
     return (kv_status)cudaErrorInvalidValue;
@@ -860,15 +925,21 @@ extern "C" kv_status kv_align_half(kv_stream s, float *cache, const int32_t *slo
   const long long tiles = (long long)L * NKV * tiles_per_lh;
   if (tiles > INT32_MAX) return (kv_status)cudaErrorInvalidValue;
   const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(cache) % 16 == 0;
-  const AlignHalfArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
-                        post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
+  const AlignPackedArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
+                          post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
   // Warps per block: the SM's share of a step's tiles (distilgpt2 1,152 and
   // SmolLM2 1,440 tiles of 16 rows at window 251 over 132 SMs: 9-11), while
-  // the registers allow; the larger instances hold more per lane.
-  if (HSp == 64 && H2p == 64) return launch_align_half<2, 2, 12>(s, a, HSp, H1p, H2p);
-  if (HSp == 64 && H2p == 128) return launch_align_half<2, 4, 12>(s, a, HSp, H1p, H2p);
-  if (HSp == 64 && H2p == 256) return launch_align_half<2, 8, 8>(s, a, HSp, H1p, H2p);
-  if (HSp == 128 && H2p == 64) return launch_align_half<4, 2, 8>(s, a, HSp, H1p, H2p);
-  if (HSp == 128 && H2p == 128) return launch_align_half<4, 4, 8>(s, a, HSp, H1p, H2p);
+  // the registers allow (ptxas, sm_90: the 12-warp fp16 instances 145 and
+  // 159 registers, no spills); the larger instances hold more per lane.
+  if (w_f16) {
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12>(s, a, H1p);
+    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8>(s, a, H1p);
+    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8>(s, a, H1p);
+    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8>(s, a, H1p);
+  } else {
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8>(s, a, H1p);
+  }
   return (kv_status)cudaErrorInvalidValue;
 }

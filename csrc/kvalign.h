@@ -216,17 +216,19 @@ kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_
                    const float *w2, const float *b2, const float *w3, const float *b3,
                    int H1, int H2, int variant);
 
-/* kv_align_half: the same realignment from a network packed by
- * gpu.PackAlign (fp16 weights w in the kernel's shared-memory layout, fc1's
- * embedding part as the tables post [P][H1p] and lh [Ln*Hn][H1p], biases b2
- * [H2p] then b3 [HSp]): fp16 tensor cores, fp32 accumulation, the residual
- * add in fp32 (gpu's variant 6). (HSp, H2p) is one of (64, 64), (64, 128),
- * (64, 256), (128, 64), (128, 128); H1p a multiple of 32; HS <= HSp,
+/* kv_align_packed: the same realignment from a network packed by
+ * gpu.PackAlign (weights w in the kernel's shared-memory layout, fp16 when
+ * w_f16 = 1, else float32; fc1's embedding part as the tables post
+ * [P][H1p] and lh [Ln*Hn][H1p]; biases b2 [H2p] then b3 [HSp]). w_f16 = 1:
+ * fp16 tensor cores, fp32 accumulation, the residual add in fp32 (gpu's
+ * variant 6); 0: 3xTF32 tensor cores, fp32 accuracy (variant 7).
+ * (HSp, H2p): fp16 one of (64, 64), (64, 128), (64, 256), (128, 64),
+ * (128, 128); fp32 (64, 64) or (64, 128). H1p a multiple of 32; HS <= HSp,
  * L <= Ln, NKV <= Hn. Rows are skipped as by kv_align. */
-kv_status kv_align_half(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
-                        int L, int NKV, int HS, long long layer_stride, const void *w, const float *bias,
-                        const float *post, const float *lh, int P, int Ln, int Hn, int HSp, int H1p,
-                        int H2p);
+kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
+                          int L, int NKV, int HS, long long layer_stride, const void *w, int w_f16,
+                          const float *bias, const float *post, const float *lh, int P, int Ln, int Hn, int HSp,
+                          int H1p, int H2p);
 
 /* bandwidth.cu: device-to-device copy bandwidth in GB/s (bytes read plus
  * written per second) over reps copies of a buffer of `bytes`; synchronous. */

@@ -7,9 +7,10 @@ import (
 )
 
 // AlignPack is a realignment network rearranged, once at upload, for the
-// CUDA kernel that keeps a row tile's activations in registers
-// (csrc/align.cu, variant 6: fp16 tensor cores with fp32 accumulation).
-// Two things change against AlignNet:
+// CUDA kernels that keep a row tile's activations in registers
+// (csrc/align.cu: variant 6, fp16 tensor cores with fp32 accumulation, for
+// fp16 models; variant 7, 3xTF32 tensor cores at fp32 accuracy, for fp32
+// models). Two things change against AlignNet:
 //
 //   - fc1's embedding columns are gone. fc1(cat[x, Pos[p], Layer[l],
 //     Head[h]]) = W1x·x + W1p·Pos[p] + W1l·Layer[l] + W1h·Head[h] + b1, and
@@ -25,7 +26,7 @@ import (
 //     shared-memory loads hit distinct banks (see alignLd). The block copies
 //     it with 16-byte cp.async, no reshaping.
 type AlignPack struct {
-	DType DType // W's element type: F16 (variant 6)
+	DType DType // W's element type: F16 (variant 6) or F32 (variant 7)
 	W     Buf   // the shared-memory image, alignPackLayout
 	Bias  Buf   // F32 [H2p + HSp]: fc2's bias, then fc3's, zero-padded
 	PosT  Buf   // F32 [P, H1p]: W1p·Pos[p]
@@ -58,13 +59,23 @@ type AlignPackHost struct {
 	off2, off3, ld1, ld2, ld3 int
 }
 
-// The padded sizes the kernel is compiled for (template instances in
-// csrc/align.cu): a head of up to 64 or 128 values, fc2 up to 64, 128 or
-// 256 wide. fc1's width is a loop bound, any multiple of 32.
+// The padded sizes the kernels are compiled for (template instances in
+// csrc/align.cu): fp16 a head of up to 64 or 128 values with fc2 up to 64,
+// 128 or 256 wide (not 128 with 256: more accumulators per lane than the
+// registers take); fp32 (whose 3xTF32 operands take twice the registers) a
+// head up to 64 with fc2 up to 128. fc1's width is a loop bound, any
+// multiple of 32.
 var (
 	alignHSCaps = []int{64, 128}
 	alignH2Caps = []int{64, 128, 256}
 )
+
+func alignInstance(HSp, H2p int, dt DType) bool {
+	if dt == F16 {
+		return HSp*H2p <= 128*128
+	}
+	return HSp == 64 && H2p <= 128
+}
 
 func padTo(n int, caps []int) (int, bool) {
 	for _, c := range caps {
@@ -115,12 +126,12 @@ func alignPackWLen(HSp, H1p, H2p int, dt DType) int {
 }
 
 // PackAlign rearranges net (head size len(B3)) for the register-resident
-// kernel in dtype dt (F16). It fails for shapes the kernel is not compiled
-// for (head size > 128, fc2 wider than 256); callers then keep the plain
-// network (kv_align variant 4).
+// kernel in dtype dt (F16: variant 6; F32: variant 7). It fails for shapes
+// no kernel instance takes; callers then keep the plain network (kv_align
+// variant 4).
 func PackAlign(net *ref.AlignNet, dt DType) (*AlignPackHost, error) {
-	if dt != F16 {
-		return nil, fmt.Errorf("align pack: dtype %v (only f16)", dt)
+	if dt != F16 && dt != F32 {
+		return nil, fmt.Errorf("align pack: dtype %v (want f16 or f32)", dt)
 	}
 	HS, H1, H2, DP, DL, DH := len(net.B3), net.H1, net.H2, net.DP, net.DL, net.DH
 	if HS == 0 || H1 <= 0 || H2 <= 0 || DL <= 0 || DH <= 0 || net.P <= 0 {
@@ -134,10 +145,8 @@ func PackAlign(net *ref.AlignNet, dt DType) (*AlignPackHost, error) {
 	}
 	HSp, ok1 := padTo(HS, alignHSCaps)
 	H2p, ok2 := padTo(H2, alignH2Caps)
-	// A head of 128 with fc2 at 256 would hold more accumulators per lane
-	// than the registers take (the instances in csrc/align.cu).
-	if !ok1 || !ok2 || HSp*H2p > 128*128 {
-		return nil, fmt.Errorf("align pack: head size %d with fc2 width %d is beyond the kernel (head ≤ 64 with fc2 ≤ 256, or head ≤ 128 with fc2 ≤ 128)", HS, H2)
+	if !ok1 || !ok2 || !alignInstance(HSp, H2p, dt) {
+		return nil, fmt.Errorf("align pack: no %v kernel for head size %d with fc2 width %d", dt, HS, H2)
 	}
 	H1p := (H1 + 31) / 32 * 32
 	h := &AlignPackHost{DType: dt, HS: HS, HSp: HSp, H1p: H1p, H2p: H2p, P: net.P, Ln: Ln, Hn: Hn,

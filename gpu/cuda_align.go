@@ -9,11 +9,13 @@ import "C"
 
 // Align realigns cache entries in place with a KV-Align network (see
 // Backend, AlignParams, ref.Align): every layer × listed slot × kv head in
-// one launch of csrc/align.cu. With a pack for fp16 (net.Pack, set by
-// align.Pair.Upload for fp16 models) it runs variant 6: fp16 tensor cores,
-// fp32 accumulation, ~1e-3 relative on the correction. Otherwise variant 4:
-// tensor cores in 3xTF32 (each fp32 operand split in two TF32 parts), which
-// matches the fp32 reference to ~1e-6. Entries whose index lies outside
+// one launch of csrc/align.cu. With a pack (net.Pack, set by
+// align.Pair.Upload) it runs the register-resident kernels: variant 6 for
+// an fp16 pack (fp16 tensor cores, fp32 accumulation, ~5e-4 relative on the
+// correction), variant 7 for an fp32 pack (3xTF32 tensor cores: each fp32
+// operand split in two TF32 parts, ~1e-6 of the fp32 reference). Without a
+// pack, or when the pack exceeds the device's shared memory, variant 4:
+// 3xTF32 over 64-row blocks staged through shared memory, ~1e-6 too. Entries whose index lies outside
 // [0, net.P) or whose slot is negative are left as they are; slots must be
 // distinct and inside the cache (they are device data, so this is not
 // checked here).
@@ -21,22 +23,29 @@ func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 	c.align(cache, slots, index, net, p, 0)
 }
 
-// align runs one kernel variant (see kv_align): 0 the default (6 when the
-// network has an fp16 pack that fits the device's shared memory, else 4),
-// 1 fp32 SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32
-// (~1e-4), 4 and 5 = 2 and 3 with batched cache gathers (a few % faster),
-// 6 fp16 tensor cores from net.Pack with the activations in registers
-// (kv_align_half).
+// align runs one kernel variant (see kv_align, kv_align_packed): 0 the
+// default (6 or 7 when the network has a pack that fits the device's shared
+// memory, else 4), 1 fp32 SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3
+// tensor cores TF32 (~1e-4), 4 and 5 = 2 and 3 with batched cache gathers
+// (a few % faster), 6 and 7 the register-resident kernels over net.Pack
+// (6: its dtype must be F16; 7: F32).
 func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
 	if variant == 0 {
 		variant = 4
-		if net != nil && net.Pack != nil && net.Pack.DType == F16 && net.Pack.SmemBytes() <= c.smemOptin {
-			variant = 6
+		if net != nil && net.Pack != nil && net.Pack.SmemBytes() <= c.smemOptin {
+			variant = 7
+			if net.Pack.DType == F16 {
+				variant = 6
+			}
 		}
 	}
-	if variant == 6 {
-		c.alignPacked(cache, slots, index, net, p)
+	switch variant {
+	case 6:
+		c.alignPacked(cache, slots, index, net, p, F16)
+		return
+	case 7:
+		c.alignPacked(cache, slots, index, net, p, F32)
 		return
 	}
 	if !c.need(op, net != nil, "no network") ||
@@ -77,10 +86,10 @@ func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, vari
 	})
 }
 
-// alignPacked is variant 6: kv_align_half over net.Pack.
-func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams) {
+// alignPacked is variant 6 (dt F16) or 7 (F32): kv_align_packed over net.Pack.
+func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams, dt DType) {
 	const op = "align"
-	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == F16, "variant 6 needs an f16 AlignPack (gpu.PackAlign)") {
+	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == dt, "this variant needs an %v AlignPack (gpu.PackAlign)", dt) {
 		return
 	}
 	k := net.Pack
@@ -90,7 +99,7 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 		!c.need(op, k.SmemBytes() <= c.smemOptin, "the pack needs %d bytes of shared memory, the device has %d", k.SmemBytes(), c.smemOptin) ||
 		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
 		!c.needBuf(op, "index", index, p.Rows, I32) ||
-		!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, F16), F16) ||
+		!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, dt), dt) ||
 		!c.needBuf(op, "pack.Bias", k.Bias, k.H2p+k.HSp, F32) ||
 		!c.needBuf(op, "pack.PosT", k.PosT, k.P*k.H1p, F32) ||
 		!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
@@ -103,9 +112,9 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 		return
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_align_half(c.stream, devF32(cache), devI32(slots), devI32(index),
+		return C.kv_align_packed(c.stream, devF32(cache), devI32(slots), devI32(index),
 			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
-			dev(k.W), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
+			dev(k.W), cFlag(dt == F16), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
 			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p))
 	})
 }
