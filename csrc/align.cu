@@ -587,6 +587,10 @@ __device__ __forceinline__ void mma_tf32_nv(float (&c)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void unpack8(float (&v)[8], float4 lo, float4 hi) {
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
 // A math policy turns a lane's share of a 32-wide k block — v[r][p], rows g
 // (r = 0) and g+8 (r = 1), k = 32c+8t+p for p < 8 — into A fragments
 // (make), and multiplies them into one n-tile's accumulators by the 8
@@ -614,6 +618,16 @@ struct MathF16 {
     mma_f16(acc, a.r[0], b.x, b.y);
     mma_f16(acc, a.r[1], b.z, b.w);
   }
+  // mma_tiles: mma over N n-tiles, tile n's weights at w + n·nstride. Two
+  // mma per tile: the tiles already give independent chains.
+  template <int N>
+  __device__ __forceinline__ static void mma_tiles(float (*acc)[4], const A &a, const W *w, int nstride) {
+#pragma unroll
+    for (int n = 0; n < N; n++) mma(acc[n], a, w + n * nstride);
+  }
+  // The tuned kernel (v8) pipelines fc1 of the next chunk with fc2 of this
+  // one: 8 more registers for the A fragments in flight.
+  static constexpr bool kPipe = true;
 };
 
 struct MathTF32x3 {
@@ -646,11 +660,42 @@ struct MathTF32x3 {
       mma_tf32_nv(acc, a.big[j], bb0, bb1);
     }
   }
+  // mma_tiles: mma over N n-tiles (N % 4 == 0), tile n's weights at w +
+  // n·nstride. mma alone chains 12 mma on one accumulator (4 k8 steps × 3
+  // passes); here 4 tiles' weights are loaded at once and the passes go
+  // round the 4 accumulators, so 4 chains are in flight. Each accumulator
+  // sees the same sequence as in mma: the results are bitwise equal.
+  template <int N>
+  __device__ __forceinline__ static void mma_tiles(float (*acc)[4], const A &a, const W *w, int nstride) {
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 4) {
+      float wv[4][8];
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float4 lo = *reinterpret_cast<const float4 *>(w + (n0 + i) * nstride);
+        const float4 hi = *reinterpret_cast<const float4 *>(w + (n0 + i) * nstride + 4);
+        unpack8(wv[i], lo, hi);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        uint32_t bb[4][2], bsm[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          split_tf32(wv[i][2 * j], bb[i][0], bsm[i][0]);
+          split_tf32(wv[i][2 * j + 1], bb[i][1], bsm[i][1]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.small[j], bb[i][0], bb[i][1]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.big[j], bsm[i][0], bsm[i][1]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.big[j], bb[i][0], bb[i][1]);
+      }
+    }
+  }
+  // No fc1/fc2 pipelining: its A fragments are 32 registers.
+  static constexpr bool kPipe = false;
 };
-
-__device__ __forceinline__ void unpack8(float (&v)[8], float4 lo, float4 hi) {
-  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-}
 
 // block_relu: a lane's 8 neurons of the 32-wide block whose accumulators are
 // acc[0..3] (tile j = p/2, e = p%2; row g+8 in elements 2, 3), plus add[p],
@@ -665,7 +710,7 @@ __device__ __forceinline__ void block_relu(float (&v)[2][8], const float (*acc)[
 // align_kernel_packed: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
 // they size register arrays); fc1's width H1p is a loop bound. Lane (g, t)
 // of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8.
-template <class M, int NX, int NH2, int WARPS>
+template <class M, int NX, int NH2, int WARPS, bool TUNED>
 __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPackedArgs a) {
   using W = typename M::W;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -772,34 +817,81 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
 #pragma unroll
     for (int j = 0; j < 4 * NH2; j++) acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
 
-    for (int c = 0; c < nc1; c++) {
-      // fc1 outputs 32c … 32c+31 (logical), started at their table values:
-      // accumulator (tile j, e) of row g holds neuron 32c+8t+2j+e.
-      float acc1[4][4];
-      {
-        float p0[8], p1[8], lv[8];
-        unpack8(p0, e[0][0], e[0][1]);
-        unpack8(p1, e[1][0], e[1][1]);
-        unpack8(lv, e[2][0], e[2][1]);
+    // fc1 outputs 32c … 32c+31 (logical), started at their table values
+    // (e: this chunk's): accumulator (tile j, e) of row g holds neuron
+    // 32c+8t+2j+e.
+    auto init_acc1 = [&](float(&acc1)[4][4]) {
+      float p0[8], p1[8], lv[8];
+      unpack8(p0, e[0][0], e[0][1]);
+      unpack8(p1, e[1][0], e[1][1]);
+      unpack8(lv, e[2][0], e[2][1]);
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+      for (int j = 0; j < 4; j++)
 #pragma unroll
-          for (int ee = 0; ee < 2; ee++) {
-            acc1[j][ee] = p0[2 * j + ee] + lv[2 * j + ee];
-            acc1[j][2 + ee] = p1[2 * j + ee] + lv[2 * j + ee];
-          }
+        for (int ee = 0; ee < 2; ee++) {
+          acc1[j][ee] = p0[2 * j + ee] + lv[2 * j + ee];
+          acc1[j][2 + ee] = p1[2 * j + ee] + lv[2 * j + ee];
+        }
+    };
+    auto layer1 = [&](float(&acc1)[4][4], int c) {
+#pragma unroll
+      for (int s = 0; s < NX; s++) {
+        const W *w = w1s + (32 * c + g) * ld1 + 32 * s + 8 * t;
+        if (TUNED) {
+          M::template mma_tiles<4>(acc1, xa[s], w, 8 * ld1);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; j++) M::mma(acc1[j], xa[s], w + 8 * j * ld1);
+        }
       }
-      if (c + 1 < nc1) load_e(c + 1);
-#pragma unroll
-      for (int s = 0; s < NX; s++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) M::mma(acc1[j], xa[s], w1s + (32 * c + 8 * j + g) * ld1 + 32 * s + 8 * t);
+    };
+    auto relu_make = [&](const float(&acc1)[4][4]) {
       float v[2][8];
       const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       block_relu(v, acc1, zero);
-      const typename M::A ha = M::make(v);
+      return M::make(v);
+    };
+    auto layer2 = [&](const typename M::A &ha, int c) {
+      const W *w = w2s + g * ld2 + 32 * c + 8 * t;
+      if (TUNED) {
+        M::template mma_tiles<4 * NH2>(acc2, ha, w, 8 * ld2);
+      } else {
 #pragma unroll
-      for (int j = 0; j < 4 * NH2; j++) M::mma(acc2[j], ha, w2s + (8 * j + g) * ld2 + 32 * c + 8 * t);
+        for (int j = 0; j < 4 * NH2; j++) M::mma(acc2[j], ha, w + 8 * j * ld2);
+      }
+    };
+    // (Not for the instances with the most accumulators: they would spill.)
+    if (TUNED && M::kPipe && NX * NH2 <= 8) {
+      // fc1 of chunk c+1 is issued before fc2 of chunk c: the two chains are
+      // independent, so each warp keeps both in flight (the tables are then
+      // loaded two chunks ahead).
+      typename M::A ha;
+      {
+        float acc1[4][4];
+        init_acc1(acc1);
+        if (nc1 > 1) load_e(1);
+        layer1(acc1, 0);
+        ha = relu_make(acc1);
+      }
+      for (int c = 0; c < nc1; c++) {
+        const bool more = c + 1 < nc1;
+        float acc1[4][4];
+        if (more) {
+          init_acc1(acc1);
+          if (c + 2 < nc1) load_e(c + 2);
+          layer1(acc1, c + 1);
+        }
+        layer2(ha, c);
+        if (more) ha = relu_make(acc1);
+      }
+    } else {
+      for (int c = 0; c < nc1; c++) {
+        float acc1[4][4];
+        init_acc1(acc1);
+        if (c + 1 < nc1) load_e(c + 1);
+        layer1(acc1, c);
+        layer2(relu_make(acc1), c);
+      }
     }
 
     float acc3[4 * NX][4];
@@ -812,8 +904,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
               *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t + 4));
       block_relu(v, acc2 + 4 * c, bv);
       const typename M::A ha = M::make(v);
+      const W *w = w3s + g * ld3 + 32 * c + 8 * t;
+      if (TUNED) {
+        M::template mma_tiles<4 * NX>(acc3, ha, w, 8 * ld3);
+      } else {
 #pragma unroll
-      for (int j = 0; j < 4 * NX; j++) M::mma(acc3[j], ha, w3s + (8 * j + g) * ld3 + 32 * c + 8 * t);
+        for (int j = 0; j < 4 * NX; j++) M::mma(acc3[j], ha, w + 8 * j * ld3);
+      }
     }
 
     // Residual: fc3's output (j = 4s + p/2, e = p%2) is head value 32s+8t+p,
@@ -851,7 +948,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
   }
 }
 
-template <class M, int NX, int NH2, int WARPS>
+template <class M, int NX, int NH2, int WARPS, bool TUNED>
 kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
   constexpr int ESZ = sizeof(typename M::W), HSp = 32 * NX, H2p = 32 * NH2;
   const size_t smem =
@@ -861,10 +958,32 @@ kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
   KV_TRY(cudaGetDevice(&dev));
   KV_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   // Host-side attribute (no stream work): allowed while capturing.
-  KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)smem));
-  align_kernel_packed<M, NX, NH2, WARPS><<<min(sms, a.tiles), WARPS * 32, smem, s>>>(a);
+  KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS, TUNED>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  align_kernel_packed<M, NX, NH2, WARPS, TUNED><<<min(sms, a.tiles), WARPS * 32, smem, s>>>(a);
   return kv_launched();
+}
+
+// dispatch_packed picks the instance. Warps per block: the SM's share of a
+// step's tiles (distilgpt2 1,152 and SmolLM2 1,440 tiles of 16 rows at
+// window 251 over 132 SMs: 9-11), while the registers allow (ptxas, sm_90:
+// the 12-warp fp16 instances ≤ 168 registers, no spills); the larger
+// instances hold more per lane.
+template <bool TUNED>
+kv_status dispatch_packed(kv_stream s, const AlignPackedArgs &a, int w_f16, int HSp, int H1p, int H2p) {
+  if (w_f16) {
+    // (Tuned, these two spill 20 and 80 bytes at 168 registers; 11 warps
+    // would not help: 3 warps on one SM sub-partition cap them at 168 too.)
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8, TUNED>(s, a, H1p);
+    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8, TUNED>(s, a, H1p);
+    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8, TUNED>(s, a, H1p);
+  } else {
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8, TUNED>(s, a, H1p);
+  }
+  return (kv_status)cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -917,7 +1036,7 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
 extern "C" kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
                                      int rows, int L, int NKV, int HS, long long layer_stride, const void *w,
                                      int w_f16, const float *bias, const float *post, const float *lh, int P, int Ln,
-                                     int Hn, int HSp, int H1p, int H2p) {
+                                     int Hn, int HSp, int H1p, int H2p, int tuned) {
   if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
   if (HS <= 0 || HS > HSp || P <= 0 || H1p <= 0 || H1p % 32 != 0 || L > Ln || NKV > Hn)
     return (kv_status)cudaErrorInvalidValue;
@@ -927,19 +1046,6 @@ extern "C" kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *s
   const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(cache) % 16 == 0;
   const AlignPackedArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
                           post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
-  // Warps per block: the SM's share of a step's tiles (distilgpt2 1,152 and
-  // SmolLM2 1,440 tiles of 16 rows at window 251 over 132 SMs: 9-11), while
-  // the registers allow (ptxas, sm_90: the 12-warp fp16 instances 145 and
-  // 159 registers, no spills); the larger instances hold more per lane.
-  if (w_f16) {
-    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12>(s, a, H1p);
-    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12>(s, a, H1p);
-    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8>(s, a, H1p);
-    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8>(s, a, H1p);
-    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8>(s, a, H1p);
-  } else {
-    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8>(s, a, H1p);
-    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8>(s, a, H1p);
-  }
-  return (kv_status)cudaErrorInvalidValue;
+  return tuned ? dispatch_packed<true>(s, a, w_f16, HSp, H1p, H2p) : dispatch_packed<false>(s, a, w_f16, HSp, H1p, H2p);
 }
+

@@ -224,11 +224,14 @@ kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_
  * variant 6); 0: 3xTF32 tensor cores, fp32 accuracy (variant 7).
  * (HSp, H2p): fp16 one of (64, 64), (64, 128), (64, 256), (128, 64),
  * (128, 128); fp32 (64, 64) or (64, 128). H1p a multiple of 32; HS <= HSp,
- * L <= Ln, NKV <= Hn. Rows are skipped as by kv_align. */
+ * L <= Ln, NKV <= Hn. Rows are skipped as by kv_align. tuned = 1: the same
+ * arithmetic in another instruction order (bitwise equal results; gpu's
+ * variants 8 and 9): fp16 issues fc1 of the next 32 outputs before fc2 of
+ * the current ones, 3xTF32 runs its passes round 4 accumulators. */
 kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
                           int L, int NKV, int HS, long long layer_stride, const void *w, int w_f16,
                           const float *bias, const float *post, const float *lh, int P, int Ln, int Hn, int HSp,
-                          int H1p, int H2p);
+                          int H1p, int H2p, int tuned);
 
 /* bandwidth.cu: device-to-device copy bandwidth in GB/s (bytes read plus
  * written per second) over reps copies of a buffer of `bytes`; synchronous. */

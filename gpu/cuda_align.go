@@ -24,28 +24,27 @@ func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 }
 
 // align runs one kernel variant (see kv_align, kv_align_packed): 0 the
-// default (6 or 7 when the network has a pack that fits the device's shared
-// memory, else 4), 1 fp32 SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3
-// tensor cores TF32 (~1e-4), 4 and 5 = 2 and 3 with batched cache gathers
-// (a few % faster), 6 and 7 the register-resident kernels over net.Pack
-// (6: its dtype must be F16; 7: F32).
+// default (packedVariant of the pack's dtype when the network has a pack
+// that fits the device's shared memory, else 4), 1 fp32 SIMT, 2 tensor
+// cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-4), 4 and 5 = 2
+// and 3 with batched cache gathers (a few % faster), 6 and 7 the
+// register-resident kernels over net.Pack (6: its dtype must be F16; 7:
+// F32), 8 and 9 = 6 and 7 with the instructions reordered for more
+// independent work per warp (bitwise the same results).
 func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
 	if variant == 0 {
 		variant = 4
 		if net != nil && net.Pack != nil && net.Pack.SmemBytes() <= c.smemOptin {
-			variant = 7
-			if net.Pack.DType == F16 {
-				variant = 6
-			}
+			variant = packedVariant(net.Pack.DType)
 		}
 	}
 	switch variant {
-	case 6:
-		c.alignPacked(cache, slots, index, net, p, F16)
+	case 6, 8:
+		c.alignPacked(cache, slots, index, net, p, F16, variant == 8)
 		return
-	case 7:
-		c.alignPacked(cache, slots, index, net, p, F32)
+	case 7, 9:
+		c.alignPacked(cache, slots, index, net, p, F32, variant == 9)
 		return
 	}
 	if !c.need(op, net != nil, "no network") ||
@@ -86,8 +85,17 @@ func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, vari
 	})
 }
 
-// alignPacked is variant 6 (dt F16) or 7 (F32): kv_align_packed over net.Pack.
-func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams, dt DType) {
+// packedVariant is the default variant for a pack of dtype dt.
+func packedVariant(dt DType) int {
+	if dt == F16 {
+		return 6
+	}
+	return 7
+}
+
+// alignPacked is variants 6-9: kv_align_packed over net.Pack (dt F16: 6,
+// tuned 8; F32: 7, tuned 9).
+func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams, dt DType, tuned bool) {
 	const op = "align"
 	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == dt, "this variant needs an %v AlignPack (gpu.PackAlign)", dt) {
 		return
@@ -115,6 +123,6 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 		return C.kv_align_packed(c.stream, devF32(cache), devI32(slots), devI32(index),
 			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
 			dev(k.W), cFlag(dt == F16), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
-			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p))
+			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p), cFlag(tuned))
 	})
 }
