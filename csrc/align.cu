@@ -24,15 +24,35 @@
 //    times (~80-125 µs whatever the arithmetic) point at these latency
 //    chains. Measured (H200, distilgpt2 keys): v4 121 µs against v2's 124,
 //    v5 75 against v3's 78: the gathers were not the bound. v4 is the
-//    default (v3/v5's TF32 misses the 1e-5 accuracy).
+//    default of kv_align (v3/v5's TF32 misses the 1e-5 accuracy).
+//  - v6-v9 (kv_align_packed, below): a warp per 16-row tile with the
+//    activations in registers, from a network packed at upload
+//    (gpu.PackAlign). The packed kernels are what gpu.CUDA.Align runs by
+//    default: v6 (fp16) for fp16 models, v9 (3xTF32) for fp32 ones; v4 only
+//    for networks without a pack (or one larger than the shared memory).
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
-// and (p, l, h), so a precomputed table (P + L·NKV rows of H1) would replace
-// 44 of fc1's 108 input columns by one gathered add (≈25% of all FLOPs for
-// distilgpt2's key network). Not done: the table is per network and AlignNet
-// has no place for it; gathering the embeddings as extra input columns keeps
-// the kernel one launch with no scratch.
+// and (p, l, h). v1-v5 gather the embeddings as extra input columns (no
+// table: AlignNet has no place for it); the packed kernels take them from
+// two tables made at upload (gpu.AlignPack), removing 44 of fc1's 108 input
+// columns (≈25% of the FLOPs of distilgpt2's key network).
+//
+// Measured (H200, window 251 = 18,072 / 22,590 rows, graph-timed, µs a
+// network: distilgpt2 keys / values / SmolLM2):
+//   v4  121 / 76 / 91     v6  10.3 / 7.6 / 10.3    v8   9.7 / 7.6 / 10.4
+//   v7   66 / 40 / 59     v9    46 /  30 /   43
+// Prediction for v6 was ~4-5 µs (≈1.3 GFLOP on tensor cores ≈ 2 µs at the
+// SMs' share, staging ~1 µs, the x loads and launch ~1-2). Outcome 10 µs:
+// across the three shapes the time fits ≈ 4.2 µs + 21 ns per mma of a
+// tile, i.e. each warp waits ~40 cycles per mma (a latency chain, not
+// throughput: an SM sub-partition issues one every ~17 cycles). v8, which
+// overlaps fc1 of the next chunk with fc2 of this one, gained only on the
+// 8-chunk key network (5%), so the chain is not fc1 → fc2; the likelier
+// bound is each B fragment's shared-memory load issued just before its mma
+// (the 168-register cap of 12 warps leaves no room to load further ahead).
+// v9 (v7 with the 3xTF32 passes round 4 accumulators instead of 12 chained
+// on one) took 27-30% off v7: there the chain was the bound.
 #include "common.cuh"
 
 namespace {
@@ -510,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
 }
 
 
-// ---- v6, v7: activations in registers, packed networks (gpu.AlignPack) ----
+// ---- v6-v9: activations in registers, packed networks (gpu.AlignPack) ----
 //
 // v1-v5 stage each 64-row block's activations through shared memory between
 // the layers, every block re-reads all weights from L2, and the layers are
@@ -533,11 +553,15 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
 // Two math policies:
 //  - v6 (MathF16): fp16 weights, m16n8k16 on fp16 operands (x, h1, h2
 //    rounded to fp16), fp32 accumulation, fp32 residual add. ~5e-4 relative
-//    on the correction.
+//    on the correction, ~1e-4 on the output.
 //  - v7 (MathTF32x3): fp32 weights, m16n8k8 TF32 in three passes (both
-//    operands split into big + small TF32 parts, as v2): fp32 accuracy.
-// Measured (H200, window 251, graph-timed): v6 distilgpt2 keys 10.3 µs,
-// values 7.3, SmolLM2 10.3 (v4: 122, 76, 91).
+//    operands split into big + small TF32 parts, as v2): fp32 accuracy
+//    (~2e-6 relative on the correction).
+// Variants 8 and 9 (TUNED) run the same arithmetic in another order, so
+// their results are bitwise those of 6 and 7: v8 issues fc1 of chunk c+1
+// before fc2 of chunk c (independent chains in flight together), v9 runs
+// the 3xTF32 passes round 4 accumulators (MathTF32x3::mma_tiles). Timings:
+// the comment at the top of this file.
 
 template <int ESZ>
 __host__ __device__ constexpr int packed_ld(int k) {  // = gpu.alignLd(k, dtype of ESZ bytes); k % 32 == 0
