@@ -16,14 +16,18 @@ type namedBackend struct {
 }
 
 // greedyStream feeds a prompt, then decodes greedily (top-1 on the device).
-func greedyStream(t *testing.T, be gpu.Backend, dt gpu.DType, ck *transformer.Checkpoint, mode transformer.Mode, pair *Pair, prompt []int32, steps int) []int32 {
+// With force, step i feeds force[i-1] instead of the token it drew (teacher
+// forcing: both backends see the same history, so their choices compare
+// step by step without one early difference changing all that follows).
+// alignDT is the model dtype the networks are uploaded for.
+func greedyStream(t *testing.T, be gpu.Backend, dt, alignDT gpu.DType, ck *transformer.Checkpoint, mode transformer.Mode, pair *Pair, prompt []int32, steps int, force []int32) []int32 {
 	t.Helper()
 	m, err := transformer.NewModel(ck.Cfg, ck.Weights, be, dt)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	dev, err := pair.Upload(be)
+	dev, err := pair.Upload(be, alignDT)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,13 +49,20 @@ func greedyStream(t *testing.T, be gpu.Backend, dt gpu.DType, ck *transformer.Ch
 			t.Fatal(err)
 		}
 		out = append(out, next)
+		if force != nil {
+			next = force[i]
+		}
 		feed = []int32{next}
 	}
 	return out
 }
 
-// Every policy gives the same greedy tokens on the GPU (fp32) as on the CPU
+// Every policy gives the same greedy tokens on the GPU in fp32 as on the CPU
 // reference, on both fixture models, for 300 steps past the first eviction.
+// In fp16 (weights, and in kv mode the realignment networks) rounding may
+// flip a near tie, after which free-running texts part; so fp16 is held to
+// teacher-forced agreement instead: fed the CPU's tokens, the GPU's top-1
+// must match the CPU's at ≥ 99% of the steps.
 func TestPoliciesAgreeAcrossBackends(t *testing.T) {
 	gpus := gpuBackends()
 	if len(gpus) == 0 {
@@ -79,14 +90,13 @@ func TestPoliciesAgreeAcrossBackends(t *testing.T) {
 		steps := 55 - len(prompt) + past
 		for _, mode := range []transformer.Mode{transformer.SlidingWindow, transformer.KVAlign, transformer.Recompute} {
 			t.Run(name+"/"+mode.String(), func(t *testing.T) {
-				want := greedyStream(t, gpu.NewCPU(), gpu.F32, ck, mode, pair, prompt, steps)
+				want := greedyStream(t, gpu.NewCPU(), gpu.F32, gpu.F32, ck, mode, pair, prompt, steps, nil)
 				for _, g := range gpus {
 					be, err := gpu.NewCUDA(0)
 					if err != nil {
 						t.Fatal(err)
 					}
-					got := greedyStream(t, be, g.dtype, ck, mode, pair, prompt, steps)
-					be.Close()
+					got := greedyStream(t, be, g.dtype, g.dtype, ck, mode, pair, prompt, steps, nil)
 					first := -1
 					for i := range want {
 						if got[i] != want[i] {
@@ -102,6 +112,27 @@ func TestPoliciesAgreeAcrossBackends(t *testing.T) {
 					default:
 						t.Logf("%s: first %d greedy tokens identical to the CPU (then fp16 rounding picks another token)", g.name, first)
 					}
+					if !g.exact {
+						agree := func(alignDT gpu.DType) float64 {
+							forced := greedyStream(t, be, g.dtype, alignDT, ck, mode, pair, prompt, steps, want)
+							n := 0
+							for i := range want {
+								if forced[i] == want[i] {
+									n++
+								}
+							}
+							return float64(n) / float64(len(want))
+						}
+						a := agree(g.dtype)
+						t.Logf("%s: teacher-forced top-1 agreement with the CPU %.1f%% of %d steps", g.name, 100*a, len(want))
+						if mode == transformer.KVAlign {
+							t.Logf("%s: the same with fp32 realignment networks: %.1f%%", g.name, 100*agree(gpu.F32))
+						}
+						if a < 0.99 {
+							t.Errorf("%s: teacher-forced top-1 agreement %.1f%% < 99%%", g.name, 100*a)
+						}
+					}
+					be.Close()
 				}
 			})
 		}

@@ -74,7 +74,7 @@ func TestKVAlignWithZeroLastLayer(t *testing.T) {
 				clear(n.B3)
 				*dst = n
 			}
-			dev, err := pair.Upload(be)
+			dev, err := pair.Upload(be, gpu.F32)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -121,7 +121,7 @@ func TestKVAlignRewritesTheWindow(t *testing.T) {
 	m := tinyModel(t, "tiny-gpt2", be)
 	cfg := m.Cfg
 	pair := &Pair{Keys: NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, 32, 16, 1), Values: NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, 32, 16, 2)}
-	dev, err := pair.Upload(be)
+	dev, err := pair.Upload(be, gpu.F32)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -43,6 +43,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
+					&ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks), for comparison"},
 				}, deviceFlag(), dtypeFlag()),
 				Action: benchRun,
 			},
@@ -132,6 +133,8 @@ type benchCell struct {
 	P90Ms     float64 `json:"p90_ms"`
 	Device    string  `json:"device"`
 	DType     string  `json:"dtype"`
+	// AlignKernel says how the realignment networks ran (kv mode).
+	AlignKernel string `json:"align_kernel,omitempty"`
 }
 
 // originalNetworkSizes are the hidden sizes (keys h1, h2, values h1, h2) of
@@ -144,6 +147,9 @@ func originalNetworkSizes(cfg *transformer.Config) [4]int {
 }
 
 func benchRun(c *ucli.Context) error {
+	if k := c.String("align-kernel"); k != "auto" && k != "fp32" && k != "unpacked" {
+		return usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
+	}
 	be, dt, err := openBackend(c)
 	if err != nil {
 		return err
@@ -176,6 +182,15 @@ func benchRun(c *ucli.Context) error {
 	return nil
 }
 
+// alignKernel describes how a Device's networks run: "f16 packed",
+// "f32 packed" or "f32 unpacked".
+func alignKernel(d *align.Device) string {
+	if d.Packed() {
+		return d.Precision().String() + " packed"
+	}
+	return d.Precision().String() + " unpacked"
+}
+
 func joinModes(modes []transformer.Mode, sep string) string {
 	var s []string
 	for _, m := range modes {
@@ -201,14 +216,22 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[0], h[1], 1),
 		Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[2], h[3], 2),
 	}
-	dev, err := pair.Upload(be)
+	var dev *align.Device
+	switch k := c.String("align-kernel"); k {
+	case "auto":
+		dev, err = pair.Upload(be, dt)
+	case "fp32", "unpacked":
+		dev, err = pair.UploadAs(be, gpu.F32, k == "fp32")
+	default:
+		return nil, usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
+	}
 	if err != nil {
 		return nil, err
 	}
 	defer dev.Close()
 	out := c.App.Writer
-	fmt.Fprintf(out, "\n%s (%s weights, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt), be.Name(),
-		joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
+		alignKernel(dev), be.Name(), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
 	var cells []benchCell
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
@@ -223,8 +246,12 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 				return nil, err
 			}
 			fmt.Fprintf(out, " %.3f |", eval.Ms(lat.Median))
-			cells = append(cells, benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
-				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()})
+			cell := benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
+				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()}
+			if mode == transformer.KVAlign {
+				cell.AlignKernel = alignKernel(dev)
+			}
+			cells = append(cells, cell)
 		}
 		fmt.Fprintln(out)
 	}

@@ -130,7 +130,7 @@ func runAction(c *ucli.Context) error {
 	defer m.Close()
 	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1024}
 	if pair != nil {
-		dev, err := pair.Upload(be)
+		dev, err := pair.Upload(be, dt)
 		if err != nil {
 			return err
 		}

@@ -24,15 +24,35 @@
 //    times (~80-125 µs whatever the arithmetic) point at these latency
 //    chains. Measured (H200, distilgpt2 keys): v4 121 µs against v2's 124,
 //    v5 75 against v3's 78: the gathers were not the bound. v4 is the
-//    default (v3/v5's TF32 misses the 1e-5 accuracy).
+//    default of kv_align (v3/v5's TF32 misses the 1e-5 accuracy).
+//  - v6-v9 (kv_align_packed, below): a warp per 16-row tile with the
+//    activations in registers, from a network packed at upload
+//    (gpu.PackAlign). The packed kernels are what gpu.CUDA.Align runs by
+//    default: v6 (fp16) for fp16 models, v9 (3xTF32) for fp32 ones; v4 only
+//    for networks without a pack (or one larger than the shared memory).
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
-// and (p, l, h), so a precomputed table (P + L·NKV rows of H1) would replace
-// 44 of fc1's 108 input columns by one gathered add (≈25% of all FLOPs for
-// distilgpt2's key network). Not done: the table is per network and AlignNet
-// has no place for it; gathering the embeddings as extra input columns keeps
-// the kernel one launch with no scratch.
+// and (p, l, h). v1-v5 gather the embeddings as extra input columns (no
+// table: AlignNet has no place for it); the packed kernels take them from
+// two tables made at upload (gpu.AlignPack), removing 44 of fc1's 108 input
+// columns (≈25% of the FLOPs of distilgpt2's key network).
+//
+// Measured (H200, window 251 = 18,072 / 22,590 rows, graph-timed, µs a
+// network: distilgpt2 keys / values / SmolLM2):
+//   v4  121 / 76 / 91     v6  10.3 / 7.6 / 10.3    v8   9.7 / 7.6 / 10.4
+//   v7   66 / 40 / 59     v9    46 /  30 /   43
+// Prediction for v6 was ~4-5 µs (≈1.3 GFLOP on tensor cores ≈ 2 µs at the
+// SMs' share, staging ~1 µs, the x loads and launch ~1-2). Outcome 10 µs:
+// across the three shapes the time fits ≈ 4.2 µs + 21 ns per mma of a
+// tile, i.e. each warp waits ~40 cycles per mma (a latency chain, not
+// throughput: an SM sub-partition issues one every ~17 cycles). v8, which
+// overlaps fc1 of the next chunk with fc2 of this one, gained only on the
+// 8-chunk key network (5%), so the chain is not fc1 → fc2; the likelier
+// bound is each B fragment's shared-memory load issued just before its mma
+// (the 168-register cap of 12 warps leaves no room to load further ahead).
+// v9 (v7 with the 3xTF32 passes round 4 accumulators instead of 12 chained
+// on one) took 27-30% off v7: there the chain was the bound.
 #include "common.cuh"
 
 namespace {
@@ -509,6 +529,487 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
   dense_tc<PASSES, true, BATCHED>(in, ld2, a.H2, a.w3, a.b3, a.HS, nullptr, 0, a.cache, rowoff);
 }
 
+
+// ---- v6-v9: activations in registers, packed networks (gpu.AlignPack) ----
+//
+// v1-v5 stage each 64-row block's activations through shared memory between
+// the layers, every block re-reads all weights from L2, and the layers are
+// separated by block barriers: ~75-125 µs whatever the arithmetic. Here:
+//  - a warp owns a 16-row tile (mma's M) and runs all three layers on it with
+//    the activations in registers: with the packed row order (gpu.alignPsi) a
+//    lane's accumulators of a 32-column block are 8 consecutive neurons per
+//    row, which are exactly the k-slots it supplies to the next layer, so an
+//    accumulator fragment (relu'd, rounded) is the next layer's A fragment,
+//    no shuffle. fc1 is computed 32 outputs at a time and fed straight into
+//    fc2's accumulators, so h1 never exists whole. No barrier after the
+//    staging; warps never wait for one another.
+//  - the weights (gpu.AlignPack.W: the shared-memory image) are staged once
+//    per block with cp.async; the grid is one block per SM, its warps taking
+//    tiles round-robin over the blocks, so every SM loads them once.
+//  - fc1's embedding part is a table lookup (PosT[p] + LH[l, h], fp32 from
+//    L2, prefetched one 32-output chunk ahead) instead of 44 more inputs.
+//  - a tile is 16 consecutive list entries of one (layer, head), so the LH row
+//    is the same for the whole warp.
+// Two math policies:
+//  - v6 (MathF16): fp16 weights, m16n8k16 on fp16 operands (x, h1, h2
+//    rounded to fp16), fp32 accumulation, fp32 residual add. ~5e-4 relative
+//    on the correction, ~1e-4 on the output.
+//  - v7 (MathTF32x3): fp32 weights, m16n8k8 TF32 in three passes (both
+//    operands split into big + small TF32 parts, as v2): fp32 accuracy
+//    (~2e-6 relative on the correction).
+// Variants 8 and 9 (TUNED) run the same arithmetic in another order, so
+// their results are bitwise those of 6 and 7: v8 issues fc1 of chunk c+1
+// before fc2 of chunk c (independent chains in flight together), v9 runs
+// the 3xTF32 passes round 4 accumulators (MathTF32x3::mma_tiles). Timings:
+// the comment at the top of this file.
+
+template <int ESZ>
+__host__ __device__ constexpr int packed_ld(int k) {  // = gpu.alignLd(k, dtype of ESZ bytes); k % 32 == 0
+  return ESZ == 2 ? (k % 64 == 32 ? k : k + 32) : k + 16;
+}
+
+struct AlignPackedArgs {
+  float *cache;
+  const int32_t *slots, *index;
+  int rows, NKV, HS;
+  long long layer_stride;
+  const uint4 *w;     // the shared-memory image of the weights
+  const float *bias;  // b2 [H2p], b3 [HSp]
+  const float *post;  // [P][H1p]
+  const float *lh;    // [Ln·Hn][H1p]
+  int P, Hn, H1p;
+  int tiles_per_lh, tiles;
+  int vec;  // 16-byte cache accesses (HS, layer_stride multiples of 4, aligned cache)
+};
+
+__device__ __forceinline__ void cp_async16_cg(void *smem, const void *gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_all() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_everything() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// h2pack: two floats as an fp16 pair, lo in the low half (the lower k or column).
+__device__ __forceinline__ uint32_t h2pack(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+// mma_f16 / mma_tf32_nv: c += A·B. Not volatile (unlike mma_tf32 above):
+// they are pure functions of their operands, so the compiler may interleave
+// the independent accumulators' chains.
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_tf32_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void unpack8(float (&v)[8], float4 lo, float4 hi) {
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
+// A math policy turns a lane's share of a 32-wide k block — v[r][p], rows g
+// (r = 0) and g+8 (r = 1), k = 32c+8t+p for p < 8 — into A fragments
+// (make), and multiplies them into one n-tile's accumulators by the 8
+// weights W[n][32c+8t … +7] (mma; w 16-byte aligned in shared memory).
+struct MathF16 {
+  using W = __half;
+  // k16 step σ: slots q = 0..3 are p = 4σ+q (low/high halves: q = 0, 1 in
+  // registers 0 (row g) and 1 (row g+8), q = 2, 3 in registers 2 and 3).
+  struct A {
+    uint32_t r[2][4];
+  };
+  __device__ __forceinline__ static A make(const float (&v)[2][8]) {
+    A a;
+#pragma unroll
+    for (int sg = 0; sg < 2; sg++) {
+      a.r[sg][0] = h2pack(v[0][4 * sg], v[0][4 * sg + 1]);
+      a.r[sg][1] = h2pack(v[1][4 * sg], v[1][4 * sg + 1]);
+      a.r[sg][2] = h2pack(v[0][4 * sg + 2], v[0][4 * sg + 3]);
+      a.r[sg][3] = h2pack(v[1][4 * sg + 2], v[1][4 * sg + 3]);
+    }
+    return a;
+  }
+  __device__ __forceinline__ static void mma(float (&acc)[4], const A &a, const W *w) {
+    const uint4 b = *reinterpret_cast<const uint4 *>(w);  // W[n][p], p = 0..7: b.x = p 0,1 … b.w = p 6,7
+    mma_f16(acc, a.r[0], b.x, b.y);
+    mma_f16(acc, a.r[1], b.z, b.w);
+  }
+  // mma_tiles: mma over N n-tiles, tile n's weights at w + n·nstride. Two
+  // mma per tile: the tiles already give independent chains.
+  template <int N>
+  __device__ __forceinline__ static void mma_tiles(float (*acc)[4], const A &a, const W *w, int nstride) {
+#pragma unroll
+    for (int n = 0; n < N; n++) mma(acc[n], a, w + n * nstride);
+  }
+  // The tuned kernel (v8) pipelines fc1 of the next chunk with fc2 of this
+  // one: 8 more registers for the A fragments in flight.
+  static constexpr bool kPipe = true;
+};
+
+struct MathTF32x3 {
+  using W = float;
+  // k8 step j: slot t is p = 2j, slot t+4 is p = 2j+1 (registers: a0 (g,
+  // t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (t), b1 (t+4)).
+  struct A {
+    uint32_t big[4][4], small[4][4];
+  };
+  __device__ __forceinline__ static A make(const float (&v)[2][8]) {
+    A a;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float f[4] = {v[0][2 * j], v[1][2 * j], v[0][2 * j + 1], v[1][2 * j + 1]};
+#pragma unroll
+      for (int i = 0; i < 4; i++) split_tf32(f[i], a.big[j][i], a.small[j][i]);
+    }
+    return a;
+  }
+  __device__ __forceinline__ static void mma(float (&acc)[4], const A &a, const W *w) {
+    const float4 lo = *reinterpret_cast<const float4 *>(w), hi = *reinterpret_cast<const float4 *>(w + 4);
+    const float wv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      uint32_t bb0, bs0, bb1, bs1;
+      split_tf32(wv[2 * j], bb0, bs0);
+      split_tf32(wv[2 * j + 1], bb1, bs1);
+      mma_tf32_nv(acc, a.small[j], bb0, bb1);  // small terms first
+      mma_tf32_nv(acc, a.big[j], bs0, bs1);
+      mma_tf32_nv(acc, a.big[j], bb0, bb1);
+    }
+  }
+  // mma_tiles: mma over N n-tiles (N % 4 == 0), tile n's weights at w +
+  // n·nstride. mma alone chains 12 mma on one accumulator (4 k8 steps × 3
+  // passes); here 4 tiles' weights are loaded at once and the passes go
+  // round the 4 accumulators, so 4 chains are in flight. Each accumulator
+  // sees the same sequence as in mma: the results are bitwise equal.
+  template <int N>
+  __device__ __forceinline__ static void mma_tiles(float (*acc)[4], const A &a, const W *w, int nstride) {
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 4) {
+      float wv[4][8];
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float4 lo = *reinterpret_cast<const float4 *>(w + (n0 + i) * nstride);
+        const float4 hi = *reinterpret_cast<const float4 *>(w + (n0 + i) * nstride + 4);
+        unpack8(wv[i], lo, hi);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        uint32_t bb[4][2], bsm[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          split_tf32(wv[i][2 * j], bb[i][0], bsm[i][0]);
+          split_tf32(wv[i][2 * j + 1], bb[i][1], bsm[i][1]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.small[j], bb[i][0], bb[i][1]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.big[j], bsm[i][0], bsm[i][1]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_tf32_nv(acc[n0 + i], a.big[j], bb[i][0], bb[i][1]);
+      }
+    }
+  }
+  // No fc1/fc2 pipelining: its A fragments are 32 registers.
+  static constexpr bool kPipe = false;
+};
+
+// block_relu: a lane's 8 neurons of the 32-wide block whose accumulators are
+// acc[0..3] (tile j = p/2, e = p%2; row g+8 in elements 2, 3), plus add[p],
+// relu'd: the next layer's v[r][p].
+__device__ __forceinline__ void block_relu(float (&v)[2][8], const float (*acc)[4], const float (&add)[8]) {
+#pragma unroll
+  for (int r2 = 0; r2 < 2; r2++)
+#pragma unroll
+    for (int p = 0; p < 8; p++) v[r2][p] = fmaxf(acc[p / 2][2 * r2 + p % 2] + add[p], 0.f);
+}
+
+// align_kernel_packed: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
+// they size register arrays); fc1's width H1p is a loop bound. Lane (g, t)
+// of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8.
+template <class M, int NX, int NH2, int WARPS, bool TUNED>
+__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPackedArgs a) {
+  using W = typename M::W;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int ESZ = sizeof(W), HSp = 32 * NX, H2p = 32 * NH2;
+  constexpr int ld1 = packed_ld<ESZ>(HSp), ld3 = packed_ld<ESZ>(H2p);
+  const int H1p = a.H1p, ld2 = packed_ld<ESZ>(H1p), nc1 = H1p / 32;
+  const W *w1s = reinterpret_cast<const W *>(smem_raw);  // [H1p][ld1]: fc1's x columns
+  const W *w2s = w1s + H1p * ld1;                        // [H2p][ld2]
+  const W *w3s = w2s + H2p * ld2;                        // [HSp][ld3]
+  float *bs = reinterpret_cast<float *>(smem_raw + (size_t)(H1p * ld1 + H2p * ld2 + HSp * ld3) * ESZ);
+  {
+    const int wunits = (H1p * ld1 + H2p * ld2 + HSp * ld3) * ESZ / 16, bunits = (H2p + HSp) / 4;
+    for (int u = threadIdx.x; u < wunits; u += WARPS * 32)
+      cp_async16_cg(reinterpret_cast<uint4 *>(smem_raw) + u, a.w + u);
+    for (int u = threadIdx.x; u < bunits; u += WARPS * 32)
+      cp_async16_cg(reinterpret_cast<float4 *>(bs) + u, reinterpret_cast<const float4 *>(a.bias) + u);
+    cp_async_commit_all();
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int stride = gridDim.x * WARPS;
+
+  // The tile's state: rows g and g+8 (r2 = 0, 1). x is kept as fc1's A
+  // fragments only; the residual add re-reads the fp32 values (an L1 hit:
+  // this lane loaded them), which keeps the 12-warp fp16 instances within
+  // 168 registers.
+  typename M::A xa[NX];
+  long long off[2];
+  const float *pe[2], *pl;
+  float4 e[3][2];  // fc1 table values of the next chunk: PosT rows g, g+8; LH
+
+  // load_x reads the rows' head vectors x[r2][s][p] = x_row[32s+8t+p]
+  // (zero past HS and for skipped rows).
+  auto load_x = [&](float(&x)[2][NX][8]) {
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++)
+#pragma unroll
+      for (int s = 0; s < NX; s++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const int col = 32 * s + 8 * t + 4 * u;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (off[r2] >= 0) {
+            const float *src = a.cache + off[r2] + col;
+            if (a.vec) {
+              if (col < a.HS) v = *reinterpret_cast<const float4 *>(src);  // HS % 4 == 0
+            } else {
+              v.x = col < a.HS ? src[0] : 0.f;
+              v.y = col + 1 < a.HS ? src[1] : 0.f;
+              v.z = col + 2 < a.HS ? src[2] : 0.f;
+              v.w = col + 3 < a.HS ? src[3] : 0.f;
+            }
+          }
+          x[r2][s][4 * u] = v.x, x[r2][s][4 * u + 1] = v.y, x[r2][s][4 * u + 2] = v.z, x[r2][s][4 * u + 3] = v.w;
+        }
+  };
+  auto load_e = [&](int c) {
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+      e[r2][0] = __ldg(reinterpret_cast<const float4 *>(pe[r2] + 32 * c));
+      e[r2][1] = __ldg(reinterpret_cast<const float4 *>(pe[r2] + 32 * c + 4));
+    }
+    e[2][0] = __ldg(reinterpret_cast<const float4 *>(pl + 32 * c));
+    e[2][1] = __ldg(reinterpret_cast<const float4 *>(pl + 32 * c + 4));
+  };
+  auto load_tile = [&](int T) {
+    const int lhi = T / a.tiles_per_lh, i0 = (T - lhi * a.tiles_per_lh) * 16;
+    const int l = lhi / a.NKV, h = lhi - l * a.NKV;
+    pl = a.lh + (size_t)(l * a.Hn + h) * H1p + 8 * t;
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+      const int i = i0 + g + 8 * r2;
+      long long o = -1;
+      int p = 0;
+      if (i < a.rows) {
+        const int slot = a.slots[i], pi = a.index[i];
+        if (slot >= 0 && pi >= 0 && pi < a.P) {
+          o = l * a.layer_stride + ((long long)slot * a.NKV + h) * a.HS;
+          p = pi;
+        }
+      }
+      off[r2] = o;
+      pe[r2] = a.post + (size_t)p * H1p + 8 * t;
+    }
+    float x[2][NX][8];
+    load_x(x);
+#pragma unroll
+    for (int s = 0; s < NX; s++) {
+      float v[2][8];
+#pragma unroll
+      for (int p = 0; p < 8; p++) v[0][p] = x[0][s][p], v[1][p] = x[1][s][p];
+      xa[s] = M::make(v);
+    }
+    load_e(0);
+  };
+
+  int T = warp * gridDim.x + blockIdx.x;  // round-robin over blocks: every SM gets its share
+  if (T < a.tiles) load_tile(T);          // the first tile's loads overlap the staging
+  cp_async_wait_everything();
+  __syncthreads();
+
+  for (; T < a.tiles; T += stride) {
+    if (T >= stride) load_tile(T);
+    float acc2[4 * NH2][4];
+#pragma unroll
+    for (int j = 0; j < 4 * NH2; j++) acc2[j][0] = acc2[j][1] = acc2[j][2] = acc2[j][3] = 0.f;
+
+    // fc1 outputs 32c … 32c+31 (logical), started at their table values
+    // (e: this chunk's): accumulator (tile j, e) of row g holds neuron
+    // 32c+8t+2j+e.
+    auto init_acc1 = [&](float(&acc1)[4][4]) {
+      float p0[8], p1[8], lv[8];
+      unpack8(p0, e[0][0], e[0][1]);
+      unpack8(p1, e[1][0], e[1][1]);
+      unpack8(lv, e[2][0], e[2][1]);
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int ee = 0; ee < 2; ee++) {
+          acc1[j][ee] = p0[2 * j + ee] + lv[2 * j + ee];
+          acc1[j][2 + ee] = p1[2 * j + ee] + lv[2 * j + ee];
+        }
+    };
+    auto layer1 = [&](float(&acc1)[4][4], int c) {
+#pragma unroll
+      for (int s = 0; s < NX; s++) {
+        const W *w = w1s + (32 * c + g) * ld1 + 32 * s + 8 * t;
+        if (TUNED) {
+          M::template mma_tiles<4>(acc1, xa[s], w, 8 * ld1);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; j++) M::mma(acc1[j], xa[s], w + 8 * j * ld1);
+        }
+      }
+    };
+    auto relu_make = [&](const float(&acc1)[4][4]) {
+      float v[2][8];
+      const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      block_relu(v, acc1, zero);
+      return M::make(v);
+    };
+    auto layer2 = [&](const typename M::A &ha, int c) {
+      const W *w = w2s + g * ld2 + 32 * c + 8 * t;
+      if (TUNED) {
+        M::template mma_tiles<4 * NH2>(acc2, ha, w, 8 * ld2);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4 * NH2; j++) M::mma(acc2[j], ha, w + 8 * j * ld2);
+      }
+    };
+    // (Not for the instances with the most accumulators: they would spill.)
+    if (TUNED && M::kPipe && NX * NH2 <= 8) {
+      // fc1 of chunk c+1 is issued before fc2 of chunk c: the two chains are
+      // independent, so each warp keeps both in flight (the tables are then
+      // loaded two chunks ahead).
+      typename M::A ha;
+      {
+        float acc1[4][4];
+        init_acc1(acc1);
+        if (nc1 > 1) load_e(1);
+        layer1(acc1, 0);
+        ha = relu_make(acc1);
+      }
+      for (int c = 0; c < nc1; c++) {
+        const bool more = c + 1 < nc1;
+        float acc1[4][4];
+        if (more) {
+          init_acc1(acc1);
+          if (c + 2 < nc1) load_e(c + 2);
+          layer1(acc1, c + 1);
+        }
+        layer2(ha, c);
+        if (more) ha = relu_make(acc1);
+      }
+    } else {
+      for (int c = 0; c < nc1; c++) {
+        float acc1[4][4];
+        init_acc1(acc1);
+        if (c + 1 < nc1) load_e(c + 1);
+        layer1(acc1, c);
+        layer2(relu_make(acc1), c);
+      }
+    }
+
+    float acc3[4 * NX][4];
+#pragma unroll
+    for (int j = 0; j < 4 * NX; j++) acc3[j][0] = acc3[j][1] = acc3[j][2] = acc3[j][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < NH2; c++) {
+      float bv[8], v[2][8];
+      unpack8(bv, *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t),
+              *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t + 4));
+      block_relu(v, acc2 + 4 * c, bv);
+      const typename M::A ha = M::make(v);
+      const W *w = w3s + g * ld3 + 32 * c + 8 * t;
+      if (TUNED) {
+        M::template mma_tiles<4 * NX>(acc3, ha, w, 8 * ld3);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4 * NX; j++) M::mma(acc3[j], ha, w + 8 * j * ld3);
+      }
+    }
+
+    // Residual: fc3's output (j = 4s + p/2, e = p%2) is head value 32s+8t+p,
+    // exactly the x values this lane loaded (read again here, after fc3:
+    // earlier they would be live across fc3 along with acc2 and acc3).
+    float x[2][NX][8];
+    load_x(x);
+#pragma unroll
+    for (int s = 0; s < NX; s++) {
+      float bv[8];
+      unpack8(bv, *reinterpret_cast<const float4 *>(bs + H2p + 32 * s + 8 * t),
+              *reinterpret_cast<const float4 *>(bs + H2p + 32 * s + 8 * t + 4));
+#pragma unroll
+      for (int r2 = 0; r2 < 2; r2++) {
+        if (off[r2] < 0) continue;
+        float y[8];
+        // As PyTorch: fc3's output is a float32, then the residual add.
+#pragma unroll
+        for (int q = 0; q < 8; q++) y[q] = x[r2][s][q] + (acc3[4 * s + q / 2][2 * r2 + q % 2] + bv[q]);
+        float *dst = a.cache + off[r2] + 32 * s + 8 * t;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const int col = 32 * s + 8 * t + 4 * u;
+          if (a.vec) {
+            if (col < a.HS)
+              *reinterpret_cast<float4 *>(dst + 4 * u) = make_float4(y[4 * u], y[4 * u + 1], y[4 * u + 2], y[4 * u + 3]);
+          } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+              if (col + q < a.HS) dst[4 * u + q] = y[4 * u + q];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class M, int NX, int NH2, int WARPS, bool TUNED>
+kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
+  constexpr int ESZ = sizeof(typename M::W), HSp = 32 * NX, H2p = 32 * NH2;
+  const size_t smem =
+      (size_t)(H1p * packed_ld<ESZ>(HSp) + H2p * packed_ld<ESZ>(H1p) + HSp * packed_ld<ESZ>(H2p)) * ESZ +
+      4 * (H2p + HSp);
+  int dev = 0, sms = 0;
+  KV_TRY(cudaGetDevice(&dev));
+  KV_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Host-side attribute (no stream work): allowed while capturing.
+  KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS, TUNED>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  align_kernel_packed<M, NX, NH2, WARPS, TUNED><<<min(sms, a.tiles), WARPS * 32, smem, s>>>(a);
+  return kv_launched();
+}
+
+// dispatch_packed picks the instance. Warps per block: the SM's share of a
+// step's tiles (distilgpt2 1,152 and SmolLM2 1,440 tiles of 16 rows at
+// window 251 over 132 SMs: 9-11), while the registers allow (ptxas, sm_90:
+// the 12-warp fp16 instances ≤ 168 registers, no spills); the larger
+// instances hold more per lane.
+template <bool TUNED>
+kv_status dispatch_packed(kv_stream s, const AlignPackedArgs &a, int w_f16, int HSp, int H1p, int H2p) {
+  if (w_f16) {
+    // (Tuned, these two spill 20 and 80 bytes at 168 registers; 11 warps
+    // would not help: 3 warps on one SM sub-partition cap them at 168 too.)
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8, TUNED>(s, a, H1p);
+    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8, TUNED>(s, a, H1p);
+    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8, TUNED>(s, a, H1p);
+  } else {
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8, TUNED>(s, a, H1p);
+  }
+  return (kv_status)cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
@@ -554,3 +1055,21 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
   }
   return kv_launched();
 }
+
+
+extern "C" kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
+                                     int rows, int L, int NKV, int HS, long long layer_stride, const void *w,
+                                     int w_f16, const float *bias, const float *post, const float *lh, int P, int Ln,
+                                     int Hn, int HSp, int H1p, int H2p, int tuned) {
+  if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
+  if (HS <= 0 || HS > HSp || P <= 0 || H1p <= 0 || H1p % 32 != 0 || L > Ln || NKV > Hn)
+    return (kv_status)cudaErrorInvalidValue;
+  const int tiles_per_lh = kv_ceil_div(rows, 16);
+  const long long tiles = (long long)L * NKV * tiles_per_lh;
+  if (tiles > INT32_MAX) return (kv_status)cudaErrorInvalidValue;
+  const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(cache) % 16 == 0;
+  const AlignPackedArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
+                          post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
+  return tuned ? dispatch_packed<true>(s, a, w_f16, HSp, H1p, H2p) : dispatch_packed<false>(s, a, w_f16, HSp, H1p, H2p);
+}
+

@@ -9,21 +9,44 @@ import "C"
 
 // Align realigns cache entries in place with a KV-Align network (see
 // Backend, AlignParams, ref.Align): every layer × listed slot × kv head in
-// one launch of csrc/align.cu (variant 4): tensor cores in 3xTF32 (each fp32 operand
-// split in two TF32 parts), which matches the fp32 reference to ~1e-6. The
-// network's buffers must be F32 (they are small). Entries
-// whose index lies outside [0, net.P) or whose slot is negative are left as
-// they are; slots must be distinct and inside the cache (they are device
-// data, so this is not checked here).
+// one launch of csrc/align.cu. With a pack (net.Pack, set by
+// align.Pair.Upload) it runs the register-resident kernels: variant 6 for
+// an fp16 pack (fp16 tensor cores, fp32 accumulation, ~5e-4 relative on the
+// correction), variant 9 for an fp32 pack (3xTF32 tensor cores: each fp32
+// operand split in two TF32 parts, ~2e-6 of the fp32 reference). Without a
+// pack, or when the pack exceeds the device's shared memory, variant 4:
+// 3xTF32 over 64-row blocks staged through shared memory, ~1e-6 too.
+// Entries whose index lies outside [0, net.P) or whose slot is negative are
+// left as they are; slots must be distinct and inside the cache (they are
+// device data, so this is not checked here).
 func (c *CUDA) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {
 	c.align(cache, slots, index, net, p, 0)
 }
 
-// align runs one kernel variant (see kv_align): 0 the default (4), 1 fp32
-// SIMT, 2 tensor cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-4),
-// 4 and 5 = 2 and 3 with batched cache gathers (a few % faster).
+// align runs one kernel variant (see kv_align, kv_align_packed): 0 the
+// default (packedVariant of the pack's dtype when the network has a pack
+// that fits the device's shared memory, else 4), 1 fp32 SIMT, 2 tensor
+// cores 3xTF32 (fp32 accuracy), 3 tensor cores TF32 (~1e-4), 4 and 5 = 2
+// and 3 with batched cache gathers (a few % faster), 6 and 7 the
+// register-resident kernels over net.Pack (6: its dtype must be F16; 7:
+// F32), 8 and 9 = 6 and 7 with the instructions reordered for more
+// independent work per warp (bitwise the same results).
 func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, variant int) {
 	const op = "align"
+	if variant == 0 {
+		variant = 4
+		if net != nil && net.Pack != nil && net.Pack.SmemBytes() <= c.smemOptin {
+			variant = packedVariant(net.Pack.DType)
+		}
+	}
+	switch variant {
+	case 6, 8:
+		c.alignPacked(cache, slots, index, net, p, F16, variant == 8)
+		return
+	case 7, 9:
+		c.alignPacked(cache, slots, index, net, p, F32, variant == 9)
+		return
+	}
 	if !c.need(op, net != nil, "no network") ||
 		!c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.HS > 0 && p.LayerStride >= 0,
 			"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride) ||
@@ -59,5 +82,51 @@ func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, vari
 			devF32(net.Pos), C.int(net.P), C.int(net.DP), devF32(net.Layer), C.int(net.DL),
 			devF32(net.Head), C.int(net.DH), devF32(net.W1), devF32(net.B1), devF32(net.W2),
 			devF32(net.B2), devF32(net.W3), devF32(net.B3), C.int(net.H1), C.int(net.H2), C.int(variant))
+	})
+}
+
+// packedVariant is the default variant for a pack of dtype dt. Measured on
+// an H200 (window 251, graph-timed, µs for distilgpt2 keys / values /
+// SmolLM2): v6 10.3 / 7.6 / 10.3, v8 9.7 / 7.6 / 10.4 (its gain is on the
+// 8-chunk key network only, and it spills at 12 warps: v6 stays); v7 65.7 /
+// 39.6 / 58.7, v9 46.1 / 30.0 / 42.8 (v4: 121 / 76 / 91).
+func packedVariant(dt DType) int {
+	if dt == F16 {
+		return 6
+	}
+	return 9
+}
+
+// alignPacked is variants 6-9: kv_align_packed over net.Pack (dt F16: 6,
+// tuned 8; F32: 7, tuned 9).
+func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams, dt DType, tuned bool) {
+	const op = "align"
+	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == dt, "this variant needs an %v AlignPack (gpu.PackAlign)", dt) {
+		return
+	}
+	k := net.Pack
+	if !c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.LayerStride >= 0 && p.HS == k.HS,
+		"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d for a pack of head size %d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride, k.HS) ||
+		!c.need(op, p.L <= k.Ln && p.NKV <= k.Hn, "%d layers × %d heads, the pack has tables for %d × %d", p.L, p.NKV, k.Ln, k.Hn) ||
+		!c.need(op, k.SmemBytes() <= c.smemOptin, "the pack needs %d bytes of shared memory, the device has %d", k.SmemBytes(), c.smemOptin) ||
+		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
+		!c.needBuf(op, "index", index, p.Rows, I32) ||
+		!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, dt), dt) ||
+		!c.needBuf(op, "pack.Bias", k.Bias, k.H2p+k.HSp, F32) ||
+		!c.needBuf(op, "pack.PosT", k.PosT, k.P*k.H1p, F32) ||
+		!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
+		return
+	}
+	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
+		return
+	}
+	if !c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32) {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_align_packed(c.stream, devF32(cache), devI32(slots), devI32(index),
+			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
+			dev(k.W), cFlag(dt == F16), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
+			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p), cFlag(tuned))
 	})
 }

@@ -157,6 +157,10 @@ type AlignNet struct {
 	W2, B2           Buf // [H2, H1], [H2]
 	W3, B3           Buf // [HS, H2], [HS]
 	H1, H2           int
+	// Pack, when set, is the network rearranged for a faster kernel in a
+	// lower precision (PackAlign); the CUDA backend runs it by default and
+	// the CPU backend ignores it. align.Pair.Upload sets it for fp16 models.
+	Pack *AlignPack
 }
 
 // Backend is a device that holds buffers and runs the operations.
