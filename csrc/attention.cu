@@ -1396,15 +1396,26 @@ extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int
   return kDecCounters + (long long)B * T * NH * nsplit * (HS + 2);
 }
 
+// attention_prefill.cu: the tensor-core prefill (variants 12, 13; 0 with KV_ATTN_F16).
+bool kv_attention_prefill_tc(cudaStream_t s, float *out, const float *q, const float *kc, const float *vc,
+                             const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
+                             int q_stride, int max_len, float rope_theta, int variant, int f16, kv_status *st);
+
 extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
                                   const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,
                                   int HS, int q_stride, int max_len, float rope_theta, float *work,
                                   long long work_floats, int variant) {
+  const int f16 = (variant & KV_ATTN_F16) != 0;
+  variant &= ~KV_ATTN_F16;
   if (B <= 0 || T <= 0 || NH <= 0) return kv_launched();
   if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || q_stride < NH * HS ||
       max_len < 0)
     return (kv_status)cudaErrorInvalidValue;
   cudaStream_t st = s;
+  kv_status pst;
+  if (kv_attention_prefill_tc(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta,
+                              variant, f16, &pst))
+    return pst;
   const float scale = 1.0f / sqrtf((float)HS);
   const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const int QV = T * (NH / NKV);

@@ -813,6 +813,11 @@ bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const voi
   return fused_launch<kPlain>(0, w_f16, a, s, err);
 }
 
+// gemm_prefill.cu: GEMM v3 with the RMSNorm (mode 1) or SwiGLU (mode 2) input fused.
+bool kv_gemm_prefill(cudaStream_t s, float *out, const float *in, const void *w, const void *bias, int bias_f16,
+                     const void *norm_w, int norm_f16, float eps, int N, int K, int OC, int accumulate, int mode,
+                     bool glu, bool pdl, kv_status *st);
+
 extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                                     const void *norm_b, int norm_f16, const void *w, int w_f16,
                                     const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
@@ -820,6 +825,15 @@ extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, co
   if (N <= 0 || OC <= 0) return kv_launched();
   if (C <= 0 || !out || !in || !w || !norm_w || (gelu && accumulate)) return (kv_status)cudaErrorInvalidValue;
   if (rms) norm_b = nullptr;
+  // Variant 5 (and 0 above kFusedMaxN rows): GEMM v3 with the norm in its A
+  // tiles, one launch instead of norm + scratch + GEMM; else two steps.
+  if ((variant == 5 || (variant == 0 && N > kFusedMaxN)) && w_f16 && rms && !gelu) {
+    kv_status pst;
+    if (kv_gemm_prefill(s, out, in, w, bias, bias_f16, norm_w, norm_f16, eps, N, C, OC, accumulate, 1, false, true,
+                        &pst))
+      return pst;
+  }
+  if (variant == 5) variant = 3;
   const GemvArgs a{out, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, gelu, accumulate};
   cudaError_t e = cudaSuccess;
   if (rms ? fused_launch<kRMSNorm>(variant, w_f16, a, s, &e) : fused_launch<kLayerNorm>(variant, w_f16, a, s, &e)) {
@@ -868,6 +882,15 @@ extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, 
                                       int F, int OC, int accumulate, int variant) {
   if (N <= 0 || OC <= 0) return kv_launched();
   if (F <= 0 || !out || !gu || !w) return (kv_status)cudaErrorInvalidValue;
+  // Variant 5: GEMM v3 with silu(gate)·up computed in its A tiles. Not the
+  // default: every column tile recomputes the activation (H200, SmolLM2's
+  // down projection at T = 256: 18.5 µs against 13.7 for SiluMul + v3).
+  if (variant == 5 && w_f16) {
+    kv_status pst;
+    if (kv_gemm_prefill(s, out, gu, w, nullptr, 0, nullptr, 0, 0.f, N, F, OC, accumulate, 2, false, true, &pst))
+      return pst;
+  }
+  if (variant == 5) variant = 3;
   const GemvArgs a{out, gu, nullptr, nullptr, 0, w, nullptr, 0, N, F, OC, 0.f, 0, accumulate};
   cudaError_t e = cudaSuccess;
   if (fused_launch<kSwiGLU>(variant, w_f16, a, s, &e)) {

@@ -146,9 +146,13 @@ kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_
 kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                     const void *bias, int bias_f16, int N, int C, int OC, int accumulate);
 /* kv_matmul_variant: kv_matmul with the kernel chosen. N > 8: 0 the
- * default (v2: fp16 weights through a cp.async pipeline, 32- or 64-row
- * tiles; fp32 weights with 32-row tiles when 64 leave SMs idle), 1 the first
- * kernels (one k-step register prefetch, 64×64 tiles), kept for comparison.
+ * default (fp16 weights: v3 where it applies, else v2; fp32 weights: 32-row
+ * tiles when 64 leave SMs idle), 1 the first kernels (one k-step register
+ * prefetch, 64×64 tiles), kept for comparison; 2 = v2 (fp16 weights through
+ * a cp.async pipeline, 32- or 64-row tiles); 3 = v3 (gemm_prefill.cu: 16-row
+ * tiles for short inputs, split-K over thread block clusters on sm_90,
+ * launched as a programmatic dependent; needs C % 8 == 0 and 16-byte aligned
+ * in and w, else as 2); 4 = 3 launched normally. For fp32 weights 2–4 are 0.
  * N ≤ 8: 0 = fused.cu's GEMV launched as a programmatic dependent (sm_90,
  * weight loads before the wait) where it applies, else 1 = matmul.cu's GEMV. */
 kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
@@ -187,7 +191,16 @@ kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void
  * every entry but each sequence's newest T before waiting for the previous
  * kernel: that kernel may write q and the newest T entries (this step's
  * keys and values), nothing else the call reads (order, lens and older
- * entries must come from earlier kernels or copies). */
+ * entries must come from earlier kernels or copies).
+ * 12 (attention_prefill.cu) the tensor-core prefill: fp16 operands (q, k, v
+ * and the probabilities rounded to half), fp32 accumulation and softmax,
+ * HS = 64 only, 16 queries per block, launched as a programmatic dependent
+ * on sm_90 (reads lens and order before waiting: they must come from copies
+ * or kernels before the previous one); 13 = 12 launched normally.
+ * KV_ATTN_F16 or'ed into variant 0 says fp16 operands are acceptable (the
+ * model's weights are fp16): then prefills (more than KV_ATTN_DECODE_MAX_Q
+ * query vectors per kv head) with HS = 64 take 12. */
+#define KV_ATTN_F16 0x100
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
@@ -266,8 +279,13 @@ kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps)
  * (+ kv_gelu_new); 4 = the N = 1 kernel v2 (input in registers; for
  * comparison) as a programmatic dependent, else as 2. 0 = 2 on sm_90 (1
  * before) up to 1536 blocks (every block normalises the input: above that,
- * the LM head, 3 is faster), else 3. For kv_rope_store (always one kernel)
- * 1 = normal launch, 2 and 4 = programmatic dependent, 0 = 2 on sm_90. */
+ * the LM head, 3 is faster), else 3; 5 = GEMM v3 (kv_matmul variant 3)
+ * with the RMSNorm or SwiGLU applied to its A tiles (fp16 weights; RMSNorm
+ * rounds x·norm_w to fp16 and scales the product by the row's 1/rms; not
+ * with LayerNorm or gelu), else 3. Above 8 rows kv_norm_matmul's 0 = 5
+ * where it applies; kv_swiglu_matmul's stays 3 (the A-tile SwiGLU is redone
+ * by every column tile: slower than SiluMul + GEMM v3).
+ * For kv_rope_store (always one kernel) 1 = normal launch, 2 and 4 = programmatic dependent, 0 = 2 on sm_90. */
 kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                          const void *norm_b, int norm_f16, const void *w, int w_f16,
                          const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
@@ -286,6 +304,16 @@ kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const v
                                int HS, int rope_heads, float theta, int variant);
 kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
                            int F, int OC, int accumulate, int variant);
+/* gemm_prefill.cu: out[N, OC/2] = silu(p[:, :OC/2])·p[:, OC/2:] with
+ * p = norm(in[N,C])·w[OC,C]ᵀ + bias (OC even; norm as kv_norm_matmul):
+ * Llama's gate|up product and SwiGLU in one. variant: 0 and 5 = GEMM v3
+ * with RMSNorm in its A tiles and SwiGLU in its epilogue (fp16 weights,
+ * RMSNorm, aligned operands, C % 8 == 0) where that applies, else (and 3)
+ * three steps (norm and product into stream-ordered scratch, kv_silu_mul). */
+kv_status kv_norm_matmul_swiglu(kv_stream s, float *out, const float *in, const void *norm_w,
+                                const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
+                                int variant);
 kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc, int S, const int32_t *pos,
                         const int32_t *slots, int N, int NH, int NKV, int HS, int row_stride,
                         int rope_heads, float theta, int variant);

@@ -624,6 +624,11 @@ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace
 
+// gemm_prefill.cu: GEMM v3 (split-K clusters, fused input transforms, PDL).
+bool kv_gemm_prefill(cudaStream_t s, float *out, const float *in, const void *w, const void *bias, int bias_f16,
+                     const void *norm_w, int norm_f16, float eps, int N, int K, int OC, int accumulate, int mode,
+                     bool glu, bool pdl, kv_status *st);
+
 extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                                        const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
                                        int gemm_variant) {
@@ -648,6 +653,12 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
           out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate);
     }
     return kv_launched();
+  }
+  if (w_f16 && (gemm_variant == 0 || gemm_variant == 3 || gemm_variant == 4)) {
+    kv_status pst;  // v3 (gemm_prefill.cu); 4: without programmatic dependent launch
+    if (kv_gemm_prefill(st, out, in, w, bias, bias_f16, nullptr, 0, 0.f, N, C, OC, accumulate, 0, false,
+                        gemm_variant != 4, &pst))
+      return pst;
   }
   if (w_f16) {
     const dim3 grid(kv_ceil_div(OC, kTcBN), kv_ceil_div(N, kTcBM));

@@ -11,6 +11,10 @@ type CPUFused struct{ CPU }
 func NewCPUFused() *CPUFused { return &CPUFused{} }
 
 func (c *CPUFused) NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act, accumulate bool) {
+	if act == SwiGLUAct {
+		ref.NormMatMulSwiGLU(out.f, in.f, normW.f, normB.f, w.f, bias.f, N, C, OC, eps, norm == RMSNormKind)
+		return
+	}
 	ref.NormMatMul(out.f, in.f, normW.f, normB.f, w.f, bias.f, N, C, OC, eps, norm == RMSNormKind, act == GeluAct, accumulate)
 }
 

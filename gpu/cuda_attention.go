@@ -27,13 +27,14 @@ func attnWorkFloats(p AttnParams) int {
 }
 
 // attention runs one kernel variant (0 chooses: 9, 8 or 6 for decodes up to
-// 1024 entries, else 4 for decoding, 7 above; tests force 1 = decode v2,
-// 2 = prefill with 64-query tiles, 3 = the two-launch decode, 4 = decode v3
-// (split), 5 = prefill with tiles sized to the grid, 6 = decode v4 (a block
-// per kv head), 7 = 5 pipelined, 8 = 6 in clusters of 4 blocks (sm_90), 9 =
-// 6 in clusters of 8 blocks of 128 threads (sm_90), see
-// kv_attention) with scratch work (may be absent; zero-filled when
-// first used).
+// 1024 entries, else 4 for decoding, 12 above with p.F16 and HS = 64, else
+// 7; tests force 1 = decode v2, 2 = prefill with 64-query tiles, 3 = the
+// two-launch decode, 4 = decode v3 (split), 5 = prefill with tiles sized to
+// the grid, 6 = decode v4 (a block per kv head), 7 = 5 pipelined, 8 = 6 in
+// clusters of 4 blocks (sm_90), 9 = 6 in clusters of 8 blocks of 128
+// threads (sm_90), 12 = the tensor-core prefill (fp16 operands, HS = 64),
+// 13 = 12 launched normally, see kv_attention) with scratch work (may be
+// absent; zero-filled when first used).
 func (c *CUDA) attention(out, q, kc, vc, order, lens Buf, p AttnParams, variant int, work Buf) {
 	const op = "attention"
 	if !c.need(op, p.B >= 0 && p.T >= 0 && p.NH > 0 && p.NKV > 0 && p.NH%p.NKV == 0,
@@ -59,6 +60,9 @@ func (c *CUDA) attention(out, q, kc, vc, order, lens Buf, p AttnParams, variant 
 	}
 	if !work.IsZero() && !c.needBuf(op, "work", work, 0, F32) {
 		return
+	}
+	if p.F16 {
+		variant |= C.KV_ATTN_F16 // the tensor-core prefill may take variant 0
 	}
 	c.run(op, func() C.kv_status {
 		return C.kv_attention(c.stream, devF32(out), devF32(q), devF32(kc), devF32(vc), devI32(order), devI32(lens),

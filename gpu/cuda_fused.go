@@ -14,11 +14,18 @@ var _ Fused = (*CUDA)(nil)
 // Variants of the fused entry points (kvalign.h): tests and benchmarks force
 // each one; the operations use fusedAuto.
 const (
-	fusedAuto    = 0 // fusedPDL up to 1536 blocks (the block matrices), fusedTwoStep above (the LM head)
+	fusedAuto    = 0 // ≤ 8 rows: fusedPDL up to 1536 blocks (the block matrices), fusedTwoStep above (the LM head); more rows: fusedPrefill (SwiGLUMatMul: fusedTwoStep)
 	fusedKernel  = 1 // the fused kernel (v1), launched normally
 	fusedPDL     = 2 // the fused kernel (v1) as a programmatic dependent (sm_90)
 	fusedTwoStep = 3 // norm/activation into stream-ordered scratch, then MatMul
 	fusedRegs    = 4 // N = 1: the register kernel (v2, slower; for comparison) as a programmatic dependent
+	// GEMM v3 with the RMSNorm or SwiGLU in its A tiles (fp16 weights, no
+	// LayerNorm or gelu; else fusedTwoStep): what NormMatMul's fusedAuto
+	// takes above 8 rows.
+	// NormMatMul with SwiGLUAct: 0 = 5 = GEMM v3 with the norm in its A
+	// tiles and SwiGLU in its epilogue where it applies (fp16, RMSNorm), 3
+	// three steps.
+	fusedPrefill = 5
 )
 
 // NormMatMul: out[N,OC] (+)= act(norm(in)·wᵀ + bias), see Fused. normW,
@@ -32,15 +39,16 @@ func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps
 	const op = "normmatmul"
 	if !c.need(op, n >= 0 && ch > 0 && oc >= 0, "invalid shape N=%d C=%d OC=%d", n, ch, oc) ||
 		!c.need(op, norm == LayerNormKind || norm == RMSNormKind, "unknown norm kind %d", norm) ||
-		!c.need(op, act == NoAct || act == GeluAct, "unknown activation %d", act) ||
+		!c.need(op, act == NoAct || act == GeluAct || act == SwiGLUAct, "unknown activation %d", act) ||
 		!c.need(op, !(accumulate && act != NoAct), "an activation cannot be combined with accumulate") ||
-		!c.needBuf(op, "out", out, n*oc, F32) ||
+		!c.need(op, act != SwiGLUAct || oc%2 == 0, "SwiGLU needs an even OC, not %d", oc) ||
+		!c.needBuf(op, "out", out, outWidth(oc, act)*n, F32) ||
 		!c.needBuf(op, "in", in, n*ch, F32) ||
 		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
 		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
 		!c.needBuf(op, "w", w, oc*ch, F32, F16) ||
 		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) ||
-		!c.need(op, !overlaps(out, n*oc, in, n*ch), "out overlaps in") {
+		!c.need(op, !overlaps(out, n*outWidth(oc, act), in, n*ch), "out overlaps in") {
 		return
 	}
 	if n == 0 || oc == 0 {
@@ -50,11 +58,26 @@ func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps
 	if norm == RMSNormKind {
 		normB = Buf{} // RMSNorm has no bias
 	}
+	if act == SwiGLUAct {
+		c.run(op, func() C.kv_status {
+			return C.kv_norm_matmul_swiglu(c.stream, devF32(out), devF32(in), dev(normW), dev(normB), f16(normW),
+				dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.int(oc), C.float(eps), rms, C.int(variant))
+		})
+		return
+	}
 	c.run(op, func() C.kv_status {
 		return C.kv_norm_matmul(c.stream, devF32(out), devF32(in), dev(normW), dev(normB), f16(normW),
 			dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.int(oc), C.float(eps), rms, gelu, acc,
 			C.int(variant))
 	})
+}
+
+// outWidth is the width of NormMatMul's output rows for OC product columns.
+func outWidth(oc int, act Act) int {
+	if act == SwiGLUAct {
+		return oc / 2
+	}
+	return oc
 }
 
 // SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·wᵀ, see Fused;

@@ -19,7 +19,7 @@ import (
 var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedRegs}
 
 func variantName(v int) string {
-	return [...]string{"auto", "kernel", "pdl", "twostep", "regs"}[v]
+	return [...]string{"auto", "kernel", "pdl", "twostep", "regs", "prefill"}[v]
 }
 
 // refWeight is asWeight keeping an absent operand absent.
@@ -54,7 +54,7 @@ func TestCUDAFusedNormMatMul(t *testing.T) {
 		}
 		variants := append([]int{fusedAuto}, fusedVariants...)
 		if sh.N > 8 {
-			variants = []int{fusedAuto}
+			variants = []int{fusedAuto, fusedTwoStep, fusedPrefill}
 		}
 		for _, wdt := range weightTypes {
 			for _, norm := range []NormKind{LayerNormKind, RMSNormKind} {
@@ -143,7 +143,7 @@ func TestCUDAFusedSwiGLUMatMul(t *testing.T) {
 		}
 		variants := append([]int{fusedAuto}, fusedVariants...)
 		if sh.N > 8 {
-			variants = []int{fusedAuto}
+			variants = []int{fusedAuto, fusedTwoStep, fusedPrefill}
 		}
 		for _, wdt := range weightTypes {
 			for _, acc := range []bool{false, true} {

@@ -16,9 +16,18 @@ func (c *CUDA) MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool) {
 	c.matmul(out, in, w, bias, N, C, OC, accumulate, 0)
 }
 
-// matmul runs the product with kernel variant (see kv_matmul_variant): 0
-// the default, 1 the first kernels (N > 8) or the plain GEMV (N ≤ 8) that
-// the default replaced (tests and benchmarks compare them).
+// Variants of kv_matmul_variant that tests and benchmarks force.
+const (
+	gemmAuto    = 0 // N > 8: v3 for fp16 weights where it applies, else v2; N ≤ 8: the GEMV as a programmatic dependent
+	gemmFirst   = 1 // N > 8: the first kernels (64×64 tiles, register prefetch); N ≤ 8: the plain GEMV
+	gemmV2      = 2 // cp.async pipeline, 32/64-row tiles
+	gemmV3      = 3 // 16/32-row tiles, split-K clusters (sm_90), programmatic dependent
+	gemmV3Plain = 4 // v3 launched normally
+)
+
+// matmul runs the product with kernel variant (see kv_matmul_variant and
+// the gemm… constants): 0 the default, others for tests and benchmarks to
+// compare.
 func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool, variant int) {
 	const op = "matmul"
 	if !c.need(op, n >= 0 && ch >= 0 && oc >= 0, "negative shape N=%d C=%d OC=%d", n, ch, oc) ||

@@ -72,8 +72,11 @@ func TestCUDAMatMul(t *testing.T) {
 							continue // one misaligned run per shape and dtype is enough
 						}
 						// Variant 1: the first GEMM kernels (N > 8) or the plain
-						// GEMV (N ≤ 8), kept side by side with the defaults.
-						variants := []int{0, 1}
+						// GEMV (N ≤ 8); 2–4 the other GEMMs, side by side.
+						variants := []int{gemmAuto, gemmFirst}
+						if sh.N > 8 {
+							variants = append(variants, gemmV2, gemmV3, gemmV3Plain)
+						}
 						for _, v := range variants {
 							name := fmt.Sprintf("N%d_C%d_OC%d_w%v_bias%d_acc%v_mis%d_v%d", sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)
 							testMatMul(t, c, rng, name, sh.N, sh.C, sh.OC, wdt, biasDT, acc, misalign, v)

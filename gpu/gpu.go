@@ -123,6 +123,11 @@ type AttnParams struct {
 	QStride     int     // elements between consecutive q rows (≥ NH·HS)
 	MaxLen      int     // elements between consecutive sequences of order
 	RopeTheta   float32 // ≠ 0: rotate key j at position j when it is read (StreamingLLM position shift)
+	// F16 allows fp16 operands (q, k, v and the probabilities rounded to
+	// half, fp32 accumulation): the tensor-core prefill kernel. Models set it
+	// when their weights are fp16, whose products already round activations
+	// to half; backends without such a kernel ignore it.
+	F16 bool
 }
 
 // SampleParams describes one sampling call over B rows of logits.
@@ -259,6 +264,10 @@ type Act uint8
 const (
 	NoAct   Act = iota
 	GeluAct     // gelu_new (GPT-2's MLP)
+	// SwiGLUAct pairs the product's columns: the first OC/2 are gates, the
+	// rest ups, and out[N, OC/2] = silu(gate)·up (Llama's MLP, so that the
+	// activation is computed once per element, in the gate|up product).
+	SwiGLUAct
 )
 
 // Fused is implemented by backends with fused decode kernels: each call
@@ -269,7 +278,8 @@ const (
 // backend has it and the plain operations otherwise.
 type Fused interface {
 	// NormMatMul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias)
-	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew.
+	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew (or, with
+	// SwiGLUAct, SiluMul of the product's halves into out[N, OC/2]).
 	// With accumulate (act must be NoAct), the product is added to out.
 	NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act, accumulate bool)
 	// SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·w[OC,F]ᵀ

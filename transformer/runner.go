@@ -272,6 +272,11 @@ func (r *Runner) stageInputs(s *Step) error {
 // view is the device int block's slice for an input.
 func (r *Runner) view(off, n int) gpu.Buf { return r.ints.View(off, n) }
 
+// gemvMaxRows: up to this many rows a step's products are weight-streaming
+// GEMVs, above it tensor-core GEMMs (kv_matmul's threshold), where the
+// Llama MLP takes its activation in the gate|up product.
+const gemvMaxRows = 8
+
 // enqueue is the step itself: every operation reads its sizes from shape and
 // its data from device buffers, so it can be captured and replayed.
 func (r *Runner) enqueue(sh stepShape) {
@@ -292,7 +297,10 @@ func (r *Runner) enqueue(sh stepShape) {
 
 	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
 	be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
-	attn := gpu.AttnParams{B: o.B, T: sh.T, NH: NH, NKV: NKV, HS: HS, QStride: qkvW, MaxLen: o.MaxLen}
+	// fp16 weights: attention may round its operands to half too (the
+	// tensor-core prefill), as the products already round activations.
+	attn := gpu.AttnParams{B: o.B, T: sh.T, NH: NH, NKV: NKV, HS: HS, QStride: qkvW, MaxLen: o.MaxLen,
+		F16: r.m.all.DType() == gpu.F16}
 	rotHeads := NH + NKV // Llama: queries and keys rotated before the keys are cached
 	if cfg.Family == GPT2 {
 		rotHeads = 0
@@ -323,6 +331,13 @@ func (r *Runner) enqueue(sh stepShape) {
 				up := r.up.View(0, N*F)
 				fused.NormMatMul(up, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct, false)
 				be.MatMul(x, up, lw.downW, lw.downB, N, F, C, true)
+			} else if N > gemvMaxRows {
+				// Prefill-size products: SwiGLU rides in the gate|up GEMM's
+				// epilogue, once per element (in the down product's input
+				// it would be redone by every column tile).
+				act := r.act.View(0, N*F)
+				fused.NormMatMul(act, x, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.SwiGLUAct, false)
+				be.MatMul(x, act, lw.downW, gpu.Buf{}, N, F, C, true)
 			} else {
 				up := r.up.View(0, N*2*F)
 				fused.NormMatMul(up, x, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct, false)

@@ -18,6 +18,14 @@ func NormMatMul(out, in, normW, normB, w, bias []float32, N, C, OC int, eps floa
 	}
 }
 
+// NormMatMulSwiGLU: out[N, OC/2] = silu(p[:, :OC/2])·p[:, OC/2:] with
+// p = norm(in)·wᵀ + bias (Llama's gate|up product and its activation).
+func NormMatMulSwiGLU(out, in, normW, normB, w, bias []float32, N, C, OC int, eps float32, rms bool) {
+	p := make([]float32, N*OC)
+	NormMatMul(p, in, normW, normB, w, bias, N, C, OC, eps, rms, false, false)
+	SiluMul(out, p, p[OC/2:], N, OC/2, OC)
+}
+
 // SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:])·wᵀ, gu rows 2F wide.
 func SwiGLUMatMul(out, gu, w []float32, N, F, OC int, accumulate bool) {
 	act := make([]float32, N*F)
