@@ -1420,23 +1420,20 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
   const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const int QV = T * (NH / NKV);
   if (variant == 0) {
-    // v4 (one block per kv head) while its blocks' K/V stay small (≤ 384
-    // entries of 64 dims: ~2 µs of one SM's L2 bandwidth), else the split v3.
-    // Up to 1024 entries of 64 dims: v4 in clusters of 4 (sm_90) while the
-    // clusters fit one wave (H200: smol len 255 7.6 µs against 10.9 unclustered,
-    // distil len 1024 5.7 against 11.1), else v4 unclustered (distil B = 4:
-    // 5.2 µs at len 255, 12.1 at 1024, against 9.5 / 12.5 clustered and 9.1 / 18.1 split).
-    // First, clusters of 8 smaller blocks (v9) while they fit one wave: in
-    // the decode layer chain (BenchmarkCUDAFusedDecodeChain, H200) SmolLM2's
-    // attention costs 8.1 µs a layer against 8.2 (v8) and 12.5 (v6), and
-    // launching it as a programmatic dependent saves 2.2 µs (v10: 10.4).
+    // Up to 1024 entries of 64 dims, the one-pass v4; longer, the split v3.
+    // With few (sequence, kv head) pairs, v4 in clusters of 8 smaller blocks (v9):
+    // in the decode layer chain (BenchmarkCUDAFusedDecodeChain, H200)
+    // SmolLM2's attention (B·NKV = 3) costs 8.1 µs a layer against 8.2 (v8)
+    // and 12.5 (v6), and launching it as a programmatic dependent saves 2.2
+    // µs (v10: 10.4). With 8 or more pairs every SM already has its own (kv
+    // head, sequence), and one block each is best: distilgpt2 (B·NKV = 12)
+    // 3.7 µs a layer with v6 against 4.9 with v9 (H100, same chain).
+    if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV >= 8 &&
+        launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
+      return kv_launched();
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV * 8 <= 132 &&
         launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
                                          rope_theta, freqs, scale))
-      return kv_launched();
-    if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV * 4 <= 132 &&
-        launch_decode_v4_cluster<4, kD4Threads>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
-                                                rope_theta, freqs, scale))
       return kv_launched();
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 &&
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))

@@ -26,7 +26,7 @@ func attnWorkFloats(p AttnParams) int {
 	return int(C.kv_attention_work_floats(C.int(p.B), C.int(p.T), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen)))
 }
 
-// attention runs one kernel variant (0 chooses: 9, 8 or 6 for decodes up to
+// attention runs one kernel variant (0 chooses: 6 or 9 for decodes up to
 // 1024 entries, else 4 for decoding, 12 above with p.F16 and HS = 64, else
 // 7; tests force 1 = decode v2, 2 = prefill with 64-query tiles, 3 = the
 // two-launch decode, 4 = decode v3 (split), 5 = prefill with tiles sized to

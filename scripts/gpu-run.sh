@@ -68,12 +68,18 @@ if [ "$what" = all ] || [ "$what" = memcheck ]; then
 fi
 
 if { [ "$what" = all ] || [ "$what" = bench ]; } && [ -x "$B/kvalign" ]; then
-  for cfg in distilgpt2 smollm2-135m; do
-    for dt in fp16 fp32; do
-      "$B/kvalign" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
+  # This build, then the baseline (gpu-prepare.sh BASELINE=…) when it came
+  # along, alternating in one run so that their numbers compare.
+  for bin in kvalign kvalign-base; do
+    [ -x "$B/$bin" ] || continue
+    note "== $bin"
+    for cfg in distilgpt2 smollm2-135m; do
+      for dt in fp16 fp32; do
+        "$B/$bin" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
+      done
     done
+    "$B/$bin" bench run --device cuda --dtype fp16 --json "$OUT/bench-run-$bin.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
   done
-  "$B/kvalign" bench run --device cuda --dtype fp16 --json "$OUT/bench-run.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
   (cd gpu && "$B/gpu.test" -test.run '^$' -test.bench CUDA -test.benchtime 200x > "$OUT/bench-kernels.log" 2>&1)
   grep -E "^Benchmark" "$OUT/bench-kernels.log" >> "$S"
 fi
