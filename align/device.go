@@ -24,9 +24,9 @@ type Device struct {
 // the precision the model itself runs at. Otherwise they are fp32 and run
 // in 3xTF32, within 1e-5 of PyTorch like the model. (H200, window 251:
 // distilgpt2 10 + 8 µs a step in fp16, 46 + 30 in fp32, against 121 + 76
-// for the unpacked kernel; SmolLM2 10 and 43 µs a network against 91.) A network shape no
-// packed kernel takes keeps the unpacked path (fp32). The CPU backend runs
-// the fp32 networks and ignores the packs.
+// for the unpacked kernel; SmolLM2 10 and 43 µs a network against 91.) A
+// network shape no packed kernel takes keeps the unpacked path (fp32). The
+// CPU backend runs the fp32 networks and ignores the packs.
 func (p *Pair) Upload(be gpu.Backend, dt gpu.DType) (*Device, error) {
 	return p.UploadAs(be, be.WeightDType(dt), true)
 }
