@@ -209,38 +209,52 @@ func TestCUDAFusedRopeStore(t *testing.T) {
 	}
 }
 
-func testRopeStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, N, variant int) {
-	t.Helper()
-	width := (cs.NH + 2*cs.NKV) * cs.HS
-	stride := width + cs.pad
+// ropeStoreInputs draws N rows' worth of RopeStore inputs for cs: caches of
+// N+5 slots, positions, and distinct slots with row 1 (when N > 1) a
+// padding row (slot −1: rotated in place, not cached).
+func ropeStoreInputs(rng *rand.Rand, cs ropeStoreCase, N int) (kc, vc []float32, pos, slots []int32) {
 	S := N + 5
 	row := cs.NKV * cs.HS
-	qkv := randNormal(rng, N*stride, 1, 0)
-	kc := randNormal(rng, S*row, 1, 0)
-	vc := randNormal(rng, S*row, 1, 0)
-	pos := randInts(rng, N, 100000)
+	kc = randNormal(rng, S*row, 1, 0)
+	vc = randNormal(rng, S*row, 1, 0)
+	pos = randInts(rng, N, 100000)
 	perm := rng.Perm(S)
-	slots := make([]int32, N)
+	slots = make([]int32, N)
 	for r := range slots {
 		slots[r] = int32(perm[r])
 	}
 	if N > 1 {
-		slots[1] = -1 // a padding row: rotated in place, not cached
+		slots[1] = -1
 	}
+	return kc, vc, pos, slots
+}
 
-	wantQKV := append([]float32(nil), qkv...)
-	wantK := append([]float32(nil), kc...)
-	wantV := append([]float32(nil), vc...)
-	for r := 0; r < N; r++ {
-		x := wantQKV[r*stride:]
+// refRopeStoreRows applies ref.RopeStore to qkv's N rows (stride apart) one
+// by one, since the reference has no padding rows: those are only rotated.
+func refRopeStoreRows(qkv, kc, vc []float32, pos, slots []int32, cs ropeStoreCase, stride int) {
+	for r := range slots {
+		x := qkv[r*stride:]
 		if slots[r] < 0 {
 			if cs.theta != 0 && cs.rotHead > 0 {
 				ref.RoPE(x, pos[r:r+1], 1, cs.rotHead, cs.HS, stride, cs.theta)
 			}
 			continue
 		}
-		ref.RopeStore(x, wantK, wantV, pos[r:r+1], slots[r:r+1], 1, cs.NH, cs.NKV, cs.HS, stride, cs.rotHead, cs.theta)
+		ref.RopeStore(x, kc, vc, pos[r:r+1], slots[r:r+1], 1, cs.NH, cs.NKV, cs.HS, stride, cs.rotHead, cs.theta)
 	}
+}
+
+func testRopeStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, N, variant int) {
+	t.Helper()
+	width := (cs.NH + 2*cs.NKV) * cs.HS
+	stride := width + cs.pad
+	qkv := randNormal(rng, N*stride, 1, 0)
+	kc, vc, pos, slots := ropeStoreInputs(rng, cs, N)
+
+	wantQKV := append([]float32(nil), qkv...)
+	wantK := append([]float32(nil), kc...)
+	wantV := append([]float32(nil), vc...)
+	refRopeStoreRows(wantQKV, wantK, wantV, pos, slots, cs, stride)
 
 	qkvBuf := uploadNew(t, c, F32, qkv)
 	kBuf := uploadNew(t, c, F32, kc)
@@ -288,8 +302,6 @@ func TestCUDAFusedNormMatMulStore(t *testing.T) {
 func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, C, N int, wdt DType, variant int) {
 	t.Helper()
 	oc := (cs.NH + 2*cs.NKV) * cs.HS
-	S := N + 5
-	row := cs.NKV * cs.HS
 	norm := RMSNormKind
 	var nb, bv []float32
 	if cs.theta == 0 { // GPT-2: LayerNorm with both biases
@@ -300,32 +312,14 @@ func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs 
 	in := randNormal(rng, N*C, 1, 0.4)
 	nw := randNormal(rng, C, 0.2, 1)
 	w := randVals(rng, oc*C, 1/float32(math.Sqrt(float64(C))))
-	kc := randNormal(rng, S*row, 1, 0)
-	vc := randNormal(rng, S*row, 1, 0)
-	pos := randInts(rng, N, 100000)
-	perm := rng.Perm(S)
-	slots := make([]int32, N)
-	for r := range slots {
-		slots[r] = int32(perm[r])
-	}
-	if N > 1 {
-		slots[1] = -1
-	}
+	kc, vc, pos, slots := ropeStoreInputs(rng, cs, N)
 
 	want := make([]float32, N*oc)
 	wantK := append([]float32(nil), kc...)
 	wantV := append([]float32(nil), vc...)
 	ref.NormMatMul(want, in, refWeight(wdt, nw), refWeight(wdt, nb), asWeight(wdt, w), refWeight(wdt, bv), N, C, oc, 1e-5,
 		norm == RMSNormKind, false, false)
-	for r := 0; r < N; r++ { // row by row: the reference has no padding rows
-		if slots[r] < 0 {
-			if cs.theta != 0 && cs.rotHead > 0 {
-				ref.RoPE(want[r*oc:], pos[r:r+1], 1, cs.rotHead, cs.HS, oc, cs.theta)
-			}
-			continue
-		}
-		ref.RopeStore(want[r*oc:], wantK, wantV, pos[r:r+1], slots[r:r+1], 1, cs.NH, cs.NKV, cs.HS, oc, cs.rotHead, cs.theta)
-	}
+	refRopeStoreRows(want, wantK, wantV, pos, slots, cs, oc)
 
 	inBuf := uploadNew(t, c, F32, in)
 	nwBuf := uploadNew(t, c, wdt, nw)
@@ -591,6 +585,56 @@ var decodeChainModels = []decodeChainModel{
 	{"smollm2", true, 30, 576, 9, 3, 64, 1536, 49152},
 }
 
+// upWidth is the width of the MLP's first product (Llama: gate|up).
+func (m decodeChainModel) upWidth() int {
+	if m.llama {
+		return 2 * m.F
+	}
+	return m.F
+}
+
+// benchLayer is one layer's weights in a benchmark pool (Llama's biases and
+// norm biases absent).
+type benchLayer struct{ qkv, o, up, down, n1, n2, nb1, nb2, bq, bo, bu, bd Buf }
+
+// poolCarver hands out consecutive views of a benchmark pool, each at a
+// multiple of 64 elements (128 bytes of fp16): aligned for the GEMVs' and
+// the tensor-core kernels' 16-byte loads.
+type poolCarver struct {
+	pool Buf
+	off  int
+}
+
+func (pc *poolCarver) take(n int) Buf {
+	v := pc.pool.View(pc.off, n)
+	pc.off += (n + 63) / 64 * 64
+	return v
+}
+
+// layers carves m.L layers' weights, each layer its own, so that a chain
+// of layers streams from memory rather than from L2.
+func (pc *poolCarver) layers(m decodeChainModel) []benchLayer {
+	qkvW, upW := (m.NH+2*m.NKV)*m.HS, m.upWidth()
+	layers := make([]benchLayer, m.L)
+	for l := range layers {
+		ly := &layers[l]
+		ly.qkv, ly.o, ly.up, ly.down = pc.take(qkvW*m.C), pc.take(m.C*m.NH*m.HS), pc.take(upW*m.C), pc.take(m.C*m.F)
+		ly.n1, ly.n2, ly.nb1, ly.nb2 = pc.take(m.C), pc.take(m.C), pc.take(m.C), pc.take(m.C)
+		ly.bq, ly.bo, ly.bu, ly.bd = pc.take(qkvW), pc.take(m.C), pc.take(upW), pc.take(m.C)
+		if m.llama {
+			ly.nb1, ly.nb2, ly.bq, ly.bo, ly.bu, ly.bd = Buf{}, Buf{}, Buf{}, Buf{}, Buf{}, Buf{}
+		}
+	}
+	return layers
+}
+
+// fits fails the benchmark when more was carved than the pool holds.
+func (pc *poolCarver) fits(b *testing.B, name string) {
+	if pc.off > pc.pool.Len() {
+		b.Fatalf("%s: pool too small (%d > %d)", name, pc.off, pc.pool.Len())
+	}
+}
+
 // BenchmarkCUDAFusedDecodeChain times that part of a batch-1 decode step
 // (attention and sampling left out) as one captured graph: the plain
 // operations (what the runner enqueues without Fused), and the fused
@@ -602,36 +646,14 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 	pool := newBenchPool(b, c, F16)
 	rng := rand.New(rand.NewPCG(31, 32))
 	for _, m := range decodeChainModels {
-		qkvW := (m.NH + 2*m.NKV) * m.HS
-		upW := m.F
-		if m.llama {
-			upW = 2 * m.F
-		}
-		// Carve each layer's matrices out of the pool.
-		off := 0
-		take := func(n int) Buf {
-			v := pool.View(off, n)
-			off += (n + 7) / 8 * 8
-			return v
-		}
-		type layer struct{ qkv, o, up, down, n1, n2, nb1, nb2, bq, bo, bu, bd Buf }
-		layers := make([]layer, m.L)
-		for l := range layers {
-			ly := &layers[l]
-			ly.qkv, ly.o, ly.up, ly.down = take(qkvW*m.C), take(m.C*m.NH*m.HS), take(upW*m.C), take(m.C*m.F)
-			ly.n1, ly.n2, ly.nb1, ly.nb2 = take(m.C), take(m.C), take(m.C), take(m.C)
-			ly.bq, ly.bo, ly.bu, ly.bd = take(qkvW), take(m.C), take(upW), take(m.C)
-			if m.llama {
-				ly.nb1, ly.nb2, ly.bq, ly.bo, ly.bu, ly.bd = Buf{}, Buf{}, Buf{}, Buf{}, Buf{}, Buf{}
-			}
-		}
-		lm, nf, nbf := take(m.V*m.C), take(m.C), take(m.C)
+		qkvW, upW := (m.NH+2*m.NKV)*m.HS, m.upWidth()
+		pc := &poolCarver{pool: pool}
+		layers := pc.layers(m)
+		lm, nf, nbf := pc.take(m.V*m.C), pc.take(m.C), pc.take(m.C)
 		if m.llama {
 			nbf = Buf{}
 		}
-		if off > pool.Len() {
-			b.Fatalf("%s: pool too small (%d > %d)", m.name, off, pool.Len())
-		}
+		pc.fits(b, m.name)
 		x := uploadNew(b, c, F32, randNormal(rng, m.C, 1, 0))
 		xn := alloc(b, c, F32, m.C)
 		qkv := alloc(b, c, F32, qkvW)

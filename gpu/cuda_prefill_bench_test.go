@@ -24,31 +24,10 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 	pool := newBenchPool(b, c, F16)
 	rng := rand.New(rand.NewPCG(51, 52))
 	for _, m := range decodeChainModels {
-		qkvW := (m.NH + 2*m.NKV) * m.HS
-		upW := m.F
-		if m.llama {
-			upW = 2 * m.F
-		}
-		off := 0
-		take := func(n int) Buf {
-			v := pool.View(off, n)
-			off += (n + 63) / 64 * 64
-			return v
-		}
-		type layer struct{ qkv, o, up, down, n1, n2, nb1, nb2, bq, bo, bu, bd Buf }
-		layers := make([]layer, m.L)
-		for l := range layers {
-			ly := &layers[l]
-			ly.qkv, ly.o, ly.up, ly.down = take(qkvW*m.C), take(m.C*m.NH*m.HS), take(upW*m.C), take(m.C*m.F)
-			ly.n1, ly.n2, ly.nb1, ly.nb2 = take(m.C), take(m.C), take(m.C), take(m.C)
-			ly.bq, ly.bo, ly.bu, ly.bd = take(qkvW), take(m.C), take(upW), take(m.C)
-			if m.llama {
-				ly.nb1, ly.nb2, ly.bq, ly.bo, ly.bu, ly.bd = Buf{}, Buf{}, Buf{}, Buf{}, Buf{}, Buf{}
-			}
-		}
-		if off > pool.Len() {
-			b.Fatalf("%s: pool too small (%d > %d)", m.name, off, pool.Len())
-		}
+		qkvW, upW := (m.NH+2*m.NKV)*m.HS, m.upWidth()
+		pc := &poolCarver{pool: pool}
+		layers := pc.layers(m)
+		pc.fits(b, m.name)
 		theta, rot := float32(0), 0
 		if m.llama {
 			theta, rot = 10000, m.NH+m.NKV
@@ -73,7 +52,7 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 			ap := AttnParams{B: 1, T: T, NH: m.NH, NKV: m.NKV, HS: m.HS, QStride: qkvW, MaxLen: T}
 			apF16 := ap
 			apF16.F16 = true
-			norm := func(ly *layer, second bool) {
+			norm := func(ly *benchLayer, second bool) {
 				w, bb := ly.n1, ly.nb1
 				if second {
 					w, bb = ly.n2, ly.nb2
@@ -84,20 +63,20 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 					c.LayerNorm(xn, x, w, bb, T, m.C, 1e-5)
 				}
 			}
-			type pieces struct{ qkv, rope, attn, o, up, down func(ly *layer) }
+			type pieces struct{ qkv, rope, attn, o, up, down func(ly *benchLayer) }
 			old := pieces{
-				qkv:  func(ly *layer) { norm(ly, false); c.matmul(qkv, xn, ly.qkv, ly.bq, T, m.C, qkvW, false, gemmV2) },
-				rope: func(ly *layer) { c.RopeStore(qkv, kc, vc, pos, slots, T, m.NH, m.NKV, m.HS, qkvW, rot, theta) },
-				attn: func(ly *layer) { c.attention(att, qkv, kc, vc, order, lens, ap, 7, Buf{}) },
-				o:    func(ly *layer) { c.matmul(x, att, ly.o, ly.bo, T, m.NH*m.HS, m.C, true, gemmV2) },
-				up: func(ly *layer) {
+				qkv:  func(ly *benchLayer) { norm(ly, false); c.matmul(qkv, xn, ly.qkv, ly.bq, T, m.C, qkvW, false, gemmV2) },
+				rope: func(ly *benchLayer) { c.RopeStore(qkv, kc, vc, pos, slots, T, m.NH, m.NKV, m.HS, qkvW, rot, theta) },
+				attn: func(ly *benchLayer) { c.attention(att, qkv, kc, vc, order, lens, ap, 7, Buf{}) },
+				o:    func(ly *benchLayer) { c.matmul(x, att, ly.o, ly.bo, T, m.NH*m.HS, m.C, true, gemmV2) },
+				up: func(ly *benchLayer) {
 					norm(ly, true)
 					c.matmul(up, xn, ly.up, ly.bu, T, m.C, upW, false, gemmV2)
 					if !m.llama {
 						c.GeluNew(up, T*m.F)
 					}
 				},
-				down: func(ly *layer) {
+				down: func(ly *benchLayer) {
 					if m.llama {
 						c.SiluMul(act, up, up.View(m.F, T*upW-m.F), T, m.F, 2*m.F)
 						c.matmul(x, act, ly.down, Buf{}, T, m.F, m.C, true, gemmV2)
@@ -107,7 +86,7 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 				},
 			}
 			cur := pieces{
-				qkv: func(ly *layer) {
+				qkv: func(ly *benchLayer) {
 					if m.llama {
 						c.normMatMul(qkv, x, ly.n1, Buf{}, ly.qkv, Buf{}, T, m.C, qkvW, 1e-5, nk, NoAct, false, fusedPrefill)
 					} else {
@@ -116,9 +95,9 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 					}
 				},
 				rope: old.rope,
-				attn: func(ly *layer) { c.attention(att, qkv, kc, vc, order, lens, apF16, 0, Buf{}) },
-				o:    func(ly *layer) { c.matmul(x, att, ly.o, ly.bo, T, m.NH*m.HS, m.C, true, gemmV3) },
-				up: func(ly *layer) {
+				attn: func(ly *benchLayer) { c.attention(att, qkv, kc, vc, order, lens, apF16, 0, Buf{}) },
+				o:    func(ly *benchLayer) { c.matmul(x, att, ly.o, ly.bo, T, m.NH*m.HS, m.C, true, gemmV3) },
+				up: func(ly *benchLayer) {
 					if m.llama { // SwiGLU in the epilogue: act [T, F]
 						c.normMatMul(act, x, ly.n2, Buf{}, ly.up, Buf{}, T, m.C, upW, 1e-5, nk, SwiGLUAct, false, fusedPrefill)
 					} else {
@@ -127,7 +106,7 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 						c.GeluNew(up, T*m.F)
 					}
 				},
-				down: func(ly *layer) {
+				down: func(ly *benchLayer) {
 					if m.llama {
 						c.matmul(x, act, ly.down, Buf{}, T, m.F, m.C, true, gemmV3)
 					} else {
@@ -144,13 +123,13 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 				// written 2F wide); and both GEMMs with the plain v3 after
 				// separate RMSNorm/SiluMul kernels.
 				atile := cur
-				atile.up = func(ly *layer) {
+				atile.up = func(ly *benchLayer) {
 					c.normMatMul(up, x, ly.n2, Buf{}, ly.up, Buf{}, T, m.C, upW, 1e-5, nk, NoAct, false, fusedPrefill)
 				}
-				atile.down = func(ly *layer) { c.swiGLUMatMul(x, up, ly.down, T, m.F, m.C, true, fusedPrefill) }
+				atile.down = func(ly *benchLayer) { c.swiGLUMatMul(x, up, ly.down, T, m.F, m.C, true, fusedPrefill) }
 				plain := atile
-				plain.up = func(ly *layer) { norm(ly, true); c.matmul(up, xn, ly.up, Buf{}, T, m.C, upW, false, gemmV3) }
-				plain.down = func(ly *layer) {
+				plain.up = func(ly *benchLayer) { norm(ly, true); c.matmul(up, xn, ly.up, Buf{}, T, m.C, upW, false, gemmV3) }
+				plain.down = func(ly *benchLayer) {
 					c.SiluMul(act, up, up.View(m.F, T*upW-m.F), T, m.F, 2*m.F)
 					c.matmul(x, act, ly.down, Buf{}, T, m.F, m.C, true, gemmV3)
 				}
@@ -165,7 +144,7 @@ func BenchmarkCUDAPrefillLayer(b *testing.B) {
 			for _, way := range ways {
 				for _, pc := range []struct {
 					name string
-					fn   func(ly *layer)
+					fn   func(ly *benchLayer)
 				}{{"qkv", way.p.qkv}, {"rope", way.p.rope}, {"attn", way.p.attn}, {"o", way.p.o}, {"up", way.p.up}, {"down", way.p.down}} {
 					if way.name == "atile" || way.name == "v3plain" {
 						if pc.name != "up" && pc.name != "down" {
