@@ -69,11 +69,7 @@ func (c *CUDA) align(cache, slots, index Buf, net *AlignNet, p AlignParams, vari
 		!c.needBuf(op, "net.B3", net.B3, p.HS, F32) {
 		return
 	}
-	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
-		return
-	}
-	// The last layer's view must at least hold one head row per kv head.
-	if !c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32) {
+	if !c.alignWork(op, cache, p) {
 		return
 	}
 	c.run(op, func() C.kv_status {
@@ -117,10 +113,7 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 		!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
 		return
 	}
-	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
-		return
-	}
-	if !c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32) {
+	if !c.alignWork(op, cache, p) {
 		return
 	}
 	c.run(op, func() C.kv_status {
@@ -129,4 +122,14 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 			dev(k.W), cFlag(dt == F16), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
 			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p), cFlag(tuned))
 	})
+}
+
+// alignWork says whether an align call with valid arguments has rows to
+// rewrite, checking that the cache holds them: the last layer's view must at
+// least hold one head row per kv head.
+func (c *CUDA) alignWork(op string, cache Buf, p AlignParams) bool {
+	if p.Rows == 0 || p.L == 0 || p.NKV == 0 {
+		return false
+	}
+	return c.needBuf(op, "cache", cache, (p.L-1)*p.LayerStride+p.NKV*p.HS, F32)
 }

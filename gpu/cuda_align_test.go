@@ -73,13 +73,7 @@ func TestCUDAAlign(t *testing.T) {
 		S := s.Rows + 9
 		layerStride := S*s.NKV*s.HS + 5 // a gap between layers: the stride is the caller's
 		cache := randVals(rng, s.L*layerStride, 1)
-		perm := rng.Perm(S)
-		slots := make([]int32, s.Rows)
-		index := make([]int32, s.Rows)
-		for i := range slots {
-			slots[i] = int32(perm[i])
-			index[i] = int32(rng.IntN(rnet.P))
-		}
+		slots, index := randAlignRows(rng, s.Rows, S, rnet.P)
 		// Entries the kernel must leave alone: an index outside [0, P) and a
 		// negative slot. The reference runs on the other entries only.
 		var refSlots, refIndex []int32
@@ -167,11 +161,7 @@ func BenchmarkCUDAAlign(b *testing.B) {
 			S := 256
 			layerStride := S * s.NKV * s.HS
 			cache := uploadNew(b, c, F32, randVals(rng, s.L*layerStride, 1))
-			perm := rng.Perm(S)
-			slots, index := make([]int32, s.Rows), make([]int32, s.Rows)
-			for i := range slots {
-				slots[i], index[i] = int32(perm[i]), int32(rng.IntN(net.P))
-			}
+			slots, index := randAlignRows(rng, s.Rows, S, net.P)
 			sBuf, iBuf := uploadInts(b, c, slots), uploadInts(b, c, index)
 			p := AlignParams{Rows: s.Rows, L: s.L, NKV: s.NKV, HS: s.HS, LayerStride: layerStride}
 			rows := float64(s.L * s.Rows * s.NKV)
@@ -244,13 +234,7 @@ func TestCUDAAlignPacked(t *testing.T) {
 				layerStride += 5
 			}
 			cache := randVals(rng, s.L*layerStride, 2)
-			perm := rng.Perm(S)
-			slots := make([]int32, s.Rows)
-			index := make([]int32, s.Rows)
-			for i := range slots {
-				slots[i] = int32(perm[i])
-				index[i] = int32(rng.IntN(rnet.P))
-			}
+			slots, index := randAlignRows(rng, s.Rows, S, rnet.P)
 			var refSlots, refIndex []int32
 			listed := map[int32]bool{}
 			for i := range slots {
@@ -335,4 +319,17 @@ func TestCUDAAlignPacked(t *testing.T) {
 			}
 		}
 	}
+}
+
+// randAlignRows draws rows distinct cache slots out of S and, for each, a
+// window index in [0, P).
+func randAlignRows(rng *rand.Rand, rows, S, P int) (slots, index []int32) {
+	perm := rng.Perm(S)
+	slots = make([]int32, rows)
+	index = make([]int32, rows)
+	for i := range slots {
+		slots[i] = int32(perm[i])
+		index[i] = int32(rng.IntN(P))
+	}
+	return slots, index
 }
