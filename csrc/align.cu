@@ -167,6 +167,16 @@ struct AlignArgs {
   int H1, H2;
 };
 
+// input_src: where input column k (< HS + DP + DL + DH) of a row comes
+// from: its cache entry (x, at offset off ≥ 0) or its position p, layer l or
+// head h embedding.
+__device__ __forceinline__ const float *input_src(const AlignArgs &a, long long off, int p, int l, int h, int k) {
+  if (k < a.HS) return a.cache + off + k;
+  if (k < a.HS + a.DP) return a.pos + (size_t)p * a.DP + (k - a.HS);
+  if (k < a.HS + a.DP + a.DL) return a.layer + (size_t)l * a.DL + (k - a.HS - a.DP);
+  return a.head + (size_t)h * a.DH + (k - a.HS - a.DP - a.DL);
+}
+
 // Shared memory (floats): input/h2 region, h1 region, weight chunk.
 __host__ __device__ inline int align_region0(const AlignArgs &a) {
   return round_up(max(a.HS + a.DP + a.DL + a.DH, a.H2), kKc) * kLdRows;
@@ -211,18 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1) align_kernel_v1(AlignArgs a) {
   for (int idx = tid; idx < kRows * K0p; idx += kThreads) {
     const int r = idx / K0p, k = idx % K0p;
     const long long off = rowoff[r];
-    float v = 0.f;
-    if (off >= 0 && k < K0) {
-      if (k < a.HS)
-        v = a.cache[off + k];
-      else if (k < a.HS + a.DP)
-        v = __ldg(a.pos + (size_t)rowp[r] * a.DP + (k - a.HS));
-      else if (k < a.HS + a.DP + a.DL)
-        v = __ldg(a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP));
-      else
-        v = __ldg(a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL));
-    }
-    in[k * kLdRows + r] = v;
+    in[k * kLdRows + r] = off >= 0 && k < K0 ? *input_src(a, off, rowp[r], rowl[r], rowh[r], k) : 0.f;
   }
   // (dense's first barrier orders the gather before the first reads.)
   dense<false>(in, K0, a.w1, a.b1, a.H1, h1, ws, nullptr, nullptr);
@@ -447,16 +446,7 @@ __device__ __forceinline__ void gather_inputs_batched(float *in, int ld, const A
       const float *src = nullptr;
       if (idx < total && k < K0) {
         const long long off = rowoff[r];
-        if (off >= 0) {
-          if (k < a.HS)
-            src = a.cache + off + k;
-          else if (k < a.HS + a.DP)
-            src = a.pos + (size_t)rowp[r] * a.DP + (k - a.HS);
-          else if (k < a.HS + a.DP + a.DL)
-            src = a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP);
-          else
-            src = a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL);
-        }
+        if (off >= 0) src = input_src(a, off, rowp[r], rowl[r], rowh[r], k);
       }
       v[u] = src ? *src : 0.f;
     }
@@ -507,18 +497,7 @@ __global__ void __launch_bounds__(kThreads, 2) align_kernel_tc(AlignArgs a) {
     for (int idx = tid; idx < kRows * K0p; idx += kThreads) {
       const int r = idx / K0p, k = idx % K0p;
       const long long off = rowoff[r];
-      float v = 0.f;
-      if (off >= 0 && k < K0) {
-        if (k < a.HS)
-          v = a.cache[off + k];
-        else if (k < a.HS + a.DP)
-          v = __ldg(a.pos + (size_t)rowp[r] * a.DP + (k - a.HS));
-        else if (k < a.HS + a.DP + a.DL)
-          v = __ldg(a.layer + (size_t)rowl[r] * a.DL + (k - a.HS - a.DP));
-        else
-          v = __ldg(a.head + (size_t)rowh[r] * a.DH + (k - a.HS - a.DP - a.DL));
-      }
-      in[r * ld0 + k] = v;
+      in[r * ld0 + k] = off >= 0 && k < K0 ? *input_src(a, off, rowp[r], rowl[r], rowh[r], k) : 0.f;
     }
   }
   __syncthreads();  // inputs gathered
@@ -582,12 +561,6 @@ struct AlignPackedArgs {
   int vec;  // 16-byte cache accesses (HS, layer_stride multiples of 4, aligned cache)
 };
 
-__device__ __forceinline__ void cp_async16_cg(void *smem, const void *gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit_all() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_everything() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // h2pack: two floats as an fp16 pair, lo in the low half (the lower k or column).
 __device__ __forceinline__ uint32_t h2pack(float lo, float hi) {
@@ -748,10 +721,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
   {
     const int wunits = (H1p * ld1 + H2p * ld2 + HSp * ld3) * ESZ / 16, bunits = (H2p + HSp) / 4;
     for (int u = threadIdx.x; u < wunits; u += WARPS * 32)
-      cp_async16_cg(reinterpret_cast<uint4 *>(smem_raw) + u, a.w + u);
+      kv_cp_async16_cg(reinterpret_cast<uint4 *>(smem_raw) + u, a.w + u);
     for (int u = threadIdx.x; u < bunits; u += WARPS * 32)
-      cp_async16_cg(reinterpret_cast<float4 *>(bs) + u, reinterpret_cast<const float4 *>(a.bias) + u);
-    cp_async_commit_all();
+      kv_cp_async16_cg(reinterpret_cast<float4 *>(bs) + u, reinterpret_cast<const float4 *>(a.bias) + u);
+    kv_cp_async_commit();
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int stride = gridDim.x * WARPS;
@@ -832,7 +805,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
 
   int T = warp * gridDim.x + blockIdx.x;  // round-robin over blocks: every SM gets its share
   if (T < a.tiles) load_tile(T);          // the first tile's loads overlap the staging
-  cp_async_wait_everything();
+  kv_cp_async_wait_all();
   __syncthreads();
 
   for (; T < a.tiles; T += stride) {

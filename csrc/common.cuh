@@ -121,6 +121,90 @@ __device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
   return (float)(1.0 / pow((double)theta, (double)e));
 }
 
+// kv_rope_pair rotates the pair (x1, x2) = (x[i], x[i + HS/2]) of a head by
+// angle = position · inverse frequency (HF's rotate-half RoPE; full-range
+// sincosf, as the reference).
+__device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) {
+  float sn, cs;
+  sincosf(angle, &sn, &cs);
+  const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
+  x1 = y1;
+  x2 = y2;
+}
+
+// ---- asynchronous copies global → shared (cp.async, sm_80+) ----
+
+// kv_cp_async16_cg copies 16 bytes past L1 (.cg: data a block reads once);
+// with ok false it reads nothing and zero-fills (gmem must still be a valid
+// address expression, not dereferenced).
+__device__ __forceinline__ void kv_cp_async16_cg(void *smem, const void *gmem, bool ok = true) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0) : "memory");
+}
+// kv_cp_async16_ca copies 16 bytes allocating in L1 (.ca: data every block
+// of an SM reads, such as a decode product's input row).
+__device__ __forceinline__ void kv_cp_async16_ca(void *smem, const void *gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void kv_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void kv_cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// kv_cp_async_wait waits until at most N committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void kv_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// ---- the GEMVs' arithmetic (matmul.cu gemv_kernel_v1, fused.cu v1) ----
+
+// kv_fma_x4: acc[r][n] += wf[r][4·v4 .. 4·v4+3] · x for every row r (n and
+// v4 are compile-time constants once the callers' loops unroll).
+template <int R, int NB, int VEC>
+__device__ __forceinline__ void kv_fma_x4(float (&acc)[R][NB], int n, const float (&wf)[R][VEC], int v4, float4 x) {
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    acc[r][n] = fmaf(wf[r][4 * v4 + 0], x.x, acc[r][n]);
+    acc[r][n] = fmaf(wf[r][4 * v4 + 1], x.y, acc[r][n]);
+    acc[r][n] = fmaf(wf[r][4 * v4 + 2], x.z, acc[r][n]);
+    acc[r][n] = fmaf(wf[r][4 * v4 + 3], x.w, acc[r][n]);
+  }
+}
+
+// kv_group_sums: every lane of each group of TPR consecutive threads (NT a
+// block) gets its group's sums of acc[r][n]: shuffles within each warp,
+// then, for groups wider than a warp, shared memory across the group's
+// warps (a barrier: every thread of the block must call it).
+template <int TPR, int NT, int R, int NB>
+__device__ __forceinline__ void kv_group_sums(float (&acc)[R][NB]) {
+  constexpr int SPAN = TPR < 32 ? TPR : 32, WPG = TPR > 32 ? TPR / 32 : 1;
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+#pragma unroll
+      for (int o = SPAN / 2; o > 0; o >>= 1) acc[r][n] += __shfl_xor_sync(KV_FULL_MASK, acc[r][n], o);
+  if constexpr (WPG > 1) {
+    __shared__ float part[NT / 32][R * NB];
+    const int warp = threadIdx.x / 32, group = threadIdx.x / TPR;
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int n = 0; n < NB; n++) part[warp][r * NB + n] = acc[r][n];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < WPG; k++) t += part[group * WPG + k][r * NB + n];
+        acc[r][n] = t;
+      }
+  }
+}
+
 // ---- programmatic dependent launch (PTX griddepcontrol, sm_90) ----
 //
 // A kernel launched with the programmatic-stream-serialization attribute

@@ -60,17 +60,6 @@ constexpr int kV2ChunksPerLane = 4;       // v2: 16-byte weight chunks a lane ho
 enum InMode { kLayerNorm = 0, kRMSNorm = 1, kSwiGLU = 2, kPlain = 3 };
 __host__ __device__ constexpr bool has_norm(int mode) { return mode == kLayerNorm || mode == kRMSNorm; }
 
-// ---- asynchronous copies global → shared (sm_80+) ----
-
-// cp_async16 copies 16 bytes, allocating in L1 (.ca): the staged inputs are
-// the same few KB for every block, so blocks on one SM share them.
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // block_row is the output row of a block's k-th row (k = group·R + r, RB
 // rows a block). Normally rows are consecutive; PAIRED (the q|k|v product
 // with its RoPE and cache store fused in) gives a block RB/2 rotation pairs
@@ -173,7 +162,6 @@ __global__ void __launch_bounds__(kFusedThreads)
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
   constexpr int U = 4 / R;          // chunks per row per batch (R·U = 4 loads in flight)
   constexpr int GROUPS = kFusedThreads / TPR;
-  constexpr int WPG = TPR > 32 ? TPR / 32 : 1;  // warps per group
   constexpr int NWARPS = kFusedThreads / 32;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[2][NWARPS][NB];
@@ -203,8 +191,8 @@ __global__ void __launch_bounds__(kFusedThreads)
   unsigned char *nbs = nws + nbytes;
   if constexpr (has_norm(MODE)) {
     for (int i = tid; i < nbytes / 16; i += kFusedThreads) {
-      cp_async16(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
-      if (MODE == kLayerNorm && norm_b != nullptr) cp_async16(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
+      kv_cp_async16_ca(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
+      if (MODE == kLayerNorm && norm_b != nullptr) kv_cp_async16_ca(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
     }
   }
 
@@ -215,14 +203,14 @@ __global__ void __launch_bounds__(kFusedThreads)
     float *us = xs + N * K;
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
       const int n = idx / K4, i = idx - n * K4;
-      cp_async16(xs + 4 * idx, in + (size_t)n * 2 * K + 4 * i);
-      cp_async16(us + 4 * idx, in + (size_t)n * 2 * K + K + 4 * i);
+      kv_cp_async16_ca(xs + 4 * idx, in + (size_t)n * 2 * K + 4 * i);
+      kv_cp_async16_ca(us + 4 * idx, in + (size_t)n * 2 * K + K + 4 * i);
     }
   } else {
-    for (int idx = tid; idx < N * K4; idx += kFusedThreads) cp_async16(xs + 4 * idx, in + 4 * (size_t)idx);
+    for (int idx = tid; idx < N * K4; idx += kFusedThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   }
-  cp_async_commit();
-  cp_async_wait_all();
+  kv_cp_async_commit();
+  kv_cp_async_wait_all();
   __syncthreads();
 
   // 3. Transform in place; each thread owns the same float4s in every pass.
@@ -325,49 +313,15 @@ __global__ void __launch_bounds__(kFusedThreads)
           const float4 *xp = reinterpret_cast<const float4 *>(xs + (size_t)min(n, nlast) * K + (size_t)c * VEC);
 #pragma unroll
           for (int v4 = 0; v4 < VEC / 4; v4++) {
-            const float4 x = xp[v4];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-              acc[r][n] = fmaf(wf[r][4 * v4 + 0], x.x, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 1], x.y, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 2], x.z, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 3], x.w, acc[r][n]);
-            }
+            kv_fma_x4(acc, n, wf, v4, xp[v4]);
           }
         }
       }
     }
   }
 
-  // Reduce over the group's lanes: shuffles within each warp …
-  constexpr int SPAN = TPR < 32 ? TPR : 32;
-#pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int n = 0; n < NB; n++)
-#pragma unroll
-      for (int o = SPAN / 2; o > 0; o >>= 1) acc[r][n] += __shfl_xor_sync(KV_FULL_MASK, acc[r][n], o);
-  // … then across the group's warps through shared memory.
-  if constexpr (WPG > 1) {
-    __shared__ float part[NWARPS][R * NB];
-    const int warp = tid / 32;
-    if ((tid & 31) == 0) {
-#pragma unroll
-      for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int n = 0; n < NB; n++) part[warp][r * NB + n] = acc[r][n];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-      for (int n = 0; n < NB; n++) {
-        float t = 0.f;
-#pragma unroll
-        for (int k = 0; k < WPG; k++) t += part[group * WPG + k][r * NB + n];
-        acc[r][n] = t;
-      }
-  }
+  // Reduce over the group's lanes.
+  kv_group_sums<TPR, kFusedThreads>(acc);
 
   if (store) {
     // The block's RB rows through shared memory, then one thread per
@@ -391,13 +345,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (pair >= OC / 2) continue;
       const int h = pair / hh, i = pair % hh;
       float x1 = res[k][n], x2 = res[k + HP][n];
-      if (h < st.rope_heads) {
-        float sn, cs;
-        sincosf((float)st.pos[n] * inv_freq, &sn, &cs);
-        const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
-        x1 = y1;
-        x2 = y2;
-      }
+      if (h < st.rope_heads) kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
       float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
       o[0] = x1;
       o[hh] = x2;
@@ -631,11 +579,7 @@ __global__ void __launch_bounds__(128)
   float *head = qkv + (long long)r * row_stride + h * HS;
   float x1 = head[i], x2 = head[i + half];
   if (rotate) {
-    float sn, cs;
-    sincosf((float)pos[r] * inv, &sn, &cs);
-    const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
-    x1 = y1;
-    x2 = y2;
+    kv_rope_pair(x1, x2, (float)pos[r] * inv);
     head[i] = x1;
     head[i + half] = x2;
   }

@@ -97,17 +97,6 @@ struct G3Smem {
   static_assert(BYTES <= 48 * 1024, "static shared memory limit");
 };
 
-__device__ __forceinline__ void g3_cp_async16(void *smem, const void *gmem, bool ok) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  const int n = ok ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void g3_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void g3_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ void g3_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -184,19 +173,19 @@ __global__ void __launch_bounds__(kG3Threads) gemm_f16_tc_kernel_v3(G3Params p, 
     for (int i = 0; i < 2; i++) {
       const int idx = tid + i * kG3Threads, row = idx / 4, kc = (idx % 4) * 8, k = k0 + kc;
       const bool ok = wrow[i] >= 0 && k < K;
-      g3_cp_async16(&Bs(stage)[row][kc], ok ? p.w + (size_t)wrow[i] * K + k : p.w, ok);
+      kv_cp_async16_cg(&Bs(stage)[row][kc], ok ? p.w + (size_t)wrow[i] * K + k : p.w, ok);
     }
     if (MODE == kG3RMS) {
       if (p.norm_f16) {
         if (tid < kG3BK / 8) {
           const int k = k0 + tid * 8;
           const __half *src = static_cast<const __half *>(p.norm_w);
-          g3_cp_async16(NWs(stage) + tid * 16, k < K ? src + k : src, k < K);
+          kv_cp_async16_cg(NWs(stage) + tid * 16, k < K ? src + k : src, k < K);
         }
       } else if (tid < kG3BK / 4) {
         const int k = k0 + tid * 4;
         const float *src = static_cast<const float *>(p.norm_w);
-        g3_cp_async16(NWs(stage) + tid * 16, k < K ? src + k : src, k < K);
+        kv_cp_async16_cg(NWs(stage) + tid * 16, k < K ? src + k : src, k < K);
       }
     }
   };
@@ -208,8 +197,8 @@ __global__ void __launch_bounds__(kG3Threads) gemm_f16_tc_kernel_v3(G3Params p, 
       const int m = m0 + row, k = k0 + kq;
       const bool ok = m < N && k < K;
       const float *src = p.in + (size_t)m * p.lda + k;
-      g3_cp_async16(&As(stage)[row][kq], ok ? src : p.in, ok);
-      if (MODE == kG3SwiGLU) g3_cp_async16(&Us(stage)[row][kq], ok ? src + K : p.in, ok);
+      kv_cp_async16_cg(&As(stage)[row][kq], ok ? src : p.in, ok);
+      if (MODE == kG3SwiGLU) kv_cp_async16_cg(&Us(stage)[row][kq], ok ? src + K : p.in, ok);
     }
   };
   // convert: fp32 stage → fp16 tile Ah(b), the input transform applied once
@@ -257,7 +246,7 @@ __global__ void __launch_bounds__(kG3Threads) gemm_f16_tc_kernel_v3(G3Params p, 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < nk) load_A(s, kt0 + s);
-    g3_cp_async_commit();
+    kv_cp_async_commit();
   }
 
   float acc[NTL][4];
@@ -267,19 +256,19 @@ __global__ void __launch_bounds__(kG3Threads) gemm_f16_tc_kernel_v3(G3Params p, 
   // Iteration i multiplies tile i (converted during iteration i − 1) while
   // converting tile i + 1: one barrier per k-step.
   if (nk > 0) {
-    g3_cp_async_wait<STAGES - 2>();
+    kv_cp_async_wait<STAGES - 2>();
     __syncthreads();
     convert(0, 0);
   }
   for (int i = 0; i < nk; i++) {
-    g3_cp_async_wait<STAGES - 3>();  // tile i + 1 landed (this thread's part)
+    kv_cp_async_wait<STAGES - 3>();  // tile i + 1 landed (this thread's part)
     __syncthreads();  // …everyone's; Ah(i % 2) complete; tile i − 1's stage and Ah((i + 1) % 2) free
     const int nx = i + STAGES - 1;
     if (nx < nk) {
       load_B(nx % STAGES, kt0 + nx);
       load_A(nx % STAGES, kt0 + nx);
     }
-    g3_cp_async_commit();
+    kv_cp_async_commit();
     if (i + 1 < nk) convert((i + 1) % STAGES, (i + 1) % 2);
     __half(*a)[kG3LdH] = Ah(i % 2);
     __half(*bs)[kG3LdH] = Bs(i % STAGES);
@@ -296,7 +285,7 @@ __global__ void __launch_bounds__(kG3Threads) gemm_f16_tc_kernel_v3(G3Params p, 
       }
     }
   }
-  g3_cp_async_wait<0>();
+  kv_cp_async_wait<0>();
   if (MODE == kG3RMS) {  // a row's 8 converting threads are consecutive lanes
 #pragma unroll
     for (int i = 0; i < ACH; i++) {

@@ -35,7 +35,6 @@ __global__ void __launch_bounds__(kGemvThreads)
   constexpr int VEC = F16 ? 8 : 4;  // elements per 16-byte chunk
   constexpr int UNROLL = 4 / R;
   constexpr int GROUPS = kGemvThreads / TPR;
-  constexpr int WARPS_PER_GROUP = TPR > 32 ? TPR / 32 : 1;
   const int chunks = C / VEC;
   const int group = threadIdx.x / TPR, lane = threadIdx.x % TPR;
   const int row0 = (blockIdx.x * GROUPS + group) * R;
@@ -74,50 +73,15 @@ __global__ void __launch_bounds__(kGemvThreads)
           const float4 *xp = reinterpret_cast<const float4 *>(in + (size_t)n * C + (size_t)c * VEC);
 #pragma unroll
           for (int v4 = 0; v4 < VEC / 4; v4++) {
-            const float4 x = __ldg(xp + v4);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-              acc[r][n] = fmaf(wf[r][4 * v4 + 0], x.x, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 1], x.y, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 2], x.z, acc[r][n]);
-              acc[r][n] = fmaf(wf[r][4 * v4 + 3], x.w, acc[r][n]);
-            }
+            kv_fma_x4(acc, n, wf, v4, __ldg(xp + v4));
           }
         }
       }
     }
   }
 
-  // Reduce over the group's lanes: shuffles within each warp …
-  constexpr int SHUFFLE_SPAN = TPR < 32 ? TPR : 32;
-#pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int n = 0; n < NB; n++)
-#pragma unroll
-      for (int o = SHUFFLE_SPAN / 2; o > 0; o >>= 1)
-        acc[r][n] += __shfl_xor_sync(KV_FULL_MASK, acc[r][n], o);
-  // … then across the group's warps through shared memory.
-  if constexpr (WARPS_PER_GROUP > 1) {
-    __shared__ float part[kGemvThreads / 32][R * NB];
-    const int warp = threadIdx.x / 32;
-    if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-      for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int n = 0; n < NB; n++) part[warp][r * NB + n] = acc[r][n];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-      for (int n = 0; n < NB; n++) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < WARPS_PER_GROUP; k++) s += part[group * WARPS_PER_GROUP + k][r * NB + n];
-        acc[r][n] = s;
-      }
-  }
+  // Reduce over the group's lanes.
+  kv_group_sums<TPR, kGemvThreads>(acc);
 
   // Every lane holds the sums; lane k of the group writes output k.
 #pragma unroll
@@ -318,17 +282,6 @@ constexpr int kT2BN = 64, kT2BK = 32, kT2Stages = 3, kT2Threads = 128;
 constexpr int kT2LdA = kT2BK + 8;  // floats: 8-byte fragment loads conflict-free
 constexpr int kT2LdB = kT2BK + 8;  // halves
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool ok) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  const int n = ok ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 template <int BM>
 __global__ void __launch_bounds__(kT2Threads)
     gemm_f16_tc_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const __half *__restrict__ w,
@@ -349,14 +302,14 @@ __global__ void __launch_bounds__(kT2Threads)
       const int idx = tid + i * kT2Threads, row = idx / 8, kq = (idx % 8) * 4;
       const int m = m0 + row, k = k0 + kq;
       const bool ok = m < N && k < C;
-      cp_async16(&As[stage][row][kq], ok ? in + (size_t)m * C + k : in, ok);
+      kv_cp_async16_cg(&As[stage][row][kq], ok ? in + (size_t)m * C + k : in, ok);
     }
 #pragma unroll
     for (int i = 0; i < kT2BN * 4 / kT2Threads; i++) {  // B: 64 rows × 4 chunks of 8 halves
       const int idx = tid + i * kT2Threads, row = idx / 4, kc = (idx % 4) * 8;
       const int n = n0 + row, k = k0 + kc;
       const bool ok = n < OC && k < C;
-      cp_async16(&Bs[stage][row][kc], ok ? w + (size_t)n * C + k : w, ok);
+      kv_cp_async16_cg(&Bs[stage][row][kc], ok ? w + (size_t)n * C + k : w, ok);
     }
   };
 
@@ -371,13 +324,13 @@ __global__ void __launch_bounds__(kT2Threads)
 #pragma unroll
   for (int s = 0; s < kT2Stages - 1; s++) {
     if (s < ktiles) load_stage(s, s);
-    cp_async_commit();
+    kv_cp_async_commit();
   }
   for (int kt = 0; kt < ktiles; kt++) {
-    cp_async_wait<kT2Stages - 2>();
+    kv_cp_async_wait<kT2Stages - 2>();
     __syncthreads();  // tile kt landed for everyone; tile kt−1's stage is free
     if (kt + kT2Stages - 1 < ktiles) load_stage((kt + kT2Stages - 1) % kT2Stages, kt + kT2Stages - 1);
-    cp_async_commit();
+    kv_cp_async_commit();
     const int st = kt % kT2Stages;
 #pragma unroll
     for (int ks = 0; ks < kT2BK; ks += 16) {
@@ -408,7 +361,7 @@ __global__ void __launch_bounds__(kT2Threads)
         for (int nt = 0; nt < NTL; nt++) mma_16816(acc[mt][nt], af[mt], bf[nt]);
     }
   }
-  cp_async_wait<0>();
+  kv_cp_async_wait<0>();
 
 #pragma unroll
   for (int mt = 0; mt < 2; mt++)

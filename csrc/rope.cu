@@ -38,11 +38,10 @@ __global__ void rope_kernel_v2(float *__restrict__ x, const int32_t *__restrict_
   if (k >= n_heads * half) return;
   const int h = k / half, i = k - h * half;
   float *head = x + (long long)blockIdx.x * row_stride + h * HS;
-  const float x1 = head[i], x2 = head[i + half];
-  float sn, cs;
-  sincosf((float)pos[blockIdx.x] * kv_rope_inv_freq(i, HS, theta), &sn, &cs);
-  head[i] = fmaf(x1, cs, -x2 * sn);
-  head[i + half] = fmaf(x2, cs, x1 * sn);
+  float x1 = head[i], x2 = head[i + half];
+  kv_rope_pair(x1, x2, (float)pos[blockIdx.x] * kv_rope_inv_freq(i, HS, theta));
+  head[i] = x1;
+  head[i + half] = x2;
 }
 
 extern "C" kv_status kv_rope(kv_stream s, float *x, const int32_t *pos, int N, int n_heads, int HS,
