@@ -29,6 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
+					&ucli.StringFlag{Name: "decode-kernel", Value: "auto", Usage: "one-token steps: auto (the persistent kernel where it applies: CUDA, fp16) or chain (one kernel per operation), for comparison"},
 				}, deviceFlag(), dtypeFlag()),
 				Action: benchDecode,
 			},
@@ -43,6 +44,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
+					&ucli.StringFlag{Name: "decode-kernel", Value: "auto", Usage: "one-token steps: auto (the persistent kernel where it applies: CUDA, fp16) or chain (one kernel per operation), for comparison"},
 					&ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks), for comparison"},
 				}, deviceFlag(), dtypeFlag()),
 				Action: benchRun,
@@ -93,7 +95,11 @@ func benchDecode(c *ucli.Context) error {
 	}
 	defer m.Close()
 	size := c.Int("cache-size")
-	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1})
+	chain, err := layerChain(c)
+	if err != nil {
+		return err
+	}
+	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1, LayerChain: chain})
 	if err != nil {
 		return usageError{err}
 	}
@@ -106,7 +112,7 @@ func benchDecode(c *ucli.Context) error {
 	bytes := weightBytes(cfg, wdt)
 	gbs := bytes / lat.Median.Seconds() / 1e9
 	out := c.App.Writer
-	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s\n", c.String("config"), wdt, size, be.Name())
+	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s, %s\n", c.String("config"), wdt, size, be.Name(), decodeKernel(s))
 	fmt.Fprintf(out, "decode: median %.4f ms/token (p10 %.4f, p90 %.4f) over %d steps\n", eval.Ms(lat.Median), eval.Ms(lat.P10), eval.Ms(lat.P90), lat.Steps)
 	if _, gpuBackend := be.(gpu.BandwidthMeter); gpuBackend && lat.Device > 0 {
 		fmt.Fprintf(out, "GPU alone: %.4f ms/step (graph replayed back to back); host round trip %.4f ms/token\n", eval.Ms(lat.Device), eval.Ms(lat.Median-lat.Device))
@@ -229,14 +235,18 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		return nil, err
 	}
 	defer dev.Close()
+	chain, err := layerChain(c)
+	if err != nil {
+		return nil, err
+	}
 	out := c.App.Writer
-	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
-		alignKernel(dev), be.Name(), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s, decode kernel %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
+		alignKernel(dev), be.Name(), c.String("decode-kernel"), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
 	var cells []benchCell
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
-			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1})
+			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1, LayerChain: chain})
 			if err != nil {
 				return nil, usageError{err}
 			}
@@ -256,4 +266,25 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		fmt.Fprintln(out)
 	}
 	return cells, nil
+}
+
+// layerChain reads --decode-kernel: whether to keep one-token steps off the
+// persistent decode kernel.
+func layerChain(c *ucli.Context) (bool, error) {
+	switch k := c.String("decode-kernel"); k {
+	case "auto":
+		return false, nil
+	case "chain":
+		return true, nil
+	default:
+		return false, usagef("unknown --decode-kernel %q (want auto or chain)", k)
+	}
+}
+
+// decodeKernel says how a stream's one-token steps run.
+func decodeKernel(s *transformer.Stream) string {
+	if s.Persistent() {
+		return "persistent decode kernel"
+	}
+	return "one kernel per operation"
 }

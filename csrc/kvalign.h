@@ -318,6 +318,63 @@ kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc, int S, co
                         const int32_t *slots, int N, int NH, int NKV, int HS, int row_stride,
                         int rope_heads, float theta, int variant);
 
+/* ---- the persistent decode kernel (decode.cu) ----
+ *
+ * kv_decode runs every layer of a one-token decode step (T = 1) of B ≤ 4
+ * sequences in one launch of one block per SM, with grid-wide barriers
+ * between the five phases of a layer instead of kernel boundaries:
+ *   q|k|v = norm1(x)·Wqkv + b → attention (RoPE, cache write of the new
+ *   entry, split over the keys) → x += att·Wo + b → up = act(norm2(x)·Wup + b)
+ *   → x += up·Wdown + b,
+ * which equals, layer by layer, kv_norm_matmul_store, kv_attention,
+ * kv_matmul (accumulate), kv_norm_matmul (gelu) + kv_matmul or
+ * kv_norm_matmul (gate|up) + kv_swiglu_matmul. Each block copies the
+ * weights of its rows of the next phases into shared memory before it waits
+ * at a barrier, so the weights stream while the step's latency chain runs.
+ * Weights, norm weights and biases are fp16 (biases and norm_b may be NULL);
+ * caches, activations and arithmetic fp32. The blocks must all be resident
+ * at once: nothing else may occupy the GPU's SMs for the kernel's duration
+ * except the kernels of this stream. */
+typedef struct {
+  const void *norm1_w, *norm1_b, *qkv_w, *qkv_b, *o_w, *o_b;
+  const void *norm2_w, *norm2_b, *up_w, *up_b, *down_w, *down_b;
+  float *kc, *vc; /* the layer's caches [S, NKV, HS] */
+} kv_decode_layer;
+
+typedef struct {
+  int B, L, C, NH, NKV, HS;
+  int F;       /* MLP width (gate and up each F wide with swiglu) */
+  int S;       /* cache slots per layer */
+  int max_len; /* elements between sequences of order */
+  float eps;
+  int rms;     /* 1: RMSNorm (no norm bias), 0: LayerNorm */
+  int swiglu;  /* 1: up_w is gate|up [2F, C] and act = silu(gate)·up; 0: gelu_new */
+  float theta; /* RoPE base; 0: no RoPE (GPT-2) */
+  int shift;   /* with theta: keys cached unrotated and rotated at their index when read */
+} kv_decode_shape;
+
+/* kv_decode_prepare checks that the current device can run the shape with
+ * the persistent kernel and sets it up (shared memory opt-in). It gives the
+ * sizes of the two device scratch buffers kv_decode needs: part_floats for
+ * attention partial results, sync_words for the barrier counters (which
+ * must be zero before the first kv_decode; each kv_decode leaves them zero).
+ * cudaErrorNotSupported (801): the shape is outside what the kernel takes
+ * (then the per-layer kernels run the step). */
+kv_status kv_decode_prepare(const kv_decode_shape *sh, size_t *part_floats, size_t *sync_words);
+/* layers: device array of L kv_decode_layer. x [B, C] holds the embedded
+ * tokens and receives the last layer's output; qkv [B, (NH+2·NKV)·HS] and
+ * act [B, F] are scratch; pos, slots [B], order [B·max_len], lens [B] as in
+ * kv_attention (the new entry is the last of each order). trace: NULL, or
+ * [grid][5·L][5] timestamps (ns) of every block's phases, for profiling:
+ * when its inputs were all that it still waited for, when the barrier let
+ * it go, when its input was staged, when its product (or scores) was done,
+ * when it finished (0 for phases it had no work in). The grid is the
+ * device's SM count. */
+kv_status kv_decode(kv_stream s, const kv_decode_shape *sh, const kv_decode_layer *layers, float *x,
+                    float *qkv, float *act, float *part, unsigned *sync, const int32_t *pos,
+                    const int32_t *slots, const int32_t *order, const int32_t *lens,
+                    unsigned long long *trace);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,6 +17,7 @@
 package gpu
 
 import (
+	"errors"
 	"fmt"
 )
 
@@ -304,3 +305,59 @@ type QKVStore struct {
 	NH, NKV, HS, RopeHeads int
 	Theta                  float32 // 0: no rotation
 }
+
+// DecodeShape describes the model and batch a persistent decode plan runs:
+// one new token for each of B sequences through all L layers.
+type DecodeShape struct {
+	B, L, C, NH, NKV, HS int
+	FFN                  int // MLP width (Llama: gate and up each FFN wide)
+	Slots, MaxLen        int // cache slots per layer; AttnParams.MaxLen
+	Eps                  float32
+	Norm                 NormKind
+	Act                  Act     // GeluAct (GPT-2) or SwiGLUAct (Llama: up weights are gate|up)
+	Theta                float32 // RoPE base, 0 for none
+	// ShiftKeys: keys are cached unrotated and rotated at their cache index
+	// when read (StreamingLLM's position shift); else rotated at their
+	// position before they are cached.
+	ShiftKeys bool
+}
+
+// DecodeLayer is one layer's weights (F16; biases and NormB may be absent)
+// and its K/V caches [Slots, NKV, HS] as a decode plan reads them.
+type DecodeLayer struct {
+	Norm1W, Norm1B, QKVW, QKVB, OW, OB     Buf
+	Norm2W, Norm2B, UpW, UpB, DownW, DownB Buf
+	K, V                                   Buf
+}
+
+// DecodeBufs are the step's buffers: X [B, C] holds the embedded tokens and
+// receives the last layer's output; QKV [B, (NH+2·NKV)·HS] and Act [B, FFN]
+// are scratch; Pos, Slots [B], Order [B·MaxLen], Lens [B] as for
+// Attention and QKVStore (T = 1: the new entry is the last of each order).
+type DecodeBufs struct {
+	X, QKV, Act             Buf
+	Pos, Slots, Order, Lens Buf
+}
+
+// Decoder is implemented by backends with a persistent decode kernel: all
+// layers of a one-token step in one launch, the phase boundaries of a layer
+// being grid barriers instead of kernel boundaries (csrc/decode.cu). A
+// plan's Run equals, layer by layer, NormMatMulStore, Attention, MatMul
+// (accumulate) and the MLP's NormMatMul and MatMul / SwiGLUMatMul.
+type Decoder interface {
+	// NewDecodePlan checks the shape and buffers and prepares the plan
+	// (allocations, so not while capturing). It fails with ErrNoDecodePlan
+	// when the kernel does not take the shape; callers then run the layers
+	// one operation at a time.
+	NewDecodePlan(sh DecodeShape, layers []DecodeLayer, bufs DecodeBufs) (DecodePlan, error)
+}
+
+// DecodePlan runs the decode step it was made for.
+type DecodePlan interface {
+	Run() // enqueues the step (capturable)
+	Close() error
+}
+
+// ErrNoDecodePlan: the persistent decode kernel does not take this shape or
+// device.
+var ErrNoDecodePlan = errors.New("gpu: the persistent decode kernel does not take this shape")

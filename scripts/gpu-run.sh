@@ -3,7 +3,9 @@
 # .gpurun carried along: the reference goldens that need torch on the GPU,
 # every CUDA test, compute-sanitizer, the benchmarks; logs and new goldens
 # under $OUT, a summary last.
-#   usage: scripts/gpu-run.sh [tests|memcheck|bench|all]   (default all)
+#   usage: scripts/gpu-run.sh [tests|memcheck|bench|decode|all]   (default all)
+# (decode: the persistent decode kernel's test and benchmarks only, for
+# quick iterations on it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -77,11 +79,31 @@ if { [ "$what" = all ] || [ "$what" = bench ]; } && [ -x "$B/kvalign" ]; then
       for dt in fp16 fp32; do
         "$B/$bin" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
       done
+      # One-token steps as the launch chain of earlier versions, same binary.
+      "$B/$bin" bench decode --device cuda --config $cfg --dtype fp16 --decode-kernel chain 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
     done
-    "$B/$bin" bench run --device cuda --dtype fp16 --json "$OUT/bench-run-$bin.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
+    for k in auto chain; do
+      "$B/$bin" bench run --device cuda --dtype fp16 --decode-kernel $k --json "$OUT/bench-run-$bin-$k.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
+    done
   done
-  (cd gpu && "$B/gpu.test" -test.run '^$' -test.bench CUDA -test.benchtime 200x > "$OUT/bench-kernels.log" 2>&1)
+  (cd gpu && "$B/gpu.test" -test.run '^$' -test.bench "${BENCH:-CUDA}" -test.benchtime 200x > "$OUT/bench-kernels.log" 2>&1)
   grep -E "^Benchmark" "$OUT/bench-kernels.log" >> "$S"
+fi
+if [ "$what" = decode ]; then
+  (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
+  note "decode tests rc=$?: $(grep -c -- '--- PASS' "$OUT/decode.log") pass, $(grep -c -- '--- FAIL' "$OUT/decode.log") fail"
+  if [ -x "$B/transformer.test" ]; then
+    (cd transformer && timeout 300 "$B/transformer.test" -test.v -test.run 'PersistentDecode' >> "$OUT/decode.log" 2>&1)
+    note "transformer decode tests rc=$?"
+  fi
+  grep -E -- "--- FAIL|panic:|_test.go:[0-9]+:|^Benchmark" "$OUT/decode.log" | head -60 >> "$S"
+  if [ -x "$B/kvalign" ]; then
+    for cfg in distilgpt2 smollm2-135m; do
+      for k in auto chain; do
+        "$B/kvalign" bench decode --device cuda --config $cfg --dtype fp16 --decode-kernel $k 2>&1 | grep -E "^config|^decode|GPU alone" >> "$S"
+      done
+    done
+  fi
 fi
 echo
 echo "======== summary"

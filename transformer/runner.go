@@ -1,6 +1,7 @@
 package transformer
 
 import (
+	"errors"
 	"fmt"
 	"math"
 
@@ -24,6 +25,9 @@ type RunnerOptions struct {
 	// rotated at the position given with them.
 	ShiftKeys bool
 	MaxBan    int // most banned tokens per sequence when sampling
+	// LayerChain runs one-token steps one operation at a time even where
+	// the backend's persistent decode kernel applies (for comparison).
+	LayerChain bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -45,10 +49,17 @@ type Runner struct {
 	sample gpu.HostInts // sampled token per sequence
 	lay    intLayout
 
-	realign Realigner
-	graphs  map[stepShape]gpu.Replay
-	last    stepShape // the shape of the last step run
-	bufs    []gpu.Buf
+	// inFlight: a step was enqueued and not waited for since. Its copy of
+	// the pinned int block may not have run yet, so the next step must not
+	// restage that block before waiting (stageInputs).
+	inFlight bool
+	realign  Realigner
+	// plan runs the layers of one-token steps as one persistent kernel
+	// (gpu.Decoder), when the backend has one that takes the model.
+	plan   gpu.DecodePlan
+	graphs map[stepShape]gpu.Replay
+	last   stepShape // the shape of the last step run
+	bufs   []gpu.Buf
 }
 
 // intLayout is where each step input lives inside the int block.
@@ -112,8 +123,49 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		r.Close()
 		return nil, err
 	}
+	if r.plan, err = r.newDecodePlan(); err != nil {
+		r.Close()
+		return nil, err
+	}
 	return r, nil
 }
+
+// newDecodePlan prepares the persistent decode kernel for one-token steps
+// when the backend has one that takes this model (fp16 weights); nil when
+// not, and the layers then run one operation at a time.
+func (r *Runner) newDecodePlan() (gpu.DecodePlan, error) {
+	dec, ok := r.be.(gpu.Decoder)
+	cfg, o := r.m.Cfg, r.opt
+	if !ok || o.LayerChain || r.m.all.DType() != gpu.F16 {
+		return nil, nil
+	}
+	sh := gpu.DecodeShape{B: o.B, L: cfg.NLayer, C: cfg.C, NH: cfg.NH, NKV: cfg.NKV, HS: cfg.HS, FFN: cfg.FFN,
+		Slots: r.Slots, MaxLen: o.MaxLen, Eps: cfg.Eps, Norm: r.normKind(), Act: gpu.GeluAct}
+	if cfg.Family == Llama {
+		sh.Act, sh.Theta, sh.ShiftKeys = gpu.SwiGLUAct, float32(cfg.RopeTheta), o.ShiftKeys
+	}
+	layerSize := r.Slots * cfg.NKV * cfg.HS
+	layers := make([]gpu.DecodeLayer, cfg.NLayer)
+	for l, lw := range r.m.w.layers {
+		layers[l] = gpu.DecodeLayer{Norm1W: lw.norm1W, Norm1B: lw.norm1B, QKVW: lw.qkvW, QKVB: lw.qkvB, OW: lw.oW, OB: lw.oB,
+			Norm2W: lw.norm2W, Norm2B: lw.norm2B, UpW: lw.upW, UpB: lw.upB, DownW: lw.downW, DownB: lw.downB,
+			K: r.K.View(l*layerSize, layerSize), V: r.V.View(l*layerSize, layerSize)}
+	}
+	L := r.lay
+	plan, err := dec.NewDecodePlan(sh, layers, gpu.DecodeBufs{
+		X: r.x, QKV: r.qkv, Act: r.act, Pos: r.view(L.pos, o.B), Slots: r.view(L.slots, o.B),
+		Order: r.view(L.order, o.B*o.MaxLen), Lens: r.view(L.lens, o.B)})
+	if errors.Is(err, gpu.ErrNoDecodePlan) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("preparing the decode kernel: %w", err)
+	}
+	return plan, nil
+}
+
+// Persistent reports whether one-token steps run as one persistent kernel.
+func (r *Runner) Persistent() bool { return r.plan != nil }
 
 // SetRealigner installs the networks Step.Align uses.
 func (r *Runner) SetRealigner(a Realigner) { r.realign = a }
@@ -126,6 +178,10 @@ func (r *Runner) Close() {
 	for k, g := range r.graphs {
 		g.Close()
 		delete(r.graphs, k)
+	}
+	if r.plan != nil {
+		r.plan.Close()
+		r.plan = nil
 	}
 	for _, b := range r.bufs {
 		r.be.Free(b)
@@ -193,6 +249,7 @@ func (r *Runner) Run(s *Step) error {
 		shape.topK, shape.seed = s.Sample.TopK, s.Sample.Seed
 	}
 	r.last = shape
+	r.inFlight = true
 	if !s.Graph {
 		r.enqueue(shape)
 		return r.be.Err()
@@ -211,6 +268,12 @@ func (r *Runner) Run(s *Step) error {
 }
 
 func (r *Runner) stageInputs(s *Step) error {
+	if r.inFlight {
+		if err := r.be.Sync(); err != nil {
+			return err
+		}
+		r.inFlight = false
+	}
 	o := r.opt
 	N := o.B * s.T
 	if s.T < 1 || s.T > o.MaxT || len(s.Tokens) != N || len(s.Pos) != N || len(s.Slots) != N || len(s.Order) != o.B {
@@ -309,7 +372,12 @@ func (r *Runner) enqueue(sh stepShape) {
 		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
 	fused, _ := be.(gpu.Fused)
-	for l := range w.layers {
+	layers := w.layers
+	if r.plan != nil && sh.T == 1 {
+		r.plan.Run() // every layer in one launch
+		layers = nil
+	}
+	for l := range layers {
 		lw := &w.layers[l]
 		K, V := r.K.View(l*layerSize, layerSize), r.V.View(l*layerSize, layerSize)
 		qkv := r.qkv.View(0, N*qkvW)
@@ -425,6 +493,7 @@ func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
 // (a benchmark tool: it repeats the step's cache writes, so the stream's
 // state is not meaningful afterwards).
 func (r *Runner) ReplayLast(n int) error {
+	r.inFlight = false // the Sync below waits
 	g, ok := r.graphs[r.last]
 	if !ok {
 		return fmt.Errorf("runner: the last step was not captured")
@@ -437,6 +506,7 @@ func (r *Runner) ReplayLast(n int) error {
 
 // Logits downloads the logits of the last step: rows × V.
 func (r *Runner) Logits(rows int) ([]float32, error) {
+	r.inFlight = false // the download or Sync below waits for it
 	out := make([]float32, rows*r.m.Cfg.VocabSize)
 	r.be.Download(out, r.logits.View(0, len(out)))
 	return out, r.be.Sync()
@@ -444,6 +514,7 @@ func (r *Runner) Logits(rows int) ([]float32, error) {
 
 // NLL downloads the per-row NLL of the last step.
 func (r *Runner) NLL(rows int) ([]float32, error) {
+	r.inFlight = false // the download or Sync below waits for it
 	out := make([]float32, rows)
 	r.be.Download(out, r.nll.View(0, rows))
 	return out, r.be.Sync()
@@ -451,6 +522,7 @@ func (r *Runner) NLL(rows int) ([]float32, error) {
 
 // Sampled waits for the step and returns the token drawn for each sequence.
 func (r *Runner) Sampled() ([]int32, error) {
+	r.inFlight = false // the download or Sync below waits for it
 	if err := r.be.Sync(); err != nil {
 		return nil, err
 	}

@@ -73,6 +73,7 @@ type StreamOptions struct {
 	CacheSize, StartSize int
 	Realigner            Realigner // KVAlign's networks
 	MaxBan               int       // most banned tokens when sampling
+	LayerChain           bool      // no persistent decode kernel (RunnerOptions.LayerChain)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -93,7 +94,8 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 	}
 	s.r, err = NewRunner(m, RunnerOptions{
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
-		ShiftKeys: o.Mode == SlidingWindow && m.Cfg.Family == Llama,
+		ShiftKeys:  o.Mode == SlidingWindow && m.Cfg.Family == Llama,
+		LayerChain: o.LayerChain,
 	})
 	if err != nil {
 		return nil, err
@@ -104,6 +106,10 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 
 // Close frees the stream's device state.
 func (s *Stream) Close() { s.r.Close() }
+
+// Persistent reports whether the stream's one-token steps run as one
+// persistent kernel (Runner.Persistent).
+func (s *Stream) Persistent() bool { return s.r.Persistent() }
 
 // Cache is the stream's bookkeeping (read-only use).
 func (s *Stream) Cache() *kvcache.Cache { return s.cache }
