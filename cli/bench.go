@@ -29,7 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
-					&ucli.StringFlag{Name: "decode-kernel", Value: "auto", Usage: "one-token steps: auto (the persistent kernel where it applies: CUDA, fp16) or chain (one kernel per operation), for comparison"},
+					&ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; slower so far, for comparison)"},
 				}, deviceFlag(), dtypeFlag()),
 				Action: benchDecode,
 			},
@@ -44,7 +44,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
-					&ucli.StringFlag{Name: "decode-kernel", Value: "auto", Usage: "one-token steps: auto (the persistent kernel where it applies: CUDA, fp16) or chain (one kernel per operation), for comparison"},
+					&ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; slower so far, for comparison)"},
 					&ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks), for comparison"},
 				}, deviceFlag(), dtypeFlag()),
 				Action: benchRun,
@@ -95,11 +95,11 @@ func benchDecode(c *ucli.Context) error {
 	}
 	defer m.Close()
 	size := c.Int("cache-size")
-	chain, err := layerChain(c)
+	persistent, err := persistentDecode(c)
 	if err != nil {
 		return err
 	}
-	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1, LayerChain: chain})
+	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1, Persistent: persistent})
 	if err != nil {
 		return usageError{err}
 	}
@@ -235,7 +235,7 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		return nil, err
 	}
 	defer dev.Close()
-	chain, err := layerChain(c)
+	persistent, err := persistentDecode(c)
 	if err != nil {
 		return nil, err
 	}
@@ -246,7 +246,7 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
-			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1, LayerChain: chain})
+			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1, Persistent: persistent})
 			if err != nil {
 				return nil, usageError{err}
 			}
@@ -268,16 +268,16 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 	return cells, nil
 }
 
-// layerChain reads --decode-kernel: whether to keep one-token steps off the
-// persistent decode kernel.
-func layerChain(c *ucli.Context) (bool, error) {
+// persistentDecode reads --decode-kernel: whether one-token steps run as
+// the persistent decode kernel.
+func persistentDecode(c *ucli.Context) (bool, error) {
 	switch k := c.String("decode-kernel"); k {
-	case "auto":
-		return false, nil
 	case "chain":
+		return false, nil
+	case "persistent":
 		return true, nil
 	default:
-		return false, usagef("unknown --decode-kernel %q (want auto or chain)", k)
+		return false, usagef("unknown --decode-kernel %q (want chain or persistent)", k)
 	}
 }
 

@@ -49,6 +49,9 @@ constexpr int kMaxB = 4;      // sequences a launch takes
 constexpr int kSlots = 4;     // shared-memory slots: phases in flight
 constexpr int kMaxSplit = 8;  // attention splits per (sequence, kv head)
 constexpr int kPerLayer = 5;
+// Key rows in shared memory are HS + kKeyPad floats apart, so that threads
+// reading different keys' float4s do not collide on the same banks.
+constexpr int kKeyPad = 4;
 // Barrier counters 128 bytes apart: a phase's arrivals and the next
 // phase's polls never share an L2 line with another phase's.
 constexpr int kCounterStride = 32;
@@ -163,11 +166,11 @@ __device__ void issue(const Geo &g, const kv_decode_layer *layers, const Own &ow
   if (kind == kAttn) {
     if (!own.attends) return;
     const int row16 = s.HS / 4;  // 16-byte chunks of a head row
-    float *K = reinterpret_cast<float *>(slot), *V = K + g.kps * s.HS;
+    float *K = reinterpret_cast<float *>(slot), *V = K + g.kps * (s.HS + kKeyPad);
     for (int i = threadIdx.x; i < own.nold * row16; i += kThreads) {
       const int t = i / row16, c = i % row16;
       const long long src = ((long long)keys[t] * s.NKV + own.kvh) * s.HS + 4 * c;
-      kv_cp_async16_cg(K + t * s.HS + 4 * c, Lw.kc + src);
+      kv_cp_async16_cg(K + t * (s.HS + kKeyPad) + 4 * c, Lw.kc + src);
       kv_cp_async16_cg(V + t * s.HS + 4 * c, Lw.vc + src);
     }
     return;
@@ -242,74 +245,81 @@ __device__ inline void stage(float *xs, const float *src, int B, int width, int 
   __syncthreads();
 }
 
-// block_sums: v[b] summed over the block, in every thread (red: kWarps·kMaxB floats).
-__device__ inline void block_sums(float (&v)[kMaxB], float *red) {
+// stage_norm stages the B rows of x (C wide) and normalises them in place:
+// LayerNorm (with optional bias) or RMSNorm. The statistics are summed in
+// double while the rows are staged (one pass, one block reduction), which
+// keeps E[x²] − mean² exact enough for LayerNorm (gpu/ref sums in float64
+// too). red: kWarps·2·kMaxB doubles, then 2·kMaxB floats.
+__device__ void stage_norm(float *xs, const float *x, int B, int C, const __half *w, const __half *nb, bool rms,
+                           float eps, double *red) {
+  double s1[kMaxB] = {}, s2[kMaxB] = {};
+  const int n4 = C / 4;
+  for (int i = threadIdx.x; i < B * n4; i += kThreads) {
+    const int b = i / n4, c = i % n4;
+    const float4 v = __ldcg(reinterpret_cast<const float4 *>(x + b * C) + c);
+    reinterpret_cast<float4 *>(xs + b * C)[c] = v;
+#pragma unroll
+    for (int k = 0; k < kMaxB; k++)
+      if (k == b) {
+        s1[k] += (double)v.x + (double)v.y + (double)v.z + (double)v.w;
+        s2[k] += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+      }
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int b = 0; b < kMaxB; b++) v[b] = kv_warp_sum(v[b]);
-  __syncthreads();
+  for (int k = 0; k < kMaxB; k++)
+    if (k < B) s1[k] = kv_warp_sum(s1[k]), s2[k] = kv_warp_sum(s2[k]);
   if (lane == 0)
 #pragma unroll
-    for (int b = 0; b < kMaxB; b++) red[warp * kMaxB + b] = v[b];
+    for (int k = 0; k < kMaxB; k++) red[warp * 2 * kMaxB + k] = s1[k], red[warp * 2 * kMaxB + kMaxB + k] = s2[k];
   __syncthreads();
-#pragma unroll
-  for (int b = 0; b < kMaxB; b++) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < kWarps; k++) t += red[k * kMaxB + b];
-    v[b] = t;
+  // Lane b of warp 0 turns row b's sums into its mean and 1/std (the only
+  // double divide and square root), for everyone through shared memory.
+  float *stats = reinterpret_cast<float *>(red + kWarps * 2 * kMaxB);  // [kMaxB][2]
+  if (threadIdx.x < B) {
+    const int k = threadIdx.x;
+    double t1 = 0, t2 = 0;
+    for (int q = 0; q < kWarps; q++) t1 += red[q * 2 * kMaxB + k], t2 += red[q * 2 * kMaxB + kMaxB + k];
+    const double m = rms ? 0.0 : t1 / C;
+    stats[2 * k] = (float)m;
+    stats[2 * k + 1] = (float)(1.0 / sqrt(t2 / C - m * m + (double)eps));
   }
-}
-
-// norm_rows normalises the B staged rows of C in place (LayerNorm with
-// optional bias, or RMSNorm): mean, then the centred sum
-// of squares (gpu/ref's order, in fp32 rather than float64).
-__device__ void norm_rows(float *xs, int B, int C, const __half *w, const __half *nb, bool rms, float eps,
-                          float *red) {
-  float mean[kMaxB] = {}, ss[kMaxB] = {};
-  if (!rms) {
-    for (int c = threadIdx.x; c < C; c += kThreads)
+  __syncthreads();
+  for (int i = threadIdx.x; i < B * n4; i += kThreads) {
+    const int b = i / n4, c = i % n4;
+    float4 v = reinterpret_cast<float4 *>(xs + b * C)[c];
+    const float mb = stats[2 * b], rs = stats[2 * b + 1];
+    float *e = &v.x;
 #pragma unroll
-      for (int b = 0; b < kMaxB; b++)
-        if (b < B) mean[b] += xs[b * C + c];
-    block_sums(mean, red);
-#pragma unroll
-    for (int b = 0; b < kMaxB; b++) mean[b] /= (float)C;
-  }
-  for (int c = threadIdx.x; c < C; c += kThreads)
-#pragma unroll
-    for (int b = 0; b < kMaxB; b++)
-      if (b < B) {
-        const float d = xs[b * C + c] - mean[b];
-        ss[b] = fmaf(d, d, ss[b]);
-      }
-  block_sums(ss, red);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    const float wc = __half2float(w[c]), bc = nb != nullptr ? __half2float(nb[c]) : 0.f;
-#pragma unroll
-    for (int b = 0; b < kMaxB; b++)
-      if (b < B) {
-        const float rstd = 1.f / sqrtf(ss[b] / (float)C + eps);
-        xs[b * C + c] = fmaf((xs[b * C + c] - mean[b]) * rstd, wc, bc);
-      }
+    for (int j = 0; j < 4; j++) {
+      const int cc = 4 * c + j;
+      e[j] = fmaf((e[j] - mb) * rs, __half2float(w[cc]), nb != nullptr ? __half2float(nb[cc]) : 0.f);
+    }
+    reinterpret_cast<float4 *>(xs + b * C)[c] = v;
   }
   __syncthreads();
 }
 
-// gemv: red[(r·parts + part)·kMaxB + b] = partial dot products of weight
-// row r (rows × K halves at ws) with staged input b (xs, rows K apart).
-// A warp takes a row, or a part of one when there are fewer rows than
-// warps. Returns parts; the caller sums a row's parts in order.
+// gemv: the block's rows (rows × K halves at ws) times the staged inputs
+// (xs, B rows K apart). Lanes work in groups of TPR (a power of two ≤ 32,
+// fewer the more rows there are, so that all rows run at once); a group
+// takes a row, or a part of one when there are fewer rows than groups, and
+// sums its lanes by shuffles. Returns parts: red[(r·parts + part)·kMaxB + b]
+// holds the partial sums, which the caller adds in order (row_dot).
 __device__ int gemv(const unsigned char *ws, int rows, int K, const float *xs, int B, float *red) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int parts = rows >= kWarps ? 1 : kWarps / rows;
+  const int tpr = rows > 32 ? 4 : rows > 16 ? 8 : rows > 8 ? 16 : 32;
+  const int groups = kThreads / tpr, gid = threadIdx.x / tpr, l = threadIdx.x % tpr;
+  const int parts = max(1, groups / rows);
   const int chunks = K / 8, per = (chunks + parts - 1) / parts;
-  for (int task = warp; task < rows * parts; task += kWarps) {
+  // Whole warps go round the loop together (the shuffles need every lane).
+  for (int base = 0; base < rows * parts; base += groups) {
+    const int task = base + gid;
+    const bool active = task < rows * parts;
     const int r = task / parts, part = task % parts;
-    const int c1 = min(chunks, (part + 1) * per);
+    const int c1 = active ? min(chunks, (part + 1) * per) : 0;
     const uint4 *wr = reinterpret_cast<const uint4 *>(ws + (size_t)r * K * 2);
     float acc[kMaxB] = {};
-    for (int c = part * per + lane; c < c1; c += 32) {
+    for (int c = part * per + l; c < c1; c += tpr) {
       float wf[8];
       kv_unpack16<true>(wr[c], wf);
 #pragma unroll
@@ -324,8 +334,10 @@ __device__ int gemv(const unsigned char *ws, int rows, int K, const float *xs, i
         }
     }
 #pragma unroll
-    for (int b = 0; b < kMaxB; b++) acc[b] = kv_warp_sum(acc[b]);
-    if (lane == 0)
+    for (int b = 0; b < kMaxB; b++)
+      if (b < B)
+        for (int o = tpr / 2; o > 0; o >>= 1) acc[b] += __shfl_xor_sync(KV_FULL_MASK, acc[b], o);
+    if (active && l == 0)
 #pragma unroll
       for (int b = 0; b < kMaxB; b++) red[task * kMaxB + b] = acc[b];
   }
@@ -374,40 +386,66 @@ __device__ void product_phase(const Geo &g, const Args &a, const kv_decode_layer
   const int B = s.B;
   // 1. The input rows.
   if (kind == kQKV || kind == kUp) {
-    stage(xs, a.x, B, s.C, s.C);
-    norm_rows(xs, B, s.C, reinterpret_cast<const __half *>(slot + sl.off_nw),
-              (s.rms || (kind == kQKV ? Lw.norm1_b : Lw.norm2_b) == nullptr)
-                  ? nullptr
-                  : reinterpret_cast<const __half *>(slot + sl.off_nb),
-              s.rms, s.eps, red);
+    stage_norm(xs, a.x, B, s.C, reinterpret_cast<const __half *>(slot + sl.off_nw),
+               (s.rms || (kind == kQKV ? Lw.norm1_b : Lw.norm2_b) == nullptr)
+                   ? nullptr
+                   : reinterpret_cast<const __half *>(slot + sl.off_nb),
+               s.rms, s.eps, reinterpret_cast<double *>(red));
   } else if (kind == kDown) {
     stage(xs, a.act, B, s.F, s.F);
   } else {
     // kOut: merge the attention partials of each (b, query head): split s
     // holds (m_s, l_s, o_s) = (max score, Σ exp(score − m_s), Σ exp(score
     // − m_s)·v); att = Σ o_s·e_s / Σ l_s·e_s with e_s = exp(m_s − M), M the
-    // largest m_s (empty splits have l_s = 0 and o_s = 0). Every thread
-    // loads what its element needs at once: one L2 round trip.
-    const int HS = s.HS, D = HS + 2, NHS = s.NH * HS;
-    for (int i = threadIdx.x; i < B * NHS; i += kThreads) {
-      const int bh = i / HS, d = i % HS;
+    // largest m_s (empty splits have l_s = 0 and o_s = 0).
+    // Every thread issues the loads of its output elements first (kE at a
+    // time); meanwhile B·NH threads turn each (b, head)'s (m_s, l_s) into
+    // the splits' weights e_s/L in shared memory (mw). One round trip.
+    constexpr int kE = 4;
+    const int HS = s.HS, D = HS + 2, BH = B * s.NH, total = BH * HS;
+    float *mw = red;  // [BH][kMaxSplit]
+    float o[kE][kMaxSplit];
+    auto load = [&](int i0) {
+#pragma unroll
+      for (int e = 0; e < kE; e++) {
+        const int i = i0 + e * kThreads;
+        const float *pp = a.part + (size_t)(i / HS) * g.nsplit * D + 2 + i % HS;
+#pragma unroll
+        for (int sp = 0; sp < kMaxSplit; sp++) o[e][sp] = i < total && sp < g.nsplit ? __ldcg(pp + sp * D) : 0.f;
+      }
+    };
+    load(threadIdx.x);
+    for (int bh = threadIdx.x; bh < BH; bh += kThreads) {
       const float *pp = a.part + (size_t)bh * g.nsplit * D;
-      float m[kMaxSplit], l[kMaxSplit], o[kMaxSplit], M = -INFINITY;
+      float m[kMaxSplit], l[kMaxSplit], M = -INFINITY, L = 0.f;
 #pragma unroll
-      for (int sp = 0; sp < kMaxSplit; sp++)
-        if (sp < g.nsplit) {
-          m[sp] = __ldcg(pp + sp * D), l[sp] = __ldcg(pp + sp * D + 1), o[sp] = __ldcg(pp + sp * D + 2 + d);
-          M = fmaxf(M, m[sp]);
-        }
-      float L = 0.f, acc = 0.f;
+      for (int sp = 0; sp < kMaxSplit; sp++) {
+        const bool ok = sp < g.nsplit;
+        m[sp] = ok ? __ldcg(pp + sp * D) : -INFINITY;
+        l[sp] = ok ? __ldcg(pp + sp * D + 1) : 0.f;
+        M = fmaxf(M, m[sp]);
+      }
 #pragma unroll
-      for (int sp = 0; sp < kMaxSplit; sp++)
-        if (sp < g.nsplit && l[sp] > 0.f) {
-          const float e = expf(m[sp] - M);
-          L = fmaf(l[sp], e, L);
-          acc = fmaf(o[sp], e, acc);
-        }
-      xs[i] = acc / L;
+      for (int sp = 0; sp < kMaxSplit; sp++) {
+        m[sp] = l[sp] > 0.f ? expf(m[sp] - M) : 0.f;
+        L = fmaf(l[sp], m[sp], L);
+      }
+#pragma unroll
+      for (int sp = 0; sp < kMaxSplit; sp++) mw[bh * kMaxSplit + sp] = m[sp] / L;
+    }
+    __syncthreads();
+    for (int i0 = threadIdx.x; i0 < total; i0 += kE * kThreads) {
+      if (i0 != threadIdx.x) load(i0);  // more elements than one batch (large B)
+#pragma unroll
+      for (int e = 0; e < kE; e++) {
+        const int i = i0 + e * kThreads;
+        if (i >= total) break;
+        const float *w = mw + (i / HS) * kMaxSplit;
+        float acc = 0.f;
+#pragma unroll
+        for (int sp = 0; sp < kMaxSplit; sp++) acc = fmaf(o[e][sp], w[sp], acc);
+        xs[i] = acc;
+      }
     }
     __syncthreads();
   }
@@ -442,7 +480,7 @@ __device__ void rotate_keys(float *K, int n, int j0, int HS, const float *inv) {
   const int hh = HS / 2;
   for (int i = threadIdx.x; i < n * hh; i += kThreads) {
     const int t = i / hh, k = i % hh;
-    kv_rope_pair(K[t * HS + k], K[t * HS + k + hh], (float)(j0 + t) * inv[k]);
+    kv_rope_pair(K[t * (HS + kKeyPad) + k], K[t * (HS + kKeyPad) + k + hh], (float)(j0 + t) * inv[k]);
   }
   __syncthreads();
 }
@@ -454,7 +492,7 @@ __device__ void attention_phase(const Geo &g, const Args &a, const kv_decode_lay
   const int HS = s.HS, hh = HS / 2, GQ = g.GQ, D = HS + 2;
   const int b = own.b, kvh = own.kvh, sp = own.sp, n = own.n, nold = own.nold, len = own.len[b];
   const bool owner = own.owner;
-  const float *slotV = slotK + g.kps * HS;
+  const float *slotV = slotK + g.kps * (HS + kKeyPad);
   float *q = scr, *knew = q + GQ * HS, *vnew = knew + HS, *sc = vnew + HS;  // sc [GQ][kps]
   const float *row = a.qkv + b * g.qkvw;
   const int pos = own.pos[b];
@@ -482,19 +520,25 @@ __device__ void attention_phase(const Geo &g, const Args &a, const kv_decode_lay
   }
   __syncthreads();
   mark(tr, 2);
-  // 2. Scores: a warp per key, lanes over the head.
+  // 2. Scores: a thread per (query head, key), the key's row against the
+  // head's (float4s: HS + kKeyPad keeps a warp's rows on different banks).
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const float scale = 1.f / sqrtf((float)HS);
-  for (int t = warp; t < n; t += kWarps) {
-    const float *k = t < nold ? slotK + t * HS : knew;
-    for (int h = 0; h < GQ; h++) {
-      float d = 0.f;
-      for (int e = lane; e < HS; e += 32) d = fmaf(q[h * HS + e], k[e], d);
-      d = kv_warp_sum(d);
-      if (lane == 0) sc[h * g.kps + t] = d * scale;
+  const int KS = HS + kKeyPad;
+  for (int i = threadIdx.x; i < GQ * n; i += kThreads) {
+    const int h = i / n, t = i % n;
+    const float4 *k = reinterpret_cast<const float4 *>(t < nold ? slotK + t * KS : knew);
+    const float4 *qh = reinterpret_cast<const float4 *>(q + h * HS);
+    float d0 = 0.f, d1 = 0.f;
+    for (int e = 0; e < HS / 4; e += 2) {
+      const float4 k0 = k[e], q0 = qh[e], k1 = k[e + 1], q1 = qh[e + 1];
+      d0 = fmaf(k0.x, q0.x, d0), d0 = fmaf(k0.y, q0.y, d0), d0 = fmaf(k0.z, q0.z, d0), d0 = fmaf(k0.w, q0.w, d0);
+      d1 = fmaf(k1.x, q1.x, d1), d1 = fmaf(k1.y, q1.y, d1), d1 = fmaf(k1.z, q1.z, d1), d1 = fmaf(k1.w, q1.w, d1);
     }
+    sc[h * g.kps + t] = (d0 + d1) * scale;
   }
   __syncthreads();
+  mark(tr, 3);
   // 3. Per query head (a warp each): max, probabilities, their sum.
   float *ml = sc + GQ * g.kps;  // [GQ][2]
   for (int h = warp; h < GQ; h += kWarps) {
@@ -511,14 +555,16 @@ __device__ void attention_phase(const Geo &g, const Args &a, const kv_decode_lay
     if (lane == 0) ml[2 * h] = m, ml[2 * h + 1] = l;
   }
   __syncthreads();
-  mark(tr, 3);
   // 4. The unnormalised output and the partial record (m, l, o[HS]).
   for (int i = threadIdx.x; i < GQ * HS; i += kThreads) {
     const int h = i / HS, e = i % HS;
-    float o = 0.f;
-    for (int t = 0; t < n; t++) o = fmaf(sc[h * g.kps + t], t < nold ? slotV[t * HS + e] : vnew[e], o);
+    const float *p = sc + h * g.kps;
+    float o0 = 0.f, o1 = 0.f;
+    int t = 0;
+    for (; t + 1 < nold; t += 2) o0 = fmaf(p[t], slotV[t * HS + e], o0), o1 = fmaf(p[t + 1], slotV[(t + 1) * HS + e], o1);
+    for (; t < n; t++) o0 = fmaf(p[t], t < nold ? slotV[t * HS + e] : vnew[e], o0);
     float *rec = a.part + ((size_t)(b * s.NH + kvh * GQ + h) * g.nsplit + sp) * D;
-    __stcg(rec + 2 + e, o);
+    __stcg(rec + 2 + e, o0 + o1);
     if (e == 0) __stcg(rec, n > 0 ? ml[2 * h] : -INFINITY), __stcg(rec + 1, n > 0 ? ml[2 * h + 1] : 0.f);
   }
 }
@@ -635,13 +681,16 @@ bool geometry(const kv_decode_shape &s, int num_sms, int smem_optin, Geo *out) {
   g.kin = max(s.C, max(s.NH * s.HS, s.F));
   g.phases = kPerLayer * s.L;
   const int uprows = max_rows(s.F, g.G) * (s.swiglu ? 2 : 1);
-  int slot = g.kps * s.HS * 4 * 2;  // attention: K and V rows
+  int slot = g.kps * (2 * s.HS + kKeyPad) * 4;  // attention: K (padded) and V rows
   slot = max(slot, max_rows(g.qkvw, g.G) * s.C * 2 + 4 * s.C + bias_bytes(max_rows(g.qkvw, g.G)));
   slot = max(slot, max_rows(s.C, g.G) * s.NH * s.HS * 2 + 4 * s.C + bias_bytes(max_rows(s.C, g.G)));
   slot = max(slot, uprows * s.C * 2 + 4 * s.C + bias_bytes(max_rows(s.F, g.G)));
   slot = max(slot, max_rows(s.C, g.G) * s.F * 2 + 4 * s.C + bias_bytes(max_rows(s.C, g.G)));
   g.slot_bytes = align16(slot);
-  g.red_floats = max(uprows, max(kWarps, max_rows(g.qkvw, g.G))) * kMaxB;
+  // The GEMV's partial sums (≤ max(rows, 8) tasks), stage_norm's 2·kMaxB
+  // doubles a warp and statistics, or the merge's split weights.
+  g.red_floats = max(max(uprows, max(kWarps, max_rows(g.qkvw, g.G))) * kMaxB,
+                     max(kWarps * 2 * kMaxB * 2 + 2 * kMaxB, s.B * s.NH * kMaxSplit));
   int off = kSlots * g.slot_bytes;
   g.off_in = off, off += align16(s.B * g.kin * 4);
   g.off_red = off, off += align16(g.red_floats * 4);

@@ -79,10 +79,10 @@ if { [ "$what" = all ] || [ "$what" = bench ]; } && [ -x "$B/kvalign" ]; then
       for dt in fp16 fp32; do
         "$B/$bin" bench decode --device cuda --config $cfg --dtype $dt 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
       done
-      # One-token steps as the launch chain of earlier versions, same binary.
-      "$B/$bin" bench decode --device cuda --config $cfg --dtype fp16 --decode-kernel chain 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
+      # One-token steps as the persistent decode kernel, same binary.
+      "$B/$bin" bench decode --device cuda --config $cfg --dtype fp16 --decode-kernel persistent 2>&1 | tee -a "$OUT/bench.log" | grep -v '^device' >> "$S"
     done
-    for k in auto chain; do
+    for k in chain persistent; do
       "$B/$bin" bench run --device cuda --dtype fp16 --decode-kernel $k --json "$OUT/bench-run-$bin-$k.json" 2>&1 | grep -v '^device' | tee -a "$OUT/bench.log" >> "$S"
     done
   done
@@ -99,7 +99,7 @@ if [ "$what" = decode ]; then
   grep -E -- "--- FAIL|panic:|_test.go:[0-9]+:|^Benchmark" "$OUT/decode.log" | head -60 >> "$S"
   if [ -x "$B/kvalign" ]; then
     for cfg in distilgpt2 smollm2-135m; do
-      for k in auto chain; do
+      for k in chain persistent; do
         "$B/kvalign" bench decode --device cuda --config $cfg --dtype fp16 --decode-kernel $k 2>&1 | grep -E "^config|^decode|GPU alone" >> "$S"
       done
     done

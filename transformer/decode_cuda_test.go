@@ -35,15 +35,15 @@ func TestPersistentDecodeMatchesChain(t *testing.T) {
 		toks := testTokens(400, m.Cfg.VocabSize, 7)
 		for _, mode := range []Mode{SlidingWindow, KVAlign, Recompute} {
 			t.Run(fmt.Sprintf("%s/%s", name, mode), func(t *testing.T) {
-				open := func(chain bool) *Stream {
-					s, err := NewStream(m, StreamOptions{Mode: mode, CacheSize: 32, StartSize: 4, Realigner: identityRealigner{}, MaxBan: 1, LayerChain: chain})
+				open := func(persistent bool) *Stream {
+					s, err := NewStream(m, StreamOptions{Mode: mode, CacheSize: 32, StartSize: 4, Realigner: identityRealigner{}, MaxBan: 1, Persistent: persistent})
 					if err != nil {
 						t.Fatal(err)
 					}
 					t.Cleanup(s.Close)
 					return s
 				}
-				fast, again, slow := open(false), open(false), open(true)
+				fast, again, slow := open(true), open(true), open(false)
 				if !fast.Persistent() || slow.Persistent() {
 					t.Fatalf("persistent kernel: %v and %v, want true and false", fast.Persistent(), slow.Persistent())
 				}

@@ -25,9 +25,11 @@ type RunnerOptions struct {
 	// rotated at the position given with them.
 	ShiftKeys bool
 	MaxBan    int // most banned tokens per sequence when sampling
-	// LayerChain runs one-token steps one operation at a time even where
-	// the backend's persistent decode kernel applies (for comparison).
-	LayerChain bool
+	// Persistent runs one-token steps as the backend's persistent decode
+	// kernel where it has one that takes the model (gpu.Decoder: CUDA, fp16
+	// weights). Opt-in: on an H100 it is still slower than the launch chain
+	// of fused kernels (docs/PERF.md, version 7).
+	Persistent bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -55,7 +57,7 @@ type Runner struct {
 	inFlight bool
 	realign  Realigner
 	// plan runs the layers of one-token steps as one persistent kernel
-	// (gpu.Decoder), when the backend has one that takes the model.
+	// (gpu.Decoder), when asked for and the backend has one for the model.
 	plan   gpu.DecodePlan
 	graphs map[stepShape]gpu.Replay
 	last   stepShape // the shape of the last step run
@@ -131,12 +133,12 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 }
 
 // newDecodePlan prepares the persistent decode kernel for one-token steps
-// when the backend has one that takes this model (fp16 weights); nil when
-// not, and the layers then run one operation at a time.
+// when asked for and the backend has one that takes this model (fp16
+// weights); nil when not, and the layers then run one operation at a time.
 func (r *Runner) newDecodePlan() (gpu.DecodePlan, error) {
 	dec, ok := r.be.(gpu.Decoder)
 	cfg, o := r.m.Cfg, r.opt
-	if !ok || o.LayerChain || r.m.all.DType() != gpu.F16 {
+	if !ok || !o.Persistent || r.m.all.DType() != gpu.F16 {
 		return nil, nil
 	}
 	sh := gpu.DecodeShape{B: o.B, L: cfg.NLayer, C: cfg.C, NH: cfg.NH, NKV: cfg.NKV, HS: cfg.HS, FFN: cfg.FFN,

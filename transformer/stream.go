@@ -73,7 +73,7 @@ type StreamOptions struct {
 	CacheSize, StartSize int
 	Realigner            Realigner // KVAlign's networks
 	MaxBan               int       // most banned tokens when sampling
-	LayerChain           bool      // no persistent decode kernel (RunnerOptions.LayerChain)
+	Persistent           bool      // the persistent decode kernel where it applies (RunnerOptions.Persistent)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -95,7 +95,7 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 	s.r, err = NewRunner(m, RunnerOptions{
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
 		ShiftKeys:  o.Mode == SlidingWindow && m.Cfg.Family == Llama,
-		LayerChain: o.LayerChain,
+		Persistent: o.Persistent,
 	})
 	if err != nil {
 		return nil, err
