@@ -8,6 +8,13 @@
 // 0.09 ms weight-streaming floor. Here one block per SM runs the whole step
 // and a phase boundary is a barrier on a counter in L2.
 //
+// Outcome (docs/PERF.md, version 7): on an H100 this is slower than the
+// chain (SmolLM2 0.731 against 0.666 ms a token, distilgpt2 0.243 against
+// 0.179): a grid barrier plus a phase's own serial latency costs ~4.5 µs,
+// no less than a programmatic-dependent kernel boundary. So it is opt-in
+// (RunnerOptions.Persistent), kept tested, with a per-phase trace
+// (kv_decode's trace argument) to measure the next attempt against.
+//
 // Structure. A layer is five phases (kQKV, kAttn, kOut, kUp, kDown). Every
 // block owns a fixed slice of each phase's work: rows [g·OC/G, (g+1)·OC/G)
 // of a product, or one (sequence, kv head, key split) of the attention.
@@ -130,7 +137,7 @@ __device__ inline Slice slice_of(const Geo &g, int kind, int blk) {
 // memory in a phase would be an L2 round trip on that phase's critical path.)
 struct Own {
   int len[kMaxB], pos[kMaxB], slot[kMaxB];
-  int b, kvh, sp, j0, n, nold;  // attention item: keys j0…j0+n−1, the last nold of them cached
+  int b, kvh, sp, j0, n, nold;  // attention item: keys j0…j0+n−1, the first nold of them cached
   bool attends, owner;          // has an attention item; holds the new entry
   Slice sl[kPerLayer];          // product slices (kAttn unused)
 };
