@@ -80,6 +80,10 @@ func weightBytes(cfg *transformer.Config, dt gpu.DType) float64 {
 }
 
 func benchDecode(c *ucli.Context) error {
+	persistent, err := persistentDecode(c)
+	if err != nil {
+		return err
+	}
 	cfg, w, err := benchModel(c.String("config"))
 	if err != nil {
 		return err
@@ -95,10 +99,6 @@ func benchDecode(c *ucli.Context) error {
 	}
 	defer m.Close()
 	size := c.Int("cache-size")
-	persistent, err := persistentDecode(c)
-	if err != nil {
-		return err
-	}
 	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1, Persistent: persistent})
 	if err != nil {
 		return usageError{err}
@@ -155,6 +155,9 @@ func originalNetworkSizes(cfg *transformer.Config) [4]int {
 func benchRun(c *ucli.Context) error {
 	if k := c.String("align-kernel"); k != "auto" && k != "fp32" && k != "unpacked" {
 		return usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
+	}
+	if _, err := persistentDecode(c); err != nil { // checked before any model is built
+		return err
 	}
 	be, dt, err := openBackend(c)
 	if err != nil {

@@ -39,6 +39,8 @@ func TestBadInputIsOneLine(t *testing.T) {
 		{[]string{"run", "--mode", "kv"}, 2, "needs KV-Align networks"},
 		{[]string{"run", "--device", "tpu"}, 2, "invalid --device"},
 		{[]string{"run", "--dtype", "int4", "--num-tokens", "1"}, 2, "--dtype"},
+		{[]string{"bench", "decode", "--decode-kernel", "fast"}, 2, "unknown --decode-kernel"},
+		{[]string{"bench", "run", "--decode-kernel", "fast"}, 2, "unknown --decode-kernel"},
 		{[]string{"info", corrupt}, 1, "config.json"},
 		{[]string{"score", "--model", tmp}, 1, "config.json"},
 	}
