@@ -29,8 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
-					&ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; slower so far, for comparison)"},
-				}, deviceFlag(), dtypeFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag()),
 				Action: benchDecode,
 			},
 			{
@@ -44,9 +43,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
-					&ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; slower so far, for comparison)"},
-					&ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks), for comparison"},
-				}, deviceFlag(), dtypeFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), alignKernelFlag()),
 				Action: benchRun,
 			},
 		},
@@ -153,10 +150,11 @@ func originalNetworkSizes(cfg *transformer.Config) [4]int {
 }
 
 func benchRun(c *ucli.Context) error {
-	if k := c.String("align-kernel"); k != "auto" && k != "fp32" && k != "unpacked" {
-		return usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
+	// The kernel flags are checked before any model is built.
+	if err := checkAlignKernel(c); err != nil {
+		return err
 	}
-	if _, err := persistentDecode(c); err != nil { // checked before any model is built
+	if _, err := persistentDecode(c); err != nil {
 		return err
 	}
 	be, dt, err := openBackend(c)
@@ -225,15 +223,7 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[0], h[1], 1),
 		Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, h[2], h[3], 2),
 	}
-	var dev *align.Device
-	switch k := c.String("align-kernel"); k {
-	case "auto":
-		dev, err = pair.Upload(be, dt)
-	case "fp32", "unpacked":
-		dev, err = pair.UploadAs(be, gpu.F32, k == "fp32")
-	default:
-		return nil, usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
-	}
+	dev, err := uploadNetworks(c, pair, be, dt)
 	if err != nil {
 		return nil, err
 	}
@@ -269,19 +259,6 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		fmt.Fprintln(out)
 	}
 	return cells, nil
-}
-
-// persistentDecode reads --decode-kernel: whether one-token steps run as
-// the persistent decode kernel.
-func persistentDecode(c *ucli.Context) (bool, error) {
-	switch k := c.String("decode-kernel"); k {
-	case "chain":
-		return false, nil
-	case "persistent":
-		return true, nil
-	default:
-		return false, usagef("unknown --decode-kernel %q (want chain or persistent)", k)
-	}
 }
 
 // decodeKernel says how a stream's one-token steps run.

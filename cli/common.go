@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/kvalign/kvalign/align"
 	"github.com/kvalign/kvalign/gpu"
 	"github.com/kvalign/kvalign/transformer"
 	ucli "github.com/urfave/cli/v2"
@@ -17,6 +18,46 @@ func deviceFlag() *ucli.StringFlag {
 
 func dtypeFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "dtype", Value: "fp16", Usage: "weight precision on the GPU: fp16 or fp32 (the CPU computes in fp32); activations are fp32"}
+}
+
+func decodeKernelFlag() *ucli.StringFlag {
+	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
+}
+
+func alignKernelFlag() *ucli.StringFlag {
+	return &ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks on the GPU: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks)"}
+}
+
+// persistentDecode reads --decode-kernel: whether one-token steps run as
+// the persistent decode kernel.
+func persistentDecode(c *ucli.Context) (bool, error) {
+	switch k := c.String("decode-kernel"); k {
+	case "chain":
+		return false, nil
+	case "persistent":
+		return true, nil
+	default:
+		return false, usagef("unknown --decode-kernel %q (want chain or persistent)", k)
+	}
+}
+
+func checkAlignKernel(c *ucli.Context) error {
+	if k := c.String("align-kernel"); k != "auto" && k != "fp32" && k != "unpacked" {
+		return usagef("unknown --align-kernel %q (want auto, fp32 or unpacked)", k)
+	}
+	return nil
+}
+
+// uploadNetworks puts the KV-Align networks on the backend as --align-kernel
+// says.
+func uploadNetworks(c *ucli.Context, pair *align.Pair, be gpu.Backend, dt gpu.DType) (*align.Device, error) {
+	if err := checkAlignKernel(c); err != nil {
+		return nil, err
+	}
+	if k := c.String("align-kernel"); k != "auto" {
+		return pair.UploadAs(be, gpu.F32, k == "fp32")
+	}
+	return pair.Upload(be, dt)
 }
 
 // openBackend opens --device and says on stderr which device runs.

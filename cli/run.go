@@ -37,7 +37,7 @@ func runCommand() *ucli.Command {
 			&ucli.StringFlag{Name: "prompt", Value: defaultPrompt, Usage: "the text to continue"},
 			&ucli.Uint64Flag{Name: "seed", Value: 0, Usage: "random seed: the same seed on the same device gives the same text"},
 			&ucli.StringFlag{Name: "align", Usage: "KV-Align networks: a directory with keys_network*/values_network* (.pth or .safetensors) or KEYS,VALUES files; default for known models: $KVALIGN_NETWORKS, ~/.cache/kvalign/networks, $KVALIGN_SHARED/seed/networks"},
-		}, deviceFlag(), dtypeFlag()),
+		}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), alignKernelFlag()),
 		Action: runAction,
 	}
 }
@@ -64,9 +64,15 @@ func runAction(c *ucli.Context) error {
 	if cacheSize <= startSize+1 {
 		return usagef("--cache-size %d must exceed --start-size %d by at least 2", cacheSize, startSize)
 	}
+	persistent, err := persistentDecode(c)
+	if err != nil {
+		return err
+	}
+	if err := checkAlignKernel(c); err != nil {
+		return err
+	}
 	modelName := c.String("model")
 	var ck *transformer.Checkpoint
-	var err error
 	if modelName == "" {
 		dir, err := builtin.Extract()
 		if err != nil {
@@ -128,9 +134,9 @@ func runAction(c *ucli.Context) error {
 		return err
 	}
 	defer m.Close()
-	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1024}
+	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1024, Persistent: persistent}
 	if pair != nil {
-		dev, err := pair.Upload(be, dt)
+		dev, err := uploadNetworks(c, pair, be, dt)
 		if err != nil {
 			return err
 		}
