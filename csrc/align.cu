@@ -694,6 +694,19 @@ struct MathTF32x3 {
   static constexpr bool kPipe = false;
 };
 
+// mma_row: acc[n] += a·(tile n of w) for N tiles nstride apart: the math's
+// mma_tiles in the tuned kernels, one mma at a time in the plain ones.
+template <class M, bool TUNED, int N>
+__device__ __forceinline__ void mma_row(float (*acc)[4], const typename M::A &a, const typename M::W *w,
+                                        int nstride) {
+  if constexpr (TUNED) {
+    M::template mma_tiles<N>(acc, a, w, nstride);
+  } else {
+#pragma unroll
+    for (int n = 0; n < N; n++) M::mma(acc[n], a, w + n * nstride);
+  }
+}
+
 // block_relu: a lane's 8 neurons of the 32-wide block whose accumulators are
 // acc[0..3] (tile j = p/2, e = p%2; row g+8 in elements 2, 3), plus add[p],
 // relu'd: the next layer's v[r][p].
@@ -833,13 +846,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
     auto layer1 = [&](float(&acc1)[4][4], int c) {
 #pragma unroll
       for (int s = 0; s < NX; s++) {
-        const W *w = w1s + (32 * c + g) * ld1 + 32 * s + 8 * t;
-        if (TUNED) {
-          M::template mma_tiles<4>(acc1, xa[s], w, 8 * ld1);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 4; j++) M::mma(acc1[j], xa[s], w + 8 * j * ld1);
-        }
+        mma_row<M, TUNED, 4>(acc1, xa[s], w1s + (32 * c + g) * ld1 + 32 * s + 8 * t, 8 * ld1);
       }
     };
     auto relu_make = [&](const float(&acc1)[4][4]) {
@@ -849,13 +856,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
       return M::make(v);
     };
     auto layer2 = [&](const typename M::A &ha, int c) {
-      const W *w = w2s + g * ld2 + 32 * c + 8 * t;
-      if (TUNED) {
-        M::template mma_tiles<4 * NH2>(acc2, ha, w, 8 * ld2);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4 * NH2; j++) M::mma(acc2[j], ha, w + 8 * j * ld2);
-      }
+      mma_row<M, TUNED, 4 * NH2>(acc2, ha, w2s + g * ld2 + 32 * c + 8 * t, 8 * ld2);
     };
     // (Not for the instances with the most accumulators: they would spill.)
     if (TUNED && M::kPipe && NX * NH2 <= 8) {
@@ -901,13 +902,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
               *reinterpret_cast<const float4 *>(bs + 32 * c + 8 * t + 4));
       block_relu(v, acc2 + 4 * c, bv);
       const typename M::A ha = M::make(v);
-      const W *w = w3s + g * ld3 + 32 * c + 8 * t;
-      if (TUNED) {
-        M::template mma_tiles<4 * NX>(acc3, ha, w, 8 * ld3);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4 * NX; j++) M::mma(acc3[j], ha, w + 8 * j * ld3);
-      }
+      mma_row<M, TUNED, 4 * NX>(acc3, ha, w3s + g * ld3 + 32 * c + 8 * t, 8 * ld3);
     }
 
     // Residual: fc3's output (j = 4s + p/2, e = p%2) is head value 32s+8t+p,
