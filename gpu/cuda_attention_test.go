@@ -53,6 +53,18 @@ func newAttnCase(t testing.TB, c *CUDA, rng *rand.Rand, p AttnParams) *attnCase 
 	return a
 }
 
+// replay sets the case's lengths on the device, replays a captured
+// attention into out (poisoned first) and returns what it wrote and the
+// reference for those lengths.
+func (a *attnCase) replay(t testing.TB, c *CUDA, r Replay, out Buf, lens []int32) (got, want []float32) {
+	t.Helper()
+	copy(a.lens, lens)
+	c.UploadInts(a.lBuf, a.lens)
+	poison(t, c, out)
+	r.Run()
+	return download(t, c, out), a.want()
+}
+
 func (a *attnCase) want() []float32 {
 	p := a.p
 	out := make([]float32, p.B*p.T*p.NH*p.HS)
@@ -211,12 +223,7 @@ func testAttentionCapture(t *testing.T, c *CUDA, rng *rand.Rand, maxLen int) {
 		for i := range lens {
 			lens[i] = min(lens[i], int32(maxLen))
 		}
-		copy(a.lens, lens)
-		c.UploadInts(a.lBuf, a.lens)
-		poison(t, c, out)
-		r.Run()
-		got := download(t, c, out)
-		want := a.want()
+		got, want := a.replay(t, c, r, out, lens)
 		compare(t, fmt.Sprintf("replay %d lens %v", step, lens), got, want, 1e-5*maxAbs(want), 1e-5)
 	}
 }
