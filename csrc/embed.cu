@@ -5,11 +5,16 @@
 // v1: grid (N, ceil(C/256)), one element per thread; embedding rows are
 // short (C ≤ a few thousand), so this is bound by launch latency, not
 // bandwidth, and needs no vector loads. An id outside the table gives a NaN
-// row rather than a wild read that would poison the CUDA context.
+// row rather than a wild read that would poison the CUDA context. It lets
+// its programmatic dependent (the first layer's q|k|v product) launch at
+// once, so that the product's weight prefetch overlaps this kernel; the
+// dependent reads the embeddings only after its wait. (Launched normally,
+// this kernel starts when everything before it has completed.)
 __global__ void embed_kernel_v1(float *__restrict__ out, const void *__restrict__ wte, int wte_f16,
                                 int V, const void *__restrict__ wpe, int wpe_f16, int P,
                                 const int32_t *__restrict__ tokens, const int32_t *__restrict__ pos,
                                 int C) {
+  kv_pdl_launch_dependents();
   const int r = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= C) return;

@@ -352,7 +352,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 // (B × G × 64 keys). sample_final_kernel merges a row's G lists (each warp
 // folds every 32nd list in registers, then the 32 warp lists merge in
 // shared memory) and picks. Bans: each chunk block marks the banned ids that
-// fall in its chunk in a 512-bit bitmap.
+// fall in its chunk in a 512-bit bitmap. Both launch as programmatic
+// dependents (sm_90): the chunk blocks start while the LM head finishes and
+// build their ban bitmaps (the ban lists were copied in at the step's
+// start) before they wait for its logits; the final block starts while the
+// chunks finish.
 #define SAMPLE_CHUNK 512
 
 __global__ void __launch_bounds__(256)
@@ -365,7 +369,6 @@ __global__ void __launch_bounds__(256)
   const int base = c * SAMPLE_CHUNK;
   const float *l = logits + (long long)b * V;
   const int i0 = base + warp * 64 + lane, i1 = i0 + 32;
-  const float v0 = i0 < V ? l[i0] : 0.f, v1 = i1 < V ? l[i1] : 0.f;
   bool ban0 = false, ban1 = false;
   if (max_ban > 0) {
     const int32_t *bl = banned + (long long)b * max_ban;
@@ -385,6 +388,9 @@ __global__ void __launch_bounds__(256)
     ban0 = (ban_bits[(i0 - base) >> 5] >> ((i0 - base) & 31)) & 1u;
     ban1 = (ban_bits[(i1 - base) >> 5] >> ((i1 - base) & 31)) & 1u;
   }
+  kv_pdl_wait();  // the logits
+  kv_pdl_launch_dependents();
+  const float v0 = i0 < V ? l[i0] : 0.f, v1 = i1 < V ? l[i1] : 0.f;
   uint64_t x0 = i0 < V && !ban0 ? sample_key(v0, i0) : 0;
   uint64_t x1 = i1 < V && !ban1 ? sample_key(v1, i1) : 0;
   sample_sort64(x0, x1, lane);
@@ -401,8 +407,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   __shared__ uint64_t lists[SAMPLE_WARPS][64];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;
+  const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // copied in at the step's start
   const uint64_t *src = scratch + (long long)b * G * 64;
+  kv_pdl_wait();  // the chunks' lists
   uint64_t x0 = 0, x1 = 0;
   if (warp < G) {
     x0 = src[warp * 64 + lane];
@@ -460,8 +467,11 @@ extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
   // (K = 1) and 10.8 vs 24.9 (K = 40); B = 16: equal (24.8); B = 64: v5 65
   // µs vs v4 27 — with many rows one block per row already fills the GPU.
   if (((variant == 0 && B <= 16) || variant == 5) && v5_fits) {
-    sample_chunks_kernel<<<dim3(G, B), 256, 0, s>>>(scratch, logits, banned, V, max_ban, G);
-    sample_final_kernel<<<B, SAMPLE_THREADS, 0, s>>>(out, scratch, counter, G, top_k, seed);
+    const bool pdl = kv_pdl_supported();
+    KV_TRY(kv_launch_clustered(sample_chunks_kernel, 1, dim3(G, B), dim3(256), 0, s, pdl, scratch, logits, banned, V,
+                               max_ban, G));
+    KV_TRY(kv_launch_clustered(sample_final_kernel, 1, dim3(B), dim3(SAMPLE_THREADS), 0, s, pdl, out,
+                               (const uint64_t *)scratch, counter, G, top_k, seed));
     return kv_launched();
   }
   const dim3 grid(B), block(SAMPLE_THREADS);
