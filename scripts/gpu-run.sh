@@ -3,9 +3,10 @@
 # .gpurun carried along: the reference goldens that need torch on the GPU,
 # every CUDA test, compute-sanitizer, the benchmarks; logs and new goldens
 # under $OUT, a summary last.
-#   usage: scripts/gpu-run.sh [tests|memcheck|bench|decode|all]   (default all)
+#   usage: scripts/gpu-run.sh [tests|memcheck|bench|decode|micro|all]   (default all)
 # (decode: the persistent decode kernel's test and benchmarks only, for
-# quick iterations on it)
+# quick iterations on it; micro: scripts/hopper-micro.cu, built here with
+# this machine's nvcc: per-SM bandwidth and barrier latencies)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -88,6 +89,11 @@ if { [ "$what" = all ] || [ "$what" = bench ]; } && [ -x "$B/kvalign" ]; then
   done
   (cd gpu && "$B/gpu.test" -test.run '^$' -test.bench "${BENCH:-CUDA}" -test.benchtime 200x > "$OUT/bench-kernels.log" 2>&1)
   grep -E "^Benchmark" "$OUT/bench-kernels.log" >> "$S"
+fi
+if [ "$what" = micro ]; then
+  NVCC=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+  "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/hopper-micro scripts/hopper-micro.cu &&
+    /tmp/hopper-micro | tee "$OUT/micro.log" >> "$S"
 fi
 if [ "$what" = decode ]; then
   (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
