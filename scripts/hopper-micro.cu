@@ -96,7 +96,9 @@ __global__ void gridbar(int iters, unsigned* ctr, long long* out){
 
 int main(){
   cudaDeviceProp pr; CK(cudaGetDeviceProperties(&pr,0));
-  printf("%s SMs %d clock %d kHz\n", pr.name, pr.multiProcessorCount, pr.clockRate);
+  int khz = 0;  // (cudaDeviceProp::clockRate is gone in CUDA 13)
+  CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+  printf("%s SMs %d clock %d kHz\n", pr.name, pr.multiProcessorCount, khz);
   size_t total = (size_t)2<<30; // 2 GiB
   uint4* buf; CK(cudaMalloc(&buf,total)); CK(cudaMemset(buf,1,total));
   float* sink; CK(cudaMalloc(&sink,64));
@@ -144,7 +146,7 @@ int main(){
     cudaLaunchAttribute at[1]; at[0].id=cudaLaunchAttributeClusterDimension; at[0].val.clusterDim.x=clus; at[0].val.clusterDim.y=1; at[0].val.clusterDim.z=1; cfg.attrs=at; cfg.numAttrs=1;
     int it=10000;
     cudaError_t le=cudaLaunchKernelEx(&cfg, clbar, it, out); if(le!=cudaSuccess){printf("clbar %d: %s\n",clus,cudaGetErrorString(le)); cudaGetLastError(); continue;}
-    CK(cudaDeviceSynchronize()); CK(cudaMemcpy(&h,out,8,cudaMemcpyDeviceToHost)); printf("cluster %2d barrier: %.0f cycles/iter (%.0f ns @ clock)\n",clus,(double)h/it,(double)h/it/(pr.clockRate*1e-6));
+    CK(cudaDeviceSynchronize()); CK(cudaMemcpy(&h,out,8,cudaMemcpyDeviceToHost)); printf("cluster %2d barrier: %.0f cycles/iter (%.0f ns @ clock)\n",clus,(double)h/it,(double)h/it/(khz*1e-6));
     CK(cudaLaunchKernelEx(&cfg, dsmem, it, out, sink)); CK(cudaDeviceSynchronize()); CK(cudaMemcpy(&h,out,8,cudaMemcpyDeviceToHost)); printf("cluster %2d dsmem write/sync/read/sync: %.0f cycles/iter\n",clus,(double)h/it);
   }
   unsigned* ctr; CK(cudaMalloc(&ctr,4));
