@@ -21,7 +21,8 @@ note() { echo "$*" | tee -a "$S"; }
 
 # Unpack the binaries (scripts/gpu-prepare.sh's bin.tar.xz; Python, as the
 # GPU machine may have no xz).
-python3 - <<'PY'
+# (micro needs none: it builds its own program.)
+[ "$what" = micro ] || python3 - <<'PY'
 import os, tarfile
 r = os.environ.get("GPURUN", ".gpurun")
 with tarfile.open(r + "/bin.tar.xz", "r:xz") as t:
@@ -31,7 +32,7 @@ for f in os.listdir(r + "/bin"):
 PY
 B=$root/$R/bin
 # The GPT-2 fixture is the built-in model: its files travel with the tree.
-if [ ! -d "$KVALIGN_SHARED/models/gutenberg-gpt2-7m" ]; then
+if [ "$what" != micro ] && [ ! -d "$KVALIGN_SHARED/models/gutenberg-gpt2-7m" ]; then
   cp -r transformer/builtin/model "$KVALIGN_SHARED/models/gutenberg-gpt2-7m"
   cp "$KVALIGN_SHARED"/models/gutenberg-gpt2-7m.extra/* "$KVALIGN_SHARED/models/gutenberg-gpt2-7m/"
 fi
