@@ -859,22 +859,28 @@ constexpr int kD4Threads = 512;
 // (sincosf, ~40 instructions each) computed before the programmatic wait,
 // with the K/V gathers, instead of on the critical path after it (512
 // threads have no registers to spare for them).
+//
+// GS > 1 (variant 14: variant 9 with GS = NH/NKV): a kv head's query heads
+// are split into GS groups, a block (or cluster) each, so that a block
+// carries NH/NKV/GS query vectors instead of all of them; the kv head's
+// keys and values are then read GS times (the repeats from L2).
 template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
-                          float rope_theta, RopeFreqs freqs, float scale) {
+                          float rope_theta, RopeFreqs freqs, float scale, int GS) {
   constexpr int HS = LPK * 4, NG = NT / LPK;
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
-  const int kh = blockIdx.x / CS, rank = blockIdx.x % CS, b = blockIdx.y, tid = threadIdx.x;
+  const int unit = blockIdx.x / CS, rank = blockIdx.x % CS, b = blockIdx.y, tid = threadIdx.x;
+  const int kh = unit / GS;  // the kv head; this block takes its query heads h0 … h0 + G − 1
   const int gi = tid / LPK, li = tid % LPK;
   const int gk = rank * NG + gi;  // this group's first key
   constexpr int STEP = NG * CS;   // keys per group step
-  const int G = NH / NKV, QV = T * G;
+  const int G = NH / NKV / GS, QV = T * G, h0 = kh * (NH / NKV) + unit % GS * G;
   const int32_t *ord = order + (size_t)b * max_len;
 
   // Round trip 1: the first batch's slots (speculative) and lens, both
@@ -931,7 +937,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
   for (int v = 0; v < QVM; v++) {
     const int t = v / G, g = v % G;
-    qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(kh * G + g) * HS + 4 * li)
+    qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(h0 + g) * HS + 4 * li)
                    : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 
@@ -1063,7 +1069,7 @@ __global__ void __launch_bounds__(NT)
   __syncthreads();
   if constexpr (CS == 1) {
     for (int oi = tid; oi < QV * HS; oi += NT) {
-      const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
+      const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
       float a0 = 0.f, a1 = 0.f;
 #pragma unroll 4
       for (int g = 0; g < NG; g += 2) {
@@ -1095,7 +1101,7 @@ __global__ void __launch_bounds__(NT)
     cluster.sync();  // every block's partial visible cluster-wide
     if (rank == 0) {
       for (int oi = tid; oi < QV * HS; oi += NT) {
-        const int v = oi / HS, d = oi % HS, t = v / G, h = kh * G + v % G;
+        const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
         float mr[CS], lr[CS], orr[CS];
 #pragma unroll
         for (int r = 0; r < CS; r++) {
@@ -1122,14 +1128,15 @@ __global__ void __launch_bounds__(NT)
 }
 
 // launch_decode_v4_cluster (variant 8: CS = 4, NT = 512; variant 9: CS = 8,
-// NT = 128): false when the shapes do not fit or the device has no clusters
-// (before sm_90).
+// NT = 128; variant 14: 9 with a cluster per query head, GS = NH/NKV): false
+// when the shapes do not fit or the device has no clusters (before sm_90).
 template <int CS, int NT>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
-                              bool pdl = true) {
-  const int QV = T * (NH / NKV);
+                              bool pdl = true, int GS = 1) {
+  if (GS < 1 || (NH / NKV) % GS != 0) return false;
+  const int QV = T * (NH / NKV / GS);
   const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
                     reinterpret_cast<uintptr_t>(q)) & 15) == 0;
   if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
@@ -1138,10 +1145,10 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
     cudaGetLastError();
     return false;
   }
-  const dim3 grid(NKV * CS, B);
+  const dim3 grid(NKV * GS * CS, B);
 #define KV_D4C(LPK, QVM, U)                                                                                   \
   kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT>, CS, grid, dim3(NT), 0, st, pdl, out, q, kc, vc,  \
-                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale)
+                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS)
 #define KV_D4C_Q(LPK) \
   if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); else KV_D4C(LPK, 4, 4)
   switch (HS) {
@@ -1167,7 +1174,7 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
   const bool pdl = kv_pdl_supported();
 #define KV_D4(LPK, QVM, U)                                                                                  \
   kv_launch(attn_decode_kernel_v4<LPK, QVM, U>, grid, dim3(kD4Threads), 0, st, pdl, out, q, kc, vc, order, lens, T, \
-            NH, NKV, q_stride, max_len, rope_theta, freqs, scale)
+            NH, NKV, q_stride, max_len, rope_theta, freqs, scale, 1)
 #define KV_D4_Q(LPK) \
   if (QV == 1) KV_D4(LPK, 1, 8); else KV_D4(LPK, 4, 4)
   switch (HS) {
@@ -1428,8 +1435,15 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     // µs (v10: 10.4). With 8 or more pairs every SM already has its own (kv
     // head, sequence), and one block each is best: distilgpt2 (B·NKV = 12)
     // 3.7 µs a layer with v6 against 4.9 with v9 (H100, same chain).
+    // Fewer pairs still, with several query heads a kv head (SmolLM2: 3): a
+    // cluster per query head (v14), 4.1 µs alone against v9's 5.7, and the
+    // chain 564 against 639 µs a step (H100, BenchmarkCUDAFusedDecodeChain).
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV >= 8 &&
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
+      return kv_launched();
+    if (NH > NKV && QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NH * 8 <= 132 &&
+        launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
+                                         rope_theta, freqs, scale, true, NH / NKV))
       return kv_launched();
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV * 8 <= 132 &&
         launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
@@ -1439,6 +1453,12 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
       return kv_launched();
     variant = QV <= kDecMaxQ ? 4 : 7;
+  }
+  if (variant == 14) {
+    if (!launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
+                                          rope_theta, freqs, scale, true, NH / NKV))
+      return (kv_status)cudaErrorInvalidValue;
+    return kv_launched();
   }
   if (variant == 8 || variant == 9 || variant == 10 || variant == 11) {
     const bool pdl = variant <= 9;  // 10, 11: 9, 8 launched normally

@@ -185,9 +185,11 @@ kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void
  * partials merge in distributed shared memory); 9 = 6 in clusters of 8
  * blocks of 128 threads (sm_90), the first keys' rotation factors computed
  * before the programmatic wait; 10, 11 = 9, 8 launched normally (for
- * comparison). 0: for max_len·HS ≤ 1024·64, 6 when B·NKV ≥ 8, else 9
- * (B·NKV·8 ≤ 132 blocks); longer, 4 (decoding) or 7.
- * On sm_90, 6, 8 and 9 launch as programmatic dependents and gather the rows of
+ * comparison); 14 = 9 with a cluster per query head instead of per kv head
+ * (each kv head's keys and values read NH/NKV times). 0: for max_len·HS ≤
+ * 1024·64, 6 when B·NKV ≥ 8, else 14 when NH > NKV and B·NH·8 ≤ 132
+ * blocks, else 9 (B·NKV·8 ≤ 132 blocks); longer, 4 (decoding) or 7.
+ * On sm_90, 6, 8, 9 and 14 launch as programmatic dependents and gather the rows of
  * every entry but each sequence's newest T before waiting for the previous
  * kernel: that kernel may write q and the newest T entries (this step's
  * keys and values), nothing else the call reads (order, lens and older

@@ -129,8 +129,9 @@ func testAttention(t *testing.T, c *CUDA, rng *rand.Rand, p AttnParams) {
 	}
 	if p.T*p.NH/p.NKV <= 4 && (p.HS == 16 || p.HS == 32 || p.HS == 64 || p.HS == 128) {
 		// One block (a cluster of 4 or 8 on sm_90) per kv head, any length,
-		// as programmatic dependents and (10, 11) launched normally.
-		runs = append(runs, run{6, Buf{}}, run{8, Buf{}}, run{9, Buf{}}, run{10, Buf{}}, run{11, Buf{}})
+		// as programmatic dependents and (10, 11) launched normally; 14: a
+		// cluster of 8 per query head.
+		runs = append(runs, run{6, Buf{}}, run{8, Buf{}}, run{9, Buf{}}, run{10, Buf{}}, run{11, Buf{}}, run{14, Buf{}})
 	}
 	for _, r := range runs {
 		name := fmt.Sprintf("B%d_T%d_NH%d_NKV%d_HS%d_rope%v_v%d_split%v", p.B, p.T, p.NH, p.NKV, p.HS, p.RopeTheta, r.variant, !r.work.IsZero())
@@ -168,7 +169,7 @@ func BenchmarkCUDAAttention(b *testing.B) {
 					c.UploadInts(a.lBuf, lens)
 					out := uploadNew(b, c, F32, make([]float32, B*m.NH*64))
 					work := uploadNew(b, c, F32, make([]float32, max(attnWorkFloats(p), 1)))
-					for _, variant := range []int{1, 3, 4, 6, 8, 9, 0} {
+					for _, variant := range []int{1, 3, 4, 6, 8, 9, 14, 0} {
 						b.Run(fmt.Sprintf("v%d", variant), func(b *testing.B) {
 							sec := graphTime(b, c, 20, func(int) { c.attention(out, a.qBuf, a.kBuf, a.vBuf, a.oBuf, a.lBuf, p, variant, work) })
 							b.ReportMetric(float64(2*B*n*m.NKV*64*4)/sec/1e9, "GB/s")

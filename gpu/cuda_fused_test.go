@@ -768,7 +768,7 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			{"store+attention_v6", runnerLayer(true, 6, 0)}, {"store+attention_v8", runnerLayer(true, 8, 0)},
 			{"store+attention_v9", runnerLayer(true, 9, 0)}, {"store+attention_v4", runnerLayer(true, 4, 0)},
 			{"store+attention_v9_norope", runnerLayer(true, -9, 0)}, {"store+attention_v10", runnerLayer(true, 10, 0)},
-			{"store+attention_v11", runnerLayer(true, 11, 0)}} {
+			{"store+attention_v11", runnerLayer(true, 11, 0)}, {"store+attention_v14", runnerLayer(true, 14, 0)}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")
