@@ -864,12 +864,25 @@ constexpr int kD4Threads = 512;
 // are split into GS groups, a block (or cluster) each, so that a block
 // carries NH/NKV/GS query vectors instead of all of them; the kv head's
 // keys and values are then read GS times (the repeats from L2).
-template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads>
+//
+// OP (kv_attention_out; T = 1, one query head a block, G = 1): the output
+// projection folded in. Each block stages the head's slice of its rows of
+// wo (OutProj) in dynamic shared memory before the programmatic wait, every
+// block of a cluster merges the attention output itself, and the block adds
+// its rows' partial products, in fixed point, into acc instead of writing
+// the attention output.
+struct OutProj {
+  const __half *wo;  // [C, NH·HS] fp16, kv_matmul's weight layout
+  long long *acc;    // [B, C] += kv_fix(Σ_d wo[c, h·HS + d]·attn(b, h)[d]) for every head h
+  int C;
+};
+
+template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
-                          float rope_theta, RopeFreqs freqs, float scale, int GS) {
+                          float rope_theta, RopeFreqs freqs, float scale, int GS, OutProj op) {
   constexpr int HS = LPK * 4, NG = NT / LPK;
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   __shared__ __align__(16) float so[QVM][NG][HS];
@@ -930,6 +943,18 @@ __global__ void __launch_bounds__(NT)
     }
   };
   rot_factors(0);
+  // OP: this block's rows [r0, r1) of wo, the head's HS columns, 16-byte
+  // chunks (CPR a row) into wos.
+  extern __shared__ __align__(16) unsigned char wos[];
+  constexpr int CPR = HS / 8;
+  const int rows_per = OP ? (op.C + CS - 1) / CS : 0;
+  const int r0 = rank * rows_per, nrows = OP ? max(0, min(op.C, r0 + rows_per) - r0) : 0;
+  if constexpr (OP) {
+    const size_t ld = (size_t)NH * HS;
+    for (int i = tid; i < nrows * CPR; i += NT)
+      kv_cp_async16_cg(wos + 16 * i, op.wo + (size_t)(r0 + i / CPR) * ld + (size_t)h0 * HS + 8 * (i % CPR));
+    kv_cp_async_commit();
+  }
   kv_pdl_wait();
   kv_pdl_launch_dependents();
   load_kv(0, fresh, n_total);
@@ -1067,6 +1092,35 @@ __global__ void __launch_bounds__(NT)
     }
   }
   __syncthreads();
+  // OP: the head's output (QV = 1) goes to ho, then through the block's rows
+  // of wo: a group of CPR lanes a row, one 16-byte chunk each, passes of
+  // NT/CPR rows (uniform trip counts: the shuffles need whole warps); a
+  // row's sum is added to acc (every head adds to the same rows).
+  __shared__ float ho[OP ? HS : 1];
+  auto out_proj = [&]() {
+    kv_cp_async_wait_all();
+    __syncthreads();  // ho and the staged rows visible to every thread
+    constexpr int RPP = NT / CPR;
+    const int ci = tid % CPR;
+    float hv[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) hv[e] = ho[8 * ci + e];
+    unsigned long long *dst = reinterpret_cast<unsigned long long *>(op.acc) + (size_t)b * op.C + r0;
+    for (int p0 = 0; p0 < nrows; p0 += RPP) {
+      const int r = p0 + tid / CPR;
+      float sum = 0.f;
+      if (r < nrows) {
+        float wf[8];
+        kv_unpack16<true>(*reinterpret_cast<const uint4 *>(wos + 16 * (r * CPR + ci)), wf);
+#pragma unroll
+        for (int e = 0; e < 8; e++) sum = fmaf(wf[e], hv[e], sum);
+      }
+#pragma unroll
+      for (int off = CPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(KV_FULL_MASK, sum, off);
+      // Two's complement: unsigned adds are the signed sum.
+      if (ci == 0 && r < nrows) atomicAdd(dst + r, (unsigned long long)kv_fix(sum));
+    }
+  };
   if constexpr (CS == 1) {
     for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
@@ -1077,8 +1131,11 @@ __global__ void __launch_bounds__(NT)
         a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
       }
       const float L = sL[v];
-      out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? (a0 + a1) / L : 0.f;
+      const float val = L > 0.f ? (a0 + a1) / L : 0.f;
+      if constexpr (OP) ho[d] = val;
+      else out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = val;
     }
+    if constexpr (OP) out_proj();
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // This block's partial (unnormalised o, its max M_b, sum L_b) in bo/bm/bl.
@@ -1099,7 +1156,7 @@ __global__ void __launch_bounds__(NT)
     }
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's partial visible cluster-wide
-    if (rank == 0) {
+    if (OP || rank == 0) {  // OP: every block merges, for its own rows of wo
       for (int oi = tid; oi < QV * HS; oi += NT) {
         const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
         float mr[CS], lr[CS], orr[CS];
@@ -1119,10 +1176,13 @@ __global__ void __launch_bounds__(NT)
           L = fmaf(f, lr[r], L);
           acc = fmaf(f, orr[r], acc);
         }
-        out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
+        const float val = L > 0.f ? acc / L : 0.f;
+        if constexpr (OP) ho[d] = val;
+        else out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = val;
       }
     }
-    cluster.sync();  // rank 0 done reading the others' shared memory
+    if constexpr (OP) out_proj();
+    cluster.sync();  // every block done reading the others' shared memory
 #endif
   }
 }
@@ -1148,7 +1208,7 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
   const dim3 grid(NKV * GS * CS, B);
 #define KV_D4C(LPK, QVM, U)                                                                                   \
   kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT>, CS, grid, dim3(NT), 0, st, pdl, out, q, kc, vc,  \
-                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS)
+                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, OutProj{})
 #define KV_D4C_Q(LPK) \
   if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); else KV_D4C(LPK, 4, 4)
   switch (HS) {
@@ -1174,7 +1234,7 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
   const bool pdl = kv_pdl_supported();
 #define KV_D4(LPK, QVM, U)                                                                                  \
   kv_launch(attn_decode_kernel_v4<LPK, QVM, U>, grid, dim3(kD4Threads), 0, st, pdl, out, q, kc, vc, order, lens, T, \
-            NH, NKV, q_stride, max_len, rope_theta, freqs, scale, 1)
+            NH, NKV, q_stride, max_len, rope_theta, freqs, scale, 1, OutProj{})
 #define KV_D4_Q(LPK) \
   if (QV == 1) KV_D4(LPK, 1, 8); else KV_D4(LPK, 4, 4)
   switch (HS) {
@@ -1185,6 +1245,47 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
   }
 #undef KV_D4_Q
 #undef KV_D4
+  return true;
+}
+
+// The folded kernel (OP): clusters of 8 blocks of 128 threads (v14's
+// shape), HS = 4·LPK.
+template <int LPK>
+constexpr auto attn_out_kernel = attn_decode_kernel_v4<LPK, 1, 4, 8, 128, true>;
+
+// launch_attention_out: kv_attention_out's kernel, a cluster of 8 blocks
+// per (query head, sequence); false when the shapes do not fit or the
+// device has no clusters.
+bool launch_attention_out(cudaStream_t st, long long *acc, const float *q, const float *kc, const float *vc,
+                          const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS, int q_stride,
+                          int max_len, float rope_theta, const RopeFreqs &freqs, float scale, const __half *wo,
+                          int C) {
+  constexpr int CS = 8, NT = 128;
+  const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
+                    reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(wo)) & 15) == 0;
+  if (!al || q_stride % 4 != 0 || (NH * HS) % 8 != 0 || C <= 0 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128))
+    return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
+    cudaGetLastError();
+    return false;
+  }
+  const size_t smem = (size_t)(C + CS - 1) / CS * HS * 2;  // a block's rows of wo
+  if (smem > 48 * 1024) return false;                       // beyond the default limit (C > 3072 at HS = 64)
+  const dim3 grid(NH * CS, B);  // GS = NH/NKV: a cluster per query head
+  const bool pdl = kv_pdl_supported();
+  const OutProj op{wo, acc, C};
+#define KV_AO(LPK)                                                                                           \
+  kv_launch_clustered(attn_out_kernel<LPK>, CS, grid, dim3(NT), smem, st, pdl, nullptr, q, kc, vc, order, lens, 1, \
+                      NH, NKV, q_stride, max_len, rope_theta, freqs, scale, NH / NKV, op)
+  switch (HS) {
+    case 16: KV_AO(4); break;
+    case 32: KV_AO(8); break;
+    case 64: KV_AO(16); break;
+    default: KV_AO(32); break;
+  }
+#undef KV_AO
   return true;
 }
 
@@ -1407,6 +1508,33 @@ extern "C" long long kv_attention_work_floats(int B, int T, int NH, int NKV, int
 bool kv_attention_prefill_tc(cudaStream_t s, float *out, const float *q, const float *kc, const float *vc,
                              const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                              int q_stride, int max_len, float rope_theta, int variant, int f16, kv_status *st);
+
+extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const float *kc, const float *vc,
+                                      const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
+                                      int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,
+                                      int variant, int *launched) {
+  *launched = 0;
+  if (B <= 0 || NH <= 0) return kv_launched();
+  if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || q_stride < NH * HS || max_len < 0 ||
+      !acc || !wo)
+    return (kv_status)cudaErrorInvalidValue;
+  // fp16 weights only, entries within v4's one-pass reach.
+  if (!wo_f16 || (long long)max_len * HS > 1024 * 64) return kv_launched();
+  const float scale = 1.0f / sqrtf((float)HS);
+  const RopeFreqs freqs = rope_freqs(HS, rope_theta);
+  const __half *w = static_cast<const __half *>(wo);
+  // Variant 0 folds where kv_attention's default takes v14 (few sequences
+  // and several query heads a kv head: SmolLM2), the one shape where the
+  // fold measured faster (H100, BenchmarkCUDAFusedDecodeChain: SmolLM2 555
+  // against 571 µs a step; distilgpt2, whose attention is a block per kv
+  // head, 171 against 160).
+  if (variant == 0 && !(NH > NKV && (long long)B * NH * 8 <= 132)) return kv_launched();
+  if (variant != 0 && variant != 1) return (kv_status)cudaErrorInvalidValue;
+  const bool ok = launch_attention_out(s, acc, q, kc, vc, order, lens, B, NH, NKV, HS, q_stride, max_len, rope_theta,
+                                       freqs, scale, w, C);
+  *launched = ok;
+  return kv_launched();
+}
 
 extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
                                   const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,

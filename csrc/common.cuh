@@ -81,6 +81,16 @@ __device__ __forceinline__ float kv_load_w(const void *w, int f16, long long i) 
   return f16 ? __half2float(static_cast<const __half *>(w)[i]) : static_cast<const float *>(w)[i];
 }
 
+// kv_fix / kv_unfix: fixed point with 32 fraction bits (gpu/ref Fix,
+// Unfix). Integer sums do not depend on the order of their terms, so many
+// blocks can add partial results into one value with atomics and still get
+// the same bits every run (the folded attention output projection). fix
+// clamps to ±2^62 (NaN to −2^62) as ref.Fix does.
+__device__ __forceinline__ long long kv_fix(float v) {
+  return __float2ll_rn(fminf(fmaxf(v * 0x1p32f, -0x1p62f), 0x1p62f));
+}
+__device__ __forceinline__ float kv_unfix(long long s) { return __ll2float_rn(s) * 0x1p-32f; }
+
 // Weight streaming shared by the GEMV kernels (matmul.cu, fused.cu).
 
 // kv_ld_stream16 loads 16 bytes that are used once: read-only path, no L1

@@ -50,7 +50,9 @@ constexpr int kFusedSmemMax = 46 * 1024;
 // blocks) the two-step path is used: every block normalises the input
 // itself, and at that count the redundant staging costs more than a second
 // launch (H200, N = 1: distilgpt2 LM head 37.5 µs fused, 22.2 µs two-step;
-// 3072 rows, 768 blocks: 4.4 µs fused, 6.1 µs two-step).
+// 3072 rows, 768 blocks: 4.4 µs fused, 6.1 µs two-step). Capping the grid
+// at 1536 blocks that loop over the tiles (the norm once a block) was
+// slower still on an H100: 31.0 µs against 29.0 two-step.
 constexpr int kFusedMaxBlocks = 1536;
 constexpr int kV2ChunksPerLane = 4;       // v2: 16-byte weight chunks a lane holds (a row ≤ 4·128 chunks)
 
@@ -153,12 +155,31 @@ struct StoreArgs {
   float theta;
 };
 
+// SumArgs: the residual stream after a folded attention (kv_attention_out),
+// a run-time switch as StoreArgs.
+//  - acc (norm modes): the input row n is in[n] + (pbias +
+//    kv_unfix(acc[n])) (as ref.SumAcc); block 0 also writes it to sum
+//    (kv_norm_matmul_sum).
+//  - res (other modes): out = res + product, in place of accumulate's
+//    out + product (kv_res_matmul: the MLP's output added to the residual
+//    the norm kernel wrote, not to the stream it started from); clear, if
+//    set, is zeroed at the rows the block writes (the accumulator, free
+//    again once the norm kernel has read it).
+struct SumArgs {
+  const long long *acc;
+  const void *pbias;
+  int pbias_f16;
+  float *sum;
+  const float *res;
+  long long *clear;
+};
+
 template <bool F16, int NB, int R, int TPR, int MODE>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
                          const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
-                         int accumulate, StoreArgs st) {
+                         int accumulate, StoreArgs st, SumArgs sa) {
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
   constexpr int U = 4 / R;          // chunks per row per batch (R·U = 4 loads in flight)
   constexpr int GROUPS = kFusedThreads / TPR;
@@ -228,6 +249,35 @@ __global__ void __launch_bounds__(kFusedThreads)
       xs4[idx] = g;
     }
   } else if constexpr (has_norm(MODE)) {
+    if (sa.acc) {  // the residual stream: + (pbias + unfix(acc))
+      for (int i = tid; i < K4; i += kFusedThreads) {
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+          if (n < N) {
+            const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
+            const longlong2 a0 = __ldcg(ap), a1 = __ldcg(ap + 1);
+            float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (sa.pbias) {
+              t.x = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i);
+              t.y = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 1);
+              t.z = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 2);
+              t.w = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 3);
+            }
+            t.x += kv_unfix(a0.x);
+            t.y += kv_unfix(a0.y);
+            t.z += kv_unfix(a1.x);
+            t.w += kv_unfix(a1.y);
+            float4 x = xs4[n * K4 + i];
+            x.x += t.x;
+            x.y += t.y;
+            x.z += t.z;
+            x.w += t.w;
+            xs4[n * K4 + i] = x;
+            if (blockIdx.x == 0 && sa.sum) reinterpret_cast<float4 *>(sa.sum)[n * K4 + i] = x;
+          }
+        }
+      }
+    }
     // Row statistics in fp32, two passes for LayerNorm (as norm.cu: the
     // one-pass E[x²]−E[x]² would cancel for rows with a large mean).
     float mean[NB], rstd[NB];
@@ -373,7 +423,9 @@ __global__ void __launch_bounds__(kFusedThreads)
         if (bias) v += kv_load_w(bias, bias_f16, row);
         if (gelu) v = gelu_new(v);
         float *o = out + (size_t)n * OC + row;
-        *o = accumulate ? *o + v : v;
+        if (sa.res) *o = sa.res[(size_t)n * OC + row] + v;
+        else *o = accumulate ? *o + v : v;
+        if (sa.clear) sa.clear[(size_t)n * OC + row] = 0;
       }
     }
 }
@@ -615,6 +667,7 @@ struct GemvArgs {
   float eps;
   int gelu, accumulate;
   StoreArgs st;  // st.kc == nullptr: a plain product
+  SumArgs sa;    // all null: no folded attention before this product
 };
 
 // fused_smem is the dynamic shared memory of fused_gemv_kernel_v1.
@@ -629,7 +682,7 @@ cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int GROUPS = kFusedThreads / TPR;
   return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
                 dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
-                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st);
+                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st, a.sa);
 }
 
 // gemv_tpr: lanes per row group, matmul.cu launch_gemv_r's rule: a width
@@ -791,6 +844,63 @@ extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, co
     if (st == 0 && gelu) st = kv_gelu_new(s, out, (long long)N * OC);
     return st;
   });
+}
+
+// sum_acc_kernel_v1 (the fallback of kv_norm_matmul_sum): sum[n·K + k] =
+// in[n·K + k] + (pbias[k] + kv_unfix(acc[n·K + k])), ref.SumAcc.
+__global__ void sum_acc_kernel_v1(float *__restrict__ sum, const float *__restrict__ in,
+                                  const long long *__restrict__ acc, const void *__restrict__ pbias, int pbias_f16,
+                                  int N, int K) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)N * K) return;
+  float t = pbias ? kv_load_w(pbias, pbias_f16, i % K) : 0.f;
+  t += kv_unfix(acc[i]);
+  sum[i] = in[i] + t;
+}
+
+extern "C" kv_status kv_norm_matmul_sum(kv_stream s, float *out, float *sum, const float *in, const long long *acc,
+                                        const void *acc_bias, int acc_bias_f16, const void *norm_w,
+                                        const void *norm_b, int norm_f16, const void *w, int w_f16, const void *bias,
+                                        int bias_f16, int N, int C, int OC, float eps, int rms, int gelu) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (C <= 0 || !out || !sum || !in || !acc || !w || !norm_w || sum == in) return (kv_status)cudaErrorInvalidValue;
+  if (rms) norm_b = nullptr;
+  const bool al = ((reinterpret_cast<uintptr_t>(acc) | reinterpret_cast<uintptr_t>(sum)) & 15) == 0;
+  if (al && C % 4 == 0) {
+    GemvArgs a{out, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, gelu, 0};
+    a.sa = SumArgs{acc, acc_bias, acc_bias_f16, sum, nullptr, nullptr};
+    cudaError_t e = cudaSuccess;
+    if (rms ? fused_launch<kRMSNorm>(0, w_f16, a, s, &e) : fused_launch<kLayerNorm>(0, w_f16, a, s, &e)) {
+      KV_TRY(e);
+      return kv_launched();
+    }
+  }
+  // Two steps: the residual first, then the product of it.
+  const long long n = (long long)N * C;
+  sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, acc_bias, acc_bias_f16, N, C);
+  KV_TRY(cudaGetLastError());
+  return kv_norm_matmul(s, out, sum, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, OC, eps, rms, gelu, 0,
+                        0);
+}
+
+extern "C" kv_status kv_res_matmul(kv_stream s, float *out, const float *res, const float *in, const void *w,
+                                   int w_f16, const void *bias, int bias_f16, int N, int K, int OC, int swiglu,
+                                   long long *clear) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (K <= 0 || !out || !res || !in || !w || res == out || (swiglu && bias)) return (kv_status)cudaErrorInvalidValue;
+  GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, 0};
+  a.sa.res = res;
+  a.sa.clear = clear;
+  cudaError_t e = cudaSuccess;
+  if (swiglu ? fused_launch<kSwiGLU>(0, w_f16, a, s, &e) : fused_launch<kPlain>(0, w_f16, a, s, &e)) {
+    KV_TRY(e);
+    return kv_launched();
+  }
+  // Two steps: out = res, then the product accumulated onto it.
+  KV_TRY(cudaMemcpyAsync(out, res, (size_t)N * OC * sizeof(float), cudaMemcpyDeviceToDevice, s));
+  if (clear) KV_TRY(cudaMemsetAsync(clear, 0, (size_t)N * OC * sizeof(long long), s));
+  return swiglu ? kv_swiglu_matmul(s, out, in, w, w_f16, N, K, OC, 1, 0)
+                : kv_matmul(s, out, in, w, w_f16, bias, bias_f16, N, K, OC, 1);
 }
 
 extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,

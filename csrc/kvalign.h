@@ -210,6 +210,26 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
                        const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,
                        int HS, int q_stride, int max_len, float rope_theta, float *work,
                        long long work_floats, int variant);
+/* kv_attention_out: decode attention (T = 1; arguments as kv_attention's)
+ * with the attention output projection folded in: for each query head h
+ * and row c, the head's share of the product, Σ_d wo[c·NH·HS + h·HS + d]·
+ * attn(b, h)[d] (wo [C, NH·HS], kv_matmul's weight layout, fp16; no bias),
+ * is added to acc[b·C + c] (int64) in fixed point with 32 fraction bits
+ * (atomics; integer sums do not depend on their order, so the result is
+ * the same every run); kv_norm_matmul_sum reads it, kv_res_matmul clears
+ * it. Each block stages its rows of wo's head slice in shared memory before
+ * its programmatic wait and multiplies the head's output by them after the
+ * merge. *launched = 0 (nothing enqueued, not an error) where it does not
+ * apply: fp32 wo, more than 1024 entries of 64 dims, unaligned operands,
+ * HS ∉ {16, 32, 64, 128}, no clusters (before sm_90), C·HS/4 > 48 KB.
+ * variant: 0 folds where kv_attention's default takes v14 (NH > NKV and
+ * B·NH·8 ≤ 132: where the fold measured faster), else launches nothing;
+ * 1 = always (where it applies): a cluster of 8 blocks of 128 threads per
+ * (query head, sequence). */
+kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const float *kc, const float *vc,
+                           const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
+                           int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,
+                           int variant, int *launched);
 
 /* align.cu: KV-Align realignment in place (see gpu.AlignParams, ref.Align):
  * for every layer l < L, list entry i < rows and kv head h < NKV, the head
@@ -306,6 +326,26 @@ kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const v
                                int HS, int rope_heads, float theta, int variant);
 kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
                            int F, int OC, int accumulate, int variant);
+/* The residual stream after a folded attention (kv_attention_out), so that
+ * the out-projection costs no launch of its own. acc: [N, C] int64, the
+ * heads' partial products summed in fixed point (kv_attention_out).
+ * kv_norm_matmul_sum: sum[N,C] = in + (acc_bias + unfix(acc)) (fp32, in
+ * this order, as ref.SumAcc; acc_bias of dtype acc_bias_f16, may be NULL),
+ * then kv_norm_matmul(out, sum, …) without accumulation; one kernel where
+ * v1 applies (its blocks all sum the row, block 0 writes sum), else two.
+ * sum must not be in.
+ * kv_res_matmul: out[N,OC] = res + (x·w[OC,K]ᵀ + bias), x = in (swiglu = 0)
+ * or silu(in[:, :K])·in[:, K:2K] (swiglu = 1, rows 2K apart, no bias), and
+ * clear (NULL or [N, OC] int64: the accumulator, which the norm product has
+ * read) set to zero for the next layer; one kernel where v1 applies, else
+ * a copy of res, a memset and the accumulating product. res must not be
+ * out. */
+kv_status kv_norm_matmul_sum(kv_stream s, float *out, float *sum, const float *in, const long long *acc,
+                             const void *acc_bias, int acc_bias_f16, const void *norm_w, const void *norm_b,
+                             int norm_f16, const void *w, int w_f16, const void *bias, int bias_f16, int N, int C,
+                             int OC, float eps, int rms, int gelu);
+kv_status kv_res_matmul(kv_stream s, float *out, const float *res, const float *in, const void *w, int w_f16,
+                        const void *bias, int bias_f16, int N, int K, int OC, int swiglu, long long *clear);
 /* gemm_prefill.cu: out[N, OC/2] = silu(p[:, :OC/2])·p[:, OC/2:] with
  * p = norm(in[N,C])·w[OC,C]ᵀ + bias (OC even; norm as kv_norm_matmul):
  * Llama's gate|up product and SwiGLU in one. variant: 0 and 5 = GEMM v3

@@ -33,6 +33,7 @@ type cpuHostInts []int32
 
 func (h cpuHostInts) Ints() []int32 { return h }
 func (h cpuHostInts) Close() error  { return nil }
+func (h cpuHostInts) Buf() Buf      { return Buf{dt: I32, n: len(h), i: h} }
 
 func (c *CPU) NewHostInts(n int) (HostInts, error) { return cpuHostInts(make([]int32, n)), nil }
 

@@ -31,3 +31,49 @@ func (c *CPUFused) NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int,
 	c.NormMatMul(qkv, in, normW, normB, w, bias, N, C, OC, eps, norm, NoAct, false)
 	c.RopeStore(qkv, st.K, st.V, st.Pos, st.Slots, N, st.NH, st.NKV, st.HS, OC, st.RopeHeads, st.Theta)
 }
+
+// AttentionOutProj folds the out-projection in as ref.AttentionOutProj, so
+// that the fused path's bookkeeping (the accumulator, NormMatMulSum,
+// ResMatMul) runs without a GPU too.
+func (c *CPUFused) AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool {
+	if p.T != 1 {
+		return false
+	}
+	a := unpackInt64(acc.i[:2*p.B*C])
+	ref.AttentionOutProj(a, qkv.f, kc.f, vc.f, order.i, lens.i, wo.f, p.B, p.NH, p.NKV, p.HS, p.QStride, p.MaxLen, C, p.RopeTheta)
+	packInt64(acc.i, a)
+	return true
+}
+
+func (c *CPUFused) NormMatMulSum(out, sum, in, acc, accBias Buf, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act) {
+	ref.SumAcc(sum.f, in.f, unpackInt64(acc.i[:2*N*C]), accBias.f, N, C)
+	c.NormMatMul(out, sum, normW, normB, w, bias, N, C, OC, eps, norm, act, false)
+}
+
+func (c *CPUFused) ResMatMul(out, res, in, w, bias, acc Buf, N, K, OC int, act Act) {
+	copy(out.f[:N*OC], res.f[:N*OC])
+	if act == SwiGLUAct {
+		c.SwiGLUMatMul(out, in, w, N, K, OC, true)
+	} else {
+		c.MatMul(out, in, w, bias, N, K, OC, true)
+	}
+	if !acc.IsZero() {
+		clear(acc.i[:2*N*OC])
+	}
+}
+
+// unpackInt64 reads int64s stored as little-endian pairs of int32 (the I32
+// view of an accumulator); packInt64 writes them back.
+func unpackInt64(p []int32) []int64 {
+	v := make([]int64, len(p)/2)
+	for i := range v {
+		v[i] = int64(uint32(p[2*i])) | int64(p[2*i+1])<<32
+	}
+	return v
+}
+
+func packInt64(p []int32, v []int64) {
+	for i, x := range v {
+		p[2*i], p[2*i+1] = int32(uint32(x)), int32(x>>32)
+	}
+}

@@ -395,6 +395,17 @@ type cudaHostInts struct{ *pinnedInts }
 
 func (h cudaHostInts) Ints() []int32 { return h.ints }
 
+// Buf is the pinned memory at its device address (the same as the host's
+// under unified addressing, which every 64-bit CUDA platform has): kernels
+// write it over the bus, and the writes are visible to the host once the
+// stream has been synchronised.
+func (h cudaHostInts) Buf() Buf {
+	if h.p == nil {
+		return Buf{}
+	}
+	return Buf{dt: I32, n: len(h.ints), ptr: uintptr(h.p)}
+}
+
 // Close frees the pinned memory; safe to call twice. Close the Replays that
 // copy to or from it first: a graph keeps the raw address.
 func (h cudaHostInts) Close() error {

@@ -180,6 +180,109 @@ func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, ep
 	})
 }
 
+// AttentionOutProj: decode attention with the out-projection folded in
+// (see Fused, kv_attention_out); false where the kernel does not apply.
+func (c *CUDA) AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool {
+	return c.attentionOutProj(acc, qkv, kc, vc, order, lens, p, wo, C, 0)
+}
+
+func (c *CUDA) attentionOutProj(acc, q, kc, vc, order, lens Buf, p AttnParams, wo Buf, ch, variant int) bool {
+	const op = "attentionoutproj"
+	if p.T != 1 || c.failed() {
+		return false
+	}
+	if !c.need(op, p.B > 0 && p.NH > 0 && p.NKV > 0 && p.NH%p.NKV == 0 && ch > 0,
+		"invalid shape B=%d NH=%d NKV=%d C=%d (NH must be a multiple of NKV)", p.B, p.NH, p.NKV, ch) ||
+		!c.need(op, p.HS > 0 && p.HS%2 == 0 && p.HS <= C.KV_ATTN_MAX_HS,
+			"head size %d: the kernels take even sizes up to %d", p.HS, C.KV_ATTN_MAX_HS) ||
+		!c.need(op, p.QStride >= p.NH*p.HS && p.MaxLen >= 0,
+			"QStride %d < NH·HS %d or negative MaxLen %d", p.QStride, p.NH*p.HS, p.MaxLen) ||
+		!c.needBuf(op, "acc", acc, 2*p.B*ch, I32) ||
+		!c.needBuf(op, "q", q, (p.B-1)*p.QStride+p.NH*p.HS, F32) ||
+		!c.needBuf(op, "kc", kc, p.NKV*p.HS, F32) ||
+		!c.needBuf(op, "vc", vc, p.NKV*p.HS, F32) ||
+		!c.needBuf(op, "order", order, p.B*p.MaxLen, I32) ||
+		!c.needBuf(op, "lens", lens, p.B, I32) ||
+		!c.needBuf(op, "wo", wo, ch*p.NH*p.HS, F32, F16) {
+		return false
+	}
+	var launched C.int
+	c.run(op, func() C.kv_status {
+		return C.kv_attention_out(c.stream, devI64(acc), devF32(q), devF32(kc), devF32(vc), devI32(order), devI32(lens),
+			C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.QStride), C.int(p.MaxLen), C.float(p.RopeTheta),
+			dev(wo), f16(wo), C.int(ch), C.int(variant), &launched)
+	})
+	return launched != 0 && !c.failed()
+}
+
+// devI64 is an I32 buffer holding int64 pairs (an AttentionOutProj
+// accumulator) as the kernels take it.
+func devI64(b Buf) *C.longlong { return (*C.longlong)(dev(b)) }
+
+// NormMatMulSum: the residual stream after AttentionOutProj, then the
+// normalised product, see Fused and kv_norm_matmul_sum.
+func (c *CUDA) NormMatMulSum(out, sum, in, acc, accBias Buf, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act) {
+	const op = "normmatmulsum"
+	n, ch, oc := N, C, OC
+	if !c.need(op, n >= 0 && ch > 0 && oc >= 0, "invalid shape N=%d C=%d OC=%d", n, ch, oc) ||
+		!c.need(op, norm == LayerNormKind || norm == RMSNormKind, "unknown norm kind %d", norm) ||
+		!c.need(op, act == NoAct || act == GeluAct, "activation %d: want none or gelu", act) ||
+		!c.needBuf(op, "out", out, n*oc, F32) ||
+		!c.needBuf(op, "sum", sum, n*ch, F32) ||
+		!c.needBuf(op, "in", in, n*ch, F32) ||
+		!c.needBuf(op, "acc", acc, 2*n*ch, I32) ||
+		!accBias.IsZero() && !c.needBuf(op, "accBias", accBias, ch, F32, F16) ||
+		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
+		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
+		!c.needBuf(op, "w", w, oc*ch, F32, F16) ||
+		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) ||
+		!c.need(op, !overlaps(sum, n*ch, in, n*ch), "sum overlaps in") ||
+		!c.need(op, !overlaps(out, n*oc, sum, n*ch) && !overlaps(out, n*oc, in, n*ch), "out overlaps sum or in") {
+		return
+	}
+	if n == 0 || oc == 0 {
+		return
+	}
+	if norm == RMSNormKind {
+		normB = Buf{}
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_norm_matmul_sum(c.stream, devF32(out), devF32(sum), devF32(in), devI64(acc),
+			dev(accBias), f16(accBias), dev(normW), dev(normB), f16(normW), dev(w), f16(w), dev(bias), f16(bias),
+			C.int(n), C.int(ch), C.int(oc), C.float(eps), cFlag(norm == RMSNormKind), cFlag(act == GeluAct))
+	})
+}
+
+// ResMatMul: out = res + product, clearing an accumulator, see Fused and
+// kv_res_matmul.
+func (c *CUDA) ResMatMul(out, res, in, w, bias, acc Buf, N, K, OC int, act Act) {
+	const op = "resmatmul"
+	n, k, oc := N, K, OC
+	inW := k
+	if act == SwiGLUAct {
+		inW = 2 * k
+	}
+	if !c.need(op, n >= 0 && k > 0 && oc >= 0, "invalid shape N=%d K=%d OC=%d", n, k, oc) ||
+		!c.need(op, act == NoAct || act == SwiGLUAct, "activation %d: want none or SwiGLU", act) ||
+		!c.need(op, act != SwiGLUAct || bias.IsZero(), "SwiGLU takes no bias") ||
+		!c.needBuf(op, "out", out, n*oc, F32) ||
+		!c.needBuf(op, "res", res, n*oc, F32) ||
+		!c.needBuf(op, "in", in, n*inW, F32) ||
+		!c.needBuf(op, "w", w, oc*k, F32, F16) ||
+		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) ||
+		!acc.IsZero() && !c.needBuf(op, "acc", acc, 2*n*oc, I32) ||
+		!c.need(op, !overlaps(out, n*oc, res, n*oc) && !overlaps(out, n*oc, in, n*inW), "out overlaps res or in") {
+		return
+	}
+	if n == 0 || oc == 0 {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_res_matmul(c.stream, devF32(out), devF32(res), devF32(in), dev(w), f16(w), dev(bias), f16(bias),
+			C.int(n), C.int(k), C.int(oc), cFlag(act == SwiGLUAct), devI64(acc))
+	})
+}
+
 // overlaps reports whether the first na elements of a and the first nb of b
 // share device memory.
 func overlaps(a Buf, na int, b Buf, nb int) bool {

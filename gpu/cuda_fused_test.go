@@ -759,6 +759,27 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 				c.NormMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
 			}
 		}
+		// The same with the attention output projection folded into the
+		// attention (AttentionOutProj, forced on), as the runner's one-token
+		// steps run it where the default takes it (SmolLM2).
+		acc := uploadInts(b, c, make([]int32, 2*m.C))
+		fold := func() {
+			for _, ly := range layers {
+				c.NormMatMulStore(qkv, x, ly.n1, ly.nb1, ly.qkv, ly.bq, 1, m.C, 1e-5, nk,
+					QKVStore{K: kc, V: vc, Pos: pos, Slots: slots, NH: m.NH, NKV: m.NKV, HS: m.HS, RopeHeads: storeRot, Theta: theta})
+				if !c.attentionOutProj(acc, qkv, kc, vc, orderBuf, lensBuf, ap, ly.o, m.C, 1) {
+					b.Fatalf("%s: AttentionOutProj did not launch (%v)", m.name, c.Err())
+				}
+				if m.llama {
+					c.NormMatMulSum(up, xn, x, acc, Buf{}, ly.n2, Buf{}, ly.up, Buf{}, 1, m.C, upW, 1e-5, nk, NoAct)
+					c.ResMatMul(x, xn, up, ly.down, Buf{}, acc, 1, m.F, m.C, SwiGLUAct)
+				} else {
+					c.NormMatMulSum(up, xn, x, acc, ly.bo, ly.n2, ly.nb2, ly.up, ly.bu, 1, m.C, upW, 1e-5, nk, GeluAct)
+					c.ResMatMul(x, xn, up, ly.down, ly.bd, acc, 1, m.F, m.C, NoAct)
+				}
+			}
+			c.NormMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
+		}
 		for _, way := range []struct {
 			name string
 			fn   func()
@@ -768,7 +789,8 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			{"store+attention_v6", runnerLayer(true, 6, 0)}, {"store+attention_v8", runnerLayer(true, 8, 0)},
 			{"store+attention_v9", runnerLayer(true, 9, 0)}, {"store+attention_v4", runnerLayer(true, 4, 0)},
 			{"store+attention_v9_norope", runnerLayer(true, -9, 0)}, {"store+attention_v10", runnerLayer(true, 10, 0)},
-			{"store+attention_v11", runnerLayer(true, 11, 0)}, {"store+attention_v14", runnerLayer(true, 14, 0)}} {
+			{"store+attention_v11", runnerLayer(true, 11, 0)}, {"store+attention_v14", runnerLayer(true, 14, 0)},
+			{"store+attention+fold", fold}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")

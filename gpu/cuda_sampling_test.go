@@ -191,3 +191,104 @@ func TestCUDASampleCaptured(t *testing.T) {
 		}
 	}
 }
+
+// TestCUDASampleToHost: Sample writes its picks straight into pinned host
+// memory (HostInts.Buf) from a replayed graph, each replay's visible after
+// Sync, as the runner's decode step uses it.
+func TestCUDASampleToHost(t *testing.T) {
+	c := newTestCUDA(t)
+	r := rand.New(rand.NewPCG(78, 79))
+	const B, V = 2, 50257
+	logitsHost := randNormal(r, B*V, 3, 0)
+	logits := uploadNew(t, c, F32, logitsHost)
+	counter := alloc(t, c, I32, B)
+	in, err := c.NewHostInts(B)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	picks, err := c.NewHostInts(B)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer picks.Close()
+	if b := picks.Buf(); b.Len() != B || b.DType() != I32 {
+		t.Fatalf("Buf() = %d × %v, want %d × i32", b.Len(), b.DType(), B)
+	}
+	p := SampleParams{B: B, V: V, TopK: 20, Seed: 4321}
+	rep, err := c.Capture(func() {
+		c.CopyIn(counter, in)
+		c.Sample(picks.Buf(), logits, Buf{}, counter, p)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	for step := 0; step < 20; step++ {
+		in.Ints()[0], in.Ints()[1] = int32(7*step), int32(7*step+3)
+		picks.Ints()[0], picks.Ints()[1] = -1, -1
+		rep.Run()
+		checkOK(t, c)
+		want := make([]int32, B)
+		ref.Sample(want, logitsHost, nil, in.Ints(), B, V, p.TopK, 0, p.Seed)
+		if got := picks.Ints(); got[0] != want[0] || got[1] != want[1] {
+			t.Errorf("step %d: picks %v, want %v", step, got, want)
+		}
+	}
+}
+
+// BenchmarkCUDAStepEdges times what a decode step runs around its layers,
+// each as a graph node the way the runner captures it: the staged integers
+// copied in (a memcpy node of ~1 KiB), GPT-2's embedding, sampling over
+// GPT-2's vocabulary, the pick copied out, and all four in sequence; then
+// distilgpt2's LM head two ways, and the step's tail (LM head, sampling,
+// copy out).
+func BenchmarkCUDAStepEdges(b *testing.B) {
+	c := newTestCUDA(b)
+	r := rand.New(rand.NewPCG(76, 77))
+	const C, V, maxLen = 768, 50257, 256
+	stage, err := c.NewHostInts(maxLen + 8)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stage.Close()
+	pick, err := c.NewHostInts(1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pick.Close()
+	ints := uploadInts(b, c, make([]int32, maxLen+8)) // token 0 at position 0; counter 0
+	wte := uploadNew(b, c, F16, randNormal(r, V*C, 0.1, 0))
+	wpe := uploadNew(b, c, F16, randNormal(r, 1024*C, 0.1, 0))
+	x := alloc(b, c, F32, C)
+	logits := uploadNew(b, c, F32, randNormal(r, V, 3, 0))
+	banned := uploadInts(b, c, []int32{-1})
+	out := alloc(b, c, I32, 1)
+	p := SampleParams{B: 1, V: V, TopK: 20, MaxBan: 1, Seed: 5}
+	copyIn := func() { c.CopyIn(ints, stage) }
+	embed := func() { c.Embed(x, wte, wpe, ints.View(0, 1), ints.View(1, 1), 1, C) }
+	sample := func() { c.Sample(out, logits, banned, ints.View(2, 1), p) }
+	copyOut := func() { c.CopyOut(pick, out) }
+	// The LM head as the runner's fused path asks for it (NormMatMul: at
+	// V rows, a LayerNorm into stream-ordered scratch, then the product)
+	// and as two plain operations on a buffer of its own.
+	nw, nb := uploadNew(b, c, F16, randNormal(r, C, 0.2, 1)), uploadNew(b, c, F16, randNormal(r, C, 0.1, 0))
+	xn := alloc(b, c, F32, C)
+	lmFused := func() { c.NormMatMul(logits, x, nw, nb, wte, Buf{}, 1, C, V, 1e-5, LayerNormKind, NoAct, false) }
+	lmPlain := func() { c.LayerNorm(xn, x, nw, nb, 1, C, 1e-5); c.MatMul(logits, xn, wte, Buf{}, 1, C, V, false) }
+	for _, tc := range []struct {
+		name string
+		fn   func()
+	}{
+		{"copyin", copyIn}, {"embed", embed}, {"sample", sample}, {"copyout", copyOut},
+		{"all", func() { copyIn(); embed(); sample(); copyOut() }},
+		{"lmhead_normmatmul", lmFused}, {"lmhead_norm+matmul", lmPlain},
+		{"lmhead_twostep", func() {
+			c.normMatMul(logits, x, nw, nb, wte, Buf{}, 1, C, V, 1e-5, LayerNormKind, NoAct, false, fusedTwoStep)
+		}},
+		{"tail", func() { lmFused(); sample(); copyOut() }},
+		{"sample_to_host", func() { c.Sample(pick.Buf(), logits, banned, ints.View(2, 1), p) }},
+	} {
+		b.Run(tc.name, func(b *testing.B) { benchGraph(b, c, 0, tc.fn) })
+	}
+}

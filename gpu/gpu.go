@@ -102,6 +102,11 @@ func (b Buf) View(off, n int) Buf {
 // the device inside a captured step (pinned memory on CUDA).
 type HostInts interface {
 	Ints() []int32
+	// Buf is the same memory as an I32 buffer that operations may write
+	// directly (CUDA: pinned memory mapped into the device's address
+	// space), visible in Ints once Sync returns: a step's last result
+	// written there needs no CopyOut node after it.
+	Buf() Buf
 	Close() error
 }
 
@@ -296,6 +301,28 @@ type Fused interface {
 	// writes, = NormMatMul(qkv, in, …, OC = (NH+2·NKV)·HS, NoAct, no
 	// accumulate), then RopeStore(qkv, st…, rowStride OC).
 	NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore)
+
+	// AttentionOutProj: decode attention (p.T = 1) with the attention
+	// output projection folded in, so that it costs no launch of its own:
+	// each query head's share of attn·woᵀ (wo [C, NH·HS] as MatMul's w, no
+	// bias) is added to acc, [p.B, C] int64 in fixed point held as 2·p.B·C
+	// I32 (ref.AttentionOutProj: the sum is the same whatever order the
+	// heads arrive in). acc must be zero before; NormMatMulSum reads it and
+	// ResMatMul zeroes it again. It returns false, enqueuing nothing, where
+	// the backend has no folded kernel for these shapes or dtypes: then run
+	// Attention and MatMul.
+	AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool
+	// NormMatMulSum: sum[N,C] = in + (accBias + unfix(acc)) (ref.SumAcc;
+	// accBias optional), then out[N,OC] = act(norm(sum)·w[OC,C]ᵀ + bias)
+	// = NormMatMul(out, sum, …) without accumulate (act NoAct or GeluAct).
+	// sum must not overlap in.
+	NormMatMulSum(out, sum, in, acc, accBias Buf, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act)
+	// ResMatMul: out[N,OC] = res + (x·w[OC,K]ᵀ + bias), x = in (NoAct) or
+	// silu(in[:, :K])·in[:, K:2K] (SwiGLUAct, no bias) = res copied to out,
+	// then MatMul or SwiGLUMatMul accumulating; clear (optional, an
+	// AttentionOutProj accumulator of N·OC int64) is set to zero. res must
+	// not overlap out.
+	ResMatMul(out, res, in, w, bias, clear Buf, N, K, OC int, act Act)
 }
 
 // QKVStore says where NormMatMulStore's keys and values go and which heads

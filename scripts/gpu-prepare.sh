@@ -28,6 +28,8 @@ done
 # BASELINE=path/to/kvalign (an older build) travels as kvalign-base, and
 # gpu-run.sh bench times it in the same run, for before/after numbers.
 if [ -n "${BASELINE:-}" ]; then cp "$BASELINE" "$R/bin/kvalign-base"; fi
+# EXTRA="path …": more binaries (experiment builds) travel under their names.
+for f in ${EXTRA:-}; do cp "$f" "$R/bin/"; done
 # One archive with a dictionary larger than a binary: the four binaries
 # share the same kernel images (≈ 45 MB each), which xz then stores once
 # (≈ 14 MB in all instead of ≈ 55 MB as separate files).

@@ -45,6 +45,10 @@ type Runner struct {
 	K, V  gpu.Buf // [L, Slots, NKV, HS]
 
 	x, xn, qkv, att, up, act, logits, nll gpu.Buf
+	// acc: one-token steps' attention output projection, the query heads'
+	// partial products summed in fixed point, [B, C] int64 as I32 pairs
+	// (gpu.Fused.AttentionOutProj); zero between layers.
+	acc gpu.Buf
 
 	stage  gpu.HostInts // host side of the int block
 	ints   gpu.Buf      // device side
@@ -66,8 +70,8 @@ type Runner struct {
 
 // intLayout is where each step input lives inside the int block.
 type intLayout struct {
-	tokens, pos, slots, targets, order, lens, counter, banned, alignSlots, alignIndex, sampled int
-	total                                                                                      int
+	tokens, pos, slots, targets, order, lens, counter, banned, alignSlots, alignIndex int
+	total                                                                             int
 }
 
 // NewRunner allocates a Runner's buffers on the model's backend.
@@ -98,7 +102,6 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	L.order, L.lens, L.counter = next(opt.B*opt.MaxLen), next(opt.B), next(opt.B)
 	L.banned = next(opt.B * opt.MaxBan)
 	L.alignSlots, L.alignIndex = next(opt.B*opt.MaxLen), next(opt.B*opt.MaxLen)
-	L.sampled = next(opt.B)
 	for _, a := range []struct {
 		dst *gpu.Buf
 		dt  gpu.DType
@@ -109,6 +112,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		{&r.qkv, gpu.F32, N * cfg.QKVWidth()}, {&r.att, gpu.F32, N * cfg.NH * cfg.HS},
 		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
 		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
+		{&r.acc, gpu.I32, 2 * opt.B * cfg.C},
 		{&r.ints, gpu.I32, L.total},
 	} {
 		if err := alloc(a.dst, a.dt, a.n); err != nil {
@@ -116,6 +120,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 			return nil, fmt.Errorf("allocating runner state (B=%d, %d rows, %d cache slots): %w", opt.B, N, r.Slots, err)
 		}
 	}
+	m.Be.UploadInts(r.acc, make([]int32, r.acc.Len()))
 	var err error
 	if r.stage, err = m.Be.NewHostInts(L.total); err != nil {
 		r.Close()
@@ -395,6 +400,26 @@ func (r *Runner) enqueue(sh stepShape) {
 			nk := r.normKind()
 			fused.NormMatMulStore(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk,
 				gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta})
+			// Four for one-token steps where the backend can fold the
+			// attention output projection into the attention kernel: the
+			// heads' partial products meet in acc, which the MLP's norm
+			// product adds to the residual stream (writing the sum to xn)
+			// and the MLP's output product clears (adding its result to xn
+			// into x).
+			if sh.T == 1 && N <= gemvMaxRows {
+				if acc := r.acc.View(0, 2*N*C); fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
+					if cfg.Family == GPT2 {
+						up := r.up.View(0, N*F)
+						fused.NormMatMulSum(up, xn, x, acc, lw.oB, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct)
+						fused.ResMatMul(x, xn, up, lw.downW, lw.downB, acc, N, F, C, gpu.NoAct)
+					} else {
+						up := r.up.View(0, N*2*F)
+						fused.NormMatMulSum(up, xn, x, acc, gpu.Buf{}, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct)
+						fused.ResMatMul(x, xn, up, lw.downW, gpu.Buf{}, acc, N, F, C, gpu.SwiGLUAct)
+					}
+					continue
+				}
+			}
 			be.Attention(att, qkv, K, V, order, lens, attn)
 			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
 			if cfg.Family == GPT2 {
@@ -467,9 +492,10 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), r.view(L.targets, o.B), o.B, V)
 		}
 		if sh.topK > 0 {
-			be.Sample(r.view(L.sampled, o.B), r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B),
+			// The picks go straight to pinned host memory: no copy node
+			// after the sampling kernel.
+			be.Sample(r.sample.Buf(), r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B),
 				gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed})
-			be.CopyOut(r.sample, r.view(L.sampled, o.B))
 		}
 	}
 }

@@ -1,5 +1,7 @@
 package ref
 
+import "math"
+
 // The fused decode operations (gpu.Fused) defined as the sequences of plain
 // operations they replace: the oracle for the fused CUDA kernels.
 
@@ -41,4 +43,56 @@ func RopeStore(qkv, kc, vc []float32, pos, slots []int32, N, NH, NKV, HS, rowStr
 	}
 	CacheStore(kc, qkv[NH*HS:], slots, N, NKV*HS, rowStride)
 	CacheStore(vc, qkv[(NH+NKV)*HS:], slots, N, NKV*HS, rowStride)
+}
+
+// AttentionOutProj: decode attention (T = 1) with the output projection
+// folded in: for every query head h, its share of attn·woᵀ,
+// part_h[c] = Σ_d wo[c·NH·HS + h·HS + d] · attn(b, h)[d] (attn as Attention,
+// wo [C, NH·HS] as MatMul's weights, no bias), is added to acc[b·C + c] in
+// fixed point (Fix): the heads' sum does not depend on the order they
+// arrive in. float32 partials, each a dot product in float64.
+func AttentionOutProj(acc []int64, q, kc, vc []float32, order, lens []int32, wo []float32, B, NH, NKV, HS, qStride, maxLen, C int, ropeTheta float32) {
+	att := make([]float32, B*NH*HS)
+	Attention(att, q, kc, vc, order, lens, B, 1, NH, NKV, HS, qStride, maxLen, ropeTheta)
+	K := NH * HS
+	for b := 0; b < B; b++ {
+		for h := 0; h < NH; h++ {
+			a := att[(b*NH+h)*HS : (b*NH+h)*HS+HS]
+			for c := 0; c < C; c++ {
+				acc[b*C+c] += Fix(float32(dot64(a, wo[c*K+h*HS:c*K+h*HS+HS])))
+			}
+		}
+	}
+}
+
+// Fix is v in fixed point with 32 fraction bits, rounded to nearest even,
+// clamped to ±2^62 (NaN to −2^62): csrc's kv_fix, bit for bit.
+func Fix(v float32) int64 {
+	const lim = 0x1p62
+	f := float64(v * 0x1p32) // exact: a float32 times a power of two
+	if !(f > -lim) {
+		f = -lim
+	}
+	if f > lim {
+		f = lim
+	}
+	return int64(math.RoundToEven(f))
+}
+
+// Unfix is s as a float32 (rounded once, to nearest even) over 2^32:
+// csrc's kv_unfix.
+func Unfix(s int64) float32 { return float32(s) * 0x1p-32 }
+
+// SumAcc: sum[n·C + c] = in[n·C + c] + (bias[c] + Unfix(acc[n·C + c])) in
+// fp32, bias nil for none: the residual stream after a folded attention
+// (AttentionOutProj).
+func SumAcc(sum, in []float32, acc []int64, bias []float32, N, C int) {
+	for i := 0; i < N*C; i++ {
+		var t float32
+		if bias != nil {
+			t = bias[i%C]
+		}
+		t += Unfix(acc[i])
+		sum[i] = in[i] + t
+	}
 }
