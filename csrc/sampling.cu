@@ -415,26 +415,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     x0 = src[warp * 64 + lane];
     x1 = src[warp * 64 + lane + 32];
   }
-  // The warp's further lists (every 32nd), PF at a time: all of a batch's
-  // loads are issued before its first merge (loading each list just before
-  // merging it waited one L2 round trip a list: 3 for GPT-2's 99 lists).
-  constexpr int PF = 4;
-  for (int g0 = warp + SAMPLE_WARPS; g0 < G; g0 += PF * SAMPLE_WARPS) {
-    uint64_t a0[PF], a1[PF];
-#pragma unroll
-    for (int p = 0; p < PF; p++) {
-      const int g = g0 + p * SAMPLE_WARPS;
-      const uint64_t *L = src + (long long)g * 64;
-      a0[p] = g < G ? L[63 - lane] : 0;
-      a1[p] = g < G ? L[31 - lane] : 0;
-    }
-#pragma unroll
-    for (int p = 0; p < PF; p++) {
-      if (g0 + p * SAMPLE_WARPS >= G) break;  // warp-uniform: the merge's shuffles stay whole
-      x0 = max(x0, a0[p]);
-      x1 = max(x1, a1[p]);
-      sample_bitonic_merge(x0, x1, lane);
-    }
+  for (int g = warp + SAMPLE_WARPS; g < G; g += SAMPLE_WARPS) {
+    const uint64_t *L = src + (long long)g * 64;
+    x0 = max(x0, L[63 - lane]);
+    x1 = max(x1, L[31 - lane]);
+    sample_bitonic_merge(x0, x1, lane);
   }
   lists[warp][lane] = x0;
   lists[warp][lane + 32] = x1;
