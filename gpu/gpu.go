@@ -309,8 +309,10 @@ type Fused interface {
 	// I32 (ref.AttentionOutProj: the sum is the same whatever order the
 	// heads arrive in). acc must be zero before; NormMatMulSum reads it and
 	// ResMatMul zeroes it again. It returns false, enqueuing nothing, where
-	// the backend has no folded kernel for these shapes or dtypes: then run
-	// Attention and MatMul.
+	// the backend has no folded kernel for these shapes or dtypes, or
+	// folding measured slower (CUDA folds where its attention runs a
+	// cluster per query head: SmolLM2, not distilgpt2): then run Attention
+	// and MatMul.
 	AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool
 	// NormMatMulSum: sum[N,C] = in + (accBias + unfix(acc)) (ref.SumAcc;
 	// accBias optional), then out[N,OC] = act(norm(sum)·w[OC,C]ᵀ + bias)
