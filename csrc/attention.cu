@@ -1190,27 +1190,35 @@ __global__ void __launch_bounds__(NT)
 // launch_decode_v4_cluster (variant 8: CS = 4, NT = 512; variant 9: CS = 8,
 // NT = 128; variant 14: 9 with a cluster per query head, GS = NH/NKV): false
 // when the shapes do not fit or the device has no clusters (before sm_90).
-template <int CS, int NT>
+// OP (kv_attention_out): the kernel with the output projection folded in,
+// op its operands (out unused); it needs one query vector a cluster (QV = 1)
+// and a block's rows of wo within the default 48 KB of shared memory.
+template <int CS, int NT, bool OP = false>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
-                              bool pdl = true, int GS = 1) {
+                              bool pdl = true, int GS = 1, const OutProj &op = OutProj{}) {
   if (GS < 1 || (NH / NKV) % GS != 0) return false;
   const int QV = T * (NH / NKV / GS);
   const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
-                    reinterpret_cast<uintptr_t>(q)) & 15) == 0;
+                    reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(op.wo)) & 15) == 0;
   if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
+  // OP: one head's output a cluster; wo's rows (NH·HS halves) 16-byte aligned.
+  const size_t smem = OP ? (size_t)(op.C + CS - 1) / CS * HS * 2 : 0;  // a block's rows of wo
+  if (OP && (QV != 1 || (NH * HS) % 8 != 0 || op.C <= 0 || smem > 48 * 1024)) return false;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
     cudaGetLastError();
     return false;
   }
   const dim3 grid(NKV * GS * CS, B);
-#define KV_D4C(LPK, QVM, U)                                                                                   \
-  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT>, CS, grid, dim3(NT), 0, st, pdl, out, q, kc, vc,  \
-                      order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, OutProj{})
-#define KV_D4C_Q(LPK) \
-  if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); else KV_D4C(LPK, 4, 4)
+#define KV_D4C(LPK, QVM, U)                                                                                      \
+  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
+                      vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op)
+#define KV_D4C_Q(LPK)                         \
+  if constexpr (OP) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
+  else if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
+  else KV_D4C(LPK, 4, 4)
   switch (HS) {
     case 16: KV_D4C_Q(4); break;
     case 32: KV_D4C_Q(8); break;
@@ -1245,47 +1253,6 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
   }
 #undef KV_D4_Q
 #undef KV_D4
-  return true;
-}
-
-// The folded kernel (OP): clusters of 8 blocks of 128 threads (v14's
-// shape), HS = 4·LPK.
-template <int LPK>
-constexpr auto attn_out_kernel = attn_decode_kernel_v4<LPK, 1, 4, 8, 128, true>;
-
-// launch_attention_out: kv_attention_out's kernel, a cluster of 8 blocks
-// per (query head, sequence); false when the shapes do not fit or the
-// device has no clusters.
-bool launch_attention_out(cudaStream_t st, long long *acc, const float *q, const float *kc, const float *vc,
-                          const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS, int q_stride,
-                          int max_len, float rope_theta, const RopeFreqs &freqs, float scale, const __half *wo,
-                          int C) {
-  constexpr int CS = 8, NT = 128;
-  const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
-                    reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(wo)) & 15) == 0;
-  if (!al || q_stride % 4 != 0 || (NH * HS) % 8 != 0 || C <= 0 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128))
-    return false;
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
-    cudaGetLastError();
-    return false;
-  }
-  const size_t smem = (size_t)(C + CS - 1) / CS * HS * 2;  // a block's rows of wo
-  if (smem > 48 * 1024) return false;                       // beyond the default limit (C > 3072 at HS = 64)
-  const dim3 grid(NH * CS, B);  // GS = NH/NKV: a cluster per query head
-  const bool pdl = kv_pdl_supported();
-  const OutProj op{wo, acc, C};
-#define KV_AO(LPK)                                                                                           \
-  kv_launch_clustered(attn_out_kernel<LPK>, CS, grid, dim3(NT), smem, st, pdl, nullptr, q, kc, vc, order, lens, 1, \
-                      NH, NKV, q_stride, max_len, rope_theta, freqs, scale, NH / NKV, op)
-  switch (HS) {
-    case 16: KV_AO(4); break;
-    case 32: KV_AO(8); break;
-    case 64: KV_AO(16); break;
-    default: KV_AO(32); break;
-  }
-#undef KV_AO
   return true;
 }
 
@@ -1530,8 +1497,10 @@ extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *
   // head, 171 against 160).
   if (variant == 0 && !(NH > NKV && (long long)B * NH * 8 <= 132)) return kv_launched();
   if (variant != 0 && variant != 1) return (kv_status)cudaErrorInvalidValue;
-  const bool ok = launch_attention_out(s, acc, q, kc, vc, order, lens, B, NH, NKV, HS, q_stride, max_len, rope_theta,
-                                       freqs, scale, w, C);
+  // A cluster of 8 blocks of 128 threads per (query head, sequence), as v14.
+  const bool ok = launch_decode_v4_cluster<8, 128, true>(s, nullptr, q, kc, vc, order, lens, B, 1, NH, NKV, HS,
+                                                         q_stride, max_len, rope_theta, freqs, scale, true, NH / NKV,
+                                                         OutProj{w, acc, C});
   *launched = ok;
   return kv_launched();
 }
