@@ -274,3 +274,56 @@ func BenchmarkCUDAMatMulGEMM(b *testing.B) {
 		}
 	}
 }
+
+// TestCUDALMHeadChainCaptured: the decode tail's plain kernels as
+// programmatic dependents in a captured graph (sm_90): a GEMV writes h, the
+// norm (v2, its weights loaded before its wait) normalises h, and the LM
+// head GEMV (v1, its first weight loads before its wait) reads the result.
+// Each replay gets a new input, so a consumer that read before its producer
+// finished would return the previous replay's logits.
+func TestCUDALMHeadChainCaptured(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(91, 92))
+	const C, V = 768, 50257
+	for _, rms := range []bool{false, true} {
+		w1 := asWeight(F16, randVals(rng, C*C, 0.05))
+		nw := asWeight(F16, randNormal(rng, C, 0.2, 1))
+		nb := asWeight(F16, randNormal(rng, C, 0.1, 0))
+		lm := asWeight(F16, randVals(rng, V*C, 0.1))
+		w1Buf, nwBuf, nbBuf, lmBuf := uploadNew(t, c, F16, w1), uploadNew(t, c, F16, nw), uploadNew(t, c, F16, nb), uploadNew(t, c, F16, lm)
+		x, h, hn, logits := alloc(t, c, F32, C), alloc(t, c, F32, C), alloc(t, c, F32, C), alloc(t, c, F32, V)
+		rep, err := c.Capture(func() {
+			c.MatMul(h, x, w1Buf, Buf{}, 1, C, C, false)
+			if rms {
+				c.RMSNorm(hn, h, nwBuf, 1, C, 1e-5)
+			} else {
+				c.LayerNorm(hn, h, nwBuf, nbBuf, 1, C, 1e-5)
+			}
+			c.MatMul(logits, hn, lmBuf, Buf{}, 1, C, V, false)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 4; i++ {
+			in := randNormal(rng, C, 1, float32(i))
+			c.Upload(x, in)
+			rep.Run()
+			wantH, wantHn, want := make([]float32, C), make([]float32, C), make([]float32, V)
+			ref.MatMul(wantH, in, w1, nil, 1, C, C, false)
+			if rms {
+				ref.RMSNorm(wantHn, wantH, nw, 1, C, 1e-5)
+			} else {
+				ref.LayerNorm(wantHn, wantH, nw, nb, 1, C, 1e-5)
+			}
+			ref.MatMul(want, wantHn, lm, nil, 1, C, V, false)
+			got := download(t, c, logits)
+			if e := relErr(got, want); e > 1e-5 {
+				t.Errorf("rms=%v replay %d: max|Δ|/max|ref| = %.3g > 1e-5", rms, i, e)
+			}
+		}
+		rep.Close()
+		for _, b := range []Buf{w1Buf, nwBuf, nbBuf, lmBuf, x, h, hn, logits} {
+			c.Free(b)
+		}
+	}
+}

@@ -6,7 +6,8 @@
 #   usage: scripts/gpu-run.sh [tests|memcheck|bench|decode|micro|all]   (default all)
 # (decode: the persistent decode kernel's test and benchmarks only, for
 # quick iterations on it; micro: scripts/hopper-micro.cu, built here with
-# this machine's nvcc: per-SM bandwidth and barrier latencies)
+# this machine's nvcc: per-SM bandwidth and barrier latencies; and
+# scripts/l2-prefetch-micro.cu: the LM head after an L2 prefetch)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -95,6 +96,8 @@ if [ "$what" = micro ]; then
   NVCC=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
   "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/hopper-micro scripts/hopper-micro.cu &&
     /tmp/hopper-micro | tee "$OUT/micro.log" >> "$S"
+  "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/l2-prefetch-micro scripts/l2-prefetch-micro.cu &&
+    /tmp/l2-prefetch-micro | tee -a "$OUT/micro.log" >> "$S"
 fi
 if [ "$what" = decode ]; then
   (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
