@@ -1212,19 +1212,9 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
     return false;
   }
   const dim3 grid(NKV * GS * CS, B);
-  // The largest shared-memory carveout: with the driver's default, the SMs
-  // switch their L1/shared split between the GEMVs and these clusters,
-  // which measured as lost overlap of the programmatic launches (H100,
-  // SmolLM2 fp16 `bench decode`: 0.547 ms against 0.585 at cache 255, 0.539
-  // against 0.572 at 32; setting it on the GEMVs instead did the same).
 #define KV_D4C(LPK, QVM, U)                                                                                      \
-  do {                                                                                                           \
-    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP>;                                                  \
-    if (cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) != cudaSuccess) \
-      cudaGetLastError();                                                                                        \
-    kv_launch_clustered(kern, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, vc, order, lens, T, NH, NKV,      \
-                        q_stride, max_len, rope_theta, freqs, scale, GS, op);                                    \
-  } while (0)
+  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
+                      vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op)
 #define KV_D4C_Q(LPK)                         \
   if constexpr (OP) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
   else if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
@@ -1500,13 +1490,12 @@ extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *
   const float scale = 1.0f / sqrtf((float)HS);
   const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const __half *w = static_cast<const __half *>(wo);
-  // Variant 0 does not fold. The fold measured faster only for SmolLM2 (H100,
-  // BenchmarkCUDAFusedDecodeChain: 548 against 561 µs a step; distilgpt2,
-  // whose attention is a block per kv head, 165 against 153), and only until
-  // the clusters got the largest shared-memory carveout
-  // (launch_decode_v4_cluster): since then the unfolded step is faster
-  // (`bench decode`, SmolLM2: 0.547 ms against 0.589 folded at cache 255).
-  if (variant == 0) return kv_launched();
+  // Variant 0 folds where kv_attention's default takes v14 (few sequences
+  // and several query heads a kv head: SmolLM2), the one shape where the
+  // fold measured faster (H100, BenchmarkCUDAFusedDecodeChain: SmolLM2 555
+  // against 571 µs a step; distilgpt2, whose attention is a block per kv
+  // head, 171 against 160).
+  if (variant == 0 && !(NH > NKV && (long long)B * NH * 8 <= 132)) return kv_launched();
   if (variant != 0 && variant != 1) return (kv_status)cudaErrorInvalidValue;
   // A cluster of 8 blocks of 128 threads per (query head, sequence), as v14.
   const bool ok = launch_decode_v4_cluster<8, 128, true>(s, nullptr, q, kc, vc, order, lens, B, 1, NH, NKV, HS,

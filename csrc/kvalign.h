@@ -85,8 +85,7 @@ kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
 
 /* norm.cu: fp32 mean/variance (two-pass for LayerNorm); b may be NULL.
  * variant: 0 chooses, 1 = v1 (block per row), 2 = v2 (warp per row, row in
- * registers; needs C % 4 == 0, C ≤ 2048 and aligned rows, else v1; on sm_90
- * a programmatic dependent that loads the weights before its wait). */
+ * registers; needs C % 4 == 0, C ≤ 2048 and aligned rows, else v1). */
 kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
                        const void *b, int w_f16, int N, int C, float eps, int variant);
 kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
@@ -155,9 +154,7 @@ kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int
  * launched as a programmatic dependent; needs C % 8 == 0 and 16-byte aligned
  * in and w, else as 2); 4 = 3 launched normally. For fp32 weights 2–4 are 0.
  * N ≤ 8: 0 = fused.cu's GEMV launched as a programmatic dependent (sm_90,
- * weight loads before the wait) where it applies, else 1 = matmul.cu's GEMV
- * (on sm_90 also a programmatic dependent: its resident blocks' first
- * weight loads before the wait). */
+ * weight loads before the wait) where it applies, else 1 = matmul.cu's GEMV. */
 kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                             const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
                             int gemm_variant);
@@ -225,10 +222,10 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * merge. *launched = 0 (nothing enqueued, not an error) where it does not
  * apply: fp32 wo, more than 1024 entries of 64 dims, unaligned operands,
  * HS ∉ {16, 32, 64, 128}, no clusters (before sm_90), C·HS/4 > 48 KB.
- * variant: 0 launches nothing (the fold measured slower than attention +
- * kv_matmul once the attention clusters have the largest shared-memory
- * carveout; see attention.cu); 1 = the fold (where it applies): a cluster
- * of 8 blocks of 128 threads per (query head, sequence). */
+ * variant: 0 folds where kv_attention's default takes v14 (NH > NKV and
+ * B·NH·8 ≤ 132: where the fold measured faster), else launches nothing;
+ * 1 = always (where it applies): a cluster of 8 blocks of 128 threads per
+ * (query head, sequence). */
 kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const float *kc, const float *vc,
                            const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                            int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,

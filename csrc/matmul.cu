@@ -64,8 +64,6 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
       const int c = c0 + u * TPR;
-      // The first batch of weights is in flight: now wait for the input.
-      if (u == 0 && c0 == lane) kv_pdl_wait();
       if (c < chunks) {
         float wf[R][VEC];
 #pragma unroll
@@ -82,7 +80,6 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
   }
 
-  kv_pdl_wait();  // lanes that had no chunks: before any write
   // Reduce over the group's lanes.
   kv_group_sums<TPR, kGemvThreads>(acc);
 
@@ -539,19 +536,15 @@ void launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, 
   }
   const int groups = kGemvThreads / tpr;
   const int blocks = kv_ceil_div(kv_ceil_div(OC, R), groups);
-  // A programmatic dependent (sm_90): the first batch of weight loads
-  // (those of the blocks resident at launch) overlaps the previous kernel;
-  // the LM head, whose input is the final norm, took 2 µs off a decode step.
-  const bool pdl = kv_pdl_supported();
   switch (tpr) {
     case 32:
-      kv_launch(gemv_kernel_v1<F16, NB, R, 32>, dim3(blocks), dim3(kGemvThreads), 0, st, pdl, out, in, w, bias, bias_f16, C, OC, accumulate);
+      gemv_kernel_v1<F16, NB, R, 32><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
       break;
     case 64:
-      kv_launch(gemv_kernel_v1<F16, NB, R, 64>, dim3(blocks), dim3(kGemvThreads), 0, st, pdl, out, in, w, bias, bias_f16, C, OC, accumulate);
+      gemv_kernel_v1<F16, NB, R, 64><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
       break;
     default:
-      kv_launch(gemv_kernel_v1<F16, NB, R, 128>, dim3(blocks), dim3(kGemvThreads), 0, st, pdl, out, in, w, bias, bias_f16, C, OC, accumulate);
+      gemv_kernel_v1<F16, NB, R, 128><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
       break;
   }
 }

@@ -68,6 +68,7 @@ __global__ void __launch_bounds__(128)
     const int i = lane + 32 * j;
     x[j] = wv[j] = bv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (i < C4) {
+      x[j] = x4[i];
       if (w_f16) {
         const uint2 h = reinterpret_cast<const uint2 *>(w)[i];
         const float2 lo = __half22float2(*reinterpret_cast<const __half2 *>(&h.x));
@@ -85,12 +86,6 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-  // The weights are constant: loaded before the programmatic wait, the row
-  // (the previous kernel's output) after it.
-  kv_pdl_wait();
-#pragma unroll
-  for (int j = 0; j < V4; j++)
-    if (lane + 32 * j < C4) x[j] = x4[lane + 32 * j];
   float mean = 0.f;
   if (!RMS) {
     float sum = 0.f;
@@ -135,10 +130,9 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
     return false;
   const int need = (C + 127) / 128;  // float4 per lane
   const dim3 grid(kv_ceil_div(N, 4)), block(128);
-  const bool pdl = kv_pdl_supported();
 #define KV_NORM_V2(n)                                                         \
   case n:                                                                     \
-    kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps); \
+    norm_kernel_v2<n, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps); \
     return true;
   switch (need) {
     KV_NORM_V2(1)
@@ -150,10 +144,10 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
     KV_NORM_V2(7)
     KV_NORM_V2(8)
     case 9: case 10: case 11: case 12:
-      kv_launch(norm_kernel_v2<12, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps);
+      norm_kernel_v2<12, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
       return true;
     case 13: case 14: case 15: case 16:
-      kv_launch(norm_kernel_v2<16, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps);
+      norm_kernel_v2<16, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
       return true;
   }
 #undef KV_NORM_V2

@@ -310,9 +310,9 @@ type Fused interface {
 	// heads arrive in). acc must be zero before; NormMatMulSum reads it and
 	// ResMatMul zeroes it again. It returns false, enqueuing nothing, where
 	// the backend has no folded kernel for these shapes or dtypes, or
-	// folding measured slower (CUDA's default no longer folds: see
-	// kv_attention_out; CPUFused always does): then run Attention and
-	// MatMul.
+	// folding measured slower (CUDA folds where its attention runs a
+	// cluster per query head: SmolLM2, not distilgpt2): then run Attention
+	// and MatMul.
 	AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool
 	// NormMatMulSum: sum[N,C] = in + (accBias + unfix(acc)) (ref.SumAcc;
 	// accBias optional), then out[N,OC] = act(norm(sum)·w[OC,C]ᵀ + bias)
