@@ -13,7 +13,7 @@
 // (any stride, either hint) against 29.5 without, but the gain did not grow
 // with the amount: 8 MB gave as much as 40. So it is not L2 hits on the
 // prefetched rows (a warm-up the decode step already has, perhaps); with
-// all 77 MB prefetched and no stream, 26.6 µs. At 3 loads in flight a lane
+// all 77 MB prefetched and no stream, 26.6 µs. At 4 loads in flight a lane
 // the GEMV streams ~3 TB/s, near the bus, whether its rows hit L2 or not.
 #include <cuda_fp16.h>
 #include <cstdio>
@@ -29,8 +29,8 @@ __device__ __forceinline__ uint4 ld_stream16(const void *p) {
   return r;
 }
 
-// A GEMV like matmul.cu's v1 for fp16, N = 1: groups of 32 lanes per row,
-// 4 rows a group, a chunk a row in flight per lane... (4 loads in flight).
+// A GEMV like matmul.cu's v1 for fp16, N = 1: a warp takes 4 rows, each
+// lane one 16-byte chunk of each of them per step (4 loads in flight).
 __global__ void __launch_bounds__(128) gemv(float *out, const float *x, const __half *w, int C, int OC) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = (blockIdx.x * 4 + warp) * 4;
@@ -105,33 +105,28 @@ int main() {
   cudaEventCreate(&b);
   cudaEventCreate(&c);
   const int blocks = (V + 15) / 16;
-  // One measurement: flush L2, prefetch X MB (hint, stride), optionally a 12
-  // MB stream, then time the GEMV. Returns {prefetch µs, gemv µs} medians.
-  auto run = [&](size_t pbytes, int hint, int stride, bool interfere, int pgrid, float *pt, float *gt) -> int {
-    std::vector<float> ps, gs;
+  // One measurement: flush L2, prefetch X MB (hint, stride) and let it
+  // land, optionally a 12 MB stream, then time the GEMV: its median µs.
+  auto run = [&](size_t pbytes, int hint, int stride, bool interfere, int pgrid) -> float {
+    std::vector<float> gs;
     for (int it = 0; it < 15; it++) {
       stream<<<1024, 256>>>(out, flush, 256 << 20);
-      CK(cudaDeviceSynchronize());
-      cudaEventRecord(a);
       if (pbytes) {
         if (hint) prefetch<1><<<pgrid, 256>>>((const char *)w, pbytes, stride);
         else prefetch<0><<<pgrid, 256>>>((const char *)w, pbytes, stride);
       }
-      CK(cudaDeviceSynchronize());  // let every prefetch land (the step has ~15 µs)
+      cudaDeviceSynchronize();  // every prefetch lands (the step would give it ~15 µs)
       if (interfere) stream<<<264, 256>>>(out, layer, 12 << 20);
       cudaEventRecord(b);
       gemv<<<blocks, 128>>>(out, x, w, C, V);
       cudaEventRecord(c);
-      CK(cudaDeviceSynchronize());
-      float t1 = 0, t2;
-      cudaEventElapsedTime(&t2, b, c);
-      if (it >= 3) { ps.push_back(t1); gs.push_back(t2 * 1e3f); }
+      cudaDeviceSynchronize();
+      float t;
+      cudaEventElapsedTime(&t, b, c);
+      if (it >= 3) gs.push_back(t * 1e3f);
     }
-    std::sort(ps.begin(), ps.end());
     std::sort(gs.begin(), gs.end());
-    *pt = ps[ps.size() / 2];
-    *gt = gs[gs.size() / 2];
-    return 0;
+    return gs[gs.size() / 2];
   };
   // The prefetch alone, timed with its own events (how fast can it bring lines in).
   auto time_prefetch = [&](size_t pbytes, int hint, int stride, int pgrid) -> float {
@@ -150,19 +145,13 @@ int main() {
     std::sort(ts.begin(), ts.end());
     return ts[ts.size() / 2];
   };
-  float p, g;
-  run(0, 0, 128, false, 132, &p, &g);
-  printf("cold GEMV (no prefetch): %.1f us\n", g);
-  run(0, 0, 128, true, 132, &p, &g);
-  printf("cold GEMV after a 12 MB stream: %.1f us\n", g);
-  run(wbytes, 0, 128, false, 132, &p, &g);
-  printf("GEMV after prefetching all of it (warm where it fits): %.1f us\n", g);
+  printf("cold GEMV (no prefetch): %.1f us\n", run(0, 0, 128, false, 132));
+  printf("cold GEMV after a 12 MB stream: %.1f us\n", run(0, 0, 128, true, 132));
+  printf("GEMV after prefetching all of it (warm where it fits): %.1f us\n", run(wbytes, 0, 128, false, 132));
   for (int stride : {32, 64, 128, 256}) {
     for (int hint : {0, 1}) {
       for (size_t mb : {8, 16, 24, 32, 40}) {
-        float g0, g1;
-        run(mb << 20, hint, stride, false, 264, &p, &g0);
-        run(mb << 20, hint, stride, true, 264, &p, &g1);
+        const float g0 = run(mb << 20, hint, stride, false, 264), g1 = run(mb << 20, hint, stride, true, 264);
         float tp = time_prefetch(mb << 20, hint, stride, 264);
         printf("stride %3d hint %-10s %2zu MB: prefetch kernel %.1f us (%.0f GB/s issue); GEMV %.1f us, after a 12 MB stream %.1f us\n",
                stride, hint ? "evict_last" : "normal", mb, tp, (mb << 20) / (tp * 1e3), g0, g1);
@@ -172,7 +161,7 @@ int main() {
   // Prefetch from few blocks (as a side branch would run, on spare SMs).
   for (int pg : {8, 16, 32}) {
     float tp = time_prefetch(24 << 20, 1, 128, pg);
-    run(24 << 20, 1, 128, true, pg, &p, &g);
+    const float g = run(24 << 20, 1, 128, true, pg);
     printf("24 MB evict_last stride 128 from %d blocks: prefetch %.1f us; GEMV after a 12 MB stream %.1f us\n", pg, tp, g);
   }
   return 0;
