@@ -100,50 +100,48 @@ int main() {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("== l2-prefetch micro: %s, L2 %d MB, LM head %.1f MB\n", prop.name, prop.l2CacheSize >> 20, wbytes / 1e6);
-  cudaEvent_t a, b, c;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  cudaEventCreate(&c);
+  cudaEvent_t t0, t1;
+  cudaEventCreate(&t0);
+  cudaEventCreate(&t1);
   const int blocks = (V + 15) / 16;
-  // One measurement: flush L2, prefetch X MB (hint, stride) and let it
-  // land, optionally a 12 MB stream, then time the GEMV: its median µs.
-  auto run = [&](size_t pbytes, int hint, int stride, bool interfere, int pgrid) -> float {
-    std::vector<float> gs;
-    for (int it = 0; it < 15; it++) {
-      stream<<<1024, 256>>>(out, flush, 256 << 20);
-      if (pbytes) {
-        if (hint) prefetch<1><<<pgrid, 256>>>((const char *)w, pbytes, stride);
-        else prefetch<0><<<pgrid, 256>>>((const char *)w, pbytes, stride);
-      }
-      cudaDeviceSynchronize();  // every prefetch lands (the step would give it ~15 µs)
-      if (interfere) stream<<<264, 256>>>(out, layer, 12 << 20);
-      cudaEventRecord(b);
-      gemv<<<blocks, 128>>>(out, x, w, C, V);
-      cudaEventRecord(c);
-      cudaDeviceSynchronize();
-      float t;
-      cudaEventElapsedTime(&t, b, c);
-      if (it >= 3) gs.push_back(t * 1e3f);
-    }
-    std::sort(gs.begin(), gs.end());
-    return gs[gs.size() / 2];
-  };
-  // The prefetch alone, timed with its own events (how fast can it bring lines in).
-  auto time_prefetch = [&](size_t pbytes, int hint, int stride, int pgrid) -> float {
+  // median_us: iters runs of setup() then timed() between two events; the
+  // median µs of timed() over the runs after the first warm ones.
+  auto median_us = [&](int iters, int warm, auto setup, auto timed) -> float {
     std::vector<float> ts;
-    for (int it = 0; it < 12; it++) {
-      stream<<<1024, 256>>>(out, flush, 256 << 20);
-      cudaEventRecord(a);
-      if (hint) prefetch<1><<<pgrid, 256>>>((const char *)w, pbytes, stride);
-      else prefetch<0><<<pgrid, 256>>>((const char *)w, pbytes, stride);
-      cudaEventRecord(b);
+    for (int it = 0; it < iters; it++) {
+      setup();
+      cudaEventRecord(t0);
+      timed();
+      cudaEventRecord(t1);
       cudaDeviceSynchronize();
       float t;
-      cudaEventElapsedTime(&t, a, b);
-      if (it >= 2) ts.push_back(t * 1e3f);
+      cudaEventElapsedTime(&t, t0, t1);
+      if (it >= warm) ts.push_back(t * 1e3f);
     }
     std::sort(ts.begin(), ts.end());
     return ts[ts.size() / 2];
+  };
+  auto flush_l2 = [&]() { stream<<<1024, 256>>>(out, flush, 256 << 20); };
+  auto launch_prefetch = [&](size_t pbytes, int hint, int stride, int pgrid) {
+    if (hint) prefetch<1><<<pgrid, 256>>>((const char *)w, pbytes, stride);
+    else prefetch<0><<<pgrid, 256>>>((const char *)w, pbytes, stride);
+  };
+  // One measurement: flush L2, prefetch X MB (hint, stride) and let it
+  // land, optionally a 12 MB stream, then time the GEMV: its median µs.
+  auto run = [&](size_t pbytes, int hint, int stride, bool interfere, int pgrid) -> float {
+    return median_us(
+        15, 3,
+        [&]() {
+          flush_l2();
+          if (pbytes) launch_prefetch(pbytes, hint, stride, pgrid);
+          cudaDeviceSynchronize();  // every prefetch lands (the step would give it ~15 µs)
+          if (interfere) stream<<<264, 256>>>(out, layer, 12 << 20);
+        },
+        [&]() { gemv<<<blocks, 128>>>(out, x, w, C, V); });
+  };
+  // The prefetch alone (how fast it brings lines in).
+  auto time_prefetch = [&](size_t pbytes, int hint, int stride, int pgrid) -> float {
+    return median_us(12, 2, flush_l2, [&]() { launch_prefetch(pbytes, hint, stride, pgrid); });
   };
   printf("cold GEMV (no prefetch): %.1f us\n", run(0, 0, 128, false, 132));
   printf("cold GEMV after a 12 MB stream: %.1f us\n", run(0, 0, 128, true, 132));
