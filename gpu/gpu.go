@@ -310,9 +310,10 @@ type Fused interface {
 	// heads arrive in). acc must be zero before; NormMatMulSum reads it and
 	// ResMatMul zeroes it again. It returns false, enqueuing nothing, where
 	// the backend has no folded kernel for these shapes or dtypes, or
-	// folding measured slower (CUDA folds where its attention runs a
-	// cluster per query head: SmolLM2, not distilgpt2): then run Attention
-	// and MatMul.
+	// folding measured slower (CUDA's default folds nowhere since its
+	// unfolded chain with the carveout of DecodeTuner measured faster; the
+	// CPU reference folds, so the bookkeeping stays tested): then run
+	// Attention and MatMul.
 	AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool
 	// NormMatMulSum: sum[N,C] = in + (accBias + unfix(acc)) (ref.SumAcc;
 	// accBias optional), then out[N,OC] = act(norm(sum)·w[OC,C]ᵀ + bias)
@@ -325,6 +326,15 @@ type Fused interface {
 	// AttentionOutProj accumulator of N·OC int64) is set to zero. res must
 	// not overlap out.
 	ResMatMul(out, res, in, w, bias, clear Buf, N, K, OC int, act Act)
+}
+
+// DecodeTuner is implemented by backends whose one-token kernels take a
+// launch setting chosen per model. A runner calls TuneDecode with its
+// attention's parameters before it enqueues a step's layers; the setting
+// holds for what is enqueued after it, so each capture of each model sets
+// its own. It changes speed only, never results.
+type DecodeTuner interface {
+	TuneDecode(p AttnParams)
 }
 
 // QKVStore says where NormMatMulStore's keys and values go and which heads

@@ -379,6 +379,9 @@ func (r *Runner) enqueue(sh stepShape) {
 		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
 	fused, _ := be.(gpu.Fused)
+	if t, ok := be.(gpu.DecodeTuner); ok {
+		t.TuneDecode(attn)
+	}
 	layers := w.layers
 	if r.plan != nil && sh.T == 1 {
 		r.plan.Run() // every layer in one launch
