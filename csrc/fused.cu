@@ -115,17 +115,7 @@ __device__ __forceinline__ void block_sum_rows(float (&v)[NB], float (*red)[NB])
   }
 }
 
-__device__ __forceinline__ float load_norm_w(const unsigned char *s, int f16, int c) {
-  return f16 ? __half2float(reinterpret_cast<const __half *>(s)[c]) : reinterpret_cast<const float *>(s)[c];
-}
 
-// silu(g)·u as activation.cu's silu_mul_kernel_v1 (full-precision expf).
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
-
-__device__ __forceinline__ float gelu_new(float v) {
-  // As activation.cu's gelu_new_kernel_v1: full-precision tanhf.
-  return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
 
 // fused_gemv_kernel_v1 (any N ≤ 8): out[N,OC] (+)= act(xform(in)[N,K]·w[OC,K]ᵀ + bias).
 // xform (MODE): LayerNorm or RMSNorm of rows of K = C, or
@@ -961,6 +951,41 @@ extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *
                                       rms, 0, 0, 0);
   if (st != 0) return st;
   return kv_rope_store(s, qkv, kc, vc, S, pos, slots, N, NH, NKV, HS, OC, rope_heads, theta, 0);
+}
+
+extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in,
+                                              const long long *acc, const void *norm_w, const void *norm_b,
+                                              int norm_f16, const void *w, int w_f16, const void *bias, int bias_f16,
+                                              int N, int C, float eps, int rms, float *kc, float *vc, int S,
+                                              const int32_t *pos, const int32_t *slots, int NH, int NKV, int HS,
+                                              int rope_heads, float theta, int variant) {
+  if (N <= 0) return kv_launched();
+  if (C <= 0 || !qkv || !sum || !in || !acc || sum == in || !w || !norm_w || !kc || !vc || !pos || !slots ||
+      HS <= 0 || HS % 2 != 0 || NH < 0 || NKV <= 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
+    return (kv_status)cudaErrorInvalidValue;
+  if (theta == 0.f) rope_heads = 0;
+  if (rms) norm_b = nullptr;
+  const bool carve = take_carveout(&variant);
+  const int OC = (NH + 2 * NKV) * HS;
+  if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
+    const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
+    GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
+    a.sa.acc = acc;
+    a.sa.sum = sum;
+    a.carve = carve;
+    const int v = variant == 4 ? 2 : variant;
+    cudaError_t e = cudaSuccess;
+    if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
+      KV_TRY(e);
+      return kv_launched();
+    }
+  }
+  // Two launches: the sum, then the product on it.
+  const long long n = (long long)N * C;
+  sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, nullptr, 0, N, C);
+  KV_TRY(cudaGetLastError());
+  return kv_norm_matmul_store(s, qkv, sum, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, eps, rms, kc, vc,
+                              S, pos, slots, NH, NKV, HS, rope_heads, theta, variant == 3 ? 3 : 0);
 }
 
 extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,

@@ -1,8 +1,25 @@
-// fused.cuh — fused.cu's entry points for the other csrc files (C++ linkage,
-// not part of the C interface in kvalign.h).
+// fused.cuh — fused.cu's entry points and the fused kernels' device helpers
+// for the other csrc files (C++ linkage, not part of the C interface in
+// kvalign.h).
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// Device helpers of the fused kernels (fused.cu, mlp.cu).
+
+// load_norm_w: element c of norm weights staged in shared memory as stored.
+__device__ __forceinline__ float load_norm_w(const unsigned char *s, int f16, int c) {
+  return f16 ? __half2float(reinterpret_cast<const __half *>(s)[c]) : reinterpret_cast<const float *>(s)[c];
+}
+
+// silu(g)·u as activation.cu's silu_mul_kernel_v1 (full-precision expf).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+__device__ __forceinline__ float gelu_new(float v) {
+  // As activation.cu's gelu_new_kernel_v1: full-precision tanhf.
+  return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
 
 // kv_gemv_as_dependent enqueues out[N,K→OC] (+)= in·wᵀ + bias as fused.cu's
 // GEMV (input staged in shared memory, no transform) launched as a

@@ -339,8 +339,38 @@ kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const v
                                const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
                                float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
                                int HS, int rope_heads, float theta, int variant);
+/* kv_norm_matmul_store_sum: kv_norm_matmul_store on the residual stream
+ * that a one-token MLP left in an accumulator (kv_mlp_acc): its input row n
+ * is in[n] + unfix(acc[n]) (ref.SumAcc, no bias), which block 0 also writes
+ * to sum (not in) for the layer's later kernels; one kernel where the
+ * single fused kernel applies (variants as kv_norm_matmul_store's, with
+ * KV_SHARED_CARVEOUT), else the sum and then kv_norm_matmul_store. */
+kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in, const long long *acc,
+                                   const void *norm_w, const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                   const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
+                                   float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
+                                   int HS, int rope_heads, float theta, int variant);
 kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
                            int F, int OC, int accumulate, int variant);
+/* mlp.cu: kv_mlp_acc adds a one-token MLP block (no residual) to acc
+ * ([N, C] int64, fixed point with 32 fraction bits, as kv_attention_out):
+ * acc[n] += fix(act(norm(in[n])·up_wᵀ + up_b)·down_wᵀ + down_b), in one
+ * launch: each block owns 16 columns of the activation, stages its rows of
+ * up_w and columns of down_w before its programmatic wait, and adds its
+ * partial output with atomics (the sum does not depend on their order).
+ * Llama (rms = 1, swiglu = 1): RMSNorm, up_w [2F, C] the gate rows then the
+ * up rows, act = silu(gate)·up, no up_b; GPT-2 (0, 0): LayerNorm (norm_b
+ * optional), act = gelu_new. clear (NULL or [N, C] int64, not acc) is set to
+ * zero: the other accumulator of a chain, once its reader has run.
+ * *launched = 0 (nothing enqueued, not an error) where it does not apply:
+ * fp32 weights, N > 8, C % 8 ≠ 0, F % 16 ≠ 0, unaligned operands, more
+ * shared memory than a block may have; variant 0 also before sm_90
+ * (without programmatic launches the staging cannot overlap), 1 launches
+ * there too. */
+kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
+                     const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
+                     int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16, int N,
+                     int C, int F, float eps, int rms, int swiglu, int variant, int *launched);
 /* The residual stream after a folded attention (kv_attention_out), so that
  * the out-projection costs no launch of its own. acc: [N, C] int64, the
  * heads' partial products summed in fixed point (kv_attention_out).

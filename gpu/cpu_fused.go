@@ -62,6 +62,21 @@ func (c *CPUFused) ResMatMul(out, res, in, w, bias, acc Buf, N, K, OC int, act A
 	}
 }
 
+func (c *CPUFused) MLPAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	a := unpackInt64(acc.i[:2*N*C])
+	ref.MLPAcc(a, in.f, normW.f, normB.f, upW.f, upB.f, downW.f, downB.f, N, C, F, eps, act == SwiGLUAct)
+	packInt64(acc.i, a)
+	if !clr.IsZero() {
+		clear(clr.i[:2*N*C])
+	}
+	return true
+}
+
+func (c *CPUFused) NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
+	ref.SumAcc(sum.f, in.f, unpackInt64(acc.i[:2*N*C]), nil, N, C)
+	c.NormMatMulStore(qkv, sum, normW, normB, w, bias, N, C, eps, norm, st)
+}
+
 // unpackInt64 reads int64s stored as little-endian pairs of int32 (the I32
 // view of an accumulator); packInt64 writes them back.
 func unpackInt64(p []int32) []int64 {

@@ -148,7 +148,23 @@ func (c *CUDA) NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps
 }
 
 func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, eps float32, norm NormKind, st QKVStore, variant int) {
-	const op = "normmatmulstore"
+	c.normMatMulStoreSum(qkv, Buf{}, in, Buf{}, normW, normB, w, bias, n, ch, eps, norm, st, variant)
+}
+
+// NormMatMulStoreSum: the residual stream an MLPAcc left in acc, then the
+// q|k|v product on it, see Fused and kv_norm_matmul_store_sum.
+func (c *CUDA) NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
+	c.normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias, N, C, eps, norm, st, c.auto())
+}
+
+// normMatMulStoreSum is both: without acc (zero) NormMatMulStore, with it
+// the sum first.
+func (c *CUDA) normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, n, ch int, eps float32, norm NormKind, st QKVStore, variant int) {
+	op := "normmatmulstore"
+	withSum := !acc.IsZero()
+	if withSum {
+		op = "normmatmulstoresum"
+	}
 	if n <= 0 {
 		return
 	}
@@ -173,8 +189,21 @@ func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, ep
 		!c.need(op, !overlaps(qkv, n*oc, in, n*ch), "qkv overlaps in") {
 		return
 	}
+	if withSum && (!c.needBuf(op, "sum", sum, n*ch, F32) || !c.needBuf(op, "acc", acc, 2*n*ch, I32) ||
+		!c.need(op, !overlaps(sum, n*ch, in, n*ch) && !overlaps(sum, n*ch, qkv, n*oc), "sum overlaps in or qkv")) {
+		return
+	}
 	if norm == RMSNormKind {
 		normB = Buf{}
+	}
+	if withSum {
+		c.run(op, func() C.kv_status {
+			return C.kv_norm_matmul_store_sum(c.stream, devF32(qkv), devF32(sum), devF32(in), devI64(acc), dev(normW),
+				dev(normB), f16(normW), dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.float(eps),
+				cFlag(norm == RMSNormKind), devF32(st.K), devF32(st.V), C.int(st.K.n/(nkv*hs)), devI32(st.Pos),
+				devI32(st.Slots), C.int(nh), C.int(nkv), C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant))
+		})
+		return
 	}
 	c.run(op, func() C.kv_status {
 		return C.kv_norm_matmul_store(c.stream, devF32(qkv), devF32(in), dev(normW), dev(normB), f16(normW),
@@ -234,6 +263,55 @@ func (c *CUDA) attentionOutProj(acc, q, kc, vc, order, lens Buf, p AttnParams, w
 		return C.kv_attention_out(c.stream, devI64(acc), devF32(q), devF32(kc), devF32(vc), devI32(order), devI32(lens),
 			C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.QStride), C.int(p.MaxLen), C.float(p.RopeTheta),
 			dev(wo), f16(wo), C.int(ch), C.int(variant), &launched)
+	})
+	return launched != 0 && !c.failed()
+}
+
+// MLPAcc: the one-token MLP block into a fixed-point accumulator, see
+// Fused and kv_mlp_acc.
+func (c *CUDA) MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	return c.mlpAcc(acc, clear, in, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0)
+}
+
+// mlpAcc runs kv_mlp_acc's variant: 0 the default, 1 also without
+// programmatic launches (tests on any GPU).
+func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n, ch, f int, eps float32, norm NormKind, act Act, variant int) bool {
+	const op = "mlpacc"
+	if c.failed() {
+		return false
+	}
+	swiglu := act == SwiGLUAct
+	upRows := f
+	if swiglu {
+		upRows = 2 * f
+	}
+	if !c.need(op, n >= 0 && ch > 0 && f > 0, "invalid shape N=%d C=%d F=%d", n, ch, f) ||
+		!c.need(op, (norm == RMSNormKind && swiglu) || (norm == LayerNormKind && act == GeluAct),
+			"norm %d with activation %d: want RMSNorm with SwiGLU or LayerNorm with gelu", norm, act) ||
+		!c.need(op, !swiglu || upB.IsZero(), "SwiGLU takes no up bias") ||
+		!c.needBuf(op, "acc", acc, 2*n*ch, I32) ||
+		!clr.IsZero() && !c.needBuf(op, "clear", clr, 2*n*ch, I32) ||
+		!c.need(op, clr.IsZero() || !overlaps(acc, 2*n*ch, clr, 2*n*ch), "clear overlaps acc") ||
+		!c.needBuf(op, "in", in, n*ch, F32) ||
+		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
+		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
+		!c.needBuf(op, "upW", upW, upRows*ch, F32, F16) ||
+		!upB.IsZero() && !c.needBuf(op, "upB", upB, f, F32, F16) ||
+		!c.needBuf(op, "downW", downW, ch*f, F32, F16) ||
+		!downB.IsZero() && !c.needBuf(op, "downB", downB, ch, F32, F16) {
+		return false
+	}
+	if n == 0 {
+		return true
+	}
+	if norm == RMSNormKind {
+		normB = Buf{}
+	}
+	var launched C.int
+	c.run(op, func() C.kv_status {
+		return C.kv_mlp_acc(c.stream, devI64(acc), devI64(clr), devF32(in), dev(normW), dev(normB), f16(normW),
+			dev(upW), f16(upW), dev(upB), f16(upB), dev(downW), f16(downW), dev(downB), f16(downB), C.int(n), C.int(ch),
+			C.int(f), C.float(eps), cFlag(norm == RMSNormKind), cFlag(swiglu), C.int(variant), &launched)
 	})
 	return launched != 0 && !c.failed()
 }

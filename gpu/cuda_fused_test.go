@@ -322,7 +322,10 @@ func TestCUDAFusedNormMatMulStore(t *testing.T) {
 				for _, wdt := range weightTypes {
 					for _, v := range []int{fusedAuto, fusedKernel, fusedPDL, fusedTwoStep, fusedRegs, fusedCarve} {
 						name := fmt.Sprintf("%s_C%d_N%d_%v_%s", cs.name, C, N, wdt, variantName(v))
-						testNormMatMulStore(t, c, rng, name, cs, C, N, wdt, v)
+						testNormMatMulStore(t, c, rng, name, cs, C, N, wdt, v, false)
+						if v != fusedRegs {
+							testNormMatMulStore(t, c, rng, name+"_sum", cs, C, N, wdt, v, true)
+						}
 					}
 				}
 			}
@@ -330,7 +333,9 @@ func TestCUDAFusedNormMatMulStore(t *testing.T) {
 	}
 }
 
-func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, C, N int, wdt DType, variant int) {
+// testNormMatMulStore checks NormMatMulStore, or with withSum
+// NormMatMulStoreSum on an accumulator of random values (and its sum).
+func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs ropeStoreCase, C, N int, wdt DType, variant int, withSum bool) {
 	t.Helper()
 	oc := (cs.NH + 2*cs.NKV) * cs.HS
 	norm := RMSNormKind
@@ -348,7 +353,17 @@ func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs 
 	want := make([]float32, N*oc)
 	wantK := append([]float32(nil), kc...)
 	wantV := append([]float32(nil), vc...)
-	ref.NormMatMul(want, in, refWeight(wdt, nw), refWeight(wdt, nb), asWeight(wdt, w), refWeight(wdt, bv), N, C, oc, 1e-5,
+	var acc []int64
+	refIn := in
+	if withSum {
+		acc = make([]int64, N*C)
+		for i := range acc {
+			acc[i] = ref.Fix(rng.Float32()*2 - 1)
+		}
+		refIn = make([]float32, N*C)
+		ref.SumAcc(refIn, in, acc, nil, N, C)
+	}
+	ref.NormMatMul(want, refIn, refWeight(wdt, nw), refWeight(wdt, nb), asWeight(wdt, w), refWeight(wdt, bv), N, C, oc, 1e-5,
 		norm == RMSNormKind, false, false)
 	refRopeStoreRows(want, wantK, wantV, pos, slots, cs, oc)
 
@@ -370,7 +385,17 @@ func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs 
 	}
 	poison(t, c, out)
 	st := QKVStore{K: kBuf, V: vBuf, Pos: posBuf, Slots: slotBuf, NH: cs.NH, NKV: cs.NKV, HS: cs.HS, RopeHeads: cs.rotHead, Theta: cs.theta}
-	c.normMatMulStore(out, inBuf, nwBuf, nbBuf, wBuf, bBuf, N, C, 1e-5, norm, st, variant)
+	var sumBuf, accBuf Buf
+	if withSum {
+		sumBuf, accBuf = alloc(t, c, F32, N*C), uploadInts(t, c, packed(acc))
+		poison(t, c, sumBuf)
+		defer c.Free(sumBuf)
+		defer c.Free(accBuf)
+	}
+	c.normMatMulStoreSum(out, sumBuf, inBuf, accBuf, nwBuf, nbBuf, wBuf, bBuf, N, C, 1e-5, norm, st, variant)
+	if withSum {
+		compare(t, name+" sum", download(t, c, sumBuf), refIn, 0, 0)
+	}
 	tol := fusedTol(wdt, N)
 	got := download(t, c, out)
 	if e := relErr(got, want); e > tol {
@@ -811,6 +836,47 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			}
 			c.NormMatMul(logits, x, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
 		}
+		// The runner's one-token layer with the MLP in one launch
+		// (MLPAcc into two accumulators, NormMatMulStoreSum reading them;
+		// the last layer's MLP as two products).
+		accs := [2]Buf{uploadInts(b, c, make([]int32, 2*m.C)), uploadInts(b, c, make([]int32, 2*m.C))}
+		mlp := func() {
+			xc, pending := x, Buf{}
+			pair, cur := [2]Buf{x, xn}, 0
+			act := GeluAct
+			if m.llama {
+				act = SwiGLUAct
+			}
+			for l, ly := range layers { // (Llama's biases are absent Bufs)
+				st := QKVStore{K: kc, V: vc, Pos: pos, Slots: slots, NH: m.NH, NKV: m.NKV, HS: m.HS, RopeHeads: storeRot, Theta: theta}
+				if pending.IsZero() {
+					c.NormMatMulStore(qkv, xc, ly.n1, ly.nb1, ly.qkv, ly.bq, 1, m.C, 1e-5, nk, st)
+				} else {
+					cur = 1 - cur
+					c.NormMatMulStoreSum(qkv, pair[cur], xc, pending, ly.n1, ly.nb1, ly.qkv, ly.bq, 1, m.C, 1e-5, nk, st)
+					xc = pair[cur]
+				}
+				c.attention(att, qkv, kc, vc, orderBuf, lensBuf, ap, 0, work)
+				c.MatMul(xc, att, ly.o, ly.bo, 1, m.NH*m.HS, m.C, true)
+				if l < len(layers)-1 {
+					if !c.MLPAcc(accs[l%2], pending, xc, ly.n2, ly.nb2, ly.up, ly.bu, ly.down, ly.bd, 1, m.C, m.F, 1e-5, nk, act) {
+						b.Fatalf("%s: MLPAcc did not launch (%v)", m.name, c.Err())
+					}
+					pending = accs[l%2]
+					continue
+				}
+				cur = 1 - cur
+				if m.llama {
+					c.NormMatMul(up, xc, ly.n2, Buf{}, ly.up, Buf{}, 1, m.C, upW, 1e-5, nk, NoAct, false)
+					c.ResMatMul(pair[cur], xc, up, ly.down, Buf{}, pending, 1, m.F, m.C, SwiGLUAct)
+				} else {
+					c.NormMatMul(up, xc, ly.n2, ly.nb2, ly.up, ly.bu, 1, m.C, upW, 1e-5, nk, GeluAct, false)
+					c.ResMatMul(pair[cur], xc, up, ly.down, ly.bd, pending, 1, m.F, m.C, NoAct)
+				}
+				xc = pair[cur]
+			}
+			c.NormMatMul(logits, xc, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
+		}
 		// The runner's layer with the products' largest-carveout copies
 		// (what TuneDecode chooses for SmolLM2), forced for both models.
 		carved := func(fn func()) func() {
@@ -830,7 +896,8 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			{"store+attention_v9", runnerLayer(true, 9, 0)}, {"store+attention_v4", runnerLayer(true, 4, 0)},
 			{"store+attention_v9_norope", runnerLayer(true, -9, 0)}, {"store+attention_v10", runnerLayer(true, 10, 0)},
 			{"store+attention_v11", runnerLayer(true, 11, 0)}, {"store+attention_v14", runnerLayer(true, 14, 0)},
-			{"store+attention+fold", fold}, {"store+attention+carve", carved(runnerLayer(true, 0, 0))}} {
+			{"store+attention+fold", fold}, {"store+attention+carve", carved(runnerLayer(true, 0, 0))},
+			{"store+attention+mlp", mlp}, {"store+attention+mlp+carve", carved(mlp)}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")

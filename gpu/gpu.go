@@ -326,6 +326,20 @@ type Fused interface {
 	// AttentionOutProj accumulator of N·OC int64) is set to zero. res must
 	// not overlap out.
 	ResMatMul(out, res, in, w, bias, clear Buf, N, K, OC int, act Act)
+
+	// MLPAcc adds a one-token MLP block without its residual to acc
+	// ([N, C] int64 in fixed point held as 2·N·C I32, as AttentionOutProj's):
+	// ref.MLPAcc, norm RMSNormKind with act SwiGLUAct (upW = gate|up rows,
+	// no upB) or LayerNormKind with GeluAct; downB optional. clear
+	// (optional, another accumulator of the same size) is set to zero. It
+	// returns false, enqueuing nothing, where the backend has no one-launch
+	// kernel for the shapes or dtypes: then run NormMatMul and the down
+	// product.
+	MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
+	// NormMatMulStoreSum: sum[N,C] = in + unfix(acc) (ref.SumAcc), then
+	// NormMatMulStore(qkv, sum, …): the next layer's q|k|v product on the
+	// residual stream an MLPAcc left in acc. sum must not overlap in.
+	NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore)
 }
 
 // DecodeTuner is implemented by backends whose one-token kernels take a

@@ -45,9 +45,8 @@ type Runner struct {
 	K, V  gpu.Buf // [L, Slots, NKV, HS]
 
 	x, xn, qkv, att, up, act, logits, nll gpu.Buf
-	// acc: one-token steps' attention output projection, the query heads'
-	// partial products summed in fixed point, [B, C] int64 as I32 pairs
-	// (gpu.Fused.AttentionOutProj); zero between layers.
+	// acc: one-token steps' two MLP accumulators (gpu.Fused.MLPAcc), each
+	// [B, C] int64 as I32 pairs in fixed point; zero between steps.
 	acc gpu.Buf
 
 	stage  gpu.HostInts // host side of the int block
@@ -112,7 +111,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		{&r.qkv, gpu.F32, N * cfg.QKVWidth()}, {&r.att, gpu.F32, N * cfg.NH * cfg.HS},
 		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
 		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
-		{&r.acc, gpu.I32, 2 * opt.B * cfg.C},
+		{&r.acc, gpu.I32, 2 * 2 * opt.B * cfg.C},
 		{&r.ints, gpu.I32, L.total},
 	} {
 		if err := alloc(a.dst, a.dt, a.n); err != nil {
@@ -383,6 +382,16 @@ func (r *Runner) enqueue(sh stepShape) {
 		t.TuneDecode(attn)
 	}
 	layers := w.layers
+	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
+	// stream still owes (zero Buf: none), and the pair of stream buffers.
+	mlpAcc := fused != nil && sh.T == 1 && N <= gemvMaxRows
+	var accs [2]gpu.Buf
+	if mlpAcc {
+		accs = [2]gpu.Buf{r.acc.View(0, 2*N*C), r.acc.View(2*N*C, 2*N*C)}
+	}
+	var pending gpu.Buf
+	pair, cur := [2]gpu.Buf{x, xn}, 0
+	swap := func() gpu.Buf { cur = 1 - cur; return pair[cur] } // the other stream buffer, now current
 	if r.plan != nil && sh.T == 1 {
 		r.plan.Run() // every layer in one launch
 		layers = nil
@@ -398,33 +407,55 @@ func (r *Runner) enqueue(sh stepShape) {
 			theta = float32(cfg.RopeTheta)
 		}
 		if fused != nil {
-			// Five launches a layer: the norms, RoPE, cache writes and
-			// activations ride along with the products.
+			// Five launches a layer (four with MLPAcc, below): the norms,
+			// RoPE, cache writes and activations ride along with the
+			// products.
 			nk := r.normKind()
-			fused.NormMatMulStore(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk,
-				gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta})
-			// Four for one-token steps where the backend can fold the
-			// attention output projection into the attention kernel: the
-			// heads' partial products meet in acc, which the MLP's norm
-			// product adds to the residual stream (writing the sum to xn)
-			// and the MLP's output product clears (adding its result to xn
-			// into x).
-			if sh.T == 1 && N <= gemvMaxRows {
-				if acc := r.acc.View(0, 2*N*C); fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
-					if cfg.Family == GPT2 {
-						up := r.up.View(0, N*F)
-						fused.NormMatMulSum(up, xn, x, acc, lw.oB, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct)
-						fused.ResMatMul(x, xn, up, lw.downW, lw.downB, acc, N, F, C, gpu.NoAct)
-					} else {
-						up := r.up.View(0, N*2*F)
-						fused.NormMatMulSum(up, xn, x, acc, gpu.Buf{}, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct)
-						fused.ResMatMul(x, xn, up, lw.downW, gpu.Buf{}, acc, N, F, C, gpu.SwiGLUAct)
-					}
-					continue
-				}
+			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta}
+			if pending.IsZero() {
+				fused.NormMatMulStore(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
+			} else {
+				// The previous layer's MLP output waits in an accumulator:
+				// the sum goes to the other buffer of the pair.
+				sum := swap()
+				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
+				x = sum
 			}
 			be.Attention(att, qkv, K, V, order, lens, attn)
 			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+			// One-token steps where the backend has the MLP in one
+			// launch: its output goes to an accumulator that the next
+			// layer's q|k|v product adds to the stream (the layers take
+			// the two accumulators in turn; each MLP clears the one its
+			// layer's q|k|v product read). The last layer's MLP adds
+			// into the stream itself, so that a step ends with x whole
+			// and both accumulators zero.
+			if mlpAcc && l < len(layers)-1 {
+				a := accs[l%2]
+				act := gpu.SwiGLUAct
+				if cfg.Family == GPT2 {
+					act = gpu.GeluAct
+				}
+				if fused.MLPAcc(a, pending, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+					pending = a
+					continue
+				}
+				mlpAcc = false // not for these shapes: the plain MLP from now on
+			}
+			if !pending.IsZero() {
+				out := swap()
+				if cfg.Family == GPT2 {
+					up := r.up.View(0, N*F)
+					fused.NormMatMul(up, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct, false)
+					fused.ResMatMul(out, x, up, lw.downW, lw.downB, pending, N, F, C, gpu.NoAct)
+				} else {
+					up := r.up.View(0, N*2*F)
+					fused.NormMatMul(up, x, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct, false)
+					fused.ResMatMul(out, x, up, lw.downW, gpu.Buf{}, pending, N, F, C, gpu.SwiGLUAct)
+				}
+				x, pending = out, gpu.Buf{}
+				continue
+			}
 			if cfg.Family == GPT2 {
 				up := r.up.View(0, N*F)
 				fused.NormMatMul(up, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct, false)

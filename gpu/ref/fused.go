@@ -96,3 +96,26 @@ func SumAcc(sum, in []float32, acc []int64, bias []float32, N, C int) {
 		sum[i] = in[i] + t
 	}
 }
+
+// MLPAcc: acc[n·C + c] += Fix(mlp(in)[n·C + c]), the MLP block without its
+// residual: norm (RMSNorm with swiglu, else LayerNorm with normB), the up
+// product, act (swiglu: silu(gate)·up, upW holding the F gate rows then the
+// F up rows, no upB; else gelu_new of the product + upB), the down product
+// + downB (nil for none). csrc's kv_mlp_acc sums the same in blocks of
+// columns, each rounded to fixed point, so the two agree to ~1e-6, not bit
+// for bit.
+func MLPAcc(acc []int64, in, normW, normB, upW, upB, downW, downB []float32, N, C, F int, eps float32, swiglu bool) {
+	h := make([]float32, N*F)
+	if swiglu {
+		gu := make([]float32, N*2*F)
+		NormMatMul(gu, in, normW, nil, upW, nil, N, C, 2*F, eps, true, false, false)
+		SiluMul(h, gu, gu[F:], N, F, 2*F)
+	} else {
+		NormMatMul(h, in, normW, normB, upW, upB, N, C, F, eps, false, true, false)
+	}
+	out := make([]float32, N*C)
+	MatMul(out, h, downW, downB, N, F, C, false)
+	for i, v := range out {
+		acc[i] += Fix(v)
+	}
+}

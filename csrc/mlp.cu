@@ -1,0 +1,263 @@
+// mlp.cu — a one-token MLP block in one launch (kv_mlp_acc).
+//
+// Batch-1 decoding is bound by the chain of dependent kernels, not by
+// arithmetic: the MLP as two products (norm → gate|up, then SwiGLU → down)
+// costs two kernel boundaries and a round trip of the F-wide activation
+// through L2. Here each block owns FS columns of the activation instead:
+// it stages its FS rows of the up weights (gate and up rows for SwiGLU) and
+// the FS matching columns of the down weights in shared memory before its
+// programmatic wait, so that after the wait it only normalises the input,
+// computes its FS activations and multiplies them by its down columns. The
+// blocks' partial outputs meet in a fixed-point accumulator (kv_fix,
+// atomics): integer sums do not depend on their order, so every run gives
+// the same bits. The next layer's q|k|v product adds the accumulator to the
+// residual stream (kv_norm_matmul_store_sum), as the folded attention's
+// consumer does (kv_norm_matmul_sum).
+#include "common.cuh"
+#include "fused.cuh"
+
+#include <cuda_fp16.h>
+
+namespace {
+
+constexpr int kMlpThreads = 256;
+constexpr int kMlpWarps = kMlpThreads / 32;
+constexpr int kMlpFS = 16;  // activation columns a block
+
+// mlp_smem: the dynamic shared memory of mlp_acc_kernel_v1: the up rows
+// [G·FS][C] and down columns [C][FS] (half), the input rows [N][C] (float),
+// the norm weights and bias as stored.
+size_t mlp_smem(int N, int C, int swiglu, int norm_f16) {
+  const size_t g = swiglu ? 2 : 1;
+  return g * kMlpFS * C * 2 + (size_t)C * kMlpFS * 2 + (size_t)N * C * 4 + 2 * (size_t)C * (norm_f16 ? 2 : 4);
+}
+
+template <int NB>
+__device__ __forceinline__ void mlp_block_sums(float (&v)[NB], float (*red)[NB]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < NB; n++) v[n] = kv_warp_sum(v[n]);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < NB; n++) red[warp][n] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < NB; n++) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMlpWarps; k++) t += red[k][n];
+    v[n] = t;
+  }
+}
+
+// mlp_acc_kernel_v1: acc[n] += fix(act(norm(in[n])·upᵀ + up_b)[f0:f0+FS] ·
+// down[:, f0:f0+FS]ᵀ) (+ fix(down_b) from block 0), f0 = blockIdx.x·FS.
+// RMS: RMSNorm (no norm bias), else LayerNorm. SWIGLU: up holds gate rows
+// [0, F) then up rows [F, 2F), act = silu(gate)·up; else act = gelu_new.
+// clear (optional, [N, C]) is zeroed: the other accumulator, which the
+// kernel before the previous one has read.
+template <int NB, bool RMS, bool SWIGLU>
+__global__ void __launch_bounds__(kMlpThreads)
+    mlp_acc_kernel_v1(long long *__restrict__ acc, long long *__restrict__ clear, const float *__restrict__ in,
+                      const void *__restrict__ norm_w, const void *__restrict__ norm_b, int norm_f16,
+                      const __half *__restrict__ up_w, const void *__restrict__ up_b, int up_b_f16,
+                      const __half *__restrict__ down_w, const void *__restrict__ down_b, int down_b_f16, int N,
+                      int C, int F, float eps) {
+  constexpr int FS = kMlpFS, G = SWIGLU ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[2][kMlpWarps][NB];
+  __shared__ float u[NB][G * FS];
+  __shared__ float h[NB][FS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int f0 = blockIdx.x * FS;
+  __half *wup = reinterpret_cast<__half *>(smem);
+  __half *wdn = wup + (size_t)G * FS * C;
+  float *xs = reinterpret_cast<float *>(wdn + (size_t)C * FS);
+  unsigned char *nws = reinterpret_cast<unsigned char *>(xs + (size_t)N * C);
+  const int nbytes = C * (norm_f16 ? 2 : 4);
+  unsigned char *nbs = nws + nbytes;
+
+  // 1. Constant data before the wait: this block's weights (read once:
+  // L2 only) and the norm weights.
+  const int c8 = C / 8;
+  for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
+    const int r = i / c8, k = i - r * c8;
+    const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
+    kv_cp_async16_cg(wup + (size_t)r * C + 8 * k, up_w + (size_t)row * C + 8 * k);
+  }
+  constexpr int FS8 = FS / 8;
+  for (int i = tid; i < C * FS8; i += kMlpThreads) {
+    const int c = i / FS8, j = i - c * FS8;
+    kv_cp_async16_cg(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
+  }
+  for (int i = tid; i < nbytes / 16; i += kMlpThreads) {
+    kv_cp_async16_ca(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
+    if (!RMS && norm_b) kv_cp_async16_ca(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
+  }
+  kv_cp_async_commit();
+
+  // 2. The input rows (written by the previous kernel).
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
+  const int C4 = C / 4;
+  for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
+  kv_cp_async_commit();
+  if (clear) {
+    for (int i = blockIdx.x * kMlpThreads + tid; i < N * C; i += gridDim.x * kMlpThreads) clear[i] = 0;
+  }
+  kv_cp_async_wait_all();
+  __syncthreads();
+
+  // 3. The norm, in fp32 (two passes for LayerNorm, as fused.cu).
+  float s[NB], mean[NB], rstd[NB];
+#pragma unroll
+  for (int n = 0; n < NB; n++) s[n] = 0.f;
+  for (int i = tid; i < C; i += kMlpThreads) {
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+      if (n < N) {
+        const float v = xs[n * C + i];
+        s[n] += RMS ? v * v : v;
+      }
+  }
+  mlp_block_sums<NB>(s, red[0]);
+  if constexpr (!RMS) {
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      mean[n] = s[n] / (float)C;
+      s[n] = 0.f;
+    }
+    for (int i = tid; i < C; i += kMlpThreads) {
+#pragma unroll
+      for (int n = 0; n < NB; n++)
+        if (n < N) {
+          const float d = xs[n * C + i] - mean[n];
+          s[n] += d * d;
+        }
+    }
+    mlp_block_sums<NB>(s, red[1]);
+  } else {
+#pragma unroll
+    for (int n = 0; n < NB; n++) mean[n] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < NB; n++) rstd[n] = 1.f / sqrtf(s[n] / (float)C + eps);
+  for (int i = tid; i < C; i += kMlpThreads) {
+    const float wn = load_norm_w(nws, norm_f16, i);
+    const float bn = !RMS && norm_b ? load_norm_w(nbs, norm_f16, i) : 0.f;
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+      if (n < N) xs[n * C + i] = (xs[n * C + i] - mean[n]) * rstd[n] * wn + bn;
+  }
+  __syncthreads();
+
+  // 4. The block's G·FS up rows: a warp per row, lanes over C in pairs.
+  for (int r = warp; r < G * FS; r += kMlpWarps) {
+    float a[NB];
+#pragma unroll
+    for (int n = 0; n < NB; n++) a[n] = 0.f;
+    const __half2 *w2 = reinterpret_cast<const __half2 *>(wup + (size_t)r * C);
+    for (int k = lane; k < C / 2; k += 32) {
+      const float2 w = __half22float2(w2[k]);
+#pragma unroll
+      for (int n = 0; n < NB; n++)
+        if (n < N) {
+          const float2 x = reinterpret_cast<const float2 *>(xs + n * C)[k];
+          a[n] += w.x * x.x + w.y * x.y;
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NB; n++) a[n] = kv_warp_sum(a[n]);
+    if (lane == 0) {
+      const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
+      const float b = up_b ? kv_load_w(up_b, up_b_f16, row) : 0.f;
+#pragma unroll
+      for (int n = 0; n < NB; n++) u[n][r] = a[n] + b;
+    }
+  }
+  __syncthreads();
+  if (tid < NB * FS) {
+    const int n = tid / FS, j = tid - n * FS;
+    if constexpr (SWIGLU) h[n][j] = silu_mul(u[n][j], u[n][FS + j]);
+    else h[n][j] = gelu_new(u[n][j]);
+  }
+  __syncthreads();
+
+  // 5. The down columns: a thread per output, the partial sum into the
+  // accumulator (block 0 adds the bias).
+  for (int c = tid; c < C; c += kMlpThreads) {
+    float wd[FS];
+    const uint4 *wp = reinterpret_cast<const uint4 *>(wdn + (size_t)c * FS);
+#pragma unroll
+    for (int j = 0; j < FS / 8; j++) kv_unpack16<true>(wp[j], wd + 8 * j);
+    const float b = blockIdx.x == 0 && down_b ? kv_load_w(down_b, down_b_f16, c) : 0.f;
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+      if (n < N) {
+        float p = 0.f;
+#pragma unroll
+        for (int j = 0; j < FS; j++) p += wd[j] * h[n][j];
+        atomicAdd(reinterpret_cast<unsigned long long *>(acc + (size_t)n * C + c),
+                  (unsigned long long)kv_fix(p + b));
+      }
+  }
+}
+
+template <int NB>
+cudaError_t launch_mlp_acc(cudaStream_t s, bool pdl, bool rms, bool swiglu, size_t smem, long long *acc,
+                           long long *clear, const float *in, const void *norm_w, const void *norm_b, int norm_f16,
+                           const __half *up_w, const void *up_b, int up_b_f16, const __half *down_w,
+                           const void *down_b, int down_b_f16, int N, int C, int F, float eps) {
+  auto kernel = rms && swiglu ? mlp_acc_kernel_v1<NB, true, true> : mlp_acc_kernel_v1<NB, false, false>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (e != cudaSuccess) return e;
+  return kv_launch(kernel, dim3(F / kMlpFS), dim3(kMlpThreads), smem, s, pdl, acc, clear, in, norm_w, norm_b,
+                   norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps);
+}
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
+                                const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
+                                int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16,
+                                int N, int C, int F, float eps, int rms, int swiglu, int variant, int *launched) {
+  *launched = 0;
+  if (N <= 0) return kv_launched();
+  if (C <= 0 || F <= 0 || !acc || !in || !norm_w || !up_w || !down_w || (swiglu && (up_b || !rms)) ||
+      (variant != 0 && variant != 1))
+    return (kv_status)cudaErrorInvalidValue;
+  if (rms) norm_b = nullptr;
+  // The kernel's shapes: the two pairings of the models (Llama: RMSNorm and
+  // SwiGLU; GPT-2: LayerNorm and gelu), fp16 weights, whole 16-byte chunks
+  // of rows and of a block's down columns. Variant 0 also wants
+  // programmatic launches (sm_90): the point is the weights staged before
+  // the wait.
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return kv_launched();
+  const size_t smem = mlp_smem(N, C, swiglu, norm_f16);
+  if (rms != swiglu || !up_f16 || !down_f16 || N > 8 || C % 8 != 0 || F % kMlpFS != 0 || smem > (size_t)optin ||
+      (C * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(in) || !aligned16(up_w) || !aligned16(down_w) ||
+      !aligned16(norm_w) || (norm_b && !aligned16(norm_b)) || (variant == 0 && !kv_pdl_supported()))
+    return kv_launched();
+  const bool pdl = kv_pdl_supported();
+  const __half *uw = static_cast<const __half *>(up_w), *dw = static_cast<const __half *>(down_w);
+  cudaError_t e;
+#define KV_MLP(NB)                                                                                              \
+  launch_mlp_acc<NB>(s, pdl, rms, swiglu, smem, acc, clear, in, norm_w, norm_b, norm_f16, uw, up_b, up_b_f16, dw, \
+                     down_b, down_b_f16, N, C, F, eps)
+  if (N <= 1) e = KV_MLP(1);
+  else if (N <= 2) e = KV_MLP(2);
+  else if (N <= 4) e = KV_MLP(4);
+  else e = KV_MLP(8);
+#undef KV_MLP
+  KV_TRY(e);
+  *launched = 1;
+  return kv_launched();
+}
