@@ -1476,19 +1476,6 @@ bool kv_attention_prefill_tc(cudaStream_t s, float *out, const float *q, const f
                              const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                              int q_stride, int max_len, float rope_theta, int variant, int f16, kv_status *st);
 
-// per_query_head_clusters: kv_attention's default runs a cluster per query
-// head (v14) for these shapes: fewer than 8 (sequence, kv head) pairs,
-// several query heads a kv head, and a cluster of 8 blocks for each query
-// head of each sequence fitting on an H100's 132 SMs.
-static bool per_query_head_clusters(int B, int T, int NH, int NKV, int HS, int max_len) {
-  return NKV > 0 && NH > NKV && T * (NH / NKV) <= 4 && (long long)max_len * HS <= 1024 * 64 &&
-         (long long)B * NKV < 8 && (long long)B * NH * 8 <= 132;
-}
-
-extern "C" int kv_decode_attention_clusters(int B, int NH, int NKV, int HS, int max_len) {
-  return per_query_head_clusters(B, 1, NH, NKV, HS, max_len);
-}
-
 extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const float *kc, const float *vc,
                                       const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                                       int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,
@@ -1503,15 +1490,13 @@ extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *
   const float scale = 1.0f / sqrtf((float)HS);
   const RopeFreqs freqs = rope_freqs(HS, rope_theta);
   const __half *w = static_cast<const __half *>(wo);
-  // Variant 0 folds nowhere. It folded where kv_attention's default takes
-  // v14 (SmolLM2), the one shape where the fold measured faster than the
-  // unfolded chain (H100, BenchmarkCUDAFusedDecodeChain: 555 against 571 µs
-  // a step; distilgpt2, whose attention is a block per kv head, 171 against
-  // 160), until the unfolded chain with its products at the largest
-  // shared-memory carveout (KV_SHARED_CARVEOUT) beat both (docs/PERF.md,
-  // version 13: 0.551 against 0.591 ms a token). Variant 1 folds.
-  if (variant == 0) return kv_launched();
-  if (variant != 1) return (kv_status)cudaErrorInvalidValue;
+  // Variant 0 folds where kv_attention's default takes v14 (few sequences
+  // and several query heads a kv head: SmolLM2), the one shape where the
+  // fold measured faster (H100, BenchmarkCUDAFusedDecodeChain: SmolLM2 555
+  // against 571 µs a step; distilgpt2, whose attention is a block per kv
+  // head, 171 against 160).
+  if (variant == 0 && !(NH > NKV && (long long)B * NH * 8 <= 132)) return kv_launched();
+  if (variant != 0 && variant != 1) return (kv_status)cudaErrorInvalidValue;
   // A cluster of 8 blocks of 128 threads per (query head, sequence), as v14.
   const bool ok = launch_decode_v4_cluster<8, 128, true>(s, nullptr, q, kc, vc, order, lens, B, 1, NH, NKV, HS,
                                                          q_stride, max_len, rope_theta, freqs, scale, true, NH / NKV,
@@ -1553,7 +1538,7 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
     if (QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NKV >= 8 &&
         launch_decode_v4(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len, rope_theta, freqs, scale))
       return kv_launched();
-    if (per_query_head_clusters(B, T, NH, NKV, HS, max_len) &&
+    if (NH > NKV && QV <= 4 && (long long)max_len * HS <= 1024 * 64 && (long long)B * NH * 8 <= 132 &&
         launch_decode_v4_cluster<8, 128>(st, out, q, kc, vc, order, lens, B, T, NH, NKV, HS, q_stride, max_len,
                                          rope_theta, freqs, scale, true, NH / NKV))
       return kv_launched();

@@ -164,9 +164,7 @@ struct SumArgs {
   long long *clear;
 };
 
-// CARVE changes no code: it makes a second function, launched with the
-// largest shared-memory carveout (KV_SHARED_CARVEOUT).
-template <bool F16, int NB, int R, int TPR, int MODE, bool CARVE = false>
+template <bool F16, int NB, int R, int TPR, int MODE>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
@@ -660,15 +658,7 @@ struct GemvArgs {
   int gelu, accumulate;
   StoreArgs st;  // st.kc == nullptr: a plain product
   SumArgs sa;    // all null: no folded attention before this product
-  bool carve;    // KV_SHARED_CARVEOUT: the largest-carveout copy where it exists (fp16, N = 1)
 };
-
-// take_carveout strips KV_SHARED_CARVEOUT from *variant and says whether it was set.
-bool take_carveout(int *variant) {
-  const bool on = (*variant & KV_SHARED_CARVEOUT) != 0;
-  *variant &= ~KV_SHARED_CARVEOUT;
-  return on;
-}
 
 // fused_smem is the dynamic shared memory of fused_gemv_kernel_v1.
 size_t fused_smem(int mode, int N, int K, int norm_f16) {
@@ -677,17 +667,10 @@ size_t fused_smem(int mode, int N, int K, int norm_f16) {
   return b;
 }
 
-template <bool F16, int NB, int R, int TPR, int MODE, bool CARVE = false>
+template <bool F16, int NB, int R, int TPR, int MODE>
 cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int GROUPS = kFusedThreads / TPR;
-  if (CARVE) {
-    // Idempotent: this function always has the largest carveout.
-    const cudaError_t e = cudaFuncSetAttribute(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE, CARVE>,
-                                               cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               cudaSharedmemCarveoutMaxShared);
-    if (e != cudaSuccess) return e;
-  }
-  return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE, CARVE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
+  return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
                 dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
                 a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st, a.sa);
 }
@@ -707,15 +690,6 @@ template <bool F16, int NB, int MODE>
 cudaError_t launch_fused_gemv_n(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int R = NB <= 2 ? 1 : (NB <= 4 ? 2 : 4);
   constexpr int VEC = F16 ? 8 : 4, U = 4 / R;
-  // The largest-carveout copies exist for the one shape that asks for them
-  // (fp16, one row), not to double the instantiations.
-  if constexpr (F16 && NB == 1) {
-    if (a.carve) switch (gemv_tpr(a.K / VEC, U)) {
-        case 32: return launch_fused_gemv_k<F16, NB, R, 32, MODE, true>(s, pdl, a);
-        case 64: return launch_fused_gemv_k<F16, NB, R, 64, MODE, true>(s, pdl, a);
-        default: return launch_fused_gemv_k<F16, NB, R, 128, MODE, true>(s, pdl, a);
-      }
-  }
   switch (gemv_tpr(a.K / VEC, U)) {
     case 32: return launch_fused_gemv_k<F16, NB, R, 32, MODE>(s, pdl, a);
     case 64: return launch_fused_gemv_k<F16, NB, R, 64, MODE>(s, pdl, a);
@@ -820,10 +794,9 @@ kv_status with_scratch(cudaStream_t s, size_t bytes, Fill fill) {
 }  // namespace
 
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
-                          int bias_f16, int N, int K, int OC, int accumulate, bool carve, cudaError_t *err) {
+                          int bias_f16, int N, int K, int OC, int accumulate, cudaError_t *err) {
   if (N <= 0 || OC <= 0 || !kv_pdl_supported()) return false;
-  GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, accumulate};
-  a.carve = carve;
+  const GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, accumulate};
   return fused_launch<kPlain>(0, w_f16, a, s, err);
 }
 
@@ -839,7 +812,6 @@ extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, co
   if (N <= 0 || OC <= 0) return kv_launched();
   if (C <= 0 || !out || !in || !w || !norm_w || (gelu && accumulate)) return (kv_status)cudaErrorInvalidValue;
   if (rms) norm_b = nullptr;
-  const bool carve = take_carveout(&variant);
   // Variant 5 (and 0 above kFusedMaxN rows): GEMM v3 with the norm in its A
   // tiles, one launch instead of norm + scratch + GEMM; else two steps.
   if ((variant == 5 || (variant == 0 && N > kFusedMaxN)) && w_f16 && rms && !gelu) {
@@ -849,8 +821,7 @@ extern "C" kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, co
       return pst;
   }
   if (variant == 5) variant = 3;
-  GemvArgs a{out, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, gelu, accumulate};
-  a.carve = carve;
+  const GemvArgs a{out, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, gelu, accumulate};
   cudaError_t e = cudaSuccess;
   if (rms ? fused_launch<kRMSNorm>(variant, w_f16, a, s, &e) : fused_launch<kLayerNorm>(variant, w_f16, a, s, &e)) {
     KV_TRY(e);
@@ -933,13 +904,11 @@ extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *
     return (kv_status)cudaErrorInvalidValue;
   if (theta == 0.f) rope_heads = 0;
   if (rms) norm_b = nullptr;
-  const bool carve = take_carveout(&variant);
   const int OC = (NH + 2 * NKV) * HS;
   // The kernel pairs rows within a block: it needs an even row count.
   if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
     const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
-    GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
-    a.carve = carve;
+    const GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     const int v = variant == 4 ? 2 : variant;  // the register kernel (v2) cannot store
     cudaError_t e = cudaSuccess;
     if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
@@ -965,14 +934,12 @@ extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *su
     return (kv_status)cudaErrorInvalidValue;
   if (theta == 0.f) rope_heads = 0;
   if (rms) norm_b = nullptr;
-  const bool carve = take_carveout(&variant);
   const int OC = (NH + 2 * NKV) * HS;
   if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
     const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
     GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     a.sa.acc = acc;
     a.sa.sum = sum;
-    a.carve = carve;
     const int v = variant == 4 ? 2 : variant;
     cudaError_t e = cudaSuccess;
     if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
@@ -992,7 +959,6 @@ extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, 
                                       int F, int OC, int accumulate, int variant) {
   if (N <= 0 || OC <= 0) return kv_launched();
   if (F <= 0 || !out || !gu || !w) return (kv_status)cudaErrorInvalidValue;
-  const bool carve = take_carveout(&variant);
   // Variant 5: GEMM v3 with silu(gate)·up computed in its A tiles. Not the
   // default: every column tile recomputes the activation (H200, SmolLM2's
   // down projection at T = 256: 18.5 µs against 13.7 for SiluMul + v3).
@@ -1002,8 +968,7 @@ extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, 
       return pst;
   }
   if (variant == 5) variant = 3;
-  GemvArgs a{out, gu, nullptr, nullptr, 0, w, nullptr, 0, N, F, OC, 0.f, 0, accumulate};
-  a.carve = carve;
+  const GemvArgs a{out, gu, nullptr, nullptr, 0, w, nullptr, 0, N, F, OC, 0.f, 0, accumulate};
   cudaError_t e = cudaSuccess;
   if (fused_launch<kSwiGLU>(variant, w_f16, a, s, &e)) {
     KV_TRY(e);

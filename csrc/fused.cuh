@@ -27,6 +27,5 @@ __device__ __forceinline__ float gelu_new(float v) {
 // kernel. Returns false, launching nothing, where that does not apply
 // (before sm_90, N > 8, shapes the kernel cannot take, more blocks than the
 // single-kernel path allows); *err holds the launch status otherwise.
-// carve: KV_SHARED_CARVEOUT's largest-carveout copy where it exists.
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
-                          int bias_f16, int N, int K, int OC, int accumulate, bool carve, cudaError_t *err);
+                          int bias_f16, int N, int K, int OC, int accumulate, cudaError_t *err);

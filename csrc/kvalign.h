@@ -206,11 +206,6 @@ kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void
 #define KV_ATTN_MAX_HS 128
 #define KV_ATTN_DECODE_MAX_Q 16
 long long kv_attention_work_floats(int B, int T, int NH, int NKV, int HS, int max_len);
-/* kv_decode_attention_clusters: 1 where kv_attention's variant 0 runs a
- * one-token step (T = 1) in a cluster per query head (v14: fewer than 8
- * (sequence, kv head) pairs, several query heads a kv head, B·NH·8 ≤ 132),
- * which is where KV_SHARED_CARVEOUT products measured faster; else 0. */
-int kv_decode_attention_clusters(int B, int NH, int NKV, int HS, int max_len);
 kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc, const float *vc,
                        const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV,
                        int HS, int q_stride, int max_len, float rope_theta, float *work,
@@ -227,11 +222,10 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * merge. *launched = 0 (nothing enqueued, not an error) where it does not
  * apply: fp32 wo, more than 1024 entries of 64 dims, unaligned operands,
  * HS ∉ {16, 32, 64, 128}, no clusters (before sm_90), C·HS/4 > 48 KB.
- * variant: 0 launches nothing (the fold measured faster than the plain
- * chain where kv_attention takes v14, but slower than that chain with
- * KV_SHARED_CARVEOUT products: docs/PERF.md, version 13); 1 = always (where
- * it applies): a cluster of 8 blocks of 128 threads per (query head,
- * sequence). */
+ * variant: 0 folds where kv_attention's default takes v14 (NH > NKV and
+ * B·NH·8 ≤ 132: where the fold measured faster), else launches nothing;
+ * 1 = always (where it applies): a cluster of 8 blocks of 128 threads per
+ * (query head, sequence). */
 kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const float *kc, const float *vc,
                            const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                            int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,
@@ -313,16 +307,7 @@ kv_status kv_copy_bandwidth(kv_stream s, long long bytes, int reps, float *gbps)
  * with LayerNorm or gelu), else 3. Above 8 rows kv_norm_matmul's 0 = 5
  * where it applies; kv_swiglu_matmul's stays 3 (the A-tile SwiGLU is redone
  * by every column tile: slower than SiluMul + GEMM v3).
- * For kv_rope_store (always one kernel) 1 = normal launch, 2 and 4 = programmatic dependent, 0 = 2 on sm_90.
- * KV_SHARED_CARVEOUT or'ed into the variant of kv_norm_matmul,
- * kv_norm_matmul_store, kv_swiglu_matmul and kv_matmul_variant: one-row fp16
- * products that run the single fused kernel v1 run a copy of it whose
- * preferred shared-memory carveout is the largest (the rest ignore it).
- * Measured 7% off SmolLM2's decode step on an H100, where the attention runs
- * in clusters per query head (docs/PERF.md, versions 12 and 13), and 2% onto
- * distilgpt2's: the caller chooses per model. A separate kernel, so that
- * the function attribute never changes under a captured graph. */
-#define KV_SHARED_CARVEOUT 0x200
+ * For kv_rope_store (always one kernel) 1 = normal launch, 2 and 4 = programmatic dependent, 0 = 2 on sm_90. */
 kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *norm_w,
                          const void *norm_b, int norm_f16, const void *w, int w_f16,
                          const void *bias, int bias_f16, int N, int C, int OC, float eps, int rms,
@@ -343,8 +328,8 @@ kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const v
  * that a one-token MLP left in an accumulator (kv_mlp_acc): its input row n
  * is in[n] + unfix(acc[n]) (ref.SumAcc, no bias), which block 0 also writes
  * to sum (not in) for the layer's later kernels; one kernel where the
- * single fused kernel applies (variants as kv_norm_matmul_store's, with
- * KV_SHARED_CARVEOUT), else the sum and then kv_norm_matmul_store. */
+ * single fused kernel applies (variants as kv_norm_matmul_store's), else
+ * the sum and then kv_norm_matmul_store. */
 kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in, const long long *acc,
                                    const void *norm_w, const void *norm_b, int norm_f16, const void *w, int w_f16,
                                    const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
@@ -365,8 +350,10 @@ kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void 
  * *launched = 0 (nothing enqueued, not an error) where it does not apply:
  * fp32 weights, N > 8, C % 8 ≠ 0, F % 16 ≠ 0, unaligned operands, more
  * shared memory than a block may have; variant 0 also before sm_90
- * (without programmatic launches the staging cannot overlap), 1 launches
- * there too. */
+ * (without programmatic launches the staging cannot overlap) and for MLPs
+ * of more than 8 MiB of weights (they cannot stage during the kernel
+ * before: distilgpt2's 9.4 MB measured slower than two products, SmolLM2's
+ * 5.3 MB faster); 1 launches there too. */
 kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
                      const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                      int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16, int N,

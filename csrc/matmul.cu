@@ -588,12 +588,10 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
   if (N <= 0 || OC <= 0) return kv_launched();
   if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
   cudaStream_t st = s;
-  const bool carve = (gemm_variant & KV_SHARED_CARVEOUT) != 0;
-  gemm_variant &= ~KV_SHARED_CARVEOUT;
   if (N <= kGemvMaxN) {
     cudaError_t e = cudaSuccess;
     if (gemm_variant == 0 &&
-        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, carve, &e)) {
+        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, &e)) {
       KV_TRY(e);
       return kv_launched();
     }

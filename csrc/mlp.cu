@@ -23,6 +23,14 @@ namespace {
 constexpr int kMlpThreads = 256;
 constexpr int kMlpWarps = kMlpThreads / 32;
 constexpr int kMlpFS = 16;  // activation columns a block
+// Variant 0 takes MLPs of at most this many weight bytes: what streams in
+// about the time of the kernel before this one (an H100 reads ~3 TB/s), so
+// that the blocks find their weights staged when their wait ends. SmolLM2's
+// 5.3 MB gained (bench decode, cache 255: 0.533–0.543 ms a token against
+// 0.590 for the two-product chain with the fold, 0.549 with the products'
+// largest carveout); distilgpt2's 9.4 MB lost (0.191–0.204 against 0.173),
+// as did every block width tried (8, 16, 32 columns). docs/PERF.md, version 13.
+constexpr size_t kMlpMaxBytes = 8u << 20;
 
 // mlp_smem: the dynamic shared memory of mlp_acc_kernel_v1: the up rows
 // [G·FS][C] and down columns [C][FS] (half), the input rows [N][C] (float),
@@ -242,6 +250,8 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, c
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     return kv_launched();
   const size_t smem = mlp_smem(N, C, swiglu, norm_f16);
+  const size_t bytes = (size_t)(swiglu ? 3 : 2) * F * C * 2;
+  if (variant == 0 && bytes > kMlpMaxBytes) return kv_launched();
   if (rms != swiglu || !up_f16 || !down_f16 || N > 8 || C % 8 != 0 || F % kMlpFS != 0 || smem > (size_t)optin ||
       (C * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(in) || !aligned16(up_w) || !aligned16(down_w) ||
       !aligned16(norm_w) || (norm_b && !aligned16(norm_b)) || (variant == 0 && !kv_pdl_supported()))

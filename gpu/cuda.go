@@ -51,10 +51,6 @@ type CUDA struct {
 	// (outside capture) by cuda_attention.go through Alloc, so Close frees
 	// it with every other live allocation.
 	attnScratch Buf
-
-	// carveout: the one-token products run their largest-carveout copies
-	// (KV_SHARED_CARVEOUT); chosen per model by TuneDecode.
-	carveout bool
 }
 
 // NewCUDA opens CUDA device number device (0-based) with its own stream.

@@ -26,16 +26,13 @@ const (
 	// tiles and SwiGLU in its epilogue where it applies (fp16, RMSNorm), 3
 	// three steps.
 	fusedPrefill = 5
-	// fusedAuto with KV_SHARED_CARVEOUT: one-row fp16 products on the v1
-	// kernel run its largest-carveout copy (TuneDecode's choice).
-	fusedCarve = fusedAuto | C.KV_SHARED_CARVEOUT
 )
 
 // NormMatMul: out[N,OC] (+)= act(norm(in)·wᵀ + bias), see Fused. normW,
 // normB (optional, LayerNorm only), w and bias (optional) are F16 or F32;
 // normB has normW's dtype. out must not overlap in.
 func (c *CUDA) NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, eps float32, norm NormKind, act Act, accumulate bool) {
-	c.normMatMul(out, in, normW, normB, w, bias, N, C, OC, eps, norm, act, accumulate, c.auto())
+	c.normMatMul(out, in, normW, normB, w, bias, N, C, OC, eps, norm, act, accumulate, fusedAuto)
 }
 
 func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps float32, norm NormKind, act Act, accumulate bool, variant int) {
@@ -64,8 +61,7 @@ func (c *CUDA) normMatMul(out, in, normW, normB, w, bias Buf, n, ch, oc int, eps
 	if act == SwiGLUAct {
 		c.run(op, func() C.kv_status {
 			return C.kv_norm_matmul_swiglu(c.stream, devF32(out), devF32(in), dev(normW), dev(normB), f16(normW),
-				dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.int(oc), C.float(eps), rms,
-				C.int(variant&^C.KV_SHARED_CARVEOUT)) // a GEMM or two steps: no carveout copy
+				dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.int(oc), C.float(eps), rms, C.int(variant))
 		})
 		return
 	}
@@ -87,7 +83,7 @@ func outWidth(oc int, act Act) int {
 // SwiGLUMatMul: out[N,OC] (+)= (silu(gu[:, :F])·gu[:, F:2F])·wᵀ, see Fused;
 // w is F16 or F32. out must not overlap gu.
 func (c *CUDA) SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool) {
-	c.swiGLUMatMul(out, gu, w, N, F, OC, accumulate, c.auto())
+	c.swiGLUMatMul(out, gu, w, N, F, OC, accumulate, fusedAuto)
 }
 
 func (c *CUDA) swiGLUMatMul(out, gu, w Buf, n, f, oc int, accumulate bool, variant int) {
@@ -144,7 +140,7 @@ func (c *CUDA) ropeStore(qkv, kc, vc, pos, slots Buf, n, nh, nkv, hs, rowStride,
 // NormMatMulStore: the q|k|v product with its RoPE and cache writes in one
 // kernel where it applies, see Fused and kv_norm_matmul_store.
 func (c *CUDA) NormMatMulStore(qkv, in, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
-	c.normMatMulStore(qkv, in, normW, normB, w, bias, N, C, eps, norm, st, c.auto())
+	c.normMatMulStore(qkv, in, normW, normB, w, bias, N, C, eps, norm, st, fusedAuto)
 }
 
 func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, eps float32, norm NormKind, st QKVStore, variant int) {
@@ -154,7 +150,7 @@ func (c *CUDA) normMatMulStore(qkv, in, normW, normB, w, bias Buf, n, ch int, ep
 // NormMatMulStoreSum: the residual stream an MLPAcc left in acc, then the
 // q|k|v product on it, see Fused and kv_norm_matmul_store_sum.
 func (c *CUDA) NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
-	c.normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias, N, C, eps, norm, st, c.auto())
+	c.normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias, N, C, eps, norm, st, fusedAuto)
 }
 
 // normMatMulStoreSum is both: without acc (zero) NormMatMulStore, with it
@@ -211,25 +207,6 @@ func (c *CUDA) normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, 
 			devF32(st.K), devF32(st.V), C.int(st.K.n/(nkv*hs)), devI32(st.Pos), devI32(st.Slots), C.int(nh), C.int(nkv),
 			C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant))
 	})
-}
-
-// TuneDecode: see DecodeTuner. The one-token products run their copies
-// with the largest shared-memory carveout (KV_SHARED_CARVEOUT) where the
-// decode attention runs a cluster per query head (SmolLM2: 0.551 against
-// 0.591 ms a token on an H100), the default carveout elsewhere (distilgpt2
-// lost ~3 µs with it): docs/PERF.md, version 13.
-func (c *CUDA) TuneDecode(p AttnParams) {
-	c.carveout = p.T == 1 && p.NKV > 0 && p.NH%p.NKV == 0 &&
-		C.kv_decode_attention_clusters(C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen)) != 0
-}
-
-// auto is the variant the Fused operations and MatMul run: fusedAuto
-// (= gemmAuto), with KV_SHARED_CARVEOUT where TuneDecode chose it.
-func (c *CUDA) auto() int {
-	if c.carveout {
-		return fusedAuto | C.KV_SHARED_CARVEOUT
-	}
-	return fusedAuto
 }
 
 // AttentionOutProj: decode attention with the out-projection folded in

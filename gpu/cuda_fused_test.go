@@ -16,12 +16,9 @@ import (
 // fused kernel launched normally and as a programmatic dependent, the
 // two-step path (scratch + MatMul) that large N and the LM head take, and
 // the N = 1 register kernel.
-var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedRegs, fusedCarve}
+var fusedVariants = []int{fusedKernel, fusedPDL, fusedTwoStep, fusedRegs}
 
 func variantName(v int) string {
-	if v == fusedCarve {
-		return "carve"
-	}
 	return [...]string{"auto", "kernel", "pdl", "twostep", "regs", "prefill"}[v]
 }
 
@@ -129,34 +126,6 @@ func testNormMatMul(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, OC
 	compare(t, name, got, want, tol*maxAbs(want), tol)
 	for _, b := range []Buf{inBuf, nwBuf, nbBuf, bBuf, wBuf, out} {
 		c.Free(b)
-	}
-}
-
-// TestCUDATuneDecode: the largest-carveout products are chosen where the
-// one-token attention runs a cluster per query head (SmolLM2 at B = 1), not
-// for distilgpt2, batches, prefills or long caches; the copies compute what
-// the default kernels compute (the variant tests above run fusedCarve).
-func TestCUDATuneDecode(t *testing.T) {
-	c := newTestCUDA(t)
-	for _, tc := range []struct {
-		name string
-		p    AttnParams
-		want bool
-	}{
-		{"smollm2", AttnParams{B: 1, T: 1, NH: 9, NKV: 3, HS: 64, MaxLen: 256}, true},
-		{"smollm2 B=2", AttnParams{B: 2, T: 1, NH: 9, NKV: 3, HS: 64, MaxLen: 256}, false},
-		{"smollm2 prefill", AttnParams{B: 1, T: 5, NH: 9, NKV: 3, HS: 64, MaxLen: 256}, false},
-		{"smollm2 2000 entries", AttnParams{B: 1, T: 1, NH: 9, NKV: 3, HS: 64, MaxLen: 2000}, false},
-		{"distilgpt2", AttnParams{B: 1, T: 1, NH: 12, NKV: 12, HS: 64, MaxLen: 256}, false},
-		{"unset", AttnParams{}, false},
-	} {
-		c.TuneDecode(tc.p)
-		if c.carveout != tc.want {
-			t.Errorf("%s: carveout %v, want %v", tc.name, c.carveout, tc.want)
-		}
-		if got := c.auto() == fusedCarve; got != tc.want {
-			t.Errorf("%s: auto() = %#x", tc.name, c.auto())
-		}
 	}
 }
 
@@ -320,7 +289,7 @@ func TestCUDAFusedNormMatMulStore(t *testing.T) {
 					continue
 				}
 				for _, wdt := range weightTypes {
-					for _, v := range []int{fusedAuto, fusedKernel, fusedPDL, fusedTwoStep, fusedRegs, fusedCarve} {
+					for _, v := range []int{fusedAuto, fusedKernel, fusedPDL, fusedTwoStep, fusedRegs} {
 						name := fmt.Sprintf("%s_C%d_N%d_%v_%s", cs.name, C, N, wdt, variantName(v))
 						testNormMatMulStore(t, c, rng, name, cs, C, N, wdt, v, false)
 						if v != fusedRegs {
@@ -838,7 +807,8 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 		}
 		// The runner's one-token layer with the MLP in one launch
 		// (MLPAcc into two accumulators, NormMatMulStoreSum reading them;
-		// the last layer's MLP as two products).
+		// the last layer's MLP as two products), forced for both models
+		// (the default takes it for SmolLM2 only).
 		accs := [2]Buf{uploadInts(b, c, make([]int32, 2*m.C)), uploadInts(b, c, make([]int32, 2*m.C))}
 		mlp := func() {
 			xc, pending := x, Buf{}
@@ -859,7 +829,7 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 				c.attention(att, qkv, kc, vc, orderBuf, lensBuf, ap, 0, work)
 				c.MatMul(xc, att, ly.o, ly.bo, 1, m.NH*m.HS, m.C, true)
 				if l < len(layers)-1 {
-					if !c.MLPAcc(accs[l%2], pending, xc, ly.n2, ly.nb2, ly.up, ly.bu, ly.down, ly.bd, 1, m.C, m.F, 1e-5, nk, act) {
+					if !c.mlpAcc(accs[l%2], pending, xc, ly.n2, ly.nb2, ly.up, ly.bu, ly.down, ly.bd, 1, m.C, m.F, 1e-5, nk, act, 1) {
 						b.Fatalf("%s: MLPAcc did not launch (%v)", m.name, c.Err())
 					}
 					pending = accs[l%2]
@@ -877,15 +847,6 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			}
 			c.NormMatMul(logits, xc, nf, nbf, lm, Buf{}, 1, m.C, m.V, 1e-5, nk, NoAct, false)
 		}
-		// The runner's layer with the products' largest-carveout copies
-		// (what TuneDecode chooses for SmolLM2), forced for both models.
-		carved := func(fn func()) func() {
-			return func() {
-				c.carveout = true
-				fn()
-				c.carveout = false
-			}
-		}
 		for _, way := range []struct {
 			name string
 			fn   func()
@@ -896,8 +857,7 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 			{"store+attention_v9", runnerLayer(true, 9, 0)}, {"store+attention_v4", runnerLayer(true, 4, 0)},
 			{"store+attention_v9_norope", runnerLayer(true, -9, 0)}, {"store+attention_v10", runnerLayer(true, 10, 0)},
 			{"store+attention_v11", runnerLayer(true, 11, 0)}, {"store+attention_v14", runnerLayer(true, 14, 0)},
-			{"store+attention+fold", fold}, {"store+attention+carve", carved(runnerLayer(true, 0, 0))},
-			{"store+attention+mlp", mlp}, {"store+attention+mlp+carve", carved(mlp)}} {
+			{"store+attention+fold", fold}, {"store+attention+mlp", mlp}} {
 			b.Run(m.name+"/"+way.name, func(b *testing.B) {
 				sec := graphTime(b, c, 1, func(int) { way.fn() })
 				b.ReportMetric(sec*1e6, "µs/step")

@@ -13,7 +13,7 @@ import "C"
 // N ≤ 8 (decoding: a weight stream) and a tiled GEMM above (tensor cores for
 // F16 weights, fp32 SIMT for F32 weights).
 func (c *CUDA) MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool) {
-	c.matmul(out, in, w, bias, N, C, OC, accumulate, c.auto())
+	c.matmul(out, in, w, bias, N, C, OC, accumulate, 0)
 }
 
 // Variants of kv_matmul_variant that tests and benchmarks force.

@@ -73,7 +73,7 @@ func TestCUDAMatMul(t *testing.T) {
 						}
 						// Variant 1: the first GEMM kernels (N > 8) or the plain
 						// GEMV (N ≤ 8); 2–4 the other GEMMs, side by side.
-						variants := []int{gemmAuto, gemmFirst, fusedCarve}
+						variants := []int{gemmAuto, gemmFirst}
 						if sh.N > 8 {
 							variants = append(variants, gemmV2, gemmV3, gemmV3Plain)
 						}

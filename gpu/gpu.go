@@ -310,10 +310,9 @@ type Fused interface {
 	// heads arrive in). acc must be zero before; NormMatMulSum reads it and
 	// ResMatMul zeroes it again. It returns false, enqueuing nothing, where
 	// the backend has no folded kernel for these shapes or dtypes, or
-	// folding measured slower (CUDA's default folds nowhere since its
-	// unfolded chain with the carveout of DecodeTuner measured faster; the
-	// CPU reference folds, so the bookkeeping stays tested): then run
-	// Attention and MatMul.
+	// folding measured slower (CUDA folds where its attention runs a
+	// cluster per query head: SmolLM2, not distilgpt2): then run Attention
+	// and MatMul.
 	AttentionOutProj(acc, qkv, kc, vc, order, lens Buf, p AttnParams, wo Buf, C int) bool
 	// NormMatMulSum: sum[N,C] = in + (accBias + unfix(acc)) (ref.SumAcc;
 	// accBias optional), then out[N,OC] = act(norm(sum)·w[OC,C]ᵀ + bias)
@@ -333,22 +332,14 @@ type Fused interface {
 	// no upB) or LayerNormKind with GeluAct; downB optional. clear
 	// (optional, another accumulator of the same size) is set to zero. It
 	// returns false, enqueuing nothing, where the backend has no one-launch
-	// kernel for the shapes or dtypes: then run NormMatMul and the down
-	// product.
+	// kernel for the shapes or dtypes, or it measured slower than two
+	// products (CUDA: MLPs of more than 8 MiB of weights, distilgpt2's):
+	// then run NormMatMul and the down product.
 	MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
 	// NormMatMulStoreSum: sum[N,C] = in + unfix(acc) (ref.SumAcc), then
 	// NormMatMulStore(qkv, sum, …): the next layer's q|k|v product on the
 	// residual stream an MLPAcc left in acc. sum must not overlap in.
 	NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore)
-}
-
-// DecodeTuner is implemented by backends whose one-token kernels take a
-// launch setting chosen per model. A runner calls TuneDecode with its
-// attention's parameters before it enqueues a step's layers; the setting
-// holds for what is enqueued after it, so each capture of each model sets
-// its own. It changes speed only, never results.
-type DecodeTuner interface {
-	TuneDecode(p AttnParams)
 }
 
 // QKVStore says where NormMatMulStore's keys and values go and which heads

@@ -45,8 +45,9 @@ type Runner struct {
 	K, V  gpu.Buf // [L, Slots, NKV, HS]
 
 	x, xn, qkv, att, up, act, logits, nll gpu.Buf
-	// acc: one-token steps' two MLP accumulators (gpu.Fused.MLPAcc), each
-	// [B, C] int64 as I32 pairs in fixed point; zero between steps.
+	// acc: one-token steps' two accumulators, each [B, C] int64 as I32
+	// pairs in fixed point (gpu.Fused.MLPAcc, or the first for
+	// AttentionOutProj); zero between steps.
 	acc gpu.Buf
 
 	stage  gpu.HostInts // host side of the int block
@@ -378,15 +379,13 @@ func (r *Runner) enqueue(sh stepShape) {
 		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
 	fused, _ := be.(gpu.Fused)
-	if t, ok := be.(gpu.DecodeTuner); ok {
-		t.TuneDecode(attn)
-	}
 	layers := w.layers
 	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
 	// stream still owes (zero Buf: none), and the pair of stream buffers.
-	mlpAcc := fused != nil && sh.T == 1 && N <= gemvMaxRows
+	decode := fused != nil && sh.T == 1 && N <= gemvMaxRows
+	mlpAcc := decode // until the backend says it has no kernel for the shapes
 	var accs [2]gpu.Buf
-	if mlpAcc {
+	if decode {
 		accs = [2]gpu.Buf{r.acc.View(0, 2*N*C), r.acc.View(2*N*C, 2*N*C)}
 	}
 	var pending gpu.Buf
@@ -407,9 +406,9 @@ func (r *Runner) enqueue(sh stepShape) {
 			theta = float32(cfg.RopeTheta)
 		}
 		if fused != nil {
-			// Five launches a layer (four with MLPAcc, below): the norms,
-			// RoPE, cache writes and activations ride along with the
-			// products.
+			// Five launches a layer (four with MLPAcc or a folded
+			// attention, below): the norms, RoPE, cache writes and
+			// activations ride along with the products.
 			nk := r.normKind()
 			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta}
 			if pending.IsZero() {
@@ -420,6 +419,28 @@ func (r *Runner) enqueue(sh stepShape) {
 				sum := swap()
 				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
 				x = sum
+			}
+			// Without MLPAcc, one-token steps where the backend can fold
+			// the attention output projection into the attention kernel:
+			// the heads' partial products meet in an accumulator, which
+			// the MLP's norm product adds to the stream (writing the sum
+			// to the other buffer) and the MLP's output product clears
+			// (adding its result to that sum into x). (Where MLPAcc turned out not to apply,
+			// from the second layer on.)
+			if decode && !mlpAcc && pending.IsZero() {
+				if acc := accs[0]; fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
+					sum := pair[1-cur]
+					if cfg.Family == GPT2 {
+						up := r.up.View(0, N*F)
+						fused.NormMatMulSum(up, sum, x, acc, lw.oB, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct)
+						fused.ResMatMul(x, sum, up, lw.downW, lw.downB, acc, N, F, C, gpu.NoAct)
+					} else {
+						up := r.up.View(0, N*2*F)
+						fused.NormMatMulSum(up, sum, x, acc, gpu.Buf{}, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct)
+						fused.ResMatMul(x, sum, up, lw.downW, gpu.Buf{}, acc, N, F, C, gpu.SwiGLUAct)
+					}
+					continue
+				}
 			}
 			be.Attention(att, qkv, K, V, order, lens, attn)
 			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
