@@ -341,8 +341,9 @@ kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void 
  * ([N, C] int64, fixed point with 32 fraction bits, as kv_attention_out):
  * acc[n] += fix(act(norm(in[n])·up_wᵀ + up_b)·down_wᵀ + down_b), in one
  * launch: each block owns 16 columns of the activation, stages its rows of
- * up_w and columns of down_w before its programmatic wait, and adds its
- * partial output with atomics (the sum does not depend on their order).
+ * up_w before its programmatic wait and its columns of down_w after it, and
+ * adds its partial output with atomics (the sum does not depend on their
+ * order).
  * Llama (rms = 1, swiglu = 1): RMSNorm, up_w [2F, C] the gate rows then the
  * up rows, act = silu(gate)·up, no up_b; GPT-2 (0, 0): LayerNorm (norm_b
  * optional), act = gelu_new. clear (NULL or [N, C] int64, not acc) is set to
@@ -351,9 +352,8 @@ kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void 
  * fp32 weights, N > 8, C % 8 ≠ 0, F % 16 ≠ 0, unaligned operands, more
  * shared memory than a block may have; variant 0 also before sm_90
  * (without programmatic launches the staging cannot overlap) and for MLPs
- * of more than 8 MiB of weights (they cannot stage during the kernel
- * before: distilgpt2's 9.4 MB measured slower than two products, SmolLM2's
- * 5.3 MB faster); 1 launches there too. */
+ * of more than 8 MiB of weights (distilgpt2's 9.4 MB measured slower than
+ * two products, SmolLM2's 5.3 MB faster); 1 launches there too. */
 kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
                      const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                      int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16, int N,

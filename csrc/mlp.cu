@@ -4,10 +4,12 @@
 // arithmetic: the MLP as two products (norm → gate|up, then SwiGLU → down)
 // costs two kernel boundaries and a round trip of the F-wide activation
 // through L2. Here each block owns FS columns of the activation instead:
-// it stages its FS rows of the up weights (gate and up rows for SwiGLU) and
-// the FS matching columns of the down weights in shared memory before its
-// programmatic wait, so that after the wait it only normalises the input,
-// computes its FS activations and multiplies them by its down columns. The
+// it stages its FS rows of the up weights (gate and up rows for SwiGLU) in
+// shared memory before its programmatic wait and the FS matching columns of
+// the down weights right after it (they are needed last: streaming them
+// behind the norm and the up rows measured 1–2% faster than staging both
+// before the wait), then normalises the input, computes its FS activations
+// and multiplies them by its down columns. The
 // blocks' partial outputs meet in a fixed-point accumulator (kv_fix,
 // atomics): integer sums do not depend on their order, so every run gives
 // the same bits. The next layer's q|k|v product adds the accumulator to the
@@ -23,13 +25,12 @@ namespace {
 constexpr int kMlpThreads = 256;
 constexpr int kMlpWarps = kMlpThreads / 32;
 constexpr int kMlpFS = 16;  // activation columns a block
-// Variant 0 takes MLPs of at most this many weight bytes: what streams in
-// about the time of the kernel before this one (an H100 reads ~3 TB/s), so
-// that the blocks find their weights staged when their wait ends. SmolLM2's
-// 5.3 MB gained (bench decode, cache 255: 0.533–0.543 ms a token against
-// 0.590 for the two-product chain with the fold, 0.549 with the products'
-// largest carveout); distilgpt2's 9.4 MB lost (0.191–0.204 against 0.173),
-// as did every block width tried (8, 16, 32 columns). docs/PERF.md, version 13.
+// Variant 0 takes MLPs of at most this many weight bytes. SmolLM2's 5.3 MB
+// gained (H100, bench decode, cache 255: 0.528–0.543 ms a token against
+// 0.589–0.593 for the two-product chain with the fold); distilgpt2's 9.4 MB
+// lost (0.190–0.204 against 0.173) with every block width tried (8, 16, 32
+// columns) and with the down columns staged before or after the wait: why
+// is open (docs/PERF.md, version 13).
 constexpr size_t kMlpMaxBytes = 8u << 20;
 
 // mlp_smem: the dynamic shared memory of mlp_acc_kernel_v1: the up rows
@@ -86,18 +87,13 @@ __global__ void __launch_bounds__(kMlpThreads)
   const int nbytes = C * (norm_f16 ? 2 : 4);
   unsigned char *nbs = nws + nbytes;
 
-  // 1. Constant data before the wait: this block's weights (read once:
-  // L2 only) and the norm weights.
+  // 1. Constant data before the wait: this block's up rows (read once: L2
+  // only) and the norm weights.
   const int c8 = C / 8;
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;
     const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
     kv_cp_async16_cg(wup + (size_t)r * C + 8 * k, up_w + (size_t)row * C + 8 * k);
-  }
-  constexpr int FS8 = FS / 8;
-  for (int i = tid; i < C * FS8; i += kMlpThreads) {
-    const int c = i / FS8, j = i - c * FS8;
-    kv_cp_async16_cg(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
   }
   for (int i = tid; i < nbytes / 16; i += kMlpThreads) {
     kv_cp_async16_ca(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
@@ -105,16 +101,23 @@ __global__ void __launch_bounds__(kMlpThreads)
   }
   kv_cp_async_commit();
 
-  // 2. The input rows (written by the previous kernel).
+  // 2. The input rows (written by the previous kernel), then the down
+  // columns (a group of their own: only step 5 waits for them).
   kv_pdl_wait();
   kv_pdl_launch_dependents();
   const int C4 = C / 4;
   for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   kv_cp_async_commit();
+  constexpr int FS8 = FS / 8;
+  for (int i = tid; i < C * FS8; i += kMlpThreads) {
+    const int c = i / FS8, j = i - c * FS8;
+    kv_cp_async16_cg(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
+  }
+  kv_cp_async_commit();
   if (clear) {
     for (int i = blockIdx.x * kMlpThreads + tid; i < N * C; i += gridDim.x * kMlpThreads) clear[i] = 0;
   }
-  kv_cp_async_wait_all();
+  kv_cp_async_wait<1>();
   __syncthreads();
 
   // 3. The norm, in fp32 (two passes for LayerNorm, as fused.cu).
@@ -194,6 +197,8 @@ __global__ void __launch_bounds__(kMlpThreads)
 
   // 5. The down columns: a thread per output, the partial sum into the
   // accumulator (block 0 adds the bias).
+  kv_cp_async_wait_all();
+  __syncthreads();
   for (int c = tid; c < C; c += kMlpThreads) {
     float wd[FS];
     const uint4 *wp = reinterpret_cast<const uint4 *>(wdn + (size_t)c * FS);
