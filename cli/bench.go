@@ -138,6 +138,51 @@ type benchCell struct {
 	DType     string  `json:"dtype"`
 	// AlignKernel says how the realignment networks ran (kv mode).
 	AlignKernel string `json:"align_kernel,omitempty"`
+	// The anchors of a known config (benchAnchors), ms/token.
+	TargetMs float64 `json:"target_ms,omitempty"`
+	EagerMs  float64 `json:"pytorch_eager_ms,omitempty"`
+}
+
+// benchAnchors are, per known config and mode, the latency target of
+// issue #4 (one H100, fp16 weights) and the original PyTorch code's eager
+// latency on the same class of card, ms/token.
+var benchAnchors = map[string]map[string]struct{ target, eager float64 }{
+	"distilgpt2":   {"sw": {0.15, 2.5}, "kv": {0.20, 5.3}, "ar": {1.0, 3.0}},
+	"smollm2-135m": {"sw": {0.30, 19}, "kv": {0.40, 31}, "ar": {2.0, 23}},
+}
+
+// anchorTable is a markdown table of each mode's slowest cell against the
+// config's anchors, "" for configs without them.
+func anchorTable(config string, cells []benchCell) string {
+	anchors, ok := benchAnchors[config]
+	if !ok {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteString("| mode | slowest ms/token | target (H100, fp16) | PyTorch eager ms/token | × faster than eager |\n|---|---|---|---|---|\n")
+	var modes []string
+	worst := map[string]float64{}
+	for _, c := range cells {
+		if c.Config != config {
+			continue
+		}
+		if _, seen := worst[c.Mode]; !seen {
+			modes = append(modes, c.Mode)
+		}
+		worst[c.Mode] = max(worst[c.Mode], c.MedianMs)
+	}
+	for _, m := range modes {
+		a, ok := anchors[m]
+		if !ok {
+			continue
+		}
+		verdict := "met"
+		if worst[m] > a.target {
+			verdict = "not met"
+		}
+		fmt.Fprintf(&b, "| %s | %.3f | ≤ %.2f: %s | %.3g | %.3g× |\n", m, worst[m], a.target, verdict, a.eager, a.eager/worst[m])
+	}
+	return b.String()
 }
 
 // originalNetworkSizes are the hidden sizes (keys h1, h2, values h1, h2) of
@@ -254,9 +299,15 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 			if mode == transformer.KVAlign {
 				cell.AlignKernel = alignKernel(dev)
 			}
+			if a, ok := benchAnchors[name][cell.Mode]; ok {
+				cell.TargetMs, cell.EagerMs = a.target, a.eager
+			}
 			cells = append(cells, cell)
 		}
 		fmt.Fprintln(out)
+	}
+	if t := anchorTable(name, cells); t != "" {
+		fmt.Fprintf(out, "\n%s", t)
 	}
 	return cells, nil
 }

@@ -93,3 +93,29 @@ func TestTokenizeAndScore(t *testing.T) {
 		t.Fatalf("score: exit %d, %q %q", code, stdout, stderr)
 	}
 }
+
+// TestAnchorTable: each mode's slowest cell against its target and the
+// PyTorch eager anchor; nothing for configs without anchors.
+func TestAnchorTable(t *testing.T) {
+	cells := []benchCell{
+		{Config: "smollm2-135m", Mode: "sw", CacheSize: 32, MedianMs: 0.25},
+		{Config: "smollm2-135m", Mode: "sw", CacheSize: 255, MedianMs: 0.38},
+		{Config: "smollm2-135m", Mode: "ar", CacheSize: 32, MedianMs: 1.15},
+		{Config: "distilgpt2", Mode: "sw", CacheSize: 32, MedianMs: 9},
+	}
+	got := anchorTable("smollm2-135m", cells)
+	for _, want := range []string{
+		"| sw | 0.380 | ≤ 0.30: not met | 19 | 50× |",
+		"| ar | 1.150 | ≤ 2.00: met | 23 | 20× |",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("anchorTable lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "| kv |") || strings.Contains(got, "9.000") {
+		t.Errorf("anchorTable shows a mode or config that was not run:\n%s", got)
+	}
+	if got := anchorTable("my-model", cells); got != "" {
+		t.Errorf("a config without anchors got a table:\n%s", got)
+	}
+}
