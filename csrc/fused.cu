@@ -93,29 +93,6 @@ __device__ __forceinline__ void load_batch(uint4 (&wv)[R][U], const char *__rest
   }
 }
 
-// block_sum_rows: v[n] becomes the block-wide sum for every n < NB, in every
-// thread. red is this call's own scratch (each call site passes a different
-// one, so no barrier is needed before reuse).
-template <int NB>
-__device__ __forceinline__ void block_sum_rows(float (&v)[NB], float (*red)[NB]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int n = 0; n < NB; n++) v[n] = kv_warp_sum(v[n]);
-  if (lane == 0) {
-#pragma unroll
-    for (int n = 0; n < NB; n++) red[warp][n] = v[n];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int n = 0; n < NB; n++) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < kFusedThreads / 32; k++) t += red[k][n];
-    v[n] = t;
-  }
-}
-
-
 
 // fused_gemv_kernel_v1 (any N ≤ 8): out[N,OC] (+)= act(xform(in)[N,K]·w[OC,K]ᵀ + bias).
 // xform (MODE): LayerNorm or RMSNorm of rows of K = C, or
@@ -283,7 +260,7 @@ __global__ void __launch_bounds__(kFusedThreads)
         }
       }
     }
-    block_sum_rows<NB>(s, red[0]);
+    block_sum_rows<kFusedThreads / 32>(s, red[0]);
     if constexpr (MODE == kLayerNorm) {
 #pragma unroll
       for (int n = 0; n < NB; n++) {
@@ -300,7 +277,7 @@ __global__ void __launch_bounds__(kFusedThreads)
           }
         }
       }
-      block_sum_rows<NB>(s, red[1]);
+      block_sum_rows<kFusedThreads / 32>(s, red[1]);
     } else {
 #pragma unroll
       for (int n = 0; n < NB; n++) mean[n] = 0.f;
@@ -643,8 +620,6 @@ __global__ void __launch_bounds__(128)
 
 // ---- host side ----
 
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 struct GemvArgs {
   float *out;
   const float *in;
@@ -738,9 +713,9 @@ cudaError_t launch_fused_gemv1(cudaStream_t s, bool pdl, int w_f16, const GemvAr
 bool fused_gemv_applies(int version, int mode, const float *in, const void *norm_w, const void *norm_b,
                         int norm_f16, const void *w, int w_f16, int N, int K) {
   const int vec = w_f16 ? 8 : 4;
-  if (K % vec != 0 || K % 4 != 0 || !aligned16(w) || !aligned16(in)) return false;
+  if (K % vec != 0 || K % 4 != 0 || !kv_aligned16(w) || !kv_aligned16(in)) return false;
   if (has_norm(mode)) {
-    if ((K * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(norm_w) || (norm_b && !aligned16(norm_b))) return false;
+    if ((K * (norm_f16 ? 2 : 4)) % 16 != 0 || !kv_aligned16(norm_w) || (norm_b && !kv_aligned16(norm_b))) return false;
   }
   if (version == 2) return N == 1 && K / vec <= kV2ChunksPerLane * kFusedThreads;
   return N <= kFusedMaxN && fused_smem(mode, N, K, norm_f16) <= (size_t)kFusedSmemMax;

@@ -6,6 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
+#include "common.cuh"
+
 // Device helpers of the fused kernels (fused.cu, mlp.cu).
 
 // load_norm_w: element c of norm weights staged in shared memory as stored.
@@ -20,6 +24,31 @@ __device__ __forceinline__ float gelu_new(float v) {
   // As activation.cu's gelu_new_kernel_v1: full-precision tanhf.
   return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
+
+// block_sum_rows: v[n] becomes the block-wide sum for every n < NB, in every
+// thread of a block of WARPS warps. red is this call's own scratch (each
+// call site passes a different one, so no barrier is needed before reuse).
+template <int WARPS, int NB>
+__device__ __forceinline__ void block_sum_rows(float (&v)[NB], float (*red)[NB]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < NB; n++) v[n] = kv_warp_sum(v[n]);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < NB; n++) red[warp][n] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < NB; n++) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < WARPS; k++) t += red[k][n];
+    v[n] = t;
+  }
+}
+
+// kv_aligned16: p is 16-byte aligned (16-byte loads, cp.async).
+inline bool kv_aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // kv_gemv_as_dependent enqueues out[N,K→OC] (+)= in·wᵀ + bias as fused.cu's
 // GEMV (input staged in shared memory, no transform) launched as a

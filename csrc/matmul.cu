@@ -573,8 +573,6 @@ void launch_gemv(cudaStream_t st, float *out, const float *in, const void *w, co
   }
 }
 
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 }  // namespace
 
 // gemm_prefill.cu: GEMM v3 (split-K clusters, fused input transforms, PDL).
@@ -596,7 +594,7 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
       return kv_launched();
     }
     const int vec = w_f16 ? 8 : 4;
-    if (C % vec == 0 && aligned16(w) && aligned16(in)) {
+    if (C % vec == 0 && kv_aligned16(w) && kv_aligned16(in)) {
       if (w_f16)
         launch_gemv<true>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate);
       else
@@ -616,14 +614,14 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
   if (w_f16) {
     const dim3 grid(kv_ceil_div(OC, kTcBN), kv_ceil_div(N, kTcBM));
     const __half *wh = static_cast<const __half *>(w);
-    if (C % 8 == 0 && aligned16(w) && aligned16(in) && gemm_variant != 1) {
+    if (C % 8 == 0 && kv_aligned16(w) && kv_aligned16(in) && gemm_variant != 1) {
       // v2; 32-row tiles when 64-row ones would not give every SM two blocks.
       const int tiles_n = kv_ceil_div(OC, kT2BN);
       if ((long long)tiles_n * kv_ceil_div(N, 64) >= 264)
         gemm_f16_tc_kernel_v2<64><<<dim3(tiles_n, kv_ceil_div(N, 64)), kT2Threads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);
       else
         gemm_f16_tc_kernel_v2<32><<<dim3(tiles_n, kv_ceil_div(N, 32)), kT2Threads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);
-    } else if (C % 8 == 0 && aligned16(w) && aligned16(in))
+    } else if (C % 8 == 0 && kv_aligned16(w) && kv_aligned16(in))
       gemm_f16_tc_kernel_v1<true><<<grid, kTcThreads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);
     else
       gemm_f16_tc_kernel_v1<false><<<grid, kTcThreads, 0, st>>>(out, in, wh, bias, bias_f16, N, C, OC, accumulate);

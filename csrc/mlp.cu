@@ -41,25 +41,6 @@ size_t mlp_smem(int N, int C, int swiglu, int norm_f16) {
   return g * kMlpFS * C * 2 + (size_t)C * kMlpFS * 2 + (size_t)N * C * 4 + 2 * (size_t)C * (norm_f16 ? 2 : 4);
 }
 
-template <int NB>
-__device__ __forceinline__ void mlp_block_sums(float (&v)[NB], float (*red)[NB]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int n = 0; n < NB; n++) v[n] = kv_warp_sum(v[n]);
-  if (lane == 0) {
-#pragma unroll
-    for (int n = 0; n < NB; n++) red[warp][n] = v[n];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int n = 0; n < NB; n++) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < kMlpWarps; k++) t += red[k][n];
-    v[n] = t;
-  }
-}
-
 // mlp_acc_kernel_v1: acc[n] += fix(act(norm(in[n])·upᵀ + up_b)[f0:f0+FS] ·
 // down[:, f0:f0+FS]ᵀ) (+ fix(down_b) from block 0), f0 = blockIdx.x·FS.
 // RMS: RMSNorm (no norm bias), else LayerNorm. SWIGLU: up holds gate rows
@@ -132,7 +113,7 @@ __global__ void __launch_bounds__(kMlpThreads)
         s[n] += RMS ? v * v : v;
       }
   }
-  mlp_block_sums<NB>(s, red[0]);
+  block_sum_rows<kMlpWarps>(s, red[0]);
   if constexpr (!RMS) {
 #pragma unroll
     for (int n = 0; n < NB; n++) {
@@ -147,7 +128,7 @@ __global__ void __launch_bounds__(kMlpThreads)
           s[n] += d * d;
         }
     }
-    mlp_block_sums<NB>(s, red[1]);
+    block_sum_rows<kMlpWarps>(s, red[1]);
   } else {
 #pragma unroll
     for (int n = 0; n < NB; n++) mean[n] = 0.f;
@@ -224,14 +205,14 @@ cudaError_t launch_mlp_acc(cudaStream_t s, bool pdl, bool rms, bool swiglu, size
                            const void *down_b, int down_b_f16, int N, int C, int F, float eps) {
   auto kernel = rms && swiglu ? mlp_acc_kernel_v1<NB, true, true> : mlp_acc_kernel_v1<NB, false, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  // The largest carveout, as every measurement of this kernel ran it
+  // (docs/PERF.md, version 13).
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return e;
   return kv_launch(kernel, dim3(F / kMlpFS), dim3(kMlpThreads), smem, s, pdl, acc, clear, in, norm_w, norm_b,
                    norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps);
 }
-
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
 
@@ -258,8 +239,8 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, c
   const size_t bytes = (size_t)(swiglu ? 3 : 2) * F * C * 2;
   if (variant == 0 && bytes > kMlpMaxBytes) return kv_launched();
   if (rms != swiglu || !up_f16 || !down_f16 || N > 8 || C % 8 != 0 || F % kMlpFS != 0 || smem > (size_t)optin ||
-      (C * (norm_f16 ? 2 : 4)) % 16 != 0 || !aligned16(in) || !aligned16(up_w) || !aligned16(down_w) ||
-      !aligned16(norm_w) || (norm_b && !aligned16(norm_b)) || (variant == 0 && !kv_pdl_supported()))
+      (C * (norm_f16 ? 2 : 4)) % 16 != 0 || !kv_aligned16(in) || !kv_aligned16(up_w) || !kv_aligned16(down_w) ||
+      !kv_aligned16(norm_w) || (norm_b && !kv_aligned16(norm_b)) || (variant == 0 && !kv_pdl_supported()))
     return kv_launched();
   const bool pdl = kv_pdl_supported();
   const __half *uw = static_cast<const __half *>(up_w), *dw = static_cast<const __half *>(down_w);

@@ -420,13 +420,13 @@ func (r *Runner) enqueue(sh stepShape) {
 				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
 				x = sum
 			}
-			// Without MLPAcc, one-token steps where the backend can fold
-			// the attention output projection into the attention kernel:
-			// the heads' partial products meet in an accumulator, which
-			// the MLP's norm product adds to the stream (writing the sum
-			// to the other buffer) and the MLP's output product clears
-			// (adding its result to that sum into x). (Where MLPAcc turned out not to apply,
-			// from the second layer on.)
+			// Without MLPAcc (known once the first layer has tried it),
+			// one-token steps where the backend can fold the attention
+			// output projection into the attention kernel: the heads'
+			// partial products meet in an accumulator, which the MLP's
+			// norm product adds to the stream (writing the sum to the
+			// other buffer) and the MLP's output product clears (adding
+			// its result to that sum into x).
 			if decode && !mlpAcc && pending.IsZero() {
 				if acc := accs[0]; fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
 					sum := pair[1-cur]
