@@ -868,11 +868,13 @@ extern "C" kv_status kv_res_matmul(kv_stream s, float *out, const float *res, co
                 : kv_matmul(s, out, in, w, w_f16, bias, bias_f16, N, K, OC, 1);
 }
 
-extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
-                                          const void *norm_b, int norm_f16, const void *w, int w_f16,
-                                          const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
-                                          float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
-                                          int HS, int rope_heads, float theta, int variant) {
+// norm_matmul_store is kv_norm_matmul_store, and with acc (and sum)
+// kv_norm_matmul_store_sum.
+static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const float *in, const long long *acc,
+                                   const void *norm_w, const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                   const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
+                                   float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV, int HS,
+                                   int rope_heads, float theta, int variant) {
   if (N <= 0) return kv_launched();
   if (C <= 0 || !qkv || !in || !w || !norm_w || !kc || !vc || !pos || !slots || HS <= 0 || HS % 2 != 0 || NH < 0 ||
       NKV <= 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
@@ -883,7 +885,9 @@ extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *
   // The kernel pairs rows within a block: it needs an even row count.
   if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
     const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
-    const GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
+    GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
+    a.sa.acc = acc;
+    a.sa.sum = sum;
     const int v = variant == 4 ? 2 : variant;  // the register kernel (v2) cannot store
     cudaError_t e = cudaSuccess;
     if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
@@ -891,10 +895,26 @@ extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *
       return kv_launched();
     }
   }
+  if (acc) {  // the sum first, then the product on it
+    const long long n = (long long)N * C;
+    sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, nullptr, 0, N, C);
+    KV_TRY(cudaGetLastError());
+    return norm_matmul_store(s, qkv, nullptr, sum, nullptr, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C,
+                             eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant == 3 ? 3 : 0);
+  }
   const kv_status st = kv_norm_matmul(s, qkv, in, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, OC, eps,
                                       rms, 0, 0, 0);
   if (st != 0) return st;
   return kv_rope_store(s, qkv, kc, vc, S, pos, slots, N, NH, NKV, HS, OC, rope_heads, theta, 0);
+}
+
+extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
+                                          const void *norm_b, int norm_f16, const void *w, int w_f16,
+                                          const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
+                                          float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
+                                          int HS, int rope_heads, float theta, int variant) {
+  return norm_matmul_store(s, qkv, nullptr, in, nullptr, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C,
+                           eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant);
 }
 
 extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in,
@@ -903,31 +923,9 @@ extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *su
                                               int N, int C, float eps, int rms, float *kc, float *vc, int S,
                                               const int32_t *pos, const int32_t *slots, int NH, int NKV, int HS,
                                               int rope_heads, float theta, int variant) {
-  if (N <= 0) return kv_launched();
-  if (C <= 0 || !qkv || !sum || !in || !acc || sum == in || !w || !norm_w || !kc || !vc || !pos || !slots ||
-      HS <= 0 || HS % 2 != 0 || NH < 0 || NKV <= 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
-    return (kv_status)cudaErrorInvalidValue;
-  if (theta == 0.f) rope_heads = 0;
-  if (rms) norm_b = nullptr;
-  const int OC = (NH + 2 * NKV) * HS;
-  if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
-    const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
-    GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
-    a.sa.acc = acc;
-    a.sa.sum = sum;
-    const int v = variant == 4 ? 2 : variant;
-    cudaError_t e = cudaSuccess;
-    if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
-      KV_TRY(e);
-      return kv_launched();
-    }
-  }
-  // Two launches: the sum, then the product on it.
-  const long long n = (long long)N * C;
-  sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, nullptr, 0, N, C);
-  KV_TRY(cudaGetLastError());
-  return kv_norm_matmul_store(s, qkv, sum, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, eps, rms, kc, vc,
-                              S, pos, slots, NH, NKV, HS, rope_heads, theta, variant == 3 ? 3 : 0);
+  if (N > 0 && (!sum || !acc || sum == in)) return (kv_status)cudaErrorInvalidValue;
+  return norm_matmul_store(s, qkv, sum, in, acc, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, eps, rms,
+                           kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant);
 }
 
 extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
