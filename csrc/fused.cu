@@ -93,7 +93,6 @@ __device__ __forceinline__ void load_batch(uint4 (&wv)[R][U], const char *__rest
   }
 }
 
-
 // fused_gemv_kernel_v1 (any N ≤ 8): out[N,OC] (+)= act(xform(in)[N,K]·w[OC,K]ᵀ + bias).
 // xform (MODE): LayerNorm or RMSNorm of rows of K = C, or
 // silu(gu[:, :K])·gu[:, K:2K] (rows 2K apart). The input rows (and the norm

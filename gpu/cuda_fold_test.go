@@ -175,9 +175,7 @@ func TestCUDANormMatMulSum(t *testing.T) {
 		want := make([]float32, tc.N*tc.OC)
 		ref.NormMatMul(want, wantSum, nw, nb, w, bias, tc.N, tc.C, tc.OC, 1e-5, tc.norm == RMSNormKind, tc.act == GeluAct, false)
 
-		accI := make([]int32, 2*len(acc))
-		packInt64(accI, acc)
-		inBuf, accBuf := uploadNew(t, c, F32, in), uploadInts(t, c, accI)
+		inBuf, accBuf := uploadNew(t, c, F32, in), uploadInts(t, c, packed(acc))
 		var abBuf, nbBuf, bBuf Buf
 		if ab != nil {
 			abBuf = uploadNew(t, c, tc.accBias, ab)

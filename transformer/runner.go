@@ -411,6 +411,10 @@ func (r *Runner) enqueue(sh stepShape) {
 			// activations ride along with the products.
 			nk := r.normKind()
 			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta}
+			// read: the accumulator this layer's q|k|v product adds to the
+			// stream, free again (for this layer's MLP to clear) once it
+			// has run.
+			read := pending
 			if pending.IsZero() {
 				fused.NormMatMulStore(qkv, x, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
 			} else {
@@ -418,7 +422,7 @@ func (r *Runner) enqueue(sh stepShape) {
 				// the sum goes to the other buffer of the pair.
 				sum := swap()
 				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
-				x = sum
+				x, pending = sum, gpu.Buf{}
 			}
 			// Without MLPAcc (known once the first layer has tried it),
 			// one-token steps where the backend can fold the attention
@@ -427,7 +431,7 @@ func (r *Runner) enqueue(sh stepShape) {
 			// norm product adds to the stream (writing the sum to the
 			// other buffer) and the MLP's output product clears (adding
 			// its result to that sum into x).
-			if decode && !mlpAcc && pending.IsZero() {
+			if decode && !mlpAcc {
 				if acc := accs[0]; fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
 					sum := pair[1-cur]
 					if cfg.Family == GPT2 {
@@ -457,24 +461,24 @@ func (r *Runner) enqueue(sh stepShape) {
 				if cfg.Family == GPT2 {
 					act = gpu.GeluAct
 				}
-				if fused.MLPAcc(a, pending, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+				if fused.MLPAcc(a, read, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
 					pending = a
 					continue
 				}
 				mlpAcc = false // not for these shapes: the plain MLP from now on
 			}
-			if !pending.IsZero() {
+			if !read.IsZero() {
 				out := swap()
 				if cfg.Family == GPT2 {
 					up := r.up.View(0, N*F)
 					fused.NormMatMul(up, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct, false)
-					fused.ResMatMul(out, x, up, lw.downW, lw.downB, pending, N, F, C, gpu.NoAct)
+					fused.ResMatMul(out, x, up, lw.downW, lw.downB, read, N, F, C, gpu.NoAct)
 				} else {
 					up := r.up.View(0, N*2*F)
 					fused.NormMatMul(up, x, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct, false)
-					fused.ResMatMul(out, x, up, lw.downW, gpu.Buf{}, pending, N, F, C, gpu.SwiGLUAct)
+					fused.ResMatMul(out, x, up, lw.downW, gpu.Buf{}, read, N, F, C, gpu.SwiGLUAct)
 				}
-				x, pending = out, gpu.Buf{}
+				x = out
 				continue
 			}
 			if cfg.Family == GPT2 {
