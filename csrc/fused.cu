@@ -173,6 +173,15 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
   uint4 wv[R][U];
   load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
+  // The bias of each row this group computes: constant data too. Loaded in
+  // the epilogue instead, its round trip (≈ 0.5–1 µs: the weight stream
+  // evicts it from L2) sat on the critical path of every GPT-2 product.
+  float bv[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int row = min(block_row<RB>(store, blockIdx.x, group * R + r, st.HS), OC - 1);
+    bv[r] = bias ? kv_load_w(bias, bias_f16, row) : 0.f;
+  }
   const int nbytes = K * (norm_f16 ? 2 : 4);  // a multiple of 16 (host checks)
   unsigned char *nws = smem + (size_t)N * K * 4 * (MODE == kSwiGLU ? 2 : 1);
   unsigned char *nbs = nws + nbytes;
@@ -349,8 +358,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       for (int n = 0; n < NB; n++) {
         const int k = group * R + r;
         if (n < N && lane == (r * NB + n) % TPR) {
-          const int row = min(block_row<RB>(true, blockIdx.x, k, st.HS), OC - 1);
-          res[k][n] = bias ? acc[r][n] + kv_load_w(bias, bias_f16, row) : acc[r][n];
+          res[k][n] = acc[r][n] + bv[r];
         }
       }
     __syncthreads();
@@ -385,8 +393,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int n = 0; n < NB; n++) {
       const int row = row0 + r;
       if (n < N && lane == (r * NB + n) % TPR && row < OC) {
-        float v = acc[r][n];
-        if (bias) v += kv_load_w(bias, bias_f16, row);
+        float v = acc[r][n] + bv[r];
         if (gelu) v = gelu_new(v);
         float *o = out + (size_t)n * OC + row;
         if (sa.res) *o = sa.res[(size_t)n * OC + row] + v;
@@ -483,6 +490,7 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
     const int c = lane + j * TPR;
     wv[j] = c < chunks ? kv_ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
   }
+  const float bv = bias && lane == 0 && row < OC ? kv_load_w(bias, bias_f16, row) : 0.f;  // as v1
 
   kv_pdl_wait();
   kv_pdl_launch_dependents();
@@ -566,8 +574,7 @@ __global__ void __launch_bounds__(kFusedThreads, MODE == kLayerNorm ? 6 : 8)
   }
   acc = group_sum<TPR>(acc, red[2]);
   if (lane == 0 && row < OC) {
-    float v = acc;
-    if (bias) v += kv_load_w(bias, bias_f16, row);
+    float v = acc + bv;
     if (gelu) v = gelu_new(v);
     float *o = out + row;
     *o = accumulate ? *o + v : v;

@@ -31,14 +31,18 @@ constexpr int kMlpFS = 16;  // activation columns a block
 // lost (0.190–0.204 against 0.173) with every block width tried (8, 16, 32
 // columns) and with the down columns staged before or after the wait: why
 // is open (docs/PERF.md, version 13).
-constexpr size_t kMlpMaxBytes = 8u << 20;
+#ifndef KV_MLP_MAX_MIB  // an experiment build may move the limit (make NVCCFLAGS+=-DKV_MLP_MAX_MIB=n)
+#define KV_MLP_MAX_MIB 8
+#endif
+constexpr size_t kMlpMaxBytes = (size_t)KV_MLP_MAX_MIB << 20;
 
 // mlp_smem: the dynamic shared memory of mlp_acc_kernel_v1: the up rows
 // [G·FS][C] and down columns [C][FS] (half), the input rows [N][C] (float),
-// the norm weights and bias as stored.
+// the down bias [C] (float), the norm weights and bias as stored.
 size_t mlp_smem(int N, int C, int swiglu, int norm_f16) {
   const size_t g = swiglu ? 2 : 1;
-  return g * kMlpFS * C * 2 + (size_t)C * kMlpFS * 2 + (size_t)N * C * 4 + 2 * (size_t)C * (norm_f16 ? 2 : 4);
+  return g * kMlpFS * C * 2 + (size_t)C * kMlpFS * 2 + (size_t)N * C * 4 + (size_t)C * 4 +
+         2 * (size_t)C * (norm_f16 ? 2 : 4);
 }
 
 // mlp_acc_kernel_v1: acc[n] += fix(act(norm(in[n])·upᵀ + up_b)[f0:f0+FS] ·
@@ -59,17 +63,20 @@ __global__ void __launch_bounds__(kMlpThreads)
   __shared__ float red[2][kMlpWarps][NB];
   __shared__ float u[NB][G * FS];
   __shared__ float h[NB][FS];
+  __shared__ float ub[G * FS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int f0 = blockIdx.x * FS;
   __half *wup = reinterpret_cast<__half *>(smem);
   __half *wdn = wup + (size_t)G * FS * C;
   float *xs = reinterpret_cast<float *>(wdn + (size_t)C * FS);
-  unsigned char *nws = reinterpret_cast<unsigned char *>(xs + (size_t)N * C);
+  float *db = xs + (size_t)N * C;
+  unsigned char *nws = reinterpret_cast<unsigned char *>(db + C);
   const int nbytes = C * (norm_f16 ? 2 : 4);
   unsigned char *nbs = nws + nbytes;
 
   // 1. Constant data before the wait: this block's up rows (read once: L2
-  // only) and the norm weights.
+  // only), the norm weights and the biases (loaded after the wait, a bias
+  // is a round trip on the critical path: the weight stream evicts it).
   const int c8 = C / 8;
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;
@@ -81,6 +88,12 @@ __global__ void __launch_bounds__(kMlpThreads)
     if (!RMS && norm_b) kv_cp_async16_ca(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
   }
   kv_cp_async_commit();
+  if (up_b && tid < G * FS) {
+    const int row = SWIGLU && tid >= FS ? F + f0 + (tid - FS) : f0 + tid;
+    ub[tid] = kv_load_w(up_b, up_b_f16, row);
+  }
+  if (blockIdx.x == 0)
+    for (int c = tid; c < C; c += kMlpThreads) db[c] = down_b ? kv_load_w(down_b, down_b_f16, c) : 0.f;
 
   // 2. The input rows (written by the previous kernel), then the down
   // columns (a group of their own: only step 5 waits for them).
@@ -162,8 +175,7 @@ __global__ void __launch_bounds__(kMlpThreads)
 #pragma unroll
     for (int n = 0; n < NB; n++) a[n] = kv_warp_sum(a[n]);
     if (lane == 0) {
-      const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
-      const float b = up_b ? kv_load_w(up_b, up_b_f16, row) : 0.f;
+      const float b = up_b ? ub[r] : 0.f;
 #pragma unroll
       for (int n = 0; n < NB; n++) u[n][r] = a[n] + b;
     }
@@ -185,7 +197,7 @@ __global__ void __launch_bounds__(kMlpThreads)
     const uint4 *wp = reinterpret_cast<const uint4 *>(wdn + (size_t)c * FS);
 #pragma unroll
     for (int j = 0; j < FS / 8; j++) kv_unpack16<true>(wp[j], wd + 8 * j);
-    const float b = blockIdx.x == 0 && down_b ? kv_load_w(down_b, down_b_f16, c) : 0.f;
+    const float b = blockIdx.x == 0 ? db[c] : 0.f;
 #pragma unroll
     for (int n = 0; n < NB; n++)
       if (n < N) {
