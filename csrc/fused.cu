@@ -230,7 +230,9 @@ __global__ void __launch_bounds__(kFusedThreads)
         for (int n = 0; n < NB; n++) {
           if (n < N) {
             const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
-            const longlong2 a0 = __ldcg(ap), a1 = __ldcg(ap + 1);
+            // Through L1 (as the staging above): hundreds of blocks read
+            // the same lines, and L1-bypassing loads serialise at L2.
+            const longlong2 a0 = __ldca(ap), a1 = __ldca(ap + 1);
             float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
             if (sa.pbias) {
               t.x = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i);
