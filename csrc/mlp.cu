@@ -204,12 +204,8 @@ __global__ void __launch_bounds__(kMlpThreads)
         float p = 0.f;
 #pragma unroll
         for (int j = 0; j < FS; j++) p += wd[j] * h[n][j];
-#if KV_MLP_DIAG == 1  // diagnostic build only (wrong results): no atomics, block 0 stores
-        if (blockIdx.x == 0) acc[(size_t)n * C + c] = kv_fix(p + b);
-#else
         atomicAdd(reinterpret_cast<unsigned long long *>(acc + (size_t)n * C + c),
                   (unsigned long long)kv_fix(p + b));
-#endif
       }
   }
 }
