@@ -140,14 +140,14 @@ struct SumArgs {
   long long *clear;
 };
 
-template <bool F16, int NB, int R, int TPR, int MODE>
+template <bool F16, int NB, int R, int TPR, int MODE, int U = 4 / R>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
                          const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
                          int accumulate, StoreArgs st, SumArgs sa) {
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
-  constexpr int U = 4 / R;          // chunks per row per batch (R·U = 4 loads in flight)
+  // U: chunks per row per batch (R·U loads in flight a thread).
   constexpr int GROUPS = kFusedThreads / TPR;
   constexpr int NWARPS = kFusedThreads / 32;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(kFusedThreads)
   uint4 wv[R][U];
   load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
   // The bias of each row this group computes: constant data too. Loaded in
-  // the epilogue instead, its round trip (≈ 0.5–1 µs: the weight stream
-  // evicts it from L2) sat on the critical path of every GPT-2 product.
+  // the epilogue, its round trip to L2 or DRAM sat on the critical path of
+  // every GPT-2 product (≈ 5 µs a distilgpt2 step; docs/PERF.md, version 14).
   float bv[R];
 #pragma unroll
   for (int r = 0; r < R; r++) {
@@ -230,8 +230,8 @@ __global__ void __launch_bounds__(kFusedThreads)
         for (int n = 0; n < NB; n++) {
           if (n < N) {
             const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
-            // Through L1 (as the staging above): hundreds of blocks read
-            // the same lines, and L1-bypassing loads serialise at L2.
+            // Through L1, as the staging above: the blocks of an SM read
+            // the same lines (measured level with __ldcg; version 14).
             const longlong2 a0 = __ldca(ap), a1 = __ldca(ap + 1);
             float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
             if (sa.pbias) {
@@ -650,13 +650,22 @@ size_t fused_smem(int mode, int N, int K, int norm_f16) {
   return b;
 }
 
-template <bool F16, int NB, int R, int TPR, int MODE>
+template <bool F16, int NB, int R, int TPR, int MODE, int U = 4 / R>
 cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int GROUPS = kFusedThreads / TPR;
-  return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
+  return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE, U>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
                 dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
                 a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st, a.sa);
 }
+
+// wide_rows: one-row plain products with long rows (distilgpt2's MLP
+// projection, K = 3072) take warps of kWideU chunks a lane, all loaded
+// before the wait, instead of 128 lanes a row. The 128-lane rule gives such
+// a product a block a row, and each of its 768 blocks stages the whole
+// 12 KB input (9.4 MB of L2 reads a layer); four rows a block cut that to
+// a quarter (docs/PERF.md, version 14).
+constexpr int kWideU = 12;
+bool wide_rows(int chunks) { return chunks > 4 * 32 && chunks <= kWideU * 32; }
 
 // gemv_tpr: lanes per row group, matmul.cu launch_gemv_r's rule: a width
 // that gives every lane the same number of chunks (at most per_lane) comes
@@ -673,6 +682,9 @@ template <bool F16, int NB, int MODE>
 cudaError_t launch_fused_gemv_n(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int R = NB <= 2 ? 1 : (NB <= 4 ? 2 : 4);
   constexpr int VEC = F16 ? 8 : 4, U = 4 / R;
+  if constexpr (NB == 1 && MODE == kPlain) {
+    if (wide_rows(a.K / VEC)) return launch_fused_gemv_k<F16, 1, 1, 32, MODE, kWideU>(s, pdl, a);
+  }
   switch (gemv_tpr(a.K / VEC, U)) {
     case 32: return launch_fused_gemv_k<F16, NB, R, 32, MODE>(s, pdl, a);
     case 64: return launch_fused_gemv_k<F16, NB, R, 64, MODE>(s, pdl, a);
@@ -731,12 +743,13 @@ bool fused_gemv_applies(int version, int mode, const float *in, const void *norm
 
 // v1_rows: the output rows a block of fused_gemv_kernel_v1 computes for
 // these shapes (as launch_fused_gemv_n chooses them); v1_blocks its grid.
-int v1_rows(int w_f16, int N, int K) {
+int v1_rows(int mode, int w_f16, int N, int K) {
+  if (N <= 1 && mode == kPlain && wide_rows(K / (w_f16 ? 8 : 4))) return kFusedThreads / 32;
   const int R = N <= 2 ? 1 : (N <= 4 ? 2 : 4);
   const int tpr = gemv_tpr(K / (w_f16 ? 8 : 4), 4 / R);
   return kFusedThreads / tpr * R;
 }
-int v1_blocks(int w_f16, int N, int K, int OC) { return kv_ceil_div(OC, v1_rows(w_f16, N, K)); }
+int v1_blocks(int mode, int w_f16, int N, int K, int OC) { return kv_ceil_div(OC, v1_rows(mode, w_f16, N, K)); }
 
 // fused_launch runs the single-kernel path the variant asks for, returning
 // false (nothing launched) where it does not apply. Variant 0 takes v1
@@ -752,7 +765,7 @@ bool fused_launch(int variant, int w_f16, const GemvArgs &a, cudaStream_t s, cud
     *err = launch_fused_gemv1<MODE>(s, pdl, w_f16, a);
     return true;
   }
-  if (variant == 0 && v1_blocks(w_f16, a.N, a.K, a.OC) > kFusedMaxBlocks) return false;
+  if (variant == 0 && v1_blocks(MODE, w_f16, a.N, a.K, a.OC) > kFusedMaxBlocks) return false;
   if (fused_gemv_applies(1, MODE, a.in, a.norm_w, a.norm_b, a.norm_f16, a.w, w_f16, a.N, a.K)) {
     *err = launch_fused_gemv<MODE>(s, pdl, w_f16, a);
     return true;
@@ -891,7 +904,7 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
   if (rms) norm_b = nullptr;
   const int OC = (NH + 2 * NKV) * HS;
   // The kernel pairs rows within a block: it needs an even row count.
-  if (variant != 3 && v1_rows(w_f16, N, C) % 2 == 0) {
+  if (variant != 3 && v1_rows(rms ? kRMSNorm : kLayerNorm, w_f16, N, C) % 2 == 0) {
     const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
     GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     a.sa.acc = acc;

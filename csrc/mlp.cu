@@ -29,9 +29,11 @@ constexpr int kMlpFS = 16;  // activation columns a block
 // gained (H100, bench decode, cache 255: 0.528–0.543 ms a token against
 // 0.589–0.593 for the two-product chain with the fold); distilgpt2's 9.4 MB
 // lost (0.190–0.204 against 0.173) with every block width tried (8, 16, 32
-// columns) and with the down columns staged before or after the wait: why
-// is open (docs/PERF.md, version 13).
-#ifndef KV_MLP_MAX_MIB  // an experiment build may move the limit (make NVCCFLAGS+=-DKV_MLP_MAX_MIB=n)
+// columns) and with the down columns staged before or after the wait. Its
+// atomics cost ~9 µs a step (192 blocks add into each output), and at cache
+// 255 it loses ~16 µs more for a reason still open (docs/PERF.md, versions
+// 13 and 14).
+#ifndef KV_MLP_MAX_MIB  // an experiment build may move the limit (nvcc -DKV_MLP_MAX_MIB=n)
 #define KV_MLP_MAX_MIB 8
 #endif
 constexpr size_t kMlpMaxBytes = (size_t)KV_MLP_MAX_MIB << 20;
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(kMlpThreads)
 
   // 1. Constant data before the wait: this block's up rows (read once: L2
   // only), the norm weights and the biases (loaded after the wait, a bias
-  // is a round trip on the critical path: the weight stream evicts it).
+  // is a round trip to L2 or DRAM on the critical path).
   const int c8 = C / 8;
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;

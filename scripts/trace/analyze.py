@@ -13,17 +13,25 @@ import argparse, csv, re, statistics
 
 
 def short(name):
-    m = re.match(r"_Z(\d+)", name)
-    if not m:
-        return name[:40]
-    n = int(m.group(1))
-    base = name[m.end():m.end() + n]
-    rest = name[m.end() + n:]
-    targs = ""
+    """A mangled kernel name without its namespaces and parameter types:
+    fused_gemv_kernel_v1<1,1,4,32,0> for _ZN…_GLOBAL__N_…20fused_gemv_kernel_v1ILb1E…"""
+    if not name.startswith("_Z"):
+        return name[:60]
+    i = 3 if name.startswith("_ZN") else 2
+    base = ""
+    while i < len(name) and name[i].isdigit():
+        m = re.match(r"\d+", name[i:])
+        n = int(m.group(0))
+        i += m.end()
+        part = name[i:i + n]
+        i += n
+        if not part.startswith("_GLOBAL__N"):
+            base = part
+    rest = name[i:]
     if rest.startswith("I"):
         t = re.findall(r"L[a-z](-?\w+?)E", rest.split("EEv")[0] + "E")
-        targs = "<" + ",".join(t) + ">"
-    return base + targs
+        base += "<" + ",".join(t) + ">"
+    return base
 
 
 def main():
@@ -35,6 +43,8 @@ def main():
     rows = []
     with open(a.csv) as f:
         for r in csv.DictReader(f):
+            if r["name"] is None:  # a line cut off when the traced program exited
+                continue
             rows.append((int(r["start"]), int(r["end"]), short(r["name"]), int(r["blocks"])))
     rows.sort()
     steps, cur = [], None
