@@ -58,6 +58,7 @@ func TestCUDAMatMul(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	shapes := []struct{ N, C, OC int }{
 		{1, 64, 33}, {1, 768, 2304}, {2, 72, 129}, {3, 576, 961}, {4, 3072, 65}, {5, 1536, 77},
+		{1, 3072, 769}, {1, 1536, 130}, // one row, long rows: warps of 12 chunks a lane (fp16)
 		{8, 67, 45},                  // C not a multiple of the vector: scalar GEMV
 		{4, 768, 300}, {6, 768, 130}, // lanes split evenly (32 per group, 3 chunks each)
 		{9, 40, 17}, {37, 576, 203}, {37, 67, 51}, {200, 768, 97}, {64, 64, 64},
