@@ -667,23 +667,6 @@ cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
 constexpr int kWideU = 12;
 bool wide_rows(int chunks) { return chunks > 4 * 32 && chunks <= kWideU * 32; }
 
-// deep_rows: one-row products with short rows (≤ 96 chunks: a lane holds 3
-// of each row) take 4 rows a group, 16 a block, instead of 4 a block,
-// where that still leaves a block an SM (distilgpt2's q|k|v and fc: 144 and
-// 192 blocks instead of 576 and 768): fewer blocks stage the input and
-// wait. Smaller products keep their blocks (SmolLM2's q|k|v would get 60).
-constexpr int kDeepR = 4, kDeepU = 3;
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 0;
-  return n;
-}
-bool deep_rows(int chunks, int OC) {
-  const int sms = sm_count();
-  return chunks <= kDeepU * 32 && sms > 0 && kv_ceil_div(OC, kFusedThreads / 32 * kDeepR) >= sms;
-}
-
 // gemv_tpr: lanes per row group, matmul.cu launch_gemv_r's rule: a width
 // that gives every lane the same number of chunks (at most per_lane) comes
 // first, else the fewest lanes ≥ a warp that cover a row in one round.
@@ -701,9 +684,6 @@ cudaError_t launch_fused_gemv_n(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int VEC = F16 ? 8 : 4, U = 4 / R;
   if constexpr (NB == 1 && MODE == kPlain) {
     if (wide_rows(a.K / VEC)) return launch_fused_gemv_k<F16, 1, 1, 32, MODE, kWideU>(s, pdl, a);
-  }
-  if constexpr (NB == 1) {
-    if (deep_rows(a.K / VEC, a.OC)) return launch_fused_gemv_k<F16, 1, kDeepR, 32, MODE, kDeepU>(s, pdl, a);
   }
   switch (gemv_tpr(a.K / VEC, U)) {
     case 32: return launch_fused_gemv_k<F16, NB, R, 32, MODE>(s, pdl, a);
@@ -763,15 +743,13 @@ bool fused_gemv_applies(int version, int mode, const float *in, const void *norm
 
 // v1_rows: the output rows a block of fused_gemv_kernel_v1 computes for
 // these shapes (as launch_fused_gemv_n chooses them); v1_blocks its grid.
-int v1_rows(int mode, int w_f16, int N, int K, int OC) {
-  const int chunks = K / (w_f16 ? 8 : 4);
-  if (N <= 1 && mode == kPlain && wide_rows(chunks)) return kFusedThreads / 32;
-  if (N <= 1 && deep_rows(chunks, OC)) return kFusedThreads / 32 * kDeepR;
+int v1_rows(int mode, int w_f16, int N, int K) {
+  if (N <= 1 && mode == kPlain && wide_rows(K / (w_f16 ? 8 : 4))) return kFusedThreads / 32;
   const int R = N <= 2 ? 1 : (N <= 4 ? 2 : 4);
   const int tpr = gemv_tpr(K / (w_f16 ? 8 : 4), 4 / R);
   return kFusedThreads / tpr * R;
 }
-int v1_blocks(int mode, int w_f16, int N, int K, int OC) { return kv_ceil_div(OC, v1_rows(mode, w_f16, N, K, OC)); }
+int v1_blocks(int mode, int w_f16, int N, int K, int OC) { return kv_ceil_div(OC, v1_rows(mode, w_f16, N, K)); }
 
 // fused_launch runs the single-kernel path the variant asks for, returning
 // false (nothing launched) where it does not apply. Variant 0 takes v1
@@ -926,7 +904,7 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
   if (rms) norm_b = nullptr;
   const int OC = (NH + 2 * NKV) * HS;
   // The kernel pairs rows within a block: it needs an even row count.
-  if (variant != 3 && v1_rows(rms ? kRMSNorm : kLayerNorm, w_f16, N, C, OC) % 2 == 0) {
+  if (variant != 3 && v1_rows(rms ? kRMSNorm : kLayerNorm, w_f16, N, C) % 2 == 0) {
     const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
     GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     a.sa.acc = acc;
