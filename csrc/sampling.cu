@@ -411,8 +411,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   const uint64_t *src = scratch + (long long)b * G * 64;
   kv_pdl_wait();  // the chunks' lists
   // A warp folds lists warp, warp + 32, …: the first kSampleFoldLoads of
-  // them are all loaded before any merge (one L2 round trip, not one a
-  // list: G = 99 gave warps 3–4 serial round trips, ~2 µs).
+  // them are all loaded before any merge, one round of loads instead of one
+  // a list (end to end it measured the same: the kernel's ~8 µs is not its
+  // loads; docs/PERF.md, version 14).
   constexpr int kSampleFoldLoads = 4;
   uint64_t y0[kSampleFoldLoads], y1[kSampleFoldLoads];
 #pragma unroll
