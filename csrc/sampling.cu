@@ -146,6 +146,29 @@ __device__ __forceinline__ void sample_merge_lists(uint64_t (*lists)[64], int nl
   }
 }
 
+// sample_bitonic_merge32 sorts (descending) a bitonic sequence of 32 keys,
+// one a lane.
+__device__ __forceinline__ uint64_t sample_bitonic_merge32(uint64_t x, int lane) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t p = __shfl_xor_sync(KV_FULL_MASK, x, o);
+    x = (lane & o) == 0 ? max(x, p) : min(x, p);
+  }
+  return x;
+}
+
+// sample_merge_lists32: sample_merge_lists for sorted 32-key lists.
+__device__ __forceinline__ void sample_merge_lists32(uint64_t (*lists)[32], int nlists, int warp, int lane) {
+  for (int st = 1; st < nlists; st *= 2) {
+    if (warp % (2 * st) == 0 && warp + st < nlists) {
+      const uint64_t x = max(lists[warp][lane], lists[warp + st][31 - lane]);
+      __syncwarp();
+      lists[warp][lane] = sample_bitonic_merge32(x, lane);
+    }
+    __syncthreads();
+  }
+}
+
 // v1: one block of 1024 threads per row, one pass over the logits.
 //  1. Banned ids go into a bitmap in shared memory (V bits), so checking one
 //     is a shared load, whatever max_ban is.
@@ -401,10 +424,17 @@ __global__ void __launch_bounds__(256)
   if (threadIdx.x < 64) scratch[((long long)b * G + c) * 64 + threadIdx.x] = lists[0][threadIdx.x];
 }
 
+// sample_final_kernel: LK = 64 merges the chunks' whole lists; LK = 32
+// (K ≤ 32, decode's top-5 and top-20) only their first 32 keys, a key a
+// lane: the top K ≤ 32 of a row is among its chunks' top 32, and a merge of
+// 32-key lists is 5 shuffle stages on one register instead of 6 on two,
+// which is what the one-block kernel is made of (docs/PERF.md, version 14:
+// ~22 k warp instructions, ~8 µs of a decode step at LK = 64).
+template <int LK>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_final_kernel(int32_t *__restrict__ out, const uint64_t *__restrict__ scratch,
                         const int32_t *__restrict__ counter, int G, int K, uint64_t seed) {
-  __shared__ uint64_t lists[SAMPLE_WARPS][64];
+  __shared__ uint64_t lists[SAMPLE_WARPS][LK];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // copied in at the step's start
@@ -412,36 +442,54 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   kv_pdl_wait();  // the chunks' lists
   // A warp folds lists warp, warp + 32, …: the first kSampleFoldLoads of
   // them are all loaded before any merge, one round of loads instead of one
-  // a list (end to end it measured the same: the kernel's ~8 µs is not its
-  // loads; docs/PERF.md, version 14).
+  // a list.
   constexpr int kSampleFoldLoads = 4;
-  uint64_t y0[kSampleFoldLoads], y1[kSampleFoldLoads];
+  if constexpr (LK == 32) {
+    uint64_t y[kSampleFoldLoads];
 #pragma unroll
-  for (int i = 0; i < kSampleFoldLoads; i++) {
-    const int g = warp + i * SAMPLE_WARPS;
-    const bool ok = g < G;
-    y0[i] = ok ? src[g * 64 + (i == 0 ? lane : 63 - lane)] : 0;
-    y1[i] = ok ? src[g * 64 + (i == 0 ? lane + 32 : 31 - lane)] : 0;
-  }
-  uint64_t x0 = y0[0], x1 = y1[0];
+    for (int i = 0; i < kSampleFoldLoads; i++) {
+      const int g = warp + i * SAMPLE_WARPS;
+      y[i] = g < G ? src[g * 64 + (i == 0 ? lane : 31 - lane)] : 0;
+    }
+    uint64_t x = y[0];
 #pragma unroll
-  for (int i = 1; i < kSampleFoldLoads; i++) {
-    if (warp + i * SAMPLE_WARPS < G) {
-      x0 = max(x0, y0[i]);
-      x1 = max(x1, y1[i]);
+    for (int i = 1; i < kSampleFoldLoads; i++)
+      if (warp + i * SAMPLE_WARPS < G) x = sample_bitonic_merge32(max(x, y[i]), lane);
+    for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS)
+      x = sample_bitonic_merge32(max(x, src[(long long)g * 64 + 31 - lane]), lane);
+    lists[warp][lane] = x;
+    __syncthreads();
+    sample_merge_lists32(lists, SAMPLE_WARPS, warp, lane);
+  } else {
+    uint64_t y0[kSampleFoldLoads], y1[kSampleFoldLoads];
+#pragma unroll
+    for (int i = 0; i < kSampleFoldLoads; i++) {
+      const int g = warp + i * SAMPLE_WARPS;
+      const bool ok = g < G;
+      y0[i] = ok ? src[g * 64 + (i == 0 ? lane : 63 - lane)] : 0;
+      y1[i] = ok ? src[g * 64 + (i == 0 ? lane + 32 : 31 - lane)] : 0;
+    }
+    uint64_t x0 = y0[0], x1 = y1[0];
+#pragma unroll
+    for (int i = 1; i < kSampleFoldLoads; i++) {
+      if (warp + i * SAMPLE_WARPS < G) {
+        x0 = max(x0, y0[i]);
+        x1 = max(x1, y1[i]);
+        sample_bitonic_merge(x0, x1, lane);
+      }
+    }
+    for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS) {
+      const uint64_t *L = src + (long long)g * 64;
+      x0 = max(x0, L[63 - lane]);
+      x1 = max(x1, L[31 - lane]);
       sample_bitonic_merge(x0, x1, lane);
     }
+    lists[warp][lane] = x0;
+    lists[warp][lane + 32] = x1;
+    __syncthreads();
+    sample_merge_lists(lists, SAMPLE_WARPS, warp, lane);
   }
-  for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS) {
-    const uint64_t *L = src + (long long)g * 64;
-    x0 = max(x0, L[63 - lane]);
-    x1 = max(x1, L[31 - lane]);
-    sample_bitonic_merge(x0, x1, lane);
-  }
-  lists[warp][lane] = x0;
-  lists[warp][lane + 32] = x1;
-  __syncthreads();
-  sample_merge_lists(lists, SAMPLE_WARPS, warp, lane);
+  // sample_pick reads entries at or above 32 only for K > 32.
   if (warp == 0) sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
 }
 
@@ -487,7 +535,8 @@ extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
     const bool pdl = kv_pdl_supported();
     KV_TRY(kv_launch_clustered(sample_chunks_kernel, 1, dim3(G, B), dim3(256), 0, s, pdl, scratch, logits, banned, V,
                                max_ban, G));
-    KV_TRY(kv_launch_clustered(sample_final_kernel, 1, dim3(B), dim3(SAMPLE_THREADS), 0, s, pdl, out,
+    KV_TRY(kv_launch_clustered(top_k <= 32 ? sample_final_kernel<32> : sample_final_kernel<64>, 1, dim3(B),
+                               dim3(SAMPLE_THREADS), 0, s, pdl, out,
                                (const uint64_t *)scratch, counter, G, top_k, seed));
     return kv_launched();
   }
