@@ -90,67 +90,80 @@ __device__ __forceinline__ void sample_pick(int32_t *out, const uint64_t *L, flo
   }
 }
 
-// A warp's list of 32·W keys (W = 1 or 2): lane holds elements lane,
-// lane + 32, … in x[0], x[1], ….
-
-// sample_bitonic_merge sorts (descending) a bitonic sequence of 32·W keys
-// held by one warp.
-template <int W>
-__device__ __forceinline__ void sample_bitonic_merge(uint64_t (&x)[W], int lane) {
-  static_assert(W == 1 || W == 2, "lists of 32 or 64 keys");
-  if constexpr (W == 2) {
-    const uint64_t hi = max(x[0], x[1]);
-    x[1] = min(x[0], x[1]);
-    x[0] = hi;
-  }
+// sample_bitonic_merge sorts (descending) a bitonic sequence of 64 keys
+// held by one warp: element lane in x0, element lane+32 in x1.
+__device__ __forceinline__ void sample_bitonic_merge(uint64_t &x0, uint64_t &x1, int lane) {
+  const uint64_t hi = max(x0, x1);
+  x1 = min(x0, x1);
+  x0 = hi;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t p0 = __shfl_xor_sync(KV_FULL_MASK, x0, o);
+    const uint64_t p1 = __shfl_xor_sync(KV_FULL_MASK, x1, o);
     const bool lower = (lane & o) == 0;
-#pragma unroll
-    for (int w = 0; w < W; w++) {
-      const uint64_t p = __shfl_xor_sync(KV_FULL_MASK, x[w], o);
-      x[w] = lower ? max(x[w], p) : min(x[w], p);
-    }
+    x0 = lower ? max(x0, p0) : min(x0, p0);
+    x1 = lower ? max(x1, p1) : min(x1, p1);
   }
 }
 
-// sample_sort64 sorts 64 keys held by one warp descending with the bitonic
-// network: element i of a stage (k, j) keeps the max when "i is the lower
-// of its pair" equals "its k-block runs descending".
-__device__ __forceinline__ void sample_sort64(uint64_t (&x)[2], int lane) {
+// sample_sort64 sorts 64 keys held by one warp (x0: element lane, x1:
+// element lane+32) descending with the bitonic network: element i of a
+// stage (k, j) keeps the max when "i is the lower of its pair" equals "its
+// k-block runs descending".
+__device__ __forceinline__ void sample_sort64(uint64_t &x0, uint64_t &x1, int lane) {
 #pragma unroll
   for (int k = 2; k <= 32; k <<= 1) {
 #pragma unroll
     for (int j = k >> 1; j > 0; j >>= 1) {
-      const uint64_t p0 = __shfl_xor_sync(KV_FULL_MASK, x[0], j);
-      const uint64_t p1 = __shfl_xor_sync(KV_FULL_MASK, x[1], j);
+      const uint64_t p0 = __shfl_xor_sync(KV_FULL_MASK, x0, j);
+      const uint64_t p1 = __shfl_xor_sync(KV_FULL_MASK, x1, j);
       const bool lower = (lane & j) == 0;
       const bool desc0 = (lane & k) == 0, desc1 = ((lane + 32) & k) == 0;
-      x[0] = lower == desc0 ? max(x[0], p0) : min(x[0], p0);
-      x[1] = lower == desc1 ? max(x[1], p1) : min(x[1], p1);
+      x0 = lower == desc0 ? max(x0, p0) : min(x0, p0);
+      x1 = lower == desc1 ? max(x1, p1) : min(x1, p1);
     }
   }
-  sample_bitonic_merge(x, lane);  // k = 64: every block descending
+  sample_bitonic_merge(x0, x1, lane);  // k = 64: every block descending
 }
 
 // sample_merge_lists merges nlists (a power of two, ≤ warps in the block)
-// sorted LK-key lists in shared memory pairwise into lists[0]: max(A[i],
-// B[LK−1−i]) holds the top LK of A ∪ B as a bitonic sequence. All threads
-// of the block must call it.
-template <int LK>
-__device__ __forceinline__ void sample_merge_lists(uint64_t (*lists)[LK], int nlists, int warp, int lane) {
-  constexpr int W = LK / 32;
+// sorted 64-key lists in shared memory pairwise into lists[0]: max(A[i],
+// B[63−i]) holds the top 64 of A ∪ B as a bitonic sequence. All threads of
+// the block must call it.
+__device__ __forceinline__ void sample_merge_lists(uint64_t (*lists)[64], int nlists, int warp, int lane) {
   for (int st = 1; st < nlists; st *= 2) {
     if (warp % (2 * st) == 0 && warp + st < nlists) {
       uint64_t *A = lists[warp];
       const uint64_t *B = lists[warp + st];
-      uint64_t x[W];
-#pragma unroll
-      for (int w = 0; w < W; w++) x[w] = max(A[lane + 32 * w], B[LK - 1 - lane - 32 * w]);
-      sample_bitonic_merge(x, lane);
+      uint64_t x0 = max(A[lane], B[63 - lane]);
+      uint64_t x1 = max(A[lane + 32], B[31 - lane]);
+      sample_bitonic_merge(x0, x1, lane);
       __syncwarp();
+      A[lane] = x0;
+      A[lane + 32] = x1;
+    }
+    __syncthreads();
+  }
+}
+
+// sample_bitonic_merge32 sorts (descending) a bitonic sequence of 32 keys,
+// one a lane.
+__device__ __forceinline__ uint64_t sample_bitonic_merge32(uint64_t x, int lane) {
 #pragma unroll
-      for (int w = 0; w < W; w++) A[lane + 32 * w] = x[w];
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t p = __shfl_xor_sync(KV_FULL_MASK, x, o);
+    x = (lane & o) == 0 ? max(x, p) : min(x, p);
+  }
+  return x;
+}
+
+// sample_merge_lists32: sample_merge_lists for sorted 32-key lists.
+__device__ __forceinline__ void sample_merge_lists32(uint64_t (*lists)[32], int nlists, int warp, int lane) {
+  for (int st = 1; st < nlists; st *= 2) {
+    if (warp % (2 * st) == 0 && warp + st < nlists) {
+      const uint64_t x = max(lists[warp][lane], lists[warp + st][31 - lane]);
+      __syncwarp();
+      lists[warp][lane] = sample_bitonic_merge32(x, lane);
     }
     __syncthreads();
   }
@@ -401,10 +414,11 @@ __global__ void __launch_bounds__(256)
   kv_pdl_wait();  // the logits
   kv_pdl_launch_dependents();
   const float v0 = i0 < V ? l[i0] : 0.f, v1 = i1 < V ? l[i1] : 0.f;
-  uint64_t x[2] = {i0 < V && !ban0 ? sample_key(v0, i0) : 0, i1 < V && !ban1 ? sample_key(v1, i1) : 0};
-  sample_sort64(x, lane);
-  lists[warp][lane] = x[0];
-  lists[warp][lane + 32] = x[1];
+  uint64_t x0 = i0 < V && !ban0 ? sample_key(v0, i0) : 0;
+  uint64_t x1 = i1 < V && !ban1 ? sample_key(v1, i1) : 0;
+  sample_sort64(x0, x1, lane);
+  lists[warp][lane] = x0;
+  lists[warp][lane + 32] = x1;
   __syncthreads();
   sample_merge_lists(lists, 8, warp, lane);
   if (threadIdx.x < 64) scratch[((long long)b * G + c) * 64 + threadIdx.x] = lists[0][threadIdx.x];
@@ -426,38 +440,55 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // copied in at the step's start
   const uint64_t *src = scratch + (long long)b * G * 64;
   kv_pdl_wait();  // the chunks' lists
-  // A warp folds lists warp, warp + 32, …, each list after the first
-  // reversed (max(A[i], B[LK−1−i]) is bitonic). The first kSampleFoldLoads
-  // of them are all loaded before any merge: one round of loads instead of
-  // one a list.
-  constexpr int W = LK / 32, kSampleFoldLoads = 4;
-  uint64_t y[kSampleFoldLoads][W];
+  // A warp folds lists warp, warp + 32, …: the first kSampleFoldLoads of
+  // them are all loaded before any merge, one round of loads instead of one
+  // a list.
+  constexpr int kSampleFoldLoads = 4;
+  if constexpr (LK == 32) {
+    uint64_t y[kSampleFoldLoads];
 #pragma unroll
-  for (int i = 0; i < kSampleFoldLoads; i++) {
-    const int g = warp + i * SAMPLE_WARPS;
-#pragma unroll
-    for (int w = 0; w < W; w++) y[i][w] = g < G ? src[g * 64 + (i == 0 ? lane + 32 * w : LK - 1 - lane - 32 * w)] : 0;
-  }
-  uint64_t x[W];
-#pragma unroll
-  for (int w = 0; w < W; w++) x[w] = y[0][w];
-#pragma unroll
-  for (int i = 1; i < kSampleFoldLoads; i++) {
-    if (warp + i * SAMPLE_WARPS < G) {
-#pragma unroll
-      for (int w = 0; w < W; w++) x[w] = max(x[w], y[i][w]);
-      sample_bitonic_merge(x, lane);
+    for (int i = 0; i < kSampleFoldLoads; i++) {
+      const int g = warp + i * SAMPLE_WARPS;
+      y[i] = g < G ? src[g * 64 + (i == 0 ? lane : 31 - lane)] : 0;
     }
-  }
-  for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS) {
+    uint64_t x = y[0];
 #pragma unroll
-    for (int w = 0; w < W; w++) x[w] = max(x[w], src[(long long)g * 64 + LK - 1 - lane - 32 * w]);
-    sample_bitonic_merge(x, lane);
-  }
+    for (int i = 1; i < kSampleFoldLoads; i++)
+      if (warp + i * SAMPLE_WARPS < G) x = sample_bitonic_merge32(max(x, y[i]), lane);
+    for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS)
+      x = sample_bitonic_merge32(max(x, src[(long long)g * 64 + 31 - lane]), lane);
+    lists[warp][lane] = x;
+    __syncthreads();
+    sample_merge_lists32(lists, SAMPLE_WARPS, warp, lane);
+  } else {
+    uint64_t y0[kSampleFoldLoads], y1[kSampleFoldLoads];
 #pragma unroll
-  for (int w = 0; w < W; w++) lists[warp][lane + 32 * w] = x[w];
-  __syncthreads();
-  sample_merge_lists(lists, SAMPLE_WARPS, warp, lane);
+    for (int i = 0; i < kSampleFoldLoads; i++) {
+      const int g = warp + i * SAMPLE_WARPS;
+      const bool ok = g < G;
+      y0[i] = ok ? src[g * 64 + (i == 0 ? lane : 63 - lane)] : 0;
+      y1[i] = ok ? src[g * 64 + (i == 0 ? lane + 32 : 31 - lane)] : 0;
+    }
+    uint64_t x0 = y0[0], x1 = y1[0];
+#pragma unroll
+    for (int i = 1; i < kSampleFoldLoads; i++) {
+      if (warp + i * SAMPLE_WARPS < G) {
+        x0 = max(x0, y0[i]);
+        x1 = max(x1, y1[i]);
+        sample_bitonic_merge(x0, x1, lane);
+      }
+    }
+    for (int g = warp + kSampleFoldLoads * SAMPLE_WARPS; g < G; g += SAMPLE_WARPS) {
+      const uint64_t *L = src + (long long)g * 64;
+      x0 = max(x0, L[63 - lane]);
+      x1 = max(x1, L[31 - lane]);
+      sample_bitonic_merge(x0, x1, lane);
+    }
+    lists[warp][lane] = x0;
+    lists[warp][lane + 32] = x1;
+    __syncthreads();
+    sample_merge_lists(lists, SAMPLE_WARPS, warp, lane);
+  }
   // sample_pick reads entries at or above 32 only for K > 32.
   if (warp == 0) sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
 }
