@@ -8,13 +8,16 @@
 // row rather than a wild read that would poison the CUDA context. It lets
 // its programmatic dependent (the first layer's q|k|v product) launch at
 // once, so that the product's weight prefetch overlaps this kernel; the
-// dependent reads the embeddings only after its wait. (Launched normally,
-// this kernel starts when everything before it has completed.)
+// dependent reads the embeddings only after its wait. It is itself a
+// programmatic dependent where the device has them: it launches while the
+// step's input copy (copy_in_kernel) runs and waits for it before reading
+// the ids.
 __global__ void embed_kernel_v1(float *__restrict__ out, const void *__restrict__ wte, int wte_f16,
                                 int V, const void *__restrict__ wpe, int wpe_f16, int P,
                                 const int32_t *__restrict__ tokens, const int32_t *__restrict__ pos,
                                 int C) {
   kv_pdl_launch_dependents();
+  kv_pdl_wait();  // the ids (a decode step's inputs, copied in by the kernel before)
   const int r = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= C) return;
@@ -39,6 +42,7 @@ extern "C" kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_
   if (N <= 0 || C <= 0) return 0;
   if (C > 65535 * 256) return (kv_status)cudaErrorInvalidValue;
   dim3 grid(N, kv_ceil_div(C, 256));
-  embed_kernel_v1<<<grid, 256, 0, s>>>(out, wte, wte_f16, V, wpe, wpe_f16, P, tokens, pos, C);
+  KV_TRY(kv_launch(embed_kernel_v1, grid, dim3(256), 0, s, kv_pdl_supported(), out, wte, wte_f16, V, wpe, wpe_f16, P,
+                   tokens, pos, C));
   return kv_launched();
 }

@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
     for (int n = 0; n < NB; n++) acc[r][n] = 0.f;
 
-  for (int c0 = lane; c0 < chunks; c0 += TPR * UNROLL) {
-    uint4 wv[R][UNROLL];
+  uint4 wv[R][UNROLL];
+  auto load = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < UNROLL; u++)
 #pragma unroll
@@ -61,6 +61,17 @@ __global__ void __launch_bounds__(kGemvThreads)
         const int c = c0 + u * TPR;
         wv[r][u] = c < chunks ? kv_ld_stream16(wr[r] + c) : make_uint4(0, 0, 0, 0);
       }
+  };
+  // The first batch of weights is loaded before the programmatic wait (a
+  // dependent launch: the input is read only after it), so the weight
+  // stream starts while the predecessor finishes. No early trigger for the
+  // kernel after it: with one, the LM head's sampling blocks launched early
+  // and finished 6 µs later (H100 trace, session 9 run 1), so they launch
+  // as this grid's blocks exit.
+  load(lane);
+  kv_pdl_wait();
+  for (int c0 = lane; c0 < chunks; c0 += TPR * UNROLL) {
+    if (c0 != lane) load(c0);
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
       const int c = c0 + u * TPR;
@@ -517,7 +528,7 @@ __global__ void __launch_bounds__(kSgThreads)
 // ---- dispatch ----
 
 template <bool F16, int NB, int R>
-void launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+cudaError_t launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
                    int bias_f16, int C, int OC, int accumulate) {
   // Threads per row group: the fewest (≥ a warp) that cover a row's chunks
   // with one round of UNROLL loads each; wider rows use up to 128 lanes so
@@ -535,41 +546,44 @@ void launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, 
     while (tpr < kGemvThreads && tpr * UNROLL < chunks) tpr *= 2;
   }
   const int groups = kGemvThreads / tpr;
-  const int blocks = kv_ceil_div(kv_ceil_div(OC, R), groups);
+  const dim3 blocks(kv_ceil_div(kv_ceil_div(OC, R), groups)), threads(kGemvThreads);
+  // A programmatic dependent where the device has it (the LM head: its
+  // first weights stream while the final norm runs).
+  const bool pdl = kv_pdl_supported();
   switch (tpr) {
     case 32:
-      gemv_kernel_v1<F16, NB, R, 32><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
-      break;
+      return kv_launch(gemv_kernel_v1<F16, NB, R, 32>, blocks, threads, 0, st, pdl, out, in, w, bias, bias_f16, C, OC,
+                       accumulate);
     case 64:
-      gemv_kernel_v1<F16, NB, R, 64><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
-      break;
+      return kv_launch(gemv_kernel_v1<F16, NB, R, 64>, blocks, threads, 0, st, pdl, out, in, w, bias, bias_f16, C, OC,
+                       accumulate);
     default:
-      gemv_kernel_v1<F16, NB, R, 128><<<blocks, kGemvThreads, 0, st>>>(out, in, w, bias, bias_f16, C, OC, accumulate);
-      break;
+      return kv_launch(gemv_kernel_v1<F16, NB, R, 128>, blocks, threads, 0, st, pdl, out, in, w, bias, bias_f16, C,
+                       OC, accumulate);
   }
 }
 
 // Rows per group grow with N so that each loaded input float4 feeds R rows
 // (keeps L1 reads of the inputs below the weight stream's rate).
 template <bool F16, int NB>
-void launch_gemv_n(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
-                   int bias_f16, int C, int OC, int accumulate) {
+cudaError_t launch_gemv_n(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+                          int bias_f16, int C, int OC, int accumulate) {
   constexpr int R = NB <= 2 ? 1 : (NB <= 4 ? 2 : 4);
-  launch_gemv_r<F16, NB, R>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+  return launch_gemv_r<F16, NB, R>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
 }
 
 template <bool F16>
-void launch_gemv(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
-                 int bias_f16, int N, int C, int OC, int accumulate) {
+cudaError_t launch_gemv(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
+                        int bias_f16, int N, int C, int OC, int accumulate) {
   switch (N) {
-    case 1: launch_gemv_n<F16, 1>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 2: launch_gemv_n<F16, 2>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 3: launch_gemv_n<F16, 3>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 4: launch_gemv_n<F16, 4>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 5: launch_gemv_n<F16, 5>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 6: launch_gemv_n<F16, 6>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    case 7: launch_gemv_n<F16, 7>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
-    default: launch_gemv_n<F16, 8>(st, out, in, w, bias, bias_f16, C, OC, accumulate); break;
+    case 1: return launch_gemv_n<F16, 1>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 2: return launch_gemv_n<F16, 2>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 3: return launch_gemv_n<F16, 3>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 4: return launch_gemv_n<F16, 4>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 5: return launch_gemv_n<F16, 5>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 6: return launch_gemv_n<F16, 6>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    case 7: return launch_gemv_n<F16, 7>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
+    default: return launch_gemv_n<F16, 8>(st, out, in, w, bias, bias_f16, C, OC, accumulate);
   }
 }
 
@@ -595,14 +609,12 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
     }
     const int vec = w_f16 ? 8 : 4;
     if (C % vec == 0 && kv_aligned16(w) && kv_aligned16(in)) {
-      if (w_f16)
-        launch_gemv<true>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate);
-      else
-        launch_gemv<false>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate);
-    } else {
-      gemv_scalar_kernel_v1<<<kv_ceil_div(OC, kGemvThreads / 32), kGemvThreads, 0, st>>>(
-          out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate);
+      KV_TRY(w_f16 ? launch_gemv<true>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate)
+                   : launch_gemv<false>(st, out, in, w, bias, bias_f16, N, C, OC, accumulate));
+      return kv_launched();
     }
+    gemv_scalar_kernel_v1<<<kv_ceil_div(OC, kGemvThreads / 32), kGemvThreads, 0, st>>>(
+        out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate);
     return kv_launched();
   }
   if (w_f16 && (gemm_variant == 0 || gemm_variant == 3 || gemm_variant == 4)) {

@@ -63,12 +63,13 @@ __global__ void __launch_bounds__(128)
   const int C4 = C >> 2;
   const float4 *x4 = reinterpret_cast<const float4 *>(in + (long long)r * C);
   float4 x[V4], wv[V4], bv[V4];
+  // The weights first: a programmatic dependent (kv_launch with pdl) reads
+  // them before its wait, and the row only after it.
 #pragma unroll
   for (int j = 0; j < V4; j++) {
     const int i = lane + 32 * j;
-    x[j] = wv[j] = bv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    wv[j] = bv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (i < C4) {
-      x[j] = x4[i];
       if (w_f16) {
         const uint2 h = reinterpret_cast<const uint2 *>(w)[i];
         const float2 lo = __half22float2(*reinterpret_cast<const __half2 *>(&h.x));
@@ -86,6 +87,10 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
+#pragma unroll
+  for (int j = 0; j < V4; j++) x[j] = lane + 32 * j < C4 ? x4[lane + 32 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
   float mean = 0.f;
   if (!RMS) {
     float sum = 0.f;
@@ -120,35 +125,36 @@ __global__ void __launch_bounds__(128)
 static bool aligned(const void *p, int n) { return ((uintptr_t)p % n) == 0; }
 
 // norm_launch_v2 launches v2 when the shape and alignment allow it
-// (C ≤ 2048), returning false otherwise.
+// (C ≤ 2048), returning false otherwise (the launch's error in *err).
 template <bool RMS>
 static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void *w, const void *b,
-                           int w_f16, int N, int C, float eps) {
+                           int w_f16, int N, int C, float eps, cudaError_t *err) {
   const int wa = w_f16 ? 8 : 16;
   if (C % 4 != 0 || !aligned(out, 16) || !aligned(in, 16) || !aligned(w, wa) ||
       (b != nullptr && !aligned(b, wa)))
     return false;
   const int need = (C + 127) / 128;  // float4 per lane
   const dim3 grid(kv_ceil_div(N, 4)), block(128);
-#define KV_NORM_V2(n)                                                         \
-  case n:                                                                     \
-    norm_kernel_v2<n, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps); \
+  // A programmatic dependent where the device has it: the weights load while
+  // the predecessor finishes (decode's final norm, before the LM head).
+  const bool pdl = kv_pdl_supported();
+#define KV_NORM_V2(n, v4)                                                                   \
+  case n:                                                                                   \
+    *err = kv_launch(norm_kernel_v2<v4, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps); \
     return true;
   switch (need) {
-    KV_NORM_V2(1)
-    KV_NORM_V2(2)
-    KV_NORM_V2(3)
-    KV_NORM_V2(4)
-    KV_NORM_V2(5)
-    KV_NORM_V2(6)
-    KV_NORM_V2(7)
-    KV_NORM_V2(8)
-    case 9: case 10: case 11: case 12:
-      norm_kernel_v2<12, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
-      return true;
-    case 13: case 14: case 15: case 16:
-      norm_kernel_v2<16, RMS><<<grid, block, 0, s>>>(out, in, w, b, w_f16, N, C, eps);
-      return true;
+    KV_NORM_V2(1, 1)
+    KV_NORM_V2(2, 2)
+    KV_NORM_V2(3, 3)
+    KV_NORM_V2(4, 4)
+    KV_NORM_V2(5, 5)
+    KV_NORM_V2(6, 6)
+    KV_NORM_V2(7, 7)
+    KV_NORM_V2(8, 8)
+    case 9: case 10: case 11:
+    KV_NORM_V2(12, 12)
+    case 13: case 14: case 15:
+    KV_NORM_V2(16, 16)
   }
 #undef KV_NORM_V2
   return false;
@@ -159,15 +165,19 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
 extern "C" kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
                                   const void *b, int w_f16, int N, int C, float eps, int variant) {
   if (N <= 0 || C <= 0) return 0;
-  if (variant == 1 || !norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps))
+  cudaError_t e = cudaSuccess;
+  if (variant == 1 || !norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, &e))
     layernorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, b, w_f16, C, eps);
+  KV_TRY(e);
   return kv_launched();
 }
 
 extern "C" kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
                                 int w_f16, int N, int C, float eps, int variant) {
   if (N <= 0 || C <= 0) return 0;
-  if (variant == 1 || !norm_launch_v2<true>(s, out, in, w, nullptr, w_f16, N, C, eps))
+  cudaError_t e = cudaSuccess;
+  if (variant == 1 || !norm_launch_v2<true>(s, out, in, w, nullptr, w_f16, N, C, eps, &e))
     rmsnorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, w_f16, C, eps);
+  KV_TRY(e);
   return kv_launched();
 }

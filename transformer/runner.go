@@ -538,7 +538,17 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), r.view(L.targets, N), N, V)
 		}
 	case LastRow:
-		if fused != nil && sh.T == 1 {
+		if decode {
+			// One-token steps: the final norm into the free stream buffer,
+			// then the LM head, as two programmatic launches (CUDA: the
+			// head's first weights stream while the norm runs). The fused
+			// product would have each of the head's ~12k blocks normalise
+			// the row, and its two-step fallback takes scratch from the
+			// graph's allocator, whose memory nodes stop that overlap.
+			xs := pair[1-cur].View(0, N*C)
+			r.norm(xs, x, w.normFW, w.normFB, N)
+			be.MatMul(r.logits.View(0, N*V), xs, w.lmHead, gpu.Buf{}, N, C, V, false)
+		} else if fused != nil && sh.T == 1 {
 			fused.NormMatMul(r.logits.View(0, o.B*V), x, w.normFW, w.normFB, w.lmHead, gpu.Buf{}, o.B, C, V, cfg.Eps, r.normKind(), gpu.NoAct, false)
 		} else {
 			for b := 0; b < o.B; b++ {

@@ -11,9 +11,11 @@ if [ ! -e $so ]; then
   lib=$(dirname "$(find /usr/local /opt /usr/lib $(python3 -c 'import site; print(" ".join(site.getsitepackages()))') \
     -name 'libcupti.so*' 2>/dev/null | head -1)")
   krec=$(grep -o "CUpti_ActivityKernel[0-9]*" "$inc/cupti_activity.h" | sort -V | tail -1)
+  mrec=$(grep -oE "CUpti_ActivityMemcpy[0-9]+" "$inc/cupti_activity.h" | sort -V | tail -1)
+  mrec=${mrec:-CUpti_ActivityMemcpy}
   cuinc=$(dirname "$(find /usr/local /opt /usr/include -name cuda.h 2>/dev/null | head -1)")
-  echo "cupti: $inc $lib $krec"
-  gcc -O2 -fPIC -shared -I"$inc" -I"$cuinc" -DKREC="$krec" -o $so "$here/cupti-trace.c" -L"$lib" -l:$(basename "$(ls "$lib"/libcupti.so* | head -1)") \
+  echo "cupti: $inc $lib $krec $mrec"
+  gcc -O2 -fPIC -shared -I"$inc" -I"$cuinc" -DKREC="$krec" -DMREC="$mrec" -o $so "$here/cupti-trace.c" -L"$lib" -l:$(basename "$(ls "$lib"/libcupti.so* | head -1)") \
     -Wl,-rpath,"$lib" || exit 1
 fi
 bin=$1 title=$2
