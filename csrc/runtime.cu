@@ -102,41 +102,7 @@ kv_status kv_download(kv_stream s, void *host, const void *src, size_t bytes) {
   return 0;
 }
 
-}  // extern "C"
-
-// copy_in_kernel copies n int32s from pinned host memory, which it reads
-// over the bus itself (host memory at its device address), to dst. A decode
-// step starts with this copy of its inputs; as a graph's memcpy node it took
-// ~2.6 µs and the first kernel could start only after it (the copy engine
-// is no programmatic predecessor), while this kernel lets the next one
-// launch at once (it reads dst only after its programmatic wait).
-__global__ void __launch_bounds__(256)
-    copy_in_kernel(int32_t *__restrict__ dst, const int32_t *__restrict__ src, int n, int vec) {
-  kv_pdl_launch_dependents();
-  const int stride = gridDim.x * blockDim.x, i0 = blockIdx.x * blockDim.x + threadIdx.x;
-  const int n4 = vec ? n / 4 : 0;
-  for (int i = i0; i < n4; i += stride) reinterpret_cast<int4 *>(dst)[i] = reinterpret_cast<const int4 *>(src)[i];
-  for (int i = 4 * n4 + i0; i < n; i += stride) dst[i] = src[i];
-}
-
-extern "C" {
-
-// kv_copy_in: dst = the pinned host block (bytes: a whole number of int32s
-// for the kernel; anything else, or memory the device cannot address, goes
-// through the copy engine). Inside a capture it reads the host memory's
-// contents at each replay, either way.
 kv_status kv_copy_in(kv_stream s, void *dst, const void *pinned, size_t bytes) {
-  cudaPointerAttributes a;
-  if (bytes % 4 == 0 && bytes / 4 <= (size_t)(1 << 30) && cudaPointerGetAttributes(&a, pinned) == cudaSuccess &&
-      a.type == cudaMemoryTypeHost && a.devicePointer != nullptr) {
-    const int n = (int)(bytes / 4);
-    const int vec = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(a.devicePointer)) & 15) == 0;
-    const int blocks = n / 1024 + 1 < 32 ? n / 1024 + 1 : 32;
-    copy_in_kernel<<<blocks, 256, 0, s>>>(static_cast<int32_t *>(dst), static_cast<const int32_t *>(a.devicePointer), n,
-                                          vec);
-    return kv_launched();
-  }
-  (void)cudaGetLastError();  // a failed attribute query is not this call's error
   KV_TRY(cudaMemcpyAsync(dst, pinned, bytes, cudaMemcpyHostToDevice, s));
   return 0;
 }

@@ -18,6 +18,11 @@ func (c *CPUFused) NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, 
 	ref.NormMatMul(out.f, in.f, normW.f, normB.f, w.f, bias.f, N, C, OC, eps, norm == RMSNormKind, act == GeluAct, accumulate)
 }
 
+func (c *CPUFused) CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int) {
+	c.CopyIn(dst, src)
+	c.Embed(out, wte, wpe, tokens, pos, N, C)
+}
+
 func (c *CPUFused) SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool) {
 	ref.SwiGLUMatMul(out.f, gu.f, w.f, N, F, OC, accumulate)
 }

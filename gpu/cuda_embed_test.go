@@ -3,8 +3,10 @@
 package gpu
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/kvalign/kvalign/gpu/ref"
@@ -54,4 +56,91 @@ func BenchmarkCUDAEmbed(b *testing.B) {
 	benchGraph(b, c, int64(N*C*(2+2+4)), func() {
 		c.Embed(out, wte, wpe, tok, pos, N, C)
 	})
+}
+
+// TestCUDACopyInEmbed: the fused copy and embedding against CopyIn + ref.Embed,
+// directly and as a graph replayed with new host contents each time (the
+// kernel must read the pinned block at each replay), with 16-byte aligned
+// and misaligned destinations, with and without wpe, and with ids outside
+// the copied block (the unfused fallback).
+func TestCUDACopyInEmbed(t *testing.T) {
+	c := newTestCUDA(t)
+	r := rand.New(rand.NewPCG(12, 13))
+	const V, P, n = 37, 19, 103 // n: not a multiple of 4 (the copy's tail)
+	host, err := c.NewHostInts(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	block := alloc(t, c, I32, n+1)
+	fill := func(N, tokOff, posOff int) {
+		h := host.Ints()
+		for i := range h {
+			h[i] = int32(r.IntN(1 << 20))
+		}
+		for i := 0; i < N; i++ {
+			h[tokOff+i] = int32(r.IntN(V))
+			h[posOff+i] = int32(r.IntN(P))
+		}
+	}
+	for _, tc := range []struct {
+		name                    string
+		N, C, shift, tok, pos   int
+		withPos, separateTokens bool
+	}{
+		{name: "aligned", N: 3, C: 67, tok: 5, pos: 40, withPos: true},
+		{name: "misaligned", N: 2, C: 600, shift: 1, tok: 0, pos: 97, withPos: true},
+		{name: "no wpe", N: 1, C: 768, tok: 102, pos: 0},
+		{name: "ids elsewhere", N: 2, C: 64, tok: 10, pos: 20, withPos: true, separateTokens: true},
+	} {
+		dst := block.View(tc.shift, n)
+		tokens, pos := dst.View(tc.tok, tc.N), dst.View(tc.pos, tc.N)
+		if tc.separateTokens {
+			tokens = alloc(t, c, I32, tc.N)
+		}
+		wteHost, wpeHost := randNormal(r, V*tc.C, 1, 0), randNormal(r, P*tc.C, 0.5, 0)
+		for _, dt := range weightTypes {
+			wte := uploadNew(t, c, dt, wteHost)
+			wpe, wpeRef := Buf{}, []float32(nil)
+			if tc.withPos {
+				wpe, wpeRef = uploadNew(t, c, dt, wpeHost), asWeight(dt, wpeHost)
+			}
+			out := alloc(t, c, F32, tc.N*tc.C)
+			check := func(what string) {
+				h := append([]int32(nil), host.Ints()...)
+				if got := downloadInts(t, c, dst); !slices.Equal(got, h) {
+					t.Fatalf("%s %s %s: the copied block differs from the host's", tc.name, dt, what)
+				}
+				ids := h[tc.tok : tc.tok+tc.N]
+				if tc.separateTokens {
+					ids = downloadInts(t, c, tokens)
+				}
+				want := make([]float32, tc.N*tc.C)
+				ref.Embed(want, asWeight(dt, wteHost), wpeRef, ids, h[tc.pos:tc.pos+tc.N], tc.N, tc.C)
+				compare(t, tc.name+" "+dt.String()+" "+what, download(t, c, out), want, 0, 0)
+			}
+			if tc.separateTokens {
+				c.UploadInts(tokens, randInts(r, tc.N, V))
+			}
+			fill(tc.N, tc.tok, tc.pos)
+			poison(t, c, out)
+			c.CopyInEmbed(dst, host, out, wte, wpe, tokens, pos, tc.N, tc.C)
+			checkOK(t, c)
+			check("direct")
+			rep, err := c.Capture(func() { c.CopyInEmbed(dst, host, out, wte, wpe, tokens, pos, tc.N, tc.C) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 3; i++ {
+				fill(tc.N, tc.tok, tc.pos)
+				poison(t, c, out)
+				rep.Run()
+				checkOK(t, c)
+				check(fmt.Sprintf("replay %d", i))
+			}
+			if err := rep.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 }

@@ -23,7 +23,10 @@ func TestCUDASample(t *testing.T) {
 		ties         bool // logits rounded to a coarse grid: many exact ties (and ±0)
 	}{
 		{64, 50257, 2, false},
+		{1, 50257, 4, false}, // a decode step's shape
 		{8, 70000, 1, false}, // v5: 137 chunk lists, more than its final kernel preloads (4 a warp)
+		{16, 1000, 2, true},
+		{3, 7, 1, false},
 		{128, 1000, 4, false},
 		{128, 1000, 2, true},
 		{64, 7, 1, false},

@@ -283,6 +283,11 @@ const (
 // unfused sequences given in the comments; models use Fused when the
 // backend has it and the plain operations otherwise.
 type Fused interface {
+	// CopyInEmbed: CopyIn(dst, src), then Embed(out, wte, wpe, tokens,
+	// pos, N, C), where tokens and pos are views of dst: a step's inputs
+	// and its embedding, in one launch (CUDA reads the ids from the pinned
+	// block itself, so the embedding does not wait for the copy).
+	CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int)
 	// NormMatMul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias)
 	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew (or, with
 	// SwiGLUAct, SiluMul of the product's halves into out[N, OC/2]).

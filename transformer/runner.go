@@ -355,18 +355,25 @@ func (r *Runner) enqueue(sh stepShape) {
 	N := o.B * sh.T
 	C, HS, NH, NKV := cfg.C, cfg.HS, cfg.NH, cfg.NKV
 	qkvW := cfg.QKVWidth()
-	be.CopyIn(r.ints, r.stage)
 	tokens, pos, slots := r.view(L.tokens, N), r.view(L.pos, N), r.view(L.slots, N)
 	order, lens := r.view(L.order, o.B*o.MaxLen), r.view(L.lens, o.B)
 	layerSize := r.Slots * NKV * HS
+	fused, _ := be.(gpu.Fused)
 
+	// The step's inputs, then its embedding (one launch where the backend
+	// fuses them: the embedding does not wait for the copy), then the
+	// realignment, which needs the inputs but not the embedding.
+	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
+	if fused != nil {
+		fused.CopyInEmbed(r.ints, r.stage, x, w.wte, w.wpe, tokens, pos, N, C)
+	} else {
+		be.CopyIn(r.ints, r.stage)
+		be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
+	}
 	if sh.alignRows > 0 {
 		r.realign.Realign(be, r.K, r.V, r.view(L.alignSlots, sh.alignRows), r.view(L.alignIndex, sh.alignRows),
 			gpu.AlignParams{Rows: sh.alignRows, L: cfg.NLayer, NKV: NKV, HS: HS, LayerStride: layerSize})
 	}
-
-	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
-	be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
 	// fp16 weights: attention may round its operands to half too (the
 	// tensor-core prefill), as the products already round activations.
 	attn := gpu.AttnParams{B: o.B, T: sh.T, NH: NH, NKV: NKV, HS: HS, QStride: qkvW, MaxLen: o.MaxLen,
@@ -378,7 +385,6 @@ func (r *Runner) enqueue(sh stepShape) {
 		attn.RopeTheta = float32(cfg.RopeTheta)
 		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
-	fused, _ := be.(gpu.Fused)
 	layers := w.layers
 	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
 	// stream still owes (zero Buf: none), and the pair of stream buffers.

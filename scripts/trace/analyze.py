@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a decode step's time goes, from a cupti-trace.c CSV.
 
-Splits the trace into steps at each embedding kernel, keeps the last --steps
+Splits the trace into steps at each step's first kernel (the input copy or
+the embedding), keeps the last --steps
 complete ones, and prints for each kernel position of a step the medians of:
 its start and end after the step's first kernel started, its duration
 (start to end: a programmatic dependent's includes its wait), and its
@@ -48,8 +49,9 @@ def main():
             rows.append((int(r["start"]), int(r["end"]), short(r["name"]), int(r["blocks"])))
     rows.sort()
     steps, cur = [], None
+    first = ("copy_in", "embed") if any(r[2].startswith("copy_in") for r in rows) else ("embed",)
     for r in rows:
-        if r[2].startswith("embed"):
+        if r[2].startswith(first):
             if cur:
                 steps.append(cur)
             cur = [r]
