@@ -96,17 +96,26 @@ extern "C" kv_status kv_copy_in_embed(kv_stream s, int32_t *dst, const int32_t *
                                       int tok_off, int pos_off, int N, int C) {
   if (n < 0 || N < 0 || C < 0 || tok_off < 0 || tok_off + N > n || (wpe && (pos_off < 0 || pos_off + N > n)))
     return (kv_status)cudaErrorInvalidValue;
-  cudaPointerAttributes a;
-  if (N > 0 && C > 0 && C <= 65535 * 256 && cudaPointerGetAttributes(&a, pinned) == cudaSuccess &&
-      a.type == cudaMemoryTypeHost && a.devicePointer != nullptr) {
-    const int vec = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(a.devicePointer)) & 15) == 0;
-    copy_in_embed_kernel<<<dim3(N, kv_ceil_div(C, 256)), 256, 0, s>>>(
-        out, wte, wte_f16, V, wpe, wpe_f16, P, dst, static_cast<const int32_t *>(a.devicePointer), n, vec, tok_off,
-        wpe ? pos_off : -1, C);
+  // Decode-size steps only: every block reads its row's ids over the bus,
+  // and beyond a few rows those reads multiply while a memcpy node costs
+  // nothing next to the step. Memory the device cannot address goes through
+  // the copy engine too.
+  const void *mapped = nullptr;
+  if (N > 0 && N <= 8 && C > 0 && C <= 65535 * 256) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, pinned) == cudaSuccess) {
+      if (a.type == cudaMemoryTypeHost) mapped = a.devicePointer;
+    } else {
+      (void)cudaGetLastError();  // a failed query is not this call's error
+    }
+  }
+  if (mapped) {
+    const int vec = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(mapped)) & 15) == 0;
+    copy_in_embed_kernel<<<dim3(N, kv_ceil_div(C, 256)), 256, 0, s>>>(out, wte, wte_f16, V, wpe, wpe_f16, P, dst,
+                                                                      static_cast<const int32_t *>(mapped), n, vec,
+                                                                      tok_off, wpe ? pos_off : -1, C);
     return kv_launched();
   }
-  (void)cudaGetLastError();  // a failed attribute query is not this call's error
-  // Memory the device cannot address: the copy engine, then the embedding.
   const kv_status st = kv_copy_in(s, dst, pinned, (size_t)n * 4);
   if (st != 0) return st;
   return kv_embed(s, out, wte, wte_f16, V, wpe, wpe_f16, P, dst + tok_off, wpe ? dst + pos_off : nullptr, N, C);

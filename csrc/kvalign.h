@@ -83,10 +83,10 @@ kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
                    const void *wpe, int wpe_f16, int P, const int32_t *tokens,
                    const int32_t *pos, int N, int C);
 /* kv_copy_in_embed: kv_copy_in of n int32s from pinned to dst, then kv_embed
- * with tokens = dst + tok_off and pos = dst + pos_off, in one launch (the ids
- * read from the pinned block itself) where the device addresses it. The
- * kernel lets the next one launch at once (a programmatic dependent), which
- * must read dst only after its programmatic wait. */
+ * with tokens = dst + tok_off and pos = dst + pos_off; for N ≤ 8 rows, where
+ * the device addresses the pinned block, in one launch that reads the ids
+ * from it. That kernel lets the next one launch at once (a programmatic
+ * dependent), which must read dst only after its programmatic wait. */
 kv_status kv_copy_in_embed(kv_stream s, int32_t *dst, const int32_t *pinned, int n, float *out,
                            const void *wte, int wte_f16, int V, const void *wpe, int wpe_f16, int P,
                            int tok_off, int pos_off, int N, int C);

@@ -135,9 +135,13 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
     return false;
   const int need = (C + 127) / 128;  // float4 per lane
   const dim3 grid(kv_ceil_div(N, 4)), block(128);
-  // A programmatic dependent where the device has it: the weights load while
-  // the predecessor finishes (decode's final norm, before the LM head).
-  const bool pdl = kv_pdl_supported();
+  // Decode-size norms (decode's final norm, before the LM head) launch as
+  // programmatic dependents, their weights loading while the predecessor
+  // finishes, and let the next kernel launch once they have waited. Not
+  // prefill-size ones: GPT-2's prefill (its norms are separate kernels)
+  // measured 51 µs slower a step at 256 rows with every norm a programmatic
+  // launch (H100, docs/PERF.md version 15).
+  const bool pdl = N <= 8 && kv_pdl_supported();
 #define KV_NORM_V2(n, v4)                                                                   \
   case n:                                                                                   \
     *err = kv_launch(norm_kernel_v2<v4, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps); \

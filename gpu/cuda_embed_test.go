@@ -61,8 +61,8 @@ func BenchmarkCUDAEmbed(b *testing.B) {
 // TestCUDACopyInEmbed: the fused copy and embedding against CopyIn + ref.Embed,
 // directly and as a graph replayed with new host contents each time (the
 // kernel must read the pinned block at each replay), with 16-byte aligned
-// and misaligned destinations, with and without wpe, and with ids outside
-// the copied block (the unfused fallback).
+// and misaligned destinations, with and without wpe, and with more rows or
+// ids outside the copied block (the unfused fallbacks).
 func TestCUDACopyInEmbed(t *testing.T) {
 	c := newTestCUDA(t)
 	r := rand.New(rand.NewPCG(12, 13))
@@ -91,6 +91,7 @@ func TestCUDACopyInEmbed(t *testing.T) {
 		{name: "aligned", N: 3, C: 67, tok: 5, pos: 40, withPos: true},
 		{name: "misaligned", N: 2, C: 600, shift: 1, tok: 0, pos: 97, withPos: true},
 		{name: "no wpe", N: 1, C: 768, tok: 102, pos: 0},
+		{name: "many rows", N: 12, C: 64, tok: 30, pos: 60, withPos: true}, // the copy engine, then the embedding
 		{name: "ids elsewhere", N: 2, C: 64, tok: 10, pos: 20, withPos: true, separateTokens: true},
 	} {
 		dst := block.View(tc.shift, n)

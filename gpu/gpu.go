@@ -285,8 +285,9 @@ const (
 type Fused interface {
 	// CopyInEmbed: CopyIn(dst, src), then Embed(out, wte, wpe, tokens,
 	// pos, N, C), where tokens and pos are views of dst: a step's inputs
-	// and its embedding, in one launch (CUDA reads the ids from the pinned
-	// block itself, so the embedding does not wait for the copy).
+	// and its embedding (CUDA: for decode-size steps one launch that reads
+	// the ids from the pinned block itself, so the embedding does not wait
+	// for a copy).
 	CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int)
 	// NormMatMul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias)
 	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew (or, with
