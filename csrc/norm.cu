@@ -56,7 +56,7 @@ __global__ void rmsnorm_kernel_v1(float *__restrict__ out, const float *__restri
 template <int V4, bool RMS>
 __global__ void __launch_bounds__(128)
     norm_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
-                   const void *__restrict__ b, int w_f16, int N, int C, float eps) {
+                   const void *__restrict__ b, int w_f16, int N, int C, float eps, int pdl) {
   const int lane = threadIdx.x & 31;
   const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= N) return;
@@ -87,8 +87,10 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-  kv_pdl_wait();
-  kv_pdl_launch_dependents();
+  if (pdl) {  // a programmatic dependent: wait, then let the next kernel launch
+    kv_pdl_wait();
+    kv_pdl_launch_dependents();
+  }
 #pragma unroll
   for (int j = 0; j < V4; j++) x[j] = lane + 32 * j < C4 ? x4[lane + 32 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
   float mean = 0.f;
@@ -138,13 +140,13 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
   // Decode-size norms (decode's final norm, before the LM head) launch as
   // programmatic dependents, their weights loading while the predecessor
   // finishes, and let the next kernel launch once they have waited. Not
-  // prefill-size ones: GPT-2's prefill (its norms are separate kernels)
-  // measured 51 µs slower a step at 256 rows with every norm a programmatic
-  // launch (H100, docs/PERF.md version 15).
+  // prefill-size ones: with their trigger, the GEMM after each of GPT-2's
+  // prefill norms launched early and took 2.5–3.5 µs longer (ar at cache
+  // 255: +52 µs a step; H100, docs/PERF.md version 15).
   const bool pdl = N <= 8 && kv_pdl_supported();
 #define KV_NORM_V2(n, v4)                                                                   \
   case n:                                                                                   \
-    *err = kv_launch(norm_kernel_v2<v4, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps); \
+    *err = kv_launch(norm_kernel_v2<v4, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl); \
     return true;
   switch (need) {
     KV_NORM_V2(1, 1)
