@@ -87,10 +87,11 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-  if (pdl) {  // a programmatic dependent: wait, then let the next kernel launch
-    kv_pdl_wait();
-    kv_pdl_launch_dependents();
-  }
+  // The wait is unconditional (a no-op for a normal launch): inside a branch
+  // the compiler may move the row's loads above it (run 8: stale rows in the
+  // tiny models' decode steps). Only the trigger depends on pdl.
+  kv_pdl_wait();
+  if (pdl) kv_pdl_launch_dependents();
 #pragma unroll
   for (int j = 0; j < V4; j++) x[j] = lane + 32 * j < C4 ? x4[lane + 32 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
   float mean = 0.f;
