@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   // dependent launch: the input is read only after it), so the weight
   // stream starts while the predecessor finishes. No early trigger for the
   // kernel after it: with one, the LM head's sampling blocks launched early
-  // and finished 6 µs later (H100 trace, session 9 run 1), so they launch
+  // and finished 6 µs later (H100 trace, docs/PERF.md version 15), so they launch
   // as this grid's blocks exit.
   load(lane);
   kv_pdl_wait();

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(128)
     }
   }
   // The wait is unconditional (a no-op for a normal launch): inside a branch
-  // the compiler may move the row's loads above it (run 8: stale rows in the
+  // the compiler may move the row's loads above it (PERF.md version 15: stale rows in the
   // tiny models' decode steps). Only the trigger depends on pdl.
   kv_pdl_wait();
   if (pdl) kv_pdl_launch_dependents();
