@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(kGemvThreads)
   // dependent launch: the input is read only after it), so the weight
   // stream starts while the predecessor finishes. No early trigger for the
   // kernel after it: with one, the LM head's sampling blocks launched early
-  // and finished 6 µs later (H100 trace, docs/PERF.md version 15), so they launch
-  // as this grid's blocks exit.
+  // and finished 6 µs later (H100 trace, docs/PERF.md version 15), so they
+  // launch as this grid's blocks exit.
   load(lane);
   kv_pdl_wait();
   for (int c0 = lane; c0 < chunks; c0 += TPR * UNROLL) {
@@ -529,7 +529,7 @@ __global__ void __launch_bounds__(kSgThreads)
 
 template <bool F16, int NB, int R>
 cudaError_t launch_gemv_r(cudaStream_t st, float *out, const float *in, const void *w, const void *bias,
-                   int bias_f16, int C, int OC, int accumulate) {
+                          int bias_f16, int C, int OC, int accumulate) {
   // Threads per row group: the fewest (≥ a warp) that cover a row's chunks
   // with one round of UNROLL loads each; wider rows use up to 128 lanes so
   // that small-OC matrices still spread over many SMs.

@@ -88,8 +88,9 @@ __global__ void __launch_bounds__(128)
     }
   }
   // The wait is unconditional (a no-op for a normal launch): inside a branch
-  // the compiler may move the row's loads above it (PERF.md version 15: stale rows in the
-  // tiny models' decode steps). Only the trigger depends on pdl.
+  // the compiler may move the row's loads above it (docs/PERF.md version 15:
+  // stale rows in the tiny models' decode steps). Only the trigger depends
+  // on pdl.
   kv_pdl_wait();
   if (pdl) kv_pdl_launch_dependents();
 #pragma unroll

@@ -29,8 +29,9 @@ func (c *CUDA) Embed(out, wte, wpe, tokens, pos Buf, N, C int) {
 }
 
 // CopyInEmbed: CopyIn(dst, src), then Embed(out, wte, wpe, tokens, pos, N,
-// C), in one launch (csrc/embed.cu, kv_copy_in_embed) where tokens and pos
-// are views of dst's copied ids; otherwise the two operations.
+// C). Where tokens and pos are views of dst's copied ids, kv_copy_in_embed
+// (csrc/embed.cu) does both, in one launch for N ≤ 8; otherwise the two
+// operations.
 func (c *CUDA) CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int) {
 	const op = "copyinembed"
 	p, ok := c.pinned(op, src)
