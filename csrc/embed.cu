@@ -2,6 +2,20 @@
 // Llama's embed_tokens: out[N,C] = wte[tokens[r]] + wpe[pos[r]].
 #include "common.cuh"
 
+// embed_value: element c of wte[t] + wpe[p] (wte[t] alone without wpe), a
+// NaN for an id outside its table; pos() gives p, called only where wpe is
+// read (embed_kernel_v1 loads it there; copy_in_embed_kernel has it already).
+template <typename Pos>
+__device__ __forceinline__ float embed_value(const void *__restrict__ wte, int wte_f16, int V,
+                                             const void *__restrict__ wpe, int wpe_f16, int P, int C, int c, int t,
+                                             Pos pos) {
+  if (t < 0 || t >= V) return __int_as_float(0x7fffffff);
+  const float v = kv_load_w(wte, wte_f16, (long long)t * C + c);
+  if (wpe == nullptr) return v;
+  const int p = pos();
+  return (p < 0 || p >= P) ? __int_as_float(0x7fffffff) : v + kv_load_w(wpe, wpe_f16, (long long)p * C + c);
+}
+
 // v1: grid (N, ceil(C/256)), one element per thread; embedding rows are
 // short (C ≤ a few thousand), so this is bound by launch latency, not
 // bandwidth, and needs no vector loads. An id outside the table gives a NaN
@@ -18,19 +32,8 @@ __global__ void embed_kernel_v1(float *__restrict__ out, const void *__restrict_
   const int r = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const int t = tokens[r];
-  float v;
-  if (t < 0 || t >= V) {
-    v = __int_as_float(0x7fffffff);
-  } else {
-    v = kv_load_w(wte, wte_f16, (long long)t * C + c);
-    if (wpe != nullptr) {
-      const int p = pos[r];
-      v = (p < 0 || p >= P) ? __int_as_float(0x7fffffff)
-                            : v + kv_load_w(wpe, wpe_f16, (long long)p * C + c);
-    }
-  }
-  out[(long long)r * C + c] = v;
+  out[(long long)r * C + c] =
+      embed_value(wte, wte_f16, V, wpe, wpe_f16, P, C, c, tokens[r], [&] { return pos[r]; });
 }
 
 extern "C" kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
@@ -72,17 +75,7 @@ __global__ void __launch_bounds__(256)
   for (int k = 0; k < kCopyInBatch; k++)
     if (i0 + k * stride < n4) batch[k] = reinterpret_cast<const int4 *>(src)[i0 + k * stride];
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
-  if (c < C) {
-    float v;
-    if (t < 0 || t >= V) {
-      v = __int_as_float(0x7fffffff);
-    } else {
-      v = kv_load_w(wte, wte_f16, (long long)t * C + c);
-      if (wpe != nullptr)
-        v = (p < 0 || p >= P) ? __int_as_float(0x7fffffff) : v + kv_load_w(wpe, wpe_f16, (long long)p * C + c);
-    }
-    out[(long long)r * C + c] = v;
-  }
+  if (c < C) out[(long long)r * C + c] = embed_value(wte, wte_f16, V, wpe, wpe_f16, P, C, c, t, [&] { return p; });
 #pragma unroll
   for (int k = 0; k < kCopyInBatch; k++)
     if (i0 + k * stride < n4) reinterpret_cast<int4 *>(dst)[i0 + k * stride] = batch[k];

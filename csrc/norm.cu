@@ -146,23 +146,23 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
   // prefill norms launched early and took 2.5–3.5 µs longer (ar at cache
   // 255: +52 µs a step; H100, docs/PERF.md version 15).
   const bool pdl = N <= 8 && kv_pdl_supported();
-#define KV_NORM_V2(n, v4)                                                                   \
-  case n:                                                                                   \
-    *err = kv_launch(norm_kernel_v2<v4, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl); \
+#define KV_NORM_V2(n)                                                                      \
+  case n:                                                                                  \
+    *err = kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl); \
     return true;
   switch (need) {
-    KV_NORM_V2(1, 1)
-    KV_NORM_V2(2, 2)
-    KV_NORM_V2(3, 3)
-    KV_NORM_V2(4, 4)
-    KV_NORM_V2(5, 5)
-    KV_NORM_V2(6, 6)
-    KV_NORM_V2(7, 7)
-    KV_NORM_V2(8, 8)
+    KV_NORM_V2(1)
+    KV_NORM_V2(2)
+    KV_NORM_V2(3)
+    KV_NORM_V2(4)
+    KV_NORM_V2(5)
+    KV_NORM_V2(6)
+    KV_NORM_V2(7)
+    KV_NORM_V2(8)
     case 9: case 10: case 11:
-    KV_NORM_V2(12, 12)
+    KV_NORM_V2(12)
     case 13: case 14: case 15:
-    KV_NORM_V2(16, 16)
+    KV_NORM_V2(16)
   }
 #undef KV_NORM_V2
   return false;

@@ -2,8 +2,8 @@
 """Where a decode step's time goes, from a cupti-trace.c CSV.
 
 Splits the trace into steps at each step's first kernel (the input copy or
-the embedding), keeps the last --steps
-complete ones, and prints for each kernel position of a step the medians of:
+the embedding), keeps the last --steps complete ones, and prints for each
+kernel position of a step the medians of:
 its start and end after the step's first kernel started, its duration
 (start to end: a programmatic dependent's includes its wait), and its
 marginal cost, end minus the latest end before it (what it adds to the

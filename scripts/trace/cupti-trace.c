@@ -1,9 +1,8 @@
 // cupti-trace.c — a CUPTI injection library that writes every kernel's GPU
 // start and end time (ns), and every memory copy's (named memcpy-KIND-BYTES),
-// to a CSV file, for seeing where a decode step's
-// time goes on machines with no Nsight Systems. The CUDA driver loads it
-// when CUDA_INJECTION64_PATH names it; KV_TRACE_OUT names the file
-// (default /tmp/kvalign-trace.csv). Kernels inside CUDA graphs are traced
+// to a CSV file, for seeing where a decode step's time goes on machines with
+// no Nsight Systems. The CUDA driver loads it when CUDA_INJECTION64_PATH
+// names it; KV_TRACE_OUT names the file (default /tmp/kvalign-trace.csv). Kernels inside CUDA graphs are traced
 // too (CUPTI's concurrent-kernel records keep programmatic launches
 // overlapping). Built by scripts/trace/trace.sh on the GPU machine, against
 // that machine's CUPTI (KREC, MREC: the newest kernel and memcpy record types
