@@ -32,6 +32,7 @@ extern "C" {
 
 typedef struct CUstream_st *kv_stream;
 typedef struct CUgraphExec_st *kv_graph;
+typedef struct CUevent_st *kv_event;
 typedef int kv_status;
 
 /* ---- errors and runtime (cuda-core, runtime.cu) ---- */
@@ -50,6 +51,13 @@ kv_status kv_mem_info(size_t *free_bytes, size_t *total_bytes);
 kv_status kv_stream_create(kv_stream *s);   /* non-blocking stream */
 kv_status kv_stream_destroy(kv_stream s);
 kv_status kv_stream_sync(kv_stream s);
+/* Events (no timing): record marks the work enqueued on s so far; sync waits
+ * for the marked work (the host thread spins or yields, as the runtime
+ * chooses) and returns its first asynchronous error. */
+kv_status kv_event_create(kv_event *e);
+kv_status kv_event_destroy(kv_event e);
+kv_status kv_event_record(kv_event e, kv_stream s);
+kv_status kv_event_sync(kv_event e);
 /* The stream's pending asynchronous error, if any (cudaStreamQuery without waiting: 0 when busy). */
 kv_status kv_peek_error(void);
 
@@ -123,7 +131,8 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
                  int N, int V);
 
 /* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
- * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0. smem_optin: the
+ * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0; succ, when
+ * its count is set, adds the bans of a 2-gram memory (below). smem_optin: the
  * device's opt-in shared memory per block (bytes), passed to kv_sample_init
  * once per device before any launch. scratch: device memory of scratch_keys
  * 64-bit keys for v5 (B·ceil(V/512)·64 are used; NULL or too small: v4).
@@ -136,11 +145,24 @@ kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *ta
  *   5 = 512-element chunks in parallel blocks, then one block per row
  *       merges their lists and picks (two kernels). */
 #define KV_SAMPLE_MAX_TOPK 64
+/* kv_succ: a 2-gram memory per row (gpu.Successors). For row b and token t
+ * (cell b·V + t), count[cell] successors were recorded after t; the most
+ * recent min(count, keep) sit in a ring of keep slots, slot i at
+ * pages[dir[cell·dirs + i/32]·32 + i%32] (dirs = ceil(keep/32)). The
+ * sampler bans row b's kept successors of prev[b·prev_stride] and records
+ * its pick there; a new ring page comes from *used (pages run out at
+ * n_pages: the pick is then not recorded, and *used tells the host).
+ * count == NULL: no memory. */
+typedef struct {
+  const int32_t *prev;
+  int32_t *count, *dir, *pages, *used;
+  int prev_stride, keep, dirs, n_pages;
+} kv_succ;
 kv_status kv_sample_init(int smem_optin);
 kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
                     const int32_t *counter, int B, int V, int top_k, int max_ban,
-                    uint64_t seed, int smem_optin, uint64_t *scratch, long long scratch_keys,
-                    int variant);
+                    uint64_t seed, kv_succ succ, int smem_optin, uint64_t *scratch,
+                    long long scratch_keys, int variant);
 
 /* ---- matmul, attention, align (cuda-compute) ---- */
 

@@ -61,6 +61,28 @@ kv_status kv_stream_sync(kv_stream s) {
   return kv_launched();
 }
 
+kv_status kv_event_create(kv_event *e) {
+  cudaEvent_t ev;
+  KV_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  *e = ev;
+  return 0;
+}
+
+kv_status kv_event_destroy(kv_event e) {
+  KV_TRY(cudaEventDestroy(e));
+  return 0;
+}
+
+kv_status kv_event_record(kv_event e, kv_stream s) {
+  KV_TRY(cudaEventRecord(e, s));
+  return 0;
+}
+
+kv_status kv_event_sync(kv_event e) {
+  KV_TRY(cudaEventSynchronize(e));
+  return kv_launched();
+}
+
 kv_status kv_peek_error(void) { return (kv_status)cudaPeekAtLastError(); }
 
 kv_status kv_malloc(void **p, size_t bytes) {

@@ -59,15 +59,16 @@ __device__ __forceinline__ int sample_count_greater(const uint64_t *L, int K, ui
 // sample_pick (one warp): softmax over the K best keys of the sorted list L
 // (0 = empty) and the cumulative pick into *out, as the reference does it:
 // float32(exp(double(l − max))) per candidate in parallel, then lane 0 sums
-// and scans sequentially in fp32, so the choice matches bit for bit.
-__device__ __forceinline__ void sample_pick(int32_t *out, const uint64_t *L, float *probs, int K,
-                                            uint64_t seed, uint32_t ctr, int lane) {
+// and scans sequentially in fp32, so the choice matches bit for bit. Lane 0
+// also returns the pick (−1: every candidate banned).
+__device__ __forceinline__ int32_t sample_pick(int32_t *out, const uint64_t *L, float *probs, int K,
+                                               uint64_t seed, uint32_t ctr, int lane) {
   const uint64_t k0 = lane < K ? L[lane] : 0;
   const uint64_t k1 = lane + 32 < K ? L[lane + 32] : 0;
   const int n = __popc(__ballot_sync(KV_FULL_MASK, k0 != 0)) + __popc(__ballot_sync(KV_FULL_MASK, k1 != 0));
   if (n == 0) {
     if (lane == 0) *out = -1;
-    return;
+    return -1;
   }
   const float m = sample_key_value(L[0]);
   if (k0 != 0) probs[lane] = (float)exp((double)(sample_key_value(k0) - m));
@@ -87,6 +88,65 @@ __device__ __forceinline__ void sample_pick(int32_t *out, const uint64_t *L, flo
       }
     }
     *out = pick;
+    return pick;
+  }
+  return -1;
+}
+
+// The 2-gram memory (kv_succ in kvalign.h, gpu.Successors, ref.Successors).
+
+// succ_each calls mark(t) for every successor row b's memory keeps after the
+// row's previous token, the block's threads sharing the ring (the order of
+// calls is not defined; a ban set needs none).
+template <class Mark>
+__device__ __forceinline__ void succ_each(const kv_succ &m, int b, int V, Mark mark) {
+  const int prev = m.prev[(long long)b * m.prev_stride];
+  if (prev < 0 || prev >= V) return;
+  const long long cell = (long long)b * V + prev;
+  const int n = min(m.count[cell], m.keep);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int page = m.dir[cell * m.dirs + (i >> 5)];
+    mark(m.pages[(long long)page * 32 + (i & 31)]);
+  }
+}
+
+// succ_slot is where one row's pick will be recorded: its ring entry and
+// the count to store after it (entry == nullptr: nothing to record).
+struct succ_slot {
+  int32_t *entry, *count;
+  int next;
+};
+
+// succ_reserve (one thread) finds the slot for row b's pick after its
+// previous token, taking a new ring page when the slot starts one. It needs
+// nothing this step computes, so the kernels call it before their
+// programmatic wait; the pick itself cannot already be in the ring (the
+// sampler banned every entry), so recording is a plain append.
+__device__ __forceinline__ succ_slot succ_reserve(const kv_succ &m, int b, int V) {
+  succ_slot r = {nullptr, nullptr, 0};
+  const int prev = m.prev[(long long)b * m.prev_stride];
+  if (prev < 0 || prev >= V) return r;
+  const long long cell = (long long)b * V + prev;
+  const int j = m.count[cell], slot = j % m.keep;
+  int32_t *d = &m.dir[cell * m.dirs + slot / 32];
+  int page;
+  if (j < m.keep && slot % 32 == 0) {
+    page = atomicAdd(m.used, 1);
+    if (page >= m.n_pages) return r;  // out of pages: *used > n_pages tells the host
+    *d = page;                        // unread until the count passes the slot
+  } else {
+    page = *d;
+  }
+  r.entry = &m.pages[(long long)page * 32 + slot % 32];
+  r.count = &m.count[cell];
+  r.next = j + 1;
+  return r;
+}
+
+__device__ __forceinline__ void succ_record(const succ_slot &r, int32_t pick) {
+  if (r.entry != nullptr && pick >= 0) {
+    *r.entry = pick;
+    *r.count = r.next;
   }
 }
 
@@ -214,15 +274,18 @@ template <bool PREFILTER, bool STAGED, bool FAST>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
                   const int32_t *__restrict__ banned, const int32_t *__restrict__ counter, int V,
-                  int K, int max_ban, uint64_t seed) {
+                  int K, int max_ban, uint64_t seed, kv_succ succ) {
   // Dynamic shared memory: the ban bitmap (ceil(V/32) words, padded to 16
-  // bytes) when max_ban > 0, then the staged row when STAGED.
+  // bytes) when anything is banned, then the staged row when STAGED.
   extern __shared__ __align__(16) uint32_t dyn_smem[];
   __shared__ uint64_t lists[SAMPLE_WARPS][64];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool has_ban = max_ban > 0;
+  const bool has_succ = succ.count != nullptr;
+  const bool has_ban = max_ban > 0 || has_succ;
   uint32_t *ban_bits = dyn_smem;
+  succ_slot slot = {nullptr, nullptr, 0};
+  if (has_succ && threadIdx.x == 0) slot = succ_reserve(succ, b, V);
   const float *l = logits + (long long)b * V;
   const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // fetched early, used last
   if (STAGED) {
@@ -247,6 +310,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
         if (neg) break;
       }
     }
+    if (has_succ)
+      succ_each(succ, b, V, [&](int t) {
+        if (t >= 0 && t < V) atomicOr(&ban_bits[t >> 5], 1u << (t & 31));
+      });
   }
   if (STAGED) __pipeline_wait_prior(0);
   if (STAGED || has_ban) __syncthreads();
@@ -363,7 +430,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   }
 
   // 4. Softmax over the candidates and the cumulative pick.
-  if (warp == 0) sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+  if (warp == 0) {
+    const int32_t pick = sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+    if (lane == 0) succ_record(slot, pick);
+  }
 }
 
 // v5: many blocks per row, two kernels, for few rows (decode is B = 1):
@@ -377,14 +447,15 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 // shared memory) and picks. Bans: each chunk block marks the banned ids that
 // fall in its chunk in a 512-bit bitmap. Both launch as programmatic
 // dependents (sm_90): the chunk blocks start while the LM head finishes and
-// build their ban bitmaps (the ban lists were copied in at the step's
-// start) before they wait for its logits; the final block starts while the
-// chunks finish.
+// build their ban bitmaps (the ban lists and previous tokens were copied in
+// at the step's start, the 2-gram memory written by earlier steps) before
+// they wait for its logits; the final block starts while the chunks finish,
+// and finds where its pick goes in the memory before its wait too.
 #define SAMPLE_CHUNK 512
 
 __global__ void __launch_bounds__(256)
     sample_chunks_kernel(uint64_t *__restrict__ scratch, const float *__restrict__ logits,
-                         const int32_t *__restrict__ banned, int V, int max_ban, int G) {
+                         const int32_t *__restrict__ banned, int V, int max_ban, int G, kv_succ succ) {
   __shared__ uint64_t lists[8][64];
   __shared__ uint32_t ban_bits[SAMPLE_CHUNK / 32];
   __shared__ int ban_end;
@@ -393,7 +464,7 @@ __global__ void __launch_bounds__(256)
   const float *l = logits + (long long)b * V;
   const int i0 = base + warp * 64 + lane, i1 = i0 + 32;
   bool ban0 = false, ban1 = false;
-  if (max_ban > 0) {
+  if (max_ban > 0 || succ.count != nullptr) {
     const int32_t *bl = banned + (long long)b * max_ban;
     if (threadIdx.x < SAMPLE_CHUNK / 32) ban_bits[threadIdx.x] = 0;
     if (threadIdx.x == 0) ban_end = max_ban;
@@ -403,10 +474,12 @@ __global__ void __launch_bounds__(256)
       if (bl[i] < 0) atomicMin(&ban_end, i);
     __syncthreads();
     const int end = ban_end;
-    for (int i = threadIdx.x; i < end; i += blockDim.x) {
-      const int t = bl[i] - base;
+    auto mark = [&](int id) {
+      const int t = id - base;
       if (t >= 0 && t < SAMPLE_CHUNK) atomicOr(&ban_bits[t >> 5], 1u << (t & 31));
-    }
+    };
+    for (int i = threadIdx.x; i < end; i += blockDim.x) mark(bl[i]);
+    if (succ.count != nullptr) succ_each(succ, b, V, mark);  // the memory was written by earlier steps
     __syncthreads();
     ban0 = (ban_bits[(i0 - base) >> 5] >> ((i0 - base) & 31)) & 1u;
     ban1 = (ban_bits[(i1 - base) >> 5] >> ((i1 - base) & 31)) & 1u;
@@ -433,11 +506,16 @@ __global__ void __launch_bounds__(256)
 template <int LK>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_final_kernel(int32_t *__restrict__ out, const uint64_t *__restrict__ scratch,
-                        const int32_t *__restrict__ counter, int G, int K, uint64_t seed) {
+                        const int32_t *__restrict__ counter, int V, int G, int K, uint64_t seed,
+                        kv_succ succ) {
   __shared__ uint64_t lists[SAMPLE_WARPS][LK];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // copied in at the step's start
+  // Where the pick goes in the 2-gram memory, found before the wait so that
+  // recording it costs two stores after the pick.
+  succ_slot slot = {nullptr, nullptr, 0};
+  if (succ.count != nullptr && threadIdx.x == 0) slot = succ_reserve(succ, b, V);
   const uint64_t *src = scratch + (long long)b * G * 64;
   kv_pdl_wait();  // the chunks' lists
   // A warp folds lists warp, warp + 32, …: the first kSampleFoldLoads of
@@ -490,7 +568,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_merge_lists(lists, SAMPLE_WARPS, warp, lane);
   }
   // sample_pick reads entries at or above 32 only for K > 32.
-  if (warp == 0) sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+  if (warp == 0) {
+    const int32_t pick = sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+    if (lane == 0) succ_record(slot, pick);
+  }
 }
 
 // Static shared memory of sample_kernel (lists, probs, warp bounds), with margin.
@@ -514,13 +595,17 @@ extern "C" kv_status kv_sample_init(int smem_optin) {
 
 extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
                                const int32_t *banned, const int32_t *counter, int B, int V,
-                               int top_k, int max_ban, uint64_t seed, int smem_optin,
+                               int top_k, int max_ban, uint64_t seed, kv_succ succ, int smem_optin,
                                uint64_t *scratch, long long scratch_keys, int variant) {
   if (B <= 0) return 0;
+  const bool has_succ = succ.count != nullptr;
   if (V <= 0 || top_k < 1 || top_k > KV_SAMPLE_MAX_TOPK || max_ban < 0 ||
       (max_ban > 0 && banned == nullptr))
     return (kv_status)cudaErrorInvalidValue;
-  const size_t ban_bytes = max_ban > 0 ? (size_t)((V + 31) / 32 + 3) / 4 * 16 : 0;
+  if (has_succ && (succ.prev == nullptr || succ.dir == nullptr || succ.pages == nullptr || succ.used == nullptr ||
+                   succ.prev_stride < 1 || succ.keep < 1 || succ.dirs != (succ.keep + 31) / 32 || succ.n_pages < 0))
+    return (kv_status)cudaErrorInvalidValue;
+  const size_t ban_bytes = max_ban > 0 || has_succ ? (size_t)((V + 31) / 32 + 3) / 4 * 16 : 0;
   const size_t staged_bytes = ban_bytes + (size_t)V * 4;
   // The dynamic limit kv_sample_init set (48 KB without it).
   const size_t limit = smem_optin - SAMPLE_STATIC_SMEM > 48 * 1024 ? (size_t)(smem_optin - SAMPLE_STATIC_SMEM)
@@ -534,28 +619,28 @@ extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
   if (((variant == 0 && B <= 16) || variant == 5) && v5_fits) {
     const bool pdl = kv_pdl_supported();
     KV_TRY(kv_launch_clustered(sample_chunks_kernel, 1, dim3(G, B), dim3(256), 0, s, pdl, scratch, logits, banned, V,
-                               max_ban, G));
+                               max_ban, G, succ));
     KV_TRY(kv_launch_clustered(top_k <= 32 ? sample_final_kernel<32> : sample_final_kernel<64>, 1, dim3(B),
                                dim3(SAMPLE_THREADS), 0, s, pdl, out,
-                               (const uint64_t *)scratch, counter, G, top_k, seed));
+                               (const uint64_t *)scratch, counter, V, G, top_k, seed, succ));
     return kv_launched();
   }
   const dim3 grid(B), block(SAMPLE_THREADS);
   if (variant == 1) {
     sample_kernel<false, false, false><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
-                                                                      top_k, max_ban, seed);
+                                                                      top_k, max_ban, seed, succ);
   } else if (variant == 2 || (variant == 3 && staged_bytes > limit)) {
     sample_kernel<true, false, false><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
-                                                                     top_k, max_ban, seed);
+                                                                     top_k, max_ban, seed, succ);
   } else if (variant == 3) {
     sample_kernel<true, true, false><<<grid, block, staged_bytes, s>>>(out, logits, banned, counter,
-                                                                       V, top_k, max_ban, seed);
+                                                                       V, top_k, max_ban, seed, succ);
   } else if (top_k > 8) {  // v4 (the default when v5 has no scratch)
     sample_kernel<true, false, true><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
-                                                                    top_k, max_ban, seed);
+                                                                    top_k, max_ban, seed, succ);
   } else {
     sample_kernel<false, false, true><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
-                                                                     top_k, max_ban, seed);
+                                                                     top_k, max_ban, seed, succ);
   }
   return kv_launched();
 }

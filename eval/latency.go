@@ -20,30 +20,36 @@ type Latency struct {
 }
 
 // MeasureDecode fills the stream's cache with a prompt of random tokens,
-// warms up, then times steps decode steps (feed one token, draw the next on
-// the device, wait for it): what a user streaming text waits per token.
+// warms up, then times steps decode steps as generation runs them (each
+// step feeds the token the one before drew and draws the next, on the
+// device; Stream.Next): the time between tokens reaching the host, which
+// is what a user streaming text waits per token.
 func MeasureDecode(s *transformer.Stream, vocab, warmup, steps int) (Latency, error) {
 	size := s.Cache().Size()
 	prompt := make([]int32, size+1)
 	for i := range prompt {
 		prompt[i] = int32(ref.Uniform(7, uint32(i)) * float32(vocab))
 	}
-	tok := prompt
+	counter := []int32{0}
+	samp := &transformer.Sampling{TopK: 20, Seed: 1, Counter: counter}
+	if err := s.Feed(prompt, transformer.FeedOptions{Sample: samp}); err != nil {
+		return Latency{}, err
+	}
 	times := make([]time.Duration, 0, steps)
-	for i := 0; i < warmup+steps; i++ {
-		start := time.Now()
-		err := s.Feed(tok, transformer.FeedOptions{Sample: &transformer.Sampling{TopK: 20, Seed: 1, Counter: []int32{int32(i)}}})
-		if err != nil {
+	last := time.Now()
+	for i := 1; i <= warmup+steps; i++ {
+		counter[0] = int32(i)
+		if _, err := s.Next(transformer.FeedOptions{Sample: samp}); err != nil {
 			return Latency{}, err
 		}
-		next, err := s.Sampled()
-		if err != nil {
-			return Latency{}, err
+		now := time.Now()
+		if i > warmup {
+			times = append(times, now.Sub(last))
 		}
-		if i >= warmup {
-			times = append(times, time.Since(start))
-		}
-		tok = []int32{next}
+		last = now
+	}
+	if _, err := s.Sampled(); err != nil {
+		return Latency{}, err
 	}
 	if len(times) == 0 {
 		return Latency{}, fmt.Errorf("no timed steps")

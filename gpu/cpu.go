@@ -37,6 +37,15 @@ func (h cpuHostInts) Buf() Buf      { return Buf{dt: I32, n: len(h), i: h} }
 
 func (c *CPU) NewHostInts(n int) (HostInts, error) { return cpuHostInts(make([]int32, n)), nil }
 
+// cpuEvent: the CPU backend has run everything by the time it is recorded.
+type cpuEvent struct{ c *CPU }
+
+func (e cpuEvent) Record()      {}
+func (e cpuEvent) Wait() error  { return e.c.err }
+func (e cpuEvent) Close() error { return nil }
+
+func (c *CPU) NewEvent() (Event, error) { return cpuEvent{c}, nil }
+
 func (c *CPU) Alloc(dt DType, n int) (Buf, error) {
 	if n < 0 {
 		return Buf{}, &Error{Op: "alloc", Msg: fmt.Sprintf("negative size %d", n)}
@@ -100,7 +109,21 @@ func (c *CPU) Attention(out, q, kc, vc, order, lens Buf, p AttnParams) {
 func (c *CPU) NLL(nll, logits, targets Buf, N, V int) { ref.NLL(nll.f, logits.f, targets.i, N, V) }
 
 func (c *CPU) Sample(out, logits, banned, counter Buf, p SampleParams) {
-	ref.Sample(out.i, logits.f, banned.i, counter.i, p.B, p.V, p.TopK, p.MaxBan, p.Seed)
+	if c.err != nil {
+		return
+	}
+	var succ *ref.Successors
+	if m := p.Succ; !m.IsZero() {
+		if err := m.check(p.B, p.V); err != nil {
+			if c.err == nil {
+				c.err = &Error{Op: "sample", Msg: err.Error()}
+			}
+			return
+		}
+		succ = &ref.Successors{Prev: m.Prev.i, PrevStride: m.PrevStride, Count: m.Count.i, Dir: m.Dir.i,
+			Pages: m.Pages.i, Used: m.Used.i, Keep: m.Keep, Dirs: SuccessorDirs(m.Keep)}
+	}
+	ref.Sample(out.i, logits.f, banned.i, counter.i, p.B, p.V, p.TopK, p.MaxBan, p.Seed, succ)
 }
 
 func (c *CPU) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {

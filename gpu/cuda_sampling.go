@@ -30,10 +30,20 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 		p.MaxBan > 0 && !c.needBuf(op, "banned", banned, p.B*p.MaxBan, I32) {
 		return
 	}
+	var succ C.kv_succ
+	if m := p.Succ; !m.IsZero() {
+		err := m.check(p.B, p.V)
+		if !c.need(op, err == nil, "%v", err) {
+			return
+		}
+		succ = C.kv_succ{prev: devI32(m.Prev), count: devI32(m.Count), dir: devI32(m.Dir), pages: devI32(m.Pages),
+			used: devI32(m.Used), prev_stride: C.int(m.PrevStride), keep: C.int(m.Keep), dirs: C.int(SuccessorDirs(m.Keep)),
+			n_pages: C.int(m.Pages.n / 32)}
+	}
 	scratchKeys := c.sampleScratch.n / 2
 	c.run(op, func() C.kv_status {
 		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
-			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), C.int(c.smemOptin),
+			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), succ, C.int(c.smemOptin),
 			(*C.uint64_t)(dev(c.sampleScratch)), C.longlong(scratchKeys), C.int(variant))
 	})
 }

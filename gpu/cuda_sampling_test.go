@@ -65,7 +65,7 @@ func TestCUDASample(t *testing.T) {
 				counter := randInts(r, tc.B, 1<<31-1)
 				seed := r.Uint64()
 				want := make([]int32, tc.B)
-				ref.Sample(want, logitsHost, banned, counter, tc.B, tc.V, topK, maxBan, seed)
+				ref.Sample(want, logitsHost, banned, counter, tc.B, tc.V, topK, maxBan, seed, nil)
 				out := alloc(t, c, I32, tc.B)
 				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
 				lg, bn, ct := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter)
@@ -113,7 +113,7 @@ func TestCUDASampleEdges(t *testing.T) {
 	checkOK(t, c)
 	got := downloadInts(t, c, out)
 	want := make([]int32, 2)
-	ref.Sample(want, []float32{1, 2, 3, 0.5, 0.25, 4}, []int32{0, 1, 2, -1, 9, 9}, []int32{7, 8}, 2, 3, 64, 3, 1)
+	ref.Sample(want, []float32{1, 2, 3, 0.5, 0.25, 4}, []int32{0, 1, 2, -1, 9, 9}, []int32{7, 8}, 2, 3, 64, 3, 1, nil)
 	if got[0] != -1 || got[1] != want[1] {
 		t.Errorf("edges: got %v, want [-1 %d]", got, want[1])
 	}
@@ -189,7 +189,7 @@ func TestCUDASampleCaptured(t *testing.T) {
 		rep.Run()
 		checkOK(t, c)
 		want := make([]int32, B)
-		ref.Sample(want, logitsHost, banned, in.Ints(), B, V, p.TopK, maxBan, p.Seed)
+		ref.Sample(want, logitsHost, banned, in.Ints(), B, V, p.TopK, maxBan, p.Seed, nil)
 		if got := res.Ints(); got[0] != want[0] || got[1] != want[1] {
 			t.Errorf("step %d: sampled %v, want %v", step, got, want)
 		}
@@ -234,7 +234,7 @@ func TestCUDASampleToHost(t *testing.T) {
 		rep.Run()
 		checkOK(t, c)
 		want := make([]int32, B)
-		ref.Sample(want, logitsHost, nil, in.Ints(), B, V, p.TopK, 0, p.Seed)
+		ref.Sample(want, logitsHost, nil, in.Ints(), B, V, p.TopK, 0, p.Seed, nil)
 		if got := picks.Ints(); got[0] != want[0] || got[1] != want[1] {
 			t.Errorf("step %d: picks %v, want %v", step, got, want)
 		}
@@ -294,5 +294,82 @@ func BenchmarkCUDAStepEdges(b *testing.B) {
 		{"sample_to_host", func() { c.Sample(pick.Buf(), logits, banned, ints.View(2, 1), p) }},
 	} {
 		b.Run(tc.name, func(b *testing.B) { benchGraph(b, c, 0, tc.fn) })
+	}
+}
+
+// TestCUDASampleSuccessors chains greedy draws through a 2-gram memory on
+// the device, in every kernel variant, against ref.Sample on the same
+// memory: each step's picks must match (the bans decide them), and at the
+// end the memory itself (every kept set, the pages used). Few previous
+// tokens make long rings: keep 3 wraps within a page, keep 40 spans two.
+// Previous tokens sit at a stride of 2, as a two-token step's last rows.
+func TestCUDASampleSuccessors(t *testing.T) {
+	c := newTestCUDA(t)
+	r := rand.New(rand.NewPCG(72, 73))
+	for _, tc := range []struct{ B, V, keep, steps int }{
+		{1, 50257, 40, 120}, {3, 1000, 3, 80}, {5, 300, 40, 100},
+	} {
+		for variant := 1; variant <= 5; variant++ {
+			t.Run(fmt.Sprintf("B%d/V%d/keep%d/v%d", tc.B, tc.V, tc.keep, variant), func(t *testing.T) {
+				B, V := tc.B, tc.V
+				dirs := SuccessorDirs(tc.keep)
+				pages := 8 + tc.steps
+				h := &ref.Successors{Count: make([]int32, B*V), Dir: make([]int32, B*V*dirs), Pages: make([]int32, 32*pages),
+					Used: make([]int32, 1), Keep: tc.keep, Dirs: dirs, PrevStride: 2}
+				for i := 0; i < 30; i++ { // some memory to start from
+					b, prev, next := r.IntN(B), int32(r.IntN(4)), int32(r.IntN(V))
+					if !h.Contains(b, V, prev, next) {
+						h.Record(b, V, prev, next)
+					}
+				}
+				m := Successors{Count: uploadInts(t, c, h.Count), Dir: uploadInts(t, c, h.Dir), Pages: uploadInts(t, c, h.Pages),
+					Used: uploadInts(t, c, h.Used), Keep: tc.keep, PrevStride: 2}
+				prevBuf := alloc(t, c, I32, 2*B)
+				m.Prev = prevBuf.View(1, 2*B-1)
+				out := alloc(t, c, I32, B)
+				counter := uploadInts(t, c, make([]int32, B))
+				p := SampleParams{B: B, V: V, TopK: 1, Seed: 1, Succ: m}
+				prevs := make([]int32, 2*B)
+				want := make([]int32, B)
+				for step := 0; step < tc.steps; step++ {
+					for b := 0; b < B; b++ {
+						prevs[2*b+1] = int32(r.IntN(4))
+						if step%3 == 0 {
+							prevs[2*b+1] = int32(r.IntN(V + 1)) // V: outside, nothing banned or recorded
+						}
+					}
+					logits := randNormal(r, B*V, 3, 0)
+					h.Prev = prevs[1:]
+					ref.Sample(want, logits, nil, make([]int32, B), B, V, 1, 0, 1, h)
+					c.UploadInts(prevBuf, prevs)
+					lg := uploadNew(t, c, F32, logits)
+					poison(t, c, out)
+					c.sample(out, lg, Buf{}, counter, p, variant)
+					checkOK(t, c)
+					c.Free(lg)
+					got := downloadInts(t, c, out)
+					for b := range want {
+						if got[b] != want[b] {
+							t.Fatalf("step %d row %d (after %d): drew %d, want %d", step, b, prevs[2*b+1], got[b], want[b])
+						}
+					}
+				}
+				d := &ref.Successors{Count: downloadInts(t, c, m.Count), Dir: downloadInts(t, c, m.Dir), Pages: downloadInts(t, c, m.Pages),
+					Used: downloadInts(t, c, m.Used), Keep: tc.keep, Dirs: dirs}
+				if d.Used[0] != h.Used[0] {
+					t.Errorf("%d pages used, want %d", d.Used[0], h.Used[0])
+				}
+				for b := 0; b < B; b++ {
+					for prev := int32(0); prev < int32(V); prev++ {
+						var got, w []int32
+						d.Each(b, V, prev, func(t int32) { got = append(got, t) })
+						h.Each(b, V, prev, func(t int32) { w = append(w, t) })
+						if fmt.Sprint(got) != fmt.Sprint(w) {
+							t.Fatalf("row %d token %d: the device keeps %v, want %v", b, prev, got, w)
+						}
+					}
+				}
+			})
+		}
 	}
 }

@@ -323,7 +323,7 @@ func TestCUDACaptureReplay(t *testing.T) {
 		logits := make([]float32, B*C)
 		ref.Embed(logits, wteHost, nil, h[:B], nil, B, C)
 		want := make([]int32, B)
-		ref.Sample(want, logits, nil, h[B:], B, C, topK, 0, 99)
+		ref.Sample(want, logits, nil, h[B:], B, C, topK, 0, 99, nil)
 		for b := 0; b < B; b++ {
 			if got := outHost.Ints()[b]; got != want[b] {
 				t.Errorf("step %d row %d: sampled %d, want %d", step, b, got, want[b])

@@ -110,6 +110,17 @@ type HostInts interface {
 	Close() error
 }
 
+// Event marks a point in a Backend's queue of work, so that the host can
+// wait for one step while the next is already queued.
+type Event interface {
+	// Record marks the work enqueued so far.
+	Record()
+	// Wait blocks until the work marked by the last Record has run, and
+	// returns the backend's Err.
+	Wait() error
+	Close() error
+}
+
 // Replay runs again the work recorded by Backend.Capture, reading the
 // buffers' current contents.
 type Replay interface {
@@ -141,13 +152,55 @@ type AttnParams struct {
 // Row b keeps the TopK largest logits whose token is not banned
 // (banned[b·MaxBan+i] ≥ 0 lists banned ids, -1 ends the list), takes
 // softmax over them and draws one with the uniform number
-// Uniform(Seed, counter[b]). TopK = 1 is greedy decoding.
+// Uniform(Seed, counter[b]). TopK = 1 is greedy decoding. With a 2-gram
+// memory in Succ, row b also bans the successors it keeps after the row's
+// previous token, and records its pick there.
 type SampleParams struct {
 	B, V   int
 	TopK   int
 	MaxBan int
 	Seed   uint64
+	Succ   Successors // zero: none
 }
+
+// Successors is a 2-gram memory on a backend (the layout of ref.Successors,
+// whose comment explains it): I32 buffers Count [B·V], Dir [B·V·Dirs],
+// Pages [32·pages] and Used [1], and Prev, the step input that holds each
+// row's previous token at b·PrevStride. The sampler reads it and appends
+// to it on the device, so a decode step that bans repeated 2-grams needs
+// no ban list from the host: the next step can be queued before the host
+// has seen this step's token.
+type Successors struct {
+	Prev                    Buf
+	PrevStride              int
+	Count, Dir, Pages, Used Buf
+	Keep                    int
+}
+
+// IsZero reports whether there is no memory.
+func (s Successors) IsZero() bool { return s.Count.IsZero() }
+
+// check reports what does not fit B rows over a vocabulary of V.
+func (s Successors) check(B, V int) error {
+	dirs := SuccessorDirs(s.Keep)
+	for _, b := range []struct {
+		name string
+		buf  Buf
+		n    int
+	}{{"prev", s.Prev, (B-1)*s.PrevStride + 1}, {"count", s.Count, B * V}, {"dir", s.Dir, B * V * dirs}, {"used", s.Used, 1}} {
+		if b.buf.dt != I32 || b.buf.n < b.n {
+			return fmt.Errorf("successors: %s is a %v buffer of %d, want %d i32", b.name, b.buf.dt, b.buf.n, b.n)
+		}
+	}
+	if s.Keep < 1 || s.PrevStride < 1 || s.Pages.dt != I32 {
+		return fmt.Errorf("successors: keep %d, prev stride %d, pages %v", s.Keep, s.PrevStride, s.Pages.dt)
+	}
+	return nil
+}
+
+// SuccessorDirs is the number of ring pages a token's memory of keep
+// successors needs.
+func SuccessorDirs(keep int) int { return (keep + 31) / 32 }
 
 // AlignParams describes one realignment call (KV-Align, package align): for
 // every layer l < L, list entry i < Rows and head h < NKV, the head vector at
@@ -185,6 +238,7 @@ type Backend interface {
 	Alloc(dt DType, n int) (Buf, error)
 	Free(b Buf)
 	NewHostInts(n int) (HostInts, error)
+	NewEvent() (Event, error)
 	Close() error
 
 	// Err is the first error of any enqueued operation.

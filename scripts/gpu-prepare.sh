@@ -4,8 +4,8 @@
 # copies the shared fixtures the GPU tests read, all into .gpurun/
 # (git-ignored). Then carry .gpurun to the GPU machine and run
 # scripts/gpu-run.sh there.
-#   usage: scripts/gpu-prepare.sh [gpu] [transformer] [align] [kvalign]
-# (default: all four; name fewer when what travels would exceed the limit)
+#   usage: scripts/gpu-prepare.sh [gpu] [transformer] [align] [eval] [kvalign]
+# (default: all five; name fewer when what travels would exceed the limit)
 # GPURUN=.gpurun-x names another folder (matching /.gpurun*/ in .gitignore),
 # so that work in several checkouts can be carried side by side;
 # gpu-run.sh takes the same variable.
@@ -15,7 +15,7 @@ shared=${KVALIGN_SHARED:-../shared}
 R=${GPURUN:-.gpurun}
 make -s lib
 rm -rf "$R" && mkdir -p "$R/bin" "$R/shared/data" "$R/shared/seed" "$R/shared/reference"
-what=${*:-gpu transformer align kvalign}
+what=${*:-gpu transformer align eval kvalign}
 for p in $what; do
   if [ "$p" = kvalign ]; then
     # Without the embedded model: what travels is limited, and the GPU

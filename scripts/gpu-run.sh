@@ -51,7 +51,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     note "align_golden rc=$?"
     tar -C testdata -cf "$OUT/align-goldens.tar" align
   fi
-  for p in gpu transformer align; do
+  for p in gpu transformer align eval; do
     [ -x "$B/$p.test" ] || continue
     (cd "$p" && timeout 400 "$B/$p.test" -test.v -test.timeout 390s > "$OUT/test-$p.log" 2>&1)
     rc=$?
@@ -64,9 +64,9 @@ if [ "$what" = all ] || [ "$what" = memcheck ]; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   # The out-of-memory test provokes a failed cudaMalloc on purpose, which
   # memcheck would count as an error: it is skipped here.
-  for p in gpu transformer align; do
+  for p in gpu transformer align eval; do
     [ -x "$B/$p.test" ] || continue
-    (cd "$p" && timeout 240 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF|Golden|Policies' -test.skip 'OutOfMemory' \
+    (cd "$p" && timeout 240 "$SAN" --tool memcheck --error-exitcode 9 "$B/$p.test" -test.short -test.run 'CUDA|Tiny|MatchHF|Golden|Policies|AcrossBackends|Next' -test.skip 'OutOfMemory' \
       > "$OUT/memcheck-$p.log" 2>&1)
     note "memcheck $p rc=$?: $(grep 'ERROR SUMMARY' "$OUT/memcheck-$p.log" | tail -1)"
   done

@@ -6,6 +6,7 @@ import (
 	"math"
 
 	"github.com/kvalign/kvalign/gpu"
+	"github.com/kvalign/kvalign/gpu/ref"
 )
 
 // Realigner rewrites cache entries in place after an eviction (KV-Align's
@@ -50,15 +51,28 @@ type Runner struct {
 	// AttentionOutProj); zero between steps.
 	acc gpu.Buf
 
-	stage  gpu.HostInts // host side of the int block
-	ints   gpu.Buf      // device side
-	sample gpu.HostInts // sampled token per sequence
-	lay    intLayout
-
-	// inFlight: a step was enqueued and not waited for since. Its copy of
-	// the pinned int block may not have run yet, so the next step must not
-	// restage that block before waiting (stageInputs).
-	inFlight bool
+	// stage is the host side of the int block, twice: steps take the two
+	// in turn, so the host stages one step while the device may still be
+	// reading the other's. A step that samples writes its picks into the
+	// token slots of the other block, where the next step reads them when
+	// it is chained (Step.Chained) and the host reads them after waiting.
+	stage [2]gpu.HostInts
+	ints  gpu.Buf // device side
+	lay   intLayout
+	// events[p] is recorded after each step that reads stage[p]; queued[p]:
+	// that step has not been waited for, so stage[p] must not be restaged.
+	events [2]gpu.Event
+	queued [2]bool
+	// par is the parity of the next step; last.par that of the last one.
+	par int
+	// sampled: the last step drew tokens; prevSampled: the one before it;
+	// chained: the last step took those as its tokens.
+	sampled, prevSampled, chained bool
+	picks                []int32
+	// succ is the 2-gram memory Sampling.NoRepeat bans from (zero until
+	// ResetSuccessors); succBufs are its buffers.
+	succ     gpu.Successors
+	succBufs []gpu.Buf
 	realign  Realigner
 	// plan runs the layers of one-token steps as one persistent kernel
 	// (gpu.Decoder), when asked for and the backend has one for the model.
@@ -122,14 +136,17 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	}
 	m.Be.UploadInts(r.acc, make([]int32, r.acc.Len()))
 	var err error
-	if r.stage, err = m.Be.NewHostInts(L.total); err != nil {
-		r.Close()
-		return nil, err
+	for p := range r.stage {
+		if r.stage[p], err = m.Be.NewHostInts(L.total); err != nil {
+			r.Close()
+			return nil, err
+		}
+		if r.events[p], err = m.Be.NewEvent(); err != nil {
+			r.Close()
+			return nil, err
+		}
 	}
-	if r.sample, err = m.Be.NewHostInts(opt.B); err != nil {
-		r.Close()
-		return nil, err
-	}
+	r.picks = make([]int32, opt.B)
 	if r.plan, err = r.newDecodePlan(); err != nil {
 		r.Close()
 		return nil, err
@@ -171,6 +188,77 @@ func (r *Runner) newDecodePlan() (gpu.DecodePlan, error) {
 	return plan, nil
 }
 
+// ResetSuccessors sets the 2-gram memory that Sampling.NoRepeat bans from:
+// for sequence b, the pairs of pairs[b] in order (a pair already kept is
+// not added again), each token keeping its keep most recent successors,
+// with room for records more picks. It replaces any earlier memory.
+func (r *Runner) ResetSuccessors(keep int, pairs [][][2]int32, records int) error {
+	B, V := r.opt.B, r.m.Cfg.VocabSize
+	if keep < 1 || len(pairs) != B || records < 0 {
+		return fmt.Errorf("runner: a 2-gram memory of %d successors a token for %d sequences (want ≥ 1 and %d)", keep, len(pairs), B)
+	}
+	if err := r.sync(); err != nil {
+		return err
+	}
+	n := records + 1 // a page per pair at most
+	for _, ps := range pairs {
+		n += len(ps)
+	}
+	dirs := gpu.SuccessorDirs(keep)
+	h := ref.Successors{Count: make([]int32, B*V), Dir: make([]int32, B*V*dirs), Pages: make([]int32, 32*n),
+		Used: make([]int32, 1), Keep: keep, Dirs: dirs}
+	for b, ps := range pairs {
+		for _, p := range ps {
+			if p[0] < 0 || int(p[0]) >= V || p[1] < 0 || int(p[1]) >= V {
+				return fmt.Errorf("runner: 2-gram (%d, %d) outside the vocabulary of %d", p[0], p[1], V)
+			}
+			if !h.Contains(b, V, p[0], p[1]) {
+				h.Record(b, V, p[0], p[1])
+			}
+		}
+	}
+	// New buffers when the sizes change; the captured steps that sample
+	// from the old ones go with them.
+	m := &r.succ
+	if m.IsZero() || m.Keep != keep || m.Pages.Len() < len(h.Pages) {
+		r.freeSuccessors()
+		var err error
+		for _, a := range []struct {
+			dst *gpu.Buf
+			n   int
+		}{{&m.Count, len(h.Count)}, {&m.Dir, len(h.Dir)}, {&m.Pages, len(h.Pages)}, {&m.Used, 1}} {
+			if *a.dst, err = r.be.Alloc(gpu.I32, a.n); err != nil {
+				r.freeSuccessors()
+				return fmt.Errorf("allocating the 2-gram memory (%d successors a token, %d pages): %w", keep, n, err)
+			}
+			r.succBufs = append(r.succBufs, *a.dst)
+		}
+		m.Keep = keep
+	}
+	r.be.UploadInts(m.Count, h.Count)
+	r.be.UploadInts(m.Dir, h.Dir)
+	r.be.UploadInts(m.Pages, h.Pages)
+	r.be.UploadInts(m.Used, h.Used)
+	return r.be.Err()
+}
+
+// freeSuccessors frees the 2-gram memory and the steps captured with it.
+func (r *Runner) freeSuccessors() {
+	if len(r.succBufs) == 0 {
+		return
+	}
+	for k, g := range r.graphs {
+		if k.noRepeat {
+			g.Close()
+			delete(r.graphs, k)
+		}
+	}
+	for _, b := range r.succBufs {
+		r.be.Free(b)
+	}
+	r.succBufs, r.succ = nil, gpu.Successors{}
+}
+
 // Persistent reports whether one-token steps run as one persistent kernel.
 func (r *Runner) Persistent() bool { return r.plan != nil }
 
@@ -190,17 +278,20 @@ func (r *Runner) Close() {
 		r.plan.Close()
 		r.plan = nil
 	}
+	r.freeSuccessors()
 	for _, b := range r.bufs {
 		r.be.Free(b)
 	}
 	r.bufs = nil
-	if r.stage != nil {
-		r.stage.Close()
-		r.stage = nil
-	}
-	if r.sample != nil {
-		r.sample.Close()
-		r.sample = nil
+	for p := range r.stage {
+		if r.stage[p] != nil {
+			r.stage[p].Close()
+			r.stage[p] = nil
+		}
+		if r.events[p] != nil {
+			r.events[p].Close()
+			r.events[p] = nil
+		}
 	}
 }
 
@@ -219,6 +310,9 @@ type Sampling struct {
 	Seed    uint64
 	Counter []int32   // [B] random-stream position of each sequence
 	Banned  [][]int32 // per sequence, tokens that must not be drawn
+	// NoRepeat also bans every token that would repeat a 2-gram, from the
+	// memory on the device (ResetSuccessors), which records each pick.
+	NoRepeat bool
 }
 
 // Step is one forward pass over T new tokens of each of the B sequences.
@@ -235,6 +329,10 @@ type Step struct {
 	// Graph replays the step as a captured CUDA graph (decode steps whose
 	// shape repeats); the first step of a shape captures it.
 	Graph bool
+	// Chained steps (T = 1) take as tokens those the previous step drew,
+	// on the device: Tokens is not read, and the step can be queued before
+	// the host has seen them.
+	Chained bool
 }
 
 type stepShape struct {
@@ -243,52 +341,85 @@ type stepShape struct {
 	nll          bool
 	topK         int
 	seed         uint64
+	noRepeat     bool
+	par          int // which stage block the step reads
 }
 
-// Run enqueues a step. Results are read with Logits, NLL and Sampled after
-// the backend's Sync (which Sampled does itself).
+// Run enqueues a step without waiting for it, once the step two before it,
+// which read the same stage block, has run. Results are read with Logits,
+// NLL and Sampled (which wait), or Drawn.
 func (r *Runner) Run(s *Step) error {
-	if err := r.stageInputs(s); err != nil {
+	p := r.par
+	if err := r.waitStage(p); err != nil {
 		return err
 	}
-	shape := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil}
-	if s.Sample != nil {
-		shape.topK, shape.seed = s.Sample.TopK, s.Sample.Seed
-	}
-	r.last = shape
-	r.inFlight = true
-	if !s.Graph {
-		r.enqueue(shape)
-		return r.be.Err()
-	}
-	g, ok := r.graphs[shape]
-	if !ok {
-		var err error
-		g, err = r.be.Capture(func() { r.enqueue(shape) })
-		if err != nil {
-			return fmt.Errorf("capturing the decode step: %w", err)
+	// The last step's picks land in this block's token slots: tokens
+	// given by the host go in after them.
+	if r.sampled && !s.Chained {
+		if err := r.waitStage(1 - p); err != nil {
+			return err
 		}
-		r.graphs[shape] = g
 	}
-	g.Run()
+	if err := r.stageInputs(s, r.stage[p].Ints()); err != nil {
+		return err
+	}
+	shape := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil, par: p}
+	if s.Sample != nil {
+		shape.topK, shape.seed, shape.noRepeat = s.Sample.TopK, s.Sample.Seed, s.Sample.NoRepeat
+	}
+	if s.Graph {
+		g, ok := r.graphs[shape]
+		if !ok {
+			var err error
+			g, err = r.be.Capture(func() { r.enqueue(shape) })
+			if err != nil {
+				return fmt.Errorf("capturing the decode step: %w", err)
+			}
+			r.graphs[shape] = g
+		}
+		g.Run()
+	} else {
+		r.enqueue(shape)
+	}
+	r.events[p].Record()
+	r.queued[p] = true
+	r.last, r.par = shape, 1-p
+	r.prevSampled, r.sampled, r.chained = r.sampled, s.Sample != nil, s.Chained
 	return r.be.Err()
 }
 
-func (r *Runner) stageInputs(s *Step) error {
-	if r.inFlight {
-		if err := r.be.Sync(); err != nil {
-			return err
-		}
-		r.inFlight = false
+// waitStage waits for the step that last read stage block p.
+func (r *Runner) waitStage(p int) error {
+	if !r.queued[p] {
+		return r.be.Err()
 	}
+	r.queued[p] = false
+	return r.events[p].Wait()
+}
+
+// sync waits for every step.
+func (r *Runner) sync() error {
+	r.queued = [2]bool{}
+	return r.be.Sync()
+}
+
+func (r *Runner) stageInputs(s *Step, in []int32) error {
 	o := r.opt
 	N := o.B * s.T
-	if s.T < 1 || s.T > o.MaxT || len(s.Tokens) != N || len(s.Pos) != N || len(s.Slots) != N || len(s.Order) != o.B {
+	if s.T < 1 || s.T > o.MaxT || !s.Chained && len(s.Tokens) != N || len(s.Pos) != N || len(s.Slots) != N || len(s.Order) != o.B {
 		return fmt.Errorf("runner: step of T=%d with %d tokens, %d positions, %d slots, %d orders does not fit B=%d, MaxT=%d",
 			s.T, len(s.Tokens), len(s.Pos), len(s.Slots), len(s.Order), o.B, o.MaxT)
 	}
-	in, L := r.stage.Ints(), r.lay
-	copy(in[L.tokens:], s.Tokens)
+	L := r.lay
+	if s.Chained {
+		// The tokens are already in place, or on their way: the previous
+		// step's sampler writes them into this block.
+		if s.T != 1 || !r.sampled {
+			return fmt.Errorf("runner: a chained step takes one token per sequence from a step that sampled")
+		}
+	} else {
+		copy(in[L.tokens:], s.Tokens)
+	}
 	copy(in[L.pos:], s.Pos)
 	copy(in[L.slots:], s.Slots)
 	if s.Targets != nil {
@@ -317,6 +448,9 @@ func (r *Runner) stageInputs(s *Step) error {
 	copy(in[L.alignSlots:], s.AlignSlots)
 	copy(in[L.alignIndex:], s.AlignIndex)
 	if s.Sample != nil {
+		if s.Sample.NoRepeat && r.succ.IsZero() {
+			return fmt.Errorf("runner: no repeated 2-grams asked for, but the 2-gram memory was never set (ResetSuccessors)")
+		}
 		if len(s.Sample.Counter) != o.B {
 			return fmt.Errorf("runner: %d sample counters for %d sequences", len(s.Sample.Counter), o.B)
 		}
@@ -364,10 +498,11 @@ func (r *Runner) enqueue(sh stepShape) {
 	// fuses them: the embedding does not wait for the copy), then the
 	// realignment, which needs the inputs but not the embedding.
 	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
+	stage := r.stage[sh.par]
 	if fused != nil {
-		fused.CopyInEmbed(r.ints, r.stage, x, w.wte, w.wpe, tokens, pos, N, C)
+		fused.CopyInEmbed(r.ints, stage, x, w.wte, w.wpe, tokens, pos, N, C)
 	} else {
-		be.CopyIn(r.ints, r.stage)
+		be.CopyIn(r.ints, stage)
 		be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
 	}
 	if sh.alignRows > 0 {
@@ -567,10 +702,18 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), r.view(L.targets, o.B), o.B, V)
 		}
 		if sh.topK > 0 {
-			// The picks go straight to pinned host memory: no copy node
-			// after the sampling kernel.
-			be.Sample(r.sample.Buf(), r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B),
-				gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed})
+			// The picks go straight to pinned host memory, into the token
+			// slots of the other stage block (row b of a one-token step):
+			// no copy node after the sampling kernel, and a chained next
+			// step finds them there.
+			picks := r.stage[1-sh.par].Buf().View(L.tokens, o.B)
+			p := gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed}
+			if sh.noRepeat {
+				// Each row follows its last new token.
+				p.Succ = r.succ
+				p.Succ.Prev, p.Succ.PrevStride = r.view(L.tokens+sh.T-1, N-sh.T+1), sh.T
+			}
+			be.Sample(picks, r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
 		}
 	}
 }
@@ -596,7 +739,6 @@ func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
 // (a benchmark tool: it repeats the step's cache writes, so the stream's
 // state is not meaningful afterwards).
 func (r *Runner) ReplayLast(n int) error {
-	r.inFlight = false // the Sync below waits
 	g, ok := r.graphs[r.last]
 	if !ok {
 		return fmt.Errorf("runner: the last step was not captured")
@@ -604,32 +746,51 @@ func (r *Runner) ReplayLast(n int) error {
 	for i := 0; i < n; i++ {
 		g.Run()
 	}
-	return r.be.Sync()
+	return r.sync()
 }
 
 // Logits downloads the logits of the last step: rows × V.
 func (r *Runner) Logits(rows int) ([]float32, error) {
-	r.inFlight = false // the download or Sync below waits for it
 	out := make([]float32, rows*r.m.Cfg.VocabSize)
 	r.be.Download(out, r.logits.View(0, len(out)))
-	return out, r.be.Sync()
+	return out, r.sync()
 }
 
 // NLL downloads the per-row NLL of the last step.
 func (r *Runner) NLL(rows int) ([]float32, error) {
-	r.inFlight = false // the download or Sync below waits for it
 	out := make([]float32, rows)
 	r.be.Download(out, r.nll.View(0, rows))
-	return out, r.be.Sync()
+	return out, r.sync()
 }
 
-// Sampled waits for the step and returns the token drawn for each sequence.
+// Sampled waits for the last step and returns the token drawn for each
+// sequence (valid until the next Run).
 func (r *Runner) Sampled() ([]int32, error) {
-	r.inFlight = false // the download or Sync below waits for it
-	if err := r.be.Sync(); err != nil {
-		return nil, err
+	if !r.sampled {
+		return nil, fmt.Errorf("runner: the last step drew no tokens")
 	}
-	return r.sample.Ints(), nil
+	return r.picks, r.readPicks(1 - r.par)
+}
+
+// Drawn waits for the step before the last and returns the tokens it drew,
+// which the last step, chained, took as its input: a decode loop queues
+// step i+1 before it reads step i's tokens, so the device never waits for
+// the host (valid until the next Run).
+func (r *Runner) Drawn() ([]int32, error) {
+	if !r.chained {
+		return nil, fmt.Errorf("runner: the last step was not chained to the one before it")
+	}
+	return r.picks, r.readPicks(r.par)
+}
+
+// readPicks waits for the step of parity p and copies the tokens it drew
+// (into the other stage block) to picks.
+func (r *Runner) readPicks(p int) error {
+	if err := r.waitStage(p); err != nil {
+		return err
+	}
+	copy(r.picks, r.stage[1-p].Ints()[r.lay.tokens:])
+	return nil
 }
 
 // KV downloads layer l's cached K and V of the given slots: [len(slots), NKV·HS] each.
@@ -641,7 +802,7 @@ func (r *Runner) KV(l int, slots []int32) (k, v []float32, err error) {
 	allV := make([]float32, layerSize)
 	r.be.Download(allK, r.K.View(l*layerSize, layerSize))
 	r.be.Download(allV, r.V.View(l*layerSize, layerSize))
-	if err := r.be.Sync(); err != nil {
+	if err := r.sync(); err != nil {
 		return nil, nil, err
 	}
 	for _, s := range slots {

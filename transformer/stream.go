@@ -64,6 +64,7 @@ type Stream struct {
 	st      Step
 	order   [1][]int32
 	target  [1]int32
+	one     [1]int32
 	indices []int32 // 0, 1, 2, …: window indices and fresh positions/slots
 }
 
@@ -147,7 +148,7 @@ func (s *Stream) Feed(tokens []int32, fo FeedOptions) error {
 		if s.mode == Recompute {
 			err = s.recompute(chunk, fo, last)
 		} else {
-			err = s.append(chunk, fo, last)
+			err = s.append(chunk, false, fo, last)
 		}
 		if err != nil {
 			return err
@@ -178,8 +179,39 @@ func (s *Stream) newStep(T int) *Step {
 	return st
 }
 
-// append runs sw/kv: evict when full, realign (kv), then the new tokens.
-func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
+// Next feeds the token the last step drew and returns it. Under sw and kv
+// the step is queued first, taking the token on the device (a chained
+// step), and only then does Next wait for the token: the device runs one
+// step after another while the host reads, prints and stages. ar needs the
+// token on the host to build its window, so there Next waits first.
+func (s *Stream) Next(fo FeedOptions) (int32, error) {
+	if s.mode == Recompute {
+		t, err := s.Sampled()
+		if err != nil {
+			return 0, err
+		}
+		return t, s.Feed([]int32{t}, fo)
+	}
+	if err := s.append(s.one[:], true, fo, true); err != nil {
+		return 0, err
+	}
+	v, err := s.r.Drawn()
+	if err != nil {
+		return 0, err
+	}
+	return v[0], nil
+}
+
+// ResetSuccessors sets the 2-gram memory that Sampling.NoRepeat bans from
+// (Runner.ResetSuccessors): pairs in order, keep successors a token, room
+// for records more picks.
+func (s *Stream) ResetSuccessors(keep int, pairs [][2]int32, records int) error {
+	return s.r.ResetSuccessors(keep, [][][2]int32{pairs}, records)
+}
+
+// append runs sw/kv: evict when full, realign (kv), then the new tokens
+// (chained: one token, the one the last step drew, on the device).
+func (s *Stream) append(tokens []int32, chained bool, fo FeedOptions, last bool) error {
 	c := s.cache
 	st := s.newStep(len(tokens))
 	if c.Full() {
@@ -206,6 +238,7 @@ func (s *Stream) append(tokens []int32, fo FeedOptions, last bool) error {
 	s.order[0] = c.Order()
 	st.Order = s.order[:]
 	st.Graph = len(tokens) == 1 && c.Len() == c.Slots()
+	st.Chained = chained
 	s.fed += len(tokens)
 	return s.step(st, fo, last)
 }

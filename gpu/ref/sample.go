@@ -21,8 +21,10 @@ func Uniform(seed uint64, counter uint32) float32 {
 // listed in banned[b·maxBan …] (−1 ends a list), keep the topK largest logits
 // (ties to the lower id), take their softmax and pick the first token, in
 // descending order, whose cumulative probability exceeds
-// Uniform(seed, counter[b]). topK = 1 is argmax.
-func Sample(out []int32, logits []float32, banned, counter []int32, B, V, topK, maxBan int, seed uint64) {
+// Uniform(seed, counter[b]). topK = 1 is argmax. With a 2-gram memory
+// (succ ≠ nil), the successors it keeps after the row's previous token are
+// banned too, and the pick is recorded there.
+func Sample(out []int32, logits []float32, banned, counter []int32, B, V, topK, maxBan int, seed uint64, succ *Successors) {
 	for b := 0; b < B; b++ {
 		l := logits[b*V : b*V+V]
 		ban := map[int32]bool{}
@@ -32,6 +34,11 @@ func Sample(out []int32, logits []float32, banned, counter []int32, B, V, topK, 
 				break
 			}
 			ban[t] = true
+		}
+		var prev int32 = -1
+		if succ != nil {
+			prev = succ.Prev[b*succ.PrevStride]
+			succ.Each(b, V, prev, func(t int32) { ban[t] = true })
 		}
 		// The topK best in descending order of logit; scanning ids upwards
 		// and admitting only strictly larger values breaks ties to the lower
@@ -71,6 +78,9 @@ func Sample(out []int32, logits []float32, banned, counter []int32, B, V, topK, 
 				out[b] = t
 				break
 			}
+		}
+		if succ != nil {
+			succ.Record(b, V, prev, out[b])
 		}
 	}
 }

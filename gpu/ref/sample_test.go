@@ -30,7 +30,7 @@ func TestSampleMatchesFullSort(t *testing.T) {
 		// With a counter whose uniform is ~0 the first candidate wins; check
 		// the whole candidate order through greedy and near-1 draws.
 		out := make([]int32, 1)
-		Sample(out, l, banned, []int32{int32(trial)}, 1, V, 1, 4, 0)
+		Sample(out, l, banned, []int32{int32(trial)}, 1, V, 1, 4, 0, nil)
 		if len(ids) == 0 {
 			if out[0] != -1 {
 				t.Fatalf("all banned: got %d", out[0])
@@ -40,7 +40,7 @@ func TestSampleMatchesFullSort(t *testing.T) {
 		if out[0] != ids[0] {
 			t.Fatalf("trial %d: greedy %d, full sort %d", trial, out[0], ids[0])
 		}
-		Sample(out, l, banned, []int32{int32(trial)}, 1, V, k, 4, uint64(trial))
+		Sample(out, l, banned, []int32{int32(trial)}, 1, V, k, 4, uint64(trial), nil)
 		found := false
 		for _, id := range ids {
 			found = found || id == out[0]
