@@ -112,7 +112,7 @@ func benchDecode(c *ucli.Context) error {
 	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s, %s\n", c.String("config"), wdt, size, be.Name(), decodeKernel(s))
 	fmt.Fprintf(out, "decode: median %.4f ms/token (p10 %.4f, p90 %.4f) over %d steps\n", eval.Ms(lat.Median), eval.Ms(lat.P10), eval.Ms(lat.P90), lat.Steps)
 	if _, gpuBackend := be.(gpu.BandwidthMeter); gpuBackend && lat.Device > 0 {
-		fmt.Fprintf(out, "GPU alone: %.4f ms/step (graph replayed back to back); host round trip %.4f ms/token\n", eval.Ms(lat.Device), eval.Ms(lat.Median-lat.Device))
+		fmt.Fprintf(out, "GPU alone: %.4f ms/step (graph replayed back to back); the host adds %.4f ms/token\n", eval.Ms(lat.Device), eval.Ms(lat.Median-lat.Device))
 	}
 	fmt.Fprintf(out, "weight traffic: %.1f MB/token, %.0f GB/s achieved\n", bytes/1e6, gbs)
 	if bw, ok := be.(gpu.BandwidthMeter); ok {

@@ -14,8 +14,9 @@ type Latency struct {
 	Steps            int
 	Median, P10, P90 time.Duration
 	// Device is the mean time of a step replayed back to back without
-	// waiting for each token: the GPU's share of Median; the rest is the
-	// host's per-token round trip (launch, copy, synchronise).
+	// waiting for each token: the GPU's share of Median. The rest is what
+	// the host adds per token (staging, launching, reading the token),
+	// ≈ 0 when each step is queued before the host reads the last token.
 	Device time.Duration
 }
 

@@ -313,7 +313,7 @@ func TestCUDASampleSuccessors(t *testing.T) {
 			t.Run(fmt.Sprintf("B%d/V%d/keep%d/v%d", tc.B, tc.V, tc.keep, variant), func(t *testing.T) {
 				B, V := tc.B, tc.V
 				dirs := SuccessorDirs(tc.keep)
-				pages := 8 + tc.steps
+				pages := 8 + tc.B*tc.steps // a page a row a step at most: never runs out
 				h := &ref.Successors{Count: make([]int32, B*V), Dir: make([]int32, B*V*dirs), Pages: make([]int32, 32*pages),
 					Used: make([]int32, 1), Keep: tc.keep, Dirs: dirs, PrevStride: 2}
 				for i := 0; i < 30; i++ { // some memory to start from

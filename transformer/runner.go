@@ -63,12 +63,12 @@ type Runner struct {
 	// that step has not been waited for, so stage[p] must not be restaged.
 	events [2]gpu.Event
 	queued [2]bool
-	// par is the parity of the next step; last.par that of the last one.
+	// par is the parity of the next step (last.par: of the last one).
 	par int
-	// sampled: the last step drew tokens; prevSampled: the one before it;
-	// chained: the last step took those as its tokens.
-	sampled, prevSampled, chained bool
-	picks                []int32
+	// sampled: the last step drew tokens; chained: it took as its tokens
+	// those the step before drew.
+	sampled, chained bool
+	picks            []int32
 	// succ is the 2-gram memory Sampling.NoRepeat bans from (zero until
 	// ResetSuccessors); succBufs are its buffers.
 	succ     gpu.Successors
@@ -200,12 +200,14 @@ func (r *Runner) ResetSuccessors(keep int, pairs [][][2]int32, records int) erro
 	if err := r.sync(); err != nil {
 		return err
 	}
-	n := records + 1 // a page per pair at most
-	for _, ps := range pairs {
-		n += len(ps)
-	}
+	// A record takes a page at most, and no ring takes more than dirs.
 	dirs := gpu.SuccessorDirs(keep)
-	h := ref.Successors{Count: make([]int32, B*V), Dir: make([]int32, B*V*dirs), Pages: make([]int32, 32*n),
+	initial := 1
+	for _, ps := range pairs {
+		initial += len(ps)
+	}
+	n := min(initial+records, B*V*dirs)
+	h := ref.Successors{Count: make([]int32, B*V), Dir: make([]int32, B*V*dirs), Pages: make([]int32, 32*min(initial, n)),
 		Used: make([]int32, 1), Keep: keep, Dirs: dirs}
 	for b, ps := range pairs {
 		for _, p := range ps {
@@ -220,13 +222,13 @@ func (r *Runner) ResetSuccessors(keep int, pairs [][][2]int32, records int) erro
 	// New buffers when the sizes change; the captured steps that sample
 	// from the old ones go with them.
 	m := &r.succ
-	if m.IsZero() || m.Keep != keep || m.Pages.Len() < len(h.Pages) {
+	if m.IsZero() || m.Keep != keep || m.Pages.Len() < 32*n {
 		r.freeSuccessors()
 		var err error
 		for _, a := range []struct {
 			dst *gpu.Buf
 			n   int
-		}{{&m.Count, len(h.Count)}, {&m.Dir, len(h.Dir)}, {&m.Pages, len(h.Pages)}, {&m.Used, 1}} {
+		}{{&m.Count, len(h.Count)}, {&m.Dir, len(h.Dir)}, {&m.Pages, 32 * n}, {&m.Used, 1}} {
 			if *a.dst, err = r.be.Alloc(gpu.I32, a.n); err != nil {
 				r.freeSuccessors()
 				return fmt.Errorf("allocating the 2-gram memory (%d successors a token, %d pages): %w", keep, n, err)
@@ -237,7 +239,7 @@ func (r *Runner) ResetSuccessors(keep int, pairs [][][2]int32, records int) erro
 	}
 	r.be.UploadInts(m.Count, h.Count)
 	r.be.UploadInts(m.Dir, h.Dir)
-	r.be.UploadInts(m.Pages, h.Pages)
+	r.be.UploadInts(m.Pages, h.Pages) // the pages the pairs took; the rest are written before they are read
 	r.be.UploadInts(m.Used, h.Used)
 	return r.be.Err()
 }
@@ -384,7 +386,7 @@ func (r *Runner) Run(s *Step) error {
 	r.events[p].Record()
 	r.queued[p] = true
 	r.last, r.par = shape, 1-p
-	r.prevSampled, r.sampled, r.chained = r.sampled, s.Sample != nil, s.Chained
+	r.sampled, r.chained = s.Sample != nil, s.Chained
 	return r.be.Err()
 }
 
