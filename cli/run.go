@@ -12,14 +12,14 @@ import (
 	ucli "github.com/urfave/cli/v2"
 )
 
-// defaultPrompt is the MT-Bench travel-blog question the original work (and
-// StreamingLLM) generate from.
 // generateKeep is how many distinct successors of each token the 2-gram
 // memory keeps and bans (eval.GenerateOptions.Keep): more than any token
 // gathers in a few thousand tokens of text, 6.4 MB of ring directory on
 // the device for a 50k vocabulary.
 const generateKeep = 1024
 
+// defaultPrompt is the MT-Bench travel-blog question the original work (and
+// StreamingLLM) generate from.
 const defaultPrompt = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and must-see attractions."
 
 func runCommand() *ucli.Command {

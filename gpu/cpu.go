@@ -115,9 +115,7 @@ func (c *CPU) Sample(out, logits, banned, counter Buf, p SampleParams) {
 	var succ *ref.Successors
 	if m := p.Succ; !m.IsZero() {
 		if err := m.check(p.B, p.V); err != nil {
-			if c.err == nil {
-				c.err = &Error{Op: "sample", Msg: err.Error()}
-			}
+			c.err = &Error{Op: "sample", Msg: err.Error()}
 			return
 		}
 		succ = &ref.Successors{Prev: m.Prev.i, PrevStride: m.PrevStride, Count: m.Count.i, Dir: m.Dir.i,

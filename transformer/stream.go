@@ -190,7 +190,8 @@ func (s *Stream) Next(fo FeedOptions) (int32, error) {
 		if err != nil {
 			return 0, err
 		}
-		return t, s.Feed([]int32{t}, fo)
+		s.one[0] = t
+		return t, s.Feed(s.one[:], fo)
 	}
 	if err := s.append(s.one[:], true, fo, true); err != nil {
 		return 0, err
