@@ -33,6 +33,20 @@ namespace cg = cooperative_groups;
 
 namespace {
 
+// The two halves of a cluster barrier (sm_90): arrive releases this
+// thread's earlier writes, wait acquires those of every thread that
+// arrived; a thread that exits after arriving no longer holds the others.
+__device__ __forceinline__ void kv_cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void kv_cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+
 constexpr int kDecThreads = 128;
 constexpr int kDecCh = 32;                // entries per staged chunk
 constexpr int kDecMaxQ = KV_ATTN_DECODE_MAX_Q;
@@ -955,6 +969,10 @@ __global__ void __launch_bounds__(NT)
       kv_cp_async16_cg(wos + 16 * i, op.wo + (size_t)(r0 + i / CPR) * ld + (size_t)h0 * HS + 8 * (i % CPR));
     kv_cp_async_commit();
   }
+  // Clusters without OP push their partials into rank 0 (below); this
+  // barrier phase, arrived at here and waited for before the first remote
+  // store, makes sure rank 0 is running by then, off the critical path.
+  if constexpr (CS > 1 && !OP) kv_cluster_arrive();
   kv_pdl_wait();
   kv_pdl_launch_dependents();
   load_kv(0, fresh, n_total);
@@ -1138,33 +1156,75 @@ __global__ void __launch_bounds__(NT)
     if constexpr (OP) out_proj();
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // This block's partial (unnormalised o, its max M_b, sum L_b) in bo/bm/bl.
-    __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
-    for (int oi = tid; oi < QV * HS; oi += NT) {
-      const int v = oi / HS, d = oi % HS;
-      float a0 = 0.f, a1 = 0.f;
-#pragma unroll 4
-      for (int g = 0; g < NG; g += 2) {
-        a0 = fmaf(sm[v][g], so[v][g][d], a0);
-        a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
-      }
-      bo[v][d] = a0 + a1;
-    }
-    if (tid < QV) {  // sm holds exp(m_g − M_b), M_b = sMx
-      bl[tid] = sL[tid];
-      bm[tid] = sMx[tid];
-    }
     cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every block's partial visible cluster-wide
-    if (OP || rank == 0) {  // OP: every block merges, for its own rows of wo
+    if constexpr (!OP) {
+      // Every block stores its partial (unnormalised o, its max M_b, sum
+      // L_b) straight into rank 0's shared memory and arrives; the others
+      // then exit, and rank 0 alone waits, merges from its own shared memory
+      // and writes the output. Pulling the partials instead cost a second
+      // cluster barrier (nobody may exit while its partial can still be
+      // read) and a remote read on the critical path.
+      __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
+      float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
+      kv_cluster_wait();  // the prologue's phase: rank 0 is running
+      for (int oi = tid; oi < QV * HS; oi += NT) {
+        const int v = oi / HS, d = oi % HS;
+        float a0 = 0.f, a1 = 0.f;
+#pragma unroll 4
+        for (int g = 0; g < NG; g += 2) {
+          a0 = fmaf(sm[v][g], so[v][g][d], a0);
+          a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+        }
+        to[v * HS + d] = a0 + a1;
+      }
+      if (tid < QV) {  // sm holds exp(m_g − M_b), M_b = sMx
+        *cluster.map_shared_rank(&pm[rank][tid], 0) = sMx[tid];
+        *cluster.map_shared_rank(&pl[rank][tid], 0) = sL[tid];
+      }
+      kv_cluster_arrive();  // release: this block's stores above
+      if (rank != 0) return;
+      kv_cluster_wait();  // acquire: every block's partial
       for (int oi = tid; oi < QV * HS; oi += NT) {
         const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
+        float M = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < CS; r++) M = fmaxf(M, pm[r][v]);
+        float L = 0.f, acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+          const float f = pm[r][v] == -INFINITY ? 0.f : expf(pm[r][v] - M);
+          L = fmaf(f, pl[r][v], L);
+          acc = fmaf(f, po[r][v][d], acc);
+        }
+        out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
+      }
+    } else {
+      // OP: every block merges for its own rows of wo, so each pulls the
+      // partials (unnormalised o, M_b, L_b) from the others' bo/bm/bl.
+      __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
+      for (int oi = tid; oi < QV * HS; oi += NT) {
+        const int v = oi / HS, d = oi % HS;
+        float a0 = 0.f, a1 = 0.f;
+#pragma unroll 4
+        for (int g = 0; g < NG; g += 2) {
+          a0 = fmaf(sm[v][g], so[v][g][d], a0);
+          a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+        }
+        bo[v][d] = a0 + a1;
+      }
+      if (tid < QV) {
+        bl[tid] = sL[tid];
+        bm[tid] = sMx[tid];
+      }
+      cluster.sync();  // every block's partial visible cluster-wide
+      for (int oi = tid; oi < QV * HS; oi += NT) {
+        const int d = oi % HS;
         float mr[CS], lr[CS], orr[CS];
 #pragma unroll
         for (int r = 0; r < CS; r++) {
-          mr[r] = *cluster.map_shared_rank(&bm[v], r);
-          lr[r] = *cluster.map_shared_rank(&bl[v], r);
-          orr[r] = *cluster.map_shared_rank(&bo[v][d], r);
+          mr[r] = *cluster.map_shared_rank(&bm[0], r);
+          lr[r] = *cluster.map_shared_rank(&bl[0], r);
+          orr[r] = *cluster.map_shared_rank(&bo[0][d], r);
         }
         float M = -INFINITY;
 #pragma unroll
@@ -1176,13 +1236,11 @@ __global__ void __launch_bounds__(NT)
           L = fmaf(f, lr[r], L);
           acc = fmaf(f, orr[r], acc);
         }
-        const float val = L > 0.f ? acc / L : 0.f;
-        if constexpr (OP) ho[d] = val;
-        else out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = val;
+        ho[d] = L > 0.f ? acc / L : 0.f;
       }
+      out_proj();
+      cluster.sync();  // every block done reading the others' shared memory
     }
-    if constexpr (OP) out_proj();
-    cluster.sync();  // every block done reading the others' shared memory
 #endif
   }
 }
