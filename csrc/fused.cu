@@ -206,6 +206,25 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   }
   kv_cp_async_commit();
+  // The accumulator the previous kernel filled (sa.acc): a thread's first
+  // chunk of each row is loaded now, beside the staging, instead of in a
+  // second round trip to L2 once the rows have landed.
+  constexpr bool kPreAcc = has_norm(MODE) && NB <= 2;
+  longlong2 pa[kPreAcc ? NB : 1][2];
+  if constexpr (kPreAcc) {
+    if (sa.acc && tid < K4) {
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        if (n < N) {
+          // Through L1, as the staging: the blocks of an SM read the same
+          // lines (measured level with __ldcg; version 14).
+          const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * tid);
+          pa[n][0] = __ldca(ap);
+          pa[n][1] = __ldca(ap + 1);
+        }
+      }
+    }
+  }
   kv_cp_async_wait_all();
   __syncthreads();
 
@@ -230,9 +249,14 @@ __global__ void __launch_bounds__(kFusedThreads)
         for (int n = 0; n < NB; n++) {
           if (n < N) {
             const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
-            // Through L1, as the staging above: the blocks of an SM read
-            // the same lines (measured level with __ldcg; version 14).
-            const longlong2 a0 = __ldca(ap), a1 = __ldca(ap + 1);
+            longlong2 a0, a1;
+            if (kPreAcc && i == tid) {
+              a0 = pa[kPreAcc ? n : 0][0];
+              a1 = pa[kPreAcc ? n : 0][1];
+            } else {
+              a0 = __ldca(ap);
+              a1 = __ldca(ap + 1);
+            }
             float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
             if (sa.pbias) {
               t.x = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i);

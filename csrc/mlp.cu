@@ -159,27 +159,43 @@ __global__ void __launch_bounds__(kMlpThreads)
   }
   __syncthreads();
 
-  // 4. The block's G·FS up rows: a warp per row, lanes over C in pairs.
-  for (int r = warp; r < G * FS; r += kMlpWarps) {
-    float a[NB];
+  // 4. The block's G·FS up rows: a warp takes RPW rows (warp + kMlpWarps·j)
+  // at once, lanes over C in pairs, so that the rows' loads and their
+  // reductions overlap (one row after another put RPW serial reductions on
+  // the critical path).
+  constexpr int RPW = G * FS / kMlpWarps;
+  static_assert(RPW * kMlpWarps == G * FS, "whole rows a warp");
+  {
+    float a[RPW][NB];
 #pragma unroll
-    for (int n = 0; n < NB; n++) a[n] = 0.f;
-    const __half2 *w2 = reinterpret_cast<const __half2 *>(wup + (size_t)r * C);
+    for (int j = 0; j < RPW; j++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) a[j][n] = 0.f;
+    const __half2 *w2 = reinterpret_cast<const __half2 *>(wup) + (size_t)warp * (C / 2);
     for (int k = lane; k < C / 2; k += 32) {
-      const float2 w = __half22float2(w2[k]);
+      float2 w[RPW];
+#pragma unroll
+      for (int j = 0; j < RPW; j++) w[j] = __half22float2(w2[(size_t)j * kMlpWarps * (C / 2) + k]);
 #pragma unroll
       for (int n = 0; n < NB; n++)
         if (n < N) {
           const float2 x = reinterpret_cast<const float2 *>(xs + n * C)[k];
-          a[n] += w.x * x.x + w.y * x.y;
+#pragma unroll
+          for (int j = 0; j < RPW; j++) a[j][n] += w[j].x * x.x + w[j].y * x.y;
         }
     }
 #pragma unroll
-    for (int n = 0; n < NB; n++) a[n] = kv_warp_sum(a[n]);
-    if (lane == 0) {
-      const float b = up_b ? ub[r] : 0.f;
+    for (int j = 0; j < RPW; j++)
 #pragma unroll
-      for (int n = 0; n < NB; n++) u[n][r] = a[n] + b;
+      for (int n = 0; n < NB; n++) a[j][n] = kv_warp_sum(a[j][n]);
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < RPW; j++) {
+        const int r = warp + j * kMlpWarps;
+        const float b = up_b ? ub[r] : 0.f;
+#pragma unroll
+        for (int n = 0; n < NB; n++) u[n][r] = a[j][n] + b;
+      }
     }
   }
   __syncthreads();
