@@ -206,6 +206,26 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   }
   kv_cp_async_commit();
+  // What the epilogue adds the product to (the residual rows sa.res, or the
+  // output itself when accumulating): loaded now, beside the staging, by
+  // the lanes that will write them, not after the product. After the wait,
+  // because the previous kernel may have written them.
+  constexpr bool kPreOut = NB <= 2;
+  float prev[kPreOut ? R : 1][kPreOut ? NB : 1];
+  if constexpr (kPreOut) {
+    const int row0 = (blockIdx.x * GROUPS + group) * R;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int n = 0; n < NB; n++) {
+        const int row = row0 + r;
+        prev[r][n] = 0.f;
+        if (!store && n < N && lane == (r * NB + n) % TPR && row < OC) {
+          if (sa.res) prev[r][n] = sa.res[(size_t)n * OC + row];
+          else if (accumulate) prev[r][n] = out[(size_t)n * OC + row];
+        }
+      }
+  }
   // The accumulator the previous kernel filled (sa.acc): a thread's first
   // chunk of each row is loaded now, beside the staging, instead of in a
   // second round trip to L2 once the rows have landed.
@@ -422,7 +442,8 @@ __global__ void __launch_bounds__(kFusedThreads)
         float v = acc[r][n] + bv[r];
         if (gelu) v = gelu_new(v);
         float *o = out + (size_t)n * OC + row;
-        if (sa.res) *o = sa.res[(size_t)n * OC + row] + v;
+        if constexpr (kPreOut) *o = sa.res || accumulate ? prev[r][n] + v : v;
+        else if (sa.res) *o = sa.res[(size_t)n * OC + row] + v;
         else *o = accumulate ? *o + v : v;
         if (sa.clear) sa.clear[(size_t)n * OC + row] = 0;
       }

@@ -63,7 +63,6 @@ __global__ void __launch_bounds__(kMlpThreads)
   constexpr int FS = kMlpFS, G = SWIGLU ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[2][kMlpWarps][NB];
-  __shared__ float u[NB][G * FS];
   __shared__ float h[NB][FS];
   __shared__ float ub[G * FS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -188,26 +187,26 @@ __global__ void __launch_bounds__(kMlpThreads)
     for (int j = 0; j < RPW; j++)
 #pragma unroll
       for (int n = 0; n < NB; n++) a[j][n] = kv_warp_sum(a[j][n]);
+    // The activations straight from the sums: with SwiGLU a warp's rows
+    // pair up (gate row f = warp + kMlpWarps·j, up row FS + f = warp +
+    // kMlpWarps·(j + RPW/2)), so no other warp's sum is needed.
     if (lane == 0) {
+      constexpr int HPW = SWIGLU ? RPW / 2 : RPW;  // activations a warp
+      static_assert(!SWIGLU || FS == kMlpWarps * (RPW / 2), "gate and up rows in one warp");
 #pragma unroll
-      for (int j = 0; j < RPW; j++) {
-        const int r = warp + j * kMlpWarps;
-        const float b = up_b ? ub[r] : 0.f;
+      for (int j = 0; j < HPW; j++) {
+        const int f = warp + j * kMlpWarps;
 #pragma unroll
-        for (int n = 0; n < NB; n++) u[n][r] = a[j][n] + b;
+        for (int n = 0; n < NB; n++) {
+          if constexpr (SWIGLU) h[n][f] = silu_mul(a[j][n], a[j + HPW][n]);  // SwiGLU has no up bias
+          else h[n][f] = gelu_new(a[j][n] + (up_b ? ub[f] : 0.f));
+        }
       }
     }
   }
-  __syncthreads();
-  if (tid < NB * FS) {
-    const int n = tid / FS, j = tid - n * FS;
-    if constexpr (SWIGLU) h[n][j] = silu_mul(u[n][j], u[n][FS + j]);
-    else h[n][j] = gelu_new(u[n][j]);
-  }
-  __syncthreads();
 
   // 5. The down columns: a thread per output, the partial sum into the
-  // accumulator (block 0 adds the bias).
+  // accumulator (block 0 adds the bias). The barrier also publishes h.
   kv_cp_async_wait_all();
   __syncthreads();
   for (int c = tid; c < C; c += kMlpThreads) {
