@@ -190,14 +190,15 @@ __global__ void __launch_bounds__(kMlpThreads)
     // The activations straight from the sums: with SwiGLU a warp's rows
     // pair up (gate row f = warp + kMlpWarps·j, up row FS + f = warp +
     // kMlpWarps·(j + RPW/2)), so no other warp's sum is needed.
-    if (lane == 0) {
-      constexpr int HPW = SWIGLU ? RPW / 2 : RPW;  // activations a warp
-      static_assert(!SWIGLU || FS == kMlpWarps * (RPW / 2), "gate and up rows in one warp");
+    // Every lane holds the sums; lane j·NB + n computes activation j of row n.
+    constexpr int HPW = SWIGLU ? RPW / 2 : RPW;  // activations a warp
+    static_assert(!SWIGLU || FS == kMlpWarps * (RPW / 2), "gate and up rows in one warp");
 #pragma unroll
-      for (int j = 0; j < HPW; j++) {
-        const int f = warp + j * kMlpWarps;
+    for (int j = 0; j < HPW; j++) {
+      const int f = warp + j * kMlpWarps;
 #pragma unroll
-        for (int n = 0; n < NB; n++) {
+      for (int n = 0; n < NB; n++) {
+        if (lane == (j * NB + n) % 32 && n < N) {
           if constexpr (SWIGLU) h[n][f] = silu_mul(a[j][n], a[j + HPW][n]);  // SwiGLU has no up bias
           else h[n][f] = gelu_new(a[j][n] + (up_b ? ub[f] : 0.f));
         }
