@@ -41,7 +41,7 @@ __device__ __forceinline__ void kv_cluster_arrive() {
   asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void kv_cluster_wait() {
+[[maybe_unused]] __device__ __forceinline__ void kv_cluster_wait() {  // unused before sm_90
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #endif

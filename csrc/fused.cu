@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     fused_gemv_kernel_v1(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ norm_w,
                          const void *__restrict__ norm_b, int norm_f16, const void *__restrict__ w,
                          const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
-                         int accumulate, StoreArgs st, SumArgs sa) {
+                         int accumulate, StoreArgs st, SumArgs sa, int lead) {
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
   // U: chunks per row per batch (R·U loads in flight a thread).
   constexpr int GROUPS = kFusedThreads / TPR;
@@ -193,8 +193,12 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
 
   // 2. The input rows (written by the previous kernel).
+  // lead (kv_matmul_lead): the next kernel may launch now, before this one
+  // waits, because it reads only constant data before its own wait; its
+  // weights then stage while this kernel's predecessor still runs.
+  if (lead) kv_pdl_launch_dependents();
   kv_pdl_wait();
-  kv_pdl_launch_dependents();
+  if (!lead) kv_pdl_launch_dependents();
   if constexpr (MODE == kSwiGLU) {
     float *us = xs + N * K;
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
@@ -686,6 +690,7 @@ struct GemvArgs {
   int gelu, accumulate;
   StoreArgs st;  // st.kc == nullptr: a plain product
   SumArgs sa;    // all null: no folded attention before this product
+  int lead;      // let the next kernel launch before this one's wait (kv_matmul_lead)
 };
 
 // fused_smem is the dynamic shared memory of fused_gemv_kernel_v1.
@@ -700,7 +705,8 @@ cudaError_t launch_fused_gemv_k(cudaStream_t s, bool pdl, const GemvArgs &a) {
   constexpr int GROUPS = kFusedThreads / TPR;
   return kv_launch(fused_gemv_kernel_v1<F16, NB, R, TPR, MODE, U>, dim3(kv_ceil_div(a.OC, GROUPS * R)),
                 dim3(kFusedThreads), fused_smem(MODE, a.N, a.K, a.norm_f16), s, pdl, a.out, a.in, a.norm_w,
-                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st, a.sa);
+                a.norm_b, a.norm_f16, a.w, a.bias, a.bias_f16, a.N, a.K, a.OC, a.eps, a.gelu, a.accumulate, a.st, a.sa,
+                a.lead);
 }
 
 // wide_rows: one-row plain products with long rows (distilgpt2's MLP
@@ -835,9 +841,10 @@ kv_status with_scratch(cudaStream_t s, size_t bytes, Fill fill) {
 }  // namespace
 
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
-                          int bias_f16, int N, int K, int OC, int accumulate, cudaError_t *err) {
+                          int bias_f16, int N, int K, int OC, int accumulate, int lead, cudaError_t *err) {
   if (N <= 0 || OC <= 0 || !kv_pdl_supported()) return false;
-  const GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, accumulate};
+  GemvArgs a{out, in, nullptr, nullptr, 0, w, bias, bias_f16, N, K, OC, 0.f, 0, accumulate};
+  a.lead = lead;
   return fused_launch<kPlain>(0, w_f16, a, s, err);
 }
 

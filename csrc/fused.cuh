@@ -56,5 +56,6 @@ inline bool kv_aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p)
 // kernel. Returns false, launching nothing, where that does not apply
 // (before sm_90, N > 8, shapes the kernel cannot take, more blocks than the
 // single-kernel path allows); *err holds the launch status otherwise.
+// lead: let the next kernel launch at once (kv_matmul_lead).
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
-                          int bias_f16, int N, int K, int OC, int accumulate, cudaError_t *err);
+                          int bias_f16, int N, int K, int OC, int accumulate, int lead, cudaError_t *err);

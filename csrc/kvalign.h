@@ -188,6 +188,15 @@ kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int
 kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                             const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
                             int gemm_variant);
+/* kv_matmul_lead: kv_matmul accumulating (out += in·wᵀ + bias), the results
+ * bit for bit the same; one-token products let the next kernel launch at
+ * once rather than after their own wait, so that its weights stage while
+ * this product's predecessor still runs (docs/PERF.md, version 17). The
+ * caller must make sure that the next kernel in the stream reads nothing
+ * but constant data (weights) before its programmatic wait, as kv_mlp_acc
+ * and the fused products do: the kernel before this one may still run. */
+kv_status kv_matmul_lead(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                         const void *bias, int bias_f16, int N, int C, int OC);
 
 /* attention.cu: see gpu.AttnParams and ref.Attention. q rows q_stride apart,
  * out [B·T, NH·HS], caches [S, NKV, HS] (one layer), order [B·max_len]

@@ -603,7 +603,7 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
   if (N <= kGemvMaxN) {
     cudaError_t e = cudaSuccess;
     if (gemm_variant == 0 &&
-        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, &e)) {
+        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, 0, &e)) {
       KV_TRY(e);
       return kv_launched();
     }
@@ -653,4 +653,16 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
 extern "C" kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                                const void *bias, int bias_f16, int N, int C, int OC, int accumulate) {
   return kv_matmul_variant(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, 0);
+}
+
+extern "C" kv_status kv_matmul_lead(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                                    const void *bias, int bias_f16, int N, int C, int OC) {
+  if (N <= 0 || OC <= 0) return kv_launched();
+  if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
+  cudaError_t e = cudaSuccess;
+  if (N <= kGemvMaxN && kv_gemv_as_dependent(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, 1, 1, &e)) {
+    KV_TRY(e);
+    return kv_launched();
+  }
+  return kv_matmul_variant(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, 1, 0);
 }

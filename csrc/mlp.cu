@@ -4,12 +4,14 @@
 // arithmetic: the MLP as two products (norm → gate|up, then SwiGLU → down)
 // costs two kernel boundaries and a round trip of the F-wide activation
 // through L2. Here each block owns FS columns of the activation instead:
-// it stages its FS rows of the up weights (gate and up rows for SwiGLU) in
-// shared memory before its programmatic wait and the FS matching columns of
-// the down weights right after it (they are needed last: streaming them
-// behind the norm and the up rows measured 1–2% faster than staging both
-// before the wait), then normalises the input, computes its FS activations
-// and multiplies them by its down columns. The
+// it stages its FS rows of the up weights (gate and up rows for SwiGLU) and
+// the FS matching columns of the down weights in shared memory before its
+// programmatic wait, then normalises the input, computes its FS activations
+// and multiplies them by its down columns. Its predecessor, the attention
+// output projection, is a kv_matmul_lead, so this kernel launches while the
+// attention still runs and its weights are staged by the time it may go
+// on (with the launch after the projection's wait, staging the down columns
+// after the wait measured faster; docs/PERF.md, versions 13 and 17). The
 // blocks' partial outputs meet in a fixed-point accumulator (kv_fix,
 // atomics): integer sums do not depend on their order, so every run gives
 // the same bits. The next layer's q|k|v product adds the accumulator to the
@@ -75,9 +77,9 @@ __global__ void __launch_bounds__(kMlpThreads)
   const int nbytes = C * (norm_f16 ? 2 : 4);
   unsigned char *nbs = nws + nbytes;
 
-  // 1. Constant data before the wait: this block's up rows (read once: L2
-  // only), the norm weights and the biases (loaded after the wait, a bias
-  // is a round trip to L2 or DRAM on the critical path).
+  // 1. Constant data before the wait: this block's up rows and down columns
+  // (read once: L2 only), the norm weights and the biases (loaded after the
+  // wait, a bias is a round trip to L2 or DRAM on the critical path).
   const int c8 = C / 8;
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;
@@ -96,23 +98,23 @@ __global__ void __launch_bounds__(kMlpThreads)
   if (blockIdx.x == 0)
     for (int c = tid; c < C; c += kMlpThreads) db[c] = down_b ? kv_load_w(down_b, down_b_f16, c) : 0.f;
 
-  // 2. The input rows (written by the previous kernel), then the down
-  // columns (a group of their own: only step 5 waits for them).
-  kv_pdl_wait();
-  kv_pdl_launch_dependents();
-  const int C4 = C / 4;
-  for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
-  kv_cp_async_commit();
   constexpr int FS8 = FS / 8;
   for (int i = tid; i < C * FS8; i += kMlpThreads) {
     const int c = i / FS8, j = i - c * FS8;
     kv_cp_async16_cg(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
   }
   kv_cp_async_commit();
+
+  // 2. The input rows, written by the previous kernel.
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
+  const int C4 = C / 4;
+  for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
+  kv_cp_async_commit();
   if (clear) {
     for (int i = blockIdx.x * kMlpThreads + tid; i < N * C; i += gridDim.x * kMlpThreads) clear[i] = 0;
   }
-  kv_cp_async_wait<1>();
+  kv_cp_async_wait_all();
   __syncthreads();
 
   // 3. The norm, in fp32 (two passes for LayerNorm, as fused.cu).
@@ -207,9 +209,8 @@ __global__ void __launch_bounds__(kMlpThreads)
   }
 
   // 5. The down columns: a thread per output, the partial sum into the
-  // accumulator (block 0 adds the bias). The barrier also publishes h.
-  kv_cp_async_wait_all();
-  __syncthreads();
+  // accumulator (block 0 adds the bias).
+  __syncthreads();  // h
   for (int c = tid; c < C; c += kMlpThreads) {
     float wd[FS];
     const uint4 *wp = reinterpret_cast<const uint4 *>(wdn + (size_t)c * FS);

@@ -67,6 +67,11 @@ func (c *CPUFused) ResMatMul(out, res, in, w, bias, acc Buf, N, K, OC int, act A
 	}
 }
 
+// MatMulLead is MatMul accumulating: on the CPU nothing runs ahead.
+func (c *CPUFused) MatMulLead(out, in, w, bias Buf, N, C, OC int) {
+	c.MatMul(out, in, w, bias, N, C, OC, true)
+}
+
 func (c *CPUFused) MLPAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
 	a := unpackInt64(acc.i[:2*N*C])
 	ref.MLPAcc(a, in.f, normW.f, normB.f, upW.f, upB.f, downW.f, downB.f, N, C, F, eps, act == SwiGLUAct)

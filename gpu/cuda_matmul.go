@@ -16,6 +16,28 @@ func (c *CUDA) MatMul(out, in, w, bias Buf, N, C, OC int, accumulate bool) {
 	c.matmul(out, in, w, bias, N, C, OC, accumulate, 0)
 }
 
+// MatMulLead: MatMul accumulating, letting the next kernel launch at once
+// (see Fused and kv_matmul_lead).
+func (c *CUDA) MatMulLead(out, in, w, bias Buf, n, ch, oc int) {
+	const op = "matmul"
+	if !c.matmulArgs(op, out, in, w, bias, n, ch, oc) || n == 0 || oc == 0 {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_matmul_lead(c.stream, devF32(out), devF32(in), dev(w), f16(w), dev(bias), f16(bias),
+			C.int(n), C.int(ch), C.int(oc))
+	})
+}
+
+// matmulArgs checks MatMul's arguments, recording the first error.
+func (c *CUDA) matmulArgs(op string, out, in, w, bias Buf, n, ch, oc int) bool {
+	return c.need(op, n >= 0 && ch >= 0 && oc >= 0, "negative shape N=%d C=%d OC=%d", n, ch, oc) &&
+		c.needBuf(op, "out", out, n*oc, F32) &&
+		c.needBuf(op, "in", in, n*ch, F32) &&
+		c.needBuf(op, "w", w, oc*ch, F32, F16) &&
+		(bias.IsZero() || c.needBuf(op, "bias", bias, oc, F32, F16))
+}
+
 // Variants of kv_matmul_variant that tests and benchmarks force.
 const (
 	gemmAuto    = 0 // N > 8: v3 for fp16 weights where it applies, else v2; N ≤ 8: the GEMV as a programmatic dependent
@@ -30,14 +52,7 @@ const (
 // compare.
 func (c *CUDA) matmul(out, in, w, bias Buf, n, ch, oc int, accumulate bool, variant int) {
 	const op = "matmul"
-	if !c.need(op, n >= 0 && ch >= 0 && oc >= 0, "negative shape N=%d C=%d OC=%d", n, ch, oc) ||
-		!c.needBuf(op, "out", out, n*oc, F32) ||
-		!c.needBuf(op, "in", in, n*ch, F32) ||
-		!c.needBuf(op, "w", w, oc*ch, F32, F16) ||
-		!bias.IsZero() && !c.needBuf(op, "bias", bias, oc, F32, F16) {
-		return
-	}
-	if n == 0 || oc == 0 {
+	if !c.matmulArgs(op, out, in, w, bias, n, ch, oc) || n == 0 || oc == 0 {
 		return
 	}
 	acc := cFlag(accumulate)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
@@ -86,6 +87,73 @@ func TestCUDAMatMul(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestCUDAMatMulLead: MatMulLead gives MatMul's accumulated result bit for
+// bit, on the one-token path (which lets the next kernel launch early) and
+// on the shapes that fall back to the other products; in a captured graph
+// too, after a product that writes its input and before one that reads its
+// output.
+func TestCUDAMatMulLead(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, sh := range []struct{ N, C, OC int }{{1, 576, 576}, {1, 3072, 768}, {2, 72, 129}, {8, 67, 45}, {12, 576, 203}} {
+		for _, wdt := range []DType{F32, F16} {
+			for _, withBias := range []bool{false, true} {
+				name := fmt.Sprintf("N%d_C%d_OC%d_w%v_bias%v", sh.N, sh.C, sh.OC, wdt, withBias)
+				src := randVals(rng, sh.N*sh.C, 1)
+				pre := randVals(rng, sh.C*sh.C, 1/float32(math.Sqrt(float64(sh.C))))
+				w := randVals(rng, sh.OC*sh.C, 1/float32(math.Sqrt(float64(sh.C))))
+				prev := randVals(rng, sh.N*sh.OC, 1)
+				next := randVals(rng, sh.OC*sh.OC, 1/float32(math.Sqrt(float64(sh.OC))))
+				srcBuf, preBuf, wBuf, nextBuf := uploadNew(t, c, F32, src), uploadNew(t, c, wdt, pre), uploadNew(t, c, wdt, w), uploadNew(t, c, wdt, next)
+				in, y := alloc(t, c, F32, sh.N*sh.C), alloc(t, c, F32, sh.N*sh.OC)
+				var bBuf Buf
+				if withBias {
+					bBuf = uploadNew(t, c, wdt, randVals(rng, sh.OC, 0.5))
+				}
+				// in = src·preᵀ; out += in·wᵀ + b; y = out·nextᵀ, plain and with
+				// the lead, each captured and replayed twice.
+				results := [2][2][]float32{}
+				for lead := 0; lead < 2; lead++ {
+					out := uploadNew(t, c, F32, prev)
+					r, err := c.Capture(func() {
+						c.MatMul(in, srcBuf, preBuf, Buf{}, sh.N, sh.C, sh.C, false)
+						if lead == 1 {
+							c.MatMulLead(out, in, wBuf, bBuf, sh.N, sh.C, sh.OC)
+						} else {
+							c.MatMul(out, in, wBuf, bBuf, sh.N, sh.C, sh.OC, true)
+						}
+						c.MatMul(y, out, nextBuf, Buf{}, sh.N, sh.OC, sh.OC, false)
+					})
+					if err != nil {
+						t.Fatalf("%s: capture: %v", name, err)
+					}
+					r.Run()
+					r.Run()
+					checkOK(t, c)
+					results[lead] = [2][]float32{download(t, c, out), download(t, c, y)}
+					r.Close()
+					c.Free(out)
+				}
+				for i, what := range []string{"out", "y"} {
+					if !slices.Equal(results[0][i], results[1][i]) {
+						t.Errorf("%s: %s with MatMulLead differs from MatMul's", name, what)
+					}
+				}
+				for _, b := range []Buf{srcBuf, preBuf, wBuf, nextBuf, in, y, bBuf} {
+					if !b.IsZero() {
+						c.Free(b)
+					}
+				}
+			}
+		}
+	}
+	// Bad arguments: one error, as MatMul.
+	c.MatMulLead(Buf{}, Buf{}, Buf{}, Buf{}, 1, 2, 2)
+	if c.Err() == nil {
+		t.Error("MatMulLead with empty buffers: no error")
 	}
 }
 

@@ -386,6 +386,13 @@ type Fused interface {
 	// not overlap out.
 	ResMatMul(out, res, in, w, bias, clear Buf, N, K, OC int, act Act)
 
+	// MatMulLead = MatMul(out, in, w, bias, N, C, OC, accumulate): the
+	// same bits, but (CUDA, one-token products) the next operation may
+	// start before this one's input is ready. Only for a next operation
+	// that reads nothing but weights until its input is ready: MLPAcc
+	// (whose weights then load while the operation before this one still
+	// runs) or a NormMatMul.
+	MatMulLead(out, in, w, bias Buf, N, C, OC int)
 	// MLPAcc adds a one-token MLP block without its residual to acc
 	// ([N, C] int64 in fixed point held as 2·N·C I32, as AttentionOutProj's):
 	// ref.MLPAcc, norm RMSNormKind with act SwiGLUAct (upW = gate|up rows,

@@ -590,7 +590,14 @@ func (r *Runner) enqueue(sh stepShape) {
 				}
 			}
 			be.Attention(att, qkv, K, V, order, lens, attn)
-			be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+			if mlpAcc && l < len(layers)-1 {
+				// The MLP kernel reads only weights before its input is
+				// ready: it may start (and load them) while the attention
+				// still runs.
+				fused.MatMulLead(x, att, lw.oW, lw.oB, N, NH*HS, C)
+			} else {
+				be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+			}
 			// One-token steps where the backend has the MLP in one
 			// launch: its output goes to an accumulator that the next
 			// layer's q|k|v product adds to the stream (the layers take
