@@ -1139,17 +1139,22 @@ __global__ void __launch_bounds__(NT)
       if (ci == 0 && r < nrows) atomicAdd(dst + r, (unsigned long long)kv_fix(sum));
     }
   };
+  // The block's unnormalised output for query vector v, dim d: its groups'
+  // partials weighted by sm (exp(m_g − M_b), M_b = sMx).
+  auto block_out = [&](int v, int d) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll 4
+    for (int g = 0; g < NG; g += 2) {
+      a0 = fmaf(sm[v][g], so[v][g][d], a0);
+      a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
+    }
+    return a0 + a1;
+  };
   if constexpr (CS == 1) {
     for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
-      float a0 = 0.f, a1 = 0.f;
-#pragma unroll 4
-      for (int g = 0; g < NG; g += 2) {
-        a0 = fmaf(sm[v][g], so[v][g][d], a0);
-        a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
-      }
       const float L = sL[v];
-      const float val = L > 0.f ? (a0 + a1) / L : 0.f;
+      const float val = L > 0.f ? block_out(v, d) / L : 0.f;
       if constexpr (OP) ho[d] = val;
       else out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = val;
     }
@@ -1167,17 +1172,8 @@ __global__ void __launch_bounds__(NT)
       __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
       float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
       kv_cluster_wait();  // the prologue's phase: rank 0 is running
-      for (int oi = tid; oi < QV * HS; oi += NT) {
-        const int v = oi / HS, d = oi % HS;
-        float a0 = 0.f, a1 = 0.f;
-#pragma unroll 4
-        for (int g = 0; g < NG; g += 2) {
-          a0 = fmaf(sm[v][g], so[v][g][d], a0);
-          a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
-        }
-        to[v * HS + d] = a0 + a1;
-      }
-      if (tid < QV) {  // sm holds exp(m_g − M_b), M_b = sMx
+      for (int oi = tid; oi < QV * HS; oi += NT) to[oi] = block_out(oi / HS, oi % HS);
+      if (tid < QV) {
         *cluster.map_shared_rank(&pm[rank][tid], 0) = sMx[tid];
         *cluster.map_shared_rank(&pl[rank][tid], 0) = sL[tid];
       }
@@ -1202,16 +1198,7 @@ __global__ void __launch_bounds__(NT)
       // OP: every block merges for its own rows of wo, so each pulls the
       // partials (unnormalised o, M_b, L_b) from the others' bo/bm/bl.
       __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
-      for (int oi = tid; oi < QV * HS; oi += NT) {
-        const int v = oi / HS, d = oi % HS;
-        float a0 = 0.f, a1 = 0.f;
-#pragma unroll 4
-        for (int g = 0; g < NG; g += 2) {
-          a0 = fmaf(sm[v][g], so[v][g][d], a0);
-          a1 = fmaf(sm[v][g + 1], so[v][g + 1][d], a1);
-        }
-        bo[v][d] = a0 + a1;
-      }
+      for (int oi = tid; oi < QV * HS; oi += NT) bo[oi / HS][oi % HS] = block_out(oi / HS, oi % HS);
       if (tid < QV) {
         bl[tid] = sL[tid];
         bm[tid] = sMx[tid];

@@ -214,17 +214,19 @@ __global__ void __launch_bounds__(kFusedThreads)
   // output itself when accumulating): loaded now, beside the staging, by
   // the lanes that will write them, not after the product. After the wait,
   // because the previous kernel may have written them.
+  // Lane (r·NB + n) mod TPR of a group writes output (row0 + r, n).
+  const int row0 = (blockIdx.x * GROUPS + group) * R;
+  auto writes = [&](int r, int n) { return n < N && lane == (r * NB + n) % TPR && row0 + r < OC; };
   constexpr bool kPreOut = NB <= 2;
   float prev[kPreOut ? R : 1][kPreOut ? NB : 1];
   if constexpr (kPreOut) {
-    const int row0 = (blockIdx.x * GROUPS + group) * R;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
       for (int n = 0; n < NB; n++) {
         const int row = row0 + r;
         prev[r][n] = 0.f;
-        if (!store && n < N && lane == (r * NB + n) % TPR && row < OC) {
+        if (!store && writes(r, n)) {
           if (sa.res) prev[r][n] = sa.res[(size_t)n * OC + row];
           else if (accumulate) prev[r][n] = out[(size_t)n * OC + row];
         }
@@ -435,14 +437,13 @@ __global__ void __launch_bounds__(kFusedThreads)
     return;
   }
 
-  // Epilogue: lane k of the group writes output k.
-  const int row0 = (blockIdx.x * GROUPS + group) * R;
+  // Epilogue.
 #pragma unroll
   for (int r = 0; r < R; r++)
 #pragma unroll
     for (int n = 0; n < NB; n++) {
       const int row = row0 + r;
-      if (n < N && lane == (r * NB + n) % TPR && row < OC) {
+      if (writes(r, n)) {
         float v = acc[r][n] + bv[r];
         if (gelu) v = gelu_new(v);
         float *o = out + (size_t)n * OC + row;
