@@ -7,7 +7,8 @@
 # (decode: the persistent decode kernel's test and benchmarks only, for
 # quick iterations on it; micro: scripts/hopper-micro.cu, built here with
 # this machine's nvcc: per-SM bandwidth and barrier latencies; and
-# scripts/l2-prefetch-micro.cu: the LM head after an L2 prefetch)
+# scripts/l2-prefetch-micro.cu: the LM head after an L2 prefetch;
+# scripts/handoff-micro.cu: the floor of a dependent kernel hand-off)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -98,6 +99,8 @@ if [ "$what" = micro ]; then
     /tmp/hopper-micro | tee "$OUT/micro.log" >> "$S"
   "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/l2-prefetch-micro scripts/l2-prefetch-micro.cu &&
     /tmp/l2-prefetch-micro | tee -a "$OUT/micro.log" >> "$S"
+  "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/handoff-micro scripts/handoff-micro.cu &&
+    /tmp/handoff-micro | tee -a "$OUT/micro.log" >> "$S"
 fi
 if [ "$what" = decode ]; then
   (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
