@@ -1204,14 +1204,14 @@ __global__ void __launch_bounds__(NT)
         bm[tid] = sMx[tid];
       }
       cluster.sync();  // every block's partial visible cluster-wide
-      for (int oi = tid; oi < QV * HS; oi += NT) {
-        const int d = oi % HS;
+      for (int oi = tid; oi < QV * HS; oi += NT) {  // QV = 1 with OP
+        const int v = oi / HS, d = oi % HS;
         float mr[CS], lr[CS], orr[CS];
 #pragma unroll
         for (int r = 0; r < CS; r++) {
-          mr[r] = *cluster.map_shared_rank(&bm[0], r);
-          lr[r] = *cluster.map_shared_rank(&bl[0], r);
-          orr[r] = *cluster.map_shared_rank(&bo[0][d], r);
+          mr[r] = *cluster.map_shared_rank(&bm[v], r);
+          lr[r] = *cluster.map_shared_rank(&bl[v], r);
+          orr[r] = *cluster.map_shared_rank(&bo[v][d], r);
         }
         float M = -INFINITY;
 #pragma unroll

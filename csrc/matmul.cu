@@ -594,16 +594,18 @@ bool kv_gemm_prefill(cudaStream_t s, float *out, const float *in, const void *w,
                      const void *norm_w, int norm_f16, float eps, int N, int K, int OC, int accumulate, int mode,
                      bool glu, bool pdl, kv_status *st);
 
-extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
-                                       const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
-                                       int gemm_variant) {
+// matmul: kv_matmul_variant, and with lead the one-token product that lets
+// the next kernel launch at once (kv_matmul_lead; only fused.cu's GEMV
+// launched as a programmatic dependent does, the other kernels ignore it).
+static kv_status matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16, const void *bias,
+                        int bias_f16, int N, int C, int OC, int accumulate, int gemm_variant, int lead) {
   if (N <= 0 || OC <= 0) return kv_launched();
   if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
   cudaStream_t st = s;
   if (N <= kGemvMaxN) {
     cudaError_t e = cudaSuccess;
     if (gemm_variant == 0 &&
-        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, 0, &e)) {
+        kv_gemv_as_dependent(st, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, lead, &e)) {
       KV_TRY(e);
       return kv_launched();
     }
@@ -650,6 +652,12 @@ extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in,
   return kv_launched();
 }
 
+extern "C" kv_status kv_matmul_variant(kv_stream s, float *out, const float *in, const void *w, int w_f16,
+                                       const void *bias, int bias_f16, int N, int C, int OC, int accumulate,
+                                       int gemm_variant) {
+  return matmul(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, gemm_variant, 0);
+}
+
 extern "C" kv_status kv_matmul(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                                const void *bias, int bias_f16, int N, int C, int OC, int accumulate) {
   return kv_matmul_variant(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, accumulate, 0);
@@ -657,12 +665,5 @@ extern "C" kv_status kv_matmul(kv_stream s, float *out, const float *in, const v
 
 extern "C" kv_status kv_matmul_lead(kv_stream s, float *out, const float *in, const void *w, int w_f16,
                                     const void *bias, int bias_f16, int N, int C, int OC) {
-  if (N <= 0 || OC <= 0) return kv_launched();
-  if (C < 0 || !out || !w || (!in && C > 0)) return (kv_status)cudaErrorInvalidValue;
-  cudaError_t e = cudaSuccess;
-  if (N <= kGemvMaxN && kv_gemv_as_dependent(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, 1, 1, &e)) {
-    KV_TRY(e);
-    return kv_launched();
-  }
-  return kv_matmul_variant(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, 1, 0);
+  return matmul(s, out, in, w, w_f16, bias, bias_f16, N, C, OC, 1, 0, 1);
 }

@@ -590,14 +590,6 @@ func (r *Runner) enqueue(sh stepShape) {
 				}
 			}
 			be.Attention(att, qkv, K, V, order, lens, attn)
-			if mlpAcc && l < len(layers)-1 {
-				// The MLP kernel reads only weights before its input is
-				// ready: it may start (and load them) while the attention
-				// still runs.
-				fused.MatMulLead(x, att, lw.oW, lw.oB, N, NH*HS, C)
-			} else {
-				be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
-			}
 			// One-token steps where the backend has the MLP in one
 			// launch: its output goes to an accumulator that the next
 			// layer's q|k|v product adds to the stream (the layers take
@@ -605,7 +597,16 @@ func (r *Runner) enqueue(sh stepShape) {
 			// layer's q|k|v product read). The last layer's MLP adds
 			// into the stream itself, so that a step ends with x whole
 			// and both accumulators zero.
-			if mlpAcc && l < len(layers)-1 {
+			tryMLPAcc := mlpAcc && l < len(layers)-1
+			if tryMLPAcc {
+				// The MLP kernel reads only weights before its input is
+				// ready: it may start (and load them) while the attention
+				// still runs.
+				fused.MatMulLead(x, att, lw.oW, lw.oB, N, NH*HS, C)
+			} else {
+				be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
+			}
+			if tryMLPAcc {
 				a := accs[l%2]
 				act := gpu.SwiGLUAct
 				if cfg.Family == GPT2 {
