@@ -232,21 +232,29 @@ __global__ void __launch_bounds__(kFusedThreads)
         }
       }
   }
-  // The accumulator the previous kernel filled (sa.acc): a thread's first
-  // chunk of each row is loaded now, beside the staging, instead of in a
-  // second round trip to L2 once the rows have landed.
+  // The accumulator the previous kernel filled (sa.acc): a thread's chunks
+  // of each row (up to kAccChunks: all of them for rows of up to
+  // kAccChunks·4·kFusedThreads, SmolLM2's 576 included) are loaded now,
+  // beside the staging, instead of in a second round trip to L2 once the
+  // rows have landed. (Only the first chunk used to be: the 16 threads with
+  // a second one held the whole block for a round trip.)
   constexpr bool kPreAcc = has_norm(MODE) && NB <= 2;
-  longlong2 pa[kPreAcc ? NB : 1][2];
+  constexpr int kAccChunks = NB == 1 ? 2 : 1;
+  longlong2 pa[kPreAcc ? NB : 1][kAccChunks][2];
   if constexpr (kPreAcc) {
-    if (sa.acc && tid < K4) {
+    if (sa.acc) {
 #pragma unroll
-      for (int n = 0; n < NB; n++) {
-        if (n < N) {
-          // Through L1, as the staging: the blocks of an SM read the same
-          // lines (measured level with __ldcg; version 14).
-          const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * tid);
-          pa[n][0] = __ldca(ap);
-          pa[n][1] = __ldca(ap + 1);
+      for (int c = 0; c < kAccChunks; c++) {
+        const int i = tid + c * kFusedThreads;
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+          if (n < N && i < K4) {
+            // Through L1, as the staging: the blocks of an SM read the same
+            // lines (measured level with __ldcg; version 14).
+            const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
+            pa[n][c][0] = __ldca(ap);
+            pa[n][c][1] = __ldca(ap + 1);
+          }
         }
       }
     }
@@ -270,37 +278,43 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
   } else if constexpr (has_norm(MODE)) {
     if (sa.acc) {  // the residual stream: + (pbias + unfix(acc))
-      for (int i = tid; i < K4; i += kFusedThreads) {
+      // add_acc: chunk i of row n, its accumulator words a0, a1.
+      auto add_acc = [&](int n, int i, longlong2 a0, longlong2 a1) {
+        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (sa.pbias) {
+          t.x = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i);
+          t.y = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 1);
+          t.z = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 2);
+          t.w = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 3);
+        }
+        t.x += kv_unfix(a0.x);
+        t.y += kv_unfix(a0.y);
+        t.z += kv_unfix(a1.x);
+        t.w += kv_unfix(a1.y);
+        float4 x = xs4[n * K4 + i];
+        x.x += t.x;
+        x.y += t.y;
+        x.z += t.z;
+        x.w += t.w;
+        xs4[n * K4 + i] = x;
+        if (blockIdx.x == 0 && sa.sum) reinterpret_cast<float4 *>(sa.sum)[n * K4 + i] = x;
+      };
+      const int pre = kPreAcc ? kAccChunks : 0;  // chunks a thread preloaded
+      if constexpr (kPreAcc) {
+#pragma unroll
+        for (int c = 0; c < kAccChunks; c++) {
+          const int i = tid + c * kFusedThreads;
+#pragma unroll
+          for (int n = 0; n < NB; n++)
+            if (n < N && i < K4) add_acc(n, i, pa[n][c][0], pa[n][c][1]);
+        }
+      }
+      for (int i = tid + pre * kFusedThreads; i < K4; i += kFusedThreads) {
 #pragma unroll
         for (int n = 0; n < NB; n++) {
           if (n < N) {
             const longlong2 *ap = reinterpret_cast<const longlong2 *>(sa.acc + (size_t)n * K + 4 * i);
-            longlong2 a0, a1;
-            if (kPreAcc && i == tid) {
-              a0 = pa[kPreAcc ? n : 0][0];
-              a1 = pa[kPreAcc ? n : 0][1];
-            } else {
-              a0 = __ldca(ap);
-              a1 = __ldca(ap + 1);
-            }
-            float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (sa.pbias) {
-              t.x = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i);
-              t.y = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 1);
-              t.z = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 2);
-              t.w = kv_load_w(sa.pbias, sa.pbias_f16, 4 * i + 3);
-            }
-            t.x += kv_unfix(a0.x);
-            t.y += kv_unfix(a0.y);
-            t.z += kv_unfix(a1.x);
-            t.w += kv_unfix(a1.y);
-            float4 x = xs4[n * K4 + i];
-            x.x += t.x;
-            x.y += t.y;
-            x.z += t.z;
-            x.w += t.w;
-            xs4[n * K4 + i] = x;
-            if (blockIdx.x == 0 && sa.sum) reinterpret_cast<float4 *>(sa.sum)[n * K4 + i] = x;
+            add_acc(n, i, __ldca(ap), __ldca(ap + 1));
           }
         }
       }
