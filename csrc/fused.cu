@@ -962,7 +962,7 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
                                    const void *norm_w, const void *norm_b, int norm_f16, const void *w, int w_f16,
                                    const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
                                    float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV, int HS,
-                                   int rope_heads, float theta, int variant) {
+                                   int rope_heads, float theta, int variant, int lead) {
   if (N <= 0) return kv_launched();
   if (C <= 0 || !qkv || !in || !w || !norm_w || !kc || !vc || !pos || !slots || HS <= 0 || HS % 2 != 0 || NH < 0 ||
       NKV <= 0 || rope_heads < 0 || rope_heads > NH + 2 * NKV)
@@ -976,6 +976,7 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
     GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     a.sa.acc = acc;
     a.sa.sum = sum;
+    a.lead = lead;
     const int v = variant == 4 ? 2 : variant;  // the register kernel (v2) cannot store
     cudaError_t e = cudaSuccess;
     if (rms ? fused_launch<kRMSNorm>(v, w_f16, a, s, &e) : fused_launch<kLayerNorm>(v, w_f16, a, s, &e)) {
@@ -988,7 +989,8 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
     sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, nullptr, 0, N, C);
     KV_TRY(cudaGetLastError());
     return norm_matmul_store(s, qkv, nullptr, sum, nullptr, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C,
-                             eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant == 3 ? 3 : 0);
+                             eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant == 3 ? 3 : 0,
+                             0);
   }
   const kv_status st = kv_norm_matmul(s, qkv, in, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, OC, eps,
                                       rms, 0, 0, 0);
@@ -1000,9 +1002,9 @@ extern "C" kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *
                                           const void *norm_b, int norm_f16, const void *w, int w_f16,
                                           const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
                                           float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
-                                          int HS, int rope_heads, float theta, int variant) {
+                                          int HS, int rope_heads, float theta, int variant, int lead) {
   return norm_matmul_store(s, qkv, nullptr, in, nullptr, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C,
-                           eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant);
+                           eps, rms, kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant, lead);
 }
 
 extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in,
@@ -1010,10 +1012,10 @@ extern "C" kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *su
                                               int norm_f16, const void *w, int w_f16, const void *bias, int bias_f16,
                                               int N, int C, float eps, int rms, float *kc, float *vc, int S,
                                               const int32_t *pos, const int32_t *slots, int NH, int NKV, int HS,
-                                              int rope_heads, float theta, int variant) {
+                                              int rope_heads, float theta, int variant, int lead) {
   if (N > 0 && (!sum || !acc || sum == in)) return (kv_status)cudaErrorInvalidValue;
   return norm_matmul_store(s, qkv, sum, in, acc, norm_w, norm_b, norm_f16, w, w_f16, bias, bias_f16, N, C, eps, rms,
-                           kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant);
+                           kc, vc, S, pos, slots, NH, NKV, HS, rope_heads, theta, variant, lead);
 }
 
 extern "C" kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,

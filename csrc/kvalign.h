@@ -357,23 +357,30 @@ kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *n
  * of a head, rotate them and store the key and value heads themselves.
  * variant: 0 chooses (the single kernel where v1 applies, as a
  * programmatic dependent on sm_90); 1, 2 as kv_norm_matmul's (4 = 2);
- * 3 the two launches kv_norm_matmul + kv_rope_store (the defaults). */
+ * 3 the two launches kv_norm_matmul + kv_rope_store (the defaults).
+ * lead ≠ 0 lets the next kernel in the stream launch before this one waits
+ * for its input (the single kernel, as kv_matmul_lead), so that the decode
+ * attention after it gathers its older K/V rows early (docs/PERF.md,
+ * version 18). The caller must make sure that what the next kernel reads
+ * before its programmatic wait (the attention: the order, the lengths and
+ * the cache rows but this step's) is not written by the kernel before this
+ * one, which may still run. */
 kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
                                const void *norm_b, int norm_f16, const void *w, int w_f16,
                                const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
                                float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
-                               int HS, int rope_heads, float theta, int variant);
+                               int HS, int rope_heads, float theta, int variant, int lead);
 /* kv_norm_matmul_store_sum: kv_norm_matmul_store on the residual stream
  * that a one-token MLP left in an accumulator (kv_mlp_acc): its input row n
  * is in[n] + unfix(acc[n]) (ref.SumAcc, no bias), which block 0 also writes
  * to sum (not in) for the layer's later kernels; one kernel where the
- * single fused kernel applies (variants as kv_norm_matmul_store's), else
- * the sum and then kv_norm_matmul_store. */
+ * single fused kernel applies (variants and lead as kv_norm_matmul_store's),
+ * else the sum and then kv_norm_matmul_store. */
 kv_status kv_norm_matmul_store_sum(kv_stream s, float *qkv, float *sum, const float *in, const long long *acc,
                                    const void *norm_w, const void *norm_b, int norm_f16, const void *w, int w_f16,
                                    const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,
                                    float *vc, int S, const int32_t *pos, const int32_t *slots, int NH, int NKV,
-                                   int HS, int rope_heads, float theta, int variant);
+                                   int HS, int rope_heads, float theta, int variant, int lead);
 kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void *w, int w_f16, int N,
                            int F, int OC, int accumulate, int variant);
 /* mlp.cu: kv_mlp_acc adds a one-token MLP block (no residual) to acc

@@ -197,7 +197,8 @@ func (c *CUDA) normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, 
 			return C.kv_norm_matmul_store_sum(c.stream, devF32(qkv), devF32(sum), devF32(in), devI64(acc), dev(normW),
 				dev(normB), f16(normW), dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.float(eps),
 				cFlag(norm == RMSNormKind), devF32(st.K), devF32(st.V), C.int(st.K.n/(nkv*hs)), devI32(st.Pos),
-				devI32(st.Slots), C.int(nh), C.int(nkv), C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant))
+				devI32(st.Slots), C.int(nh), C.int(nkv), C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant),
+				cFlag(st.Lead))
 		})
 		return
 	}
@@ -205,7 +206,7 @@ func (c *CUDA) normMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, 
 		return C.kv_norm_matmul_store(c.stream, devF32(qkv), devF32(in), dev(normW), dev(normB), f16(normW),
 			dev(w), f16(w), dev(bias), f16(bias), C.int(n), C.int(ch), C.float(eps), cFlag(norm == RMSNormKind),
 			devF32(st.K), devF32(st.V), C.int(st.K.n/(nkv*hs)), devI32(st.Pos), devI32(st.Slots), C.int(nh), C.int(nkv),
-			C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant))
+			C.int(hs), C.int(st.RopeHeads), C.float(st.Theta), C.int(variant), cFlag(st.Lead))
 	})
 }
 

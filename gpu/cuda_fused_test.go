@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -863,6 +864,107 @@ func BenchmarkCUDAFusedDecodeChain(b *testing.B) {
 				b.ReportMetric(sec*1e6, "µs/step")
 				b.ReportMetric(sec*1e6/float64(m.L), "µs/layer")
 			})
+		}
+	}
+}
+
+// TestCUDANormMatMulStoreLead: with QKVStore.Lead the q|k|v product lets
+// the attention after it launch early (it gathers its older K/V rows before
+// its wait); every result is the same bits as without. The chain is the
+// runner's: a product writing the input (or an MLP block filling the
+// accumulator), the q|k|v product, the attention, a product reading its
+// output, captured once and replayed over steps that grow the cache, on
+// the attention's cluster path (few kv heads, RoPE, keys rotated when read
+// or when stored) and its one-block path (GPT-2's heads).
+func TestCUDANormMatMulStoreLead(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(97, 98))
+	for _, sh := range []struct {
+		name           string
+		C, NH, NKV, HS int
+		llama, shift   bool
+		sum            bool // the input is the stream an MLPAcc left in an accumulator
+	}{
+		{"smollm2_sum", 576, 9, 3, 64, true, true, true},
+		{"smollm2", 576, 9, 3, 64, true, true, false},
+		{"llama_rotated", 64, 4, 2, 16, true, false, true},
+		{"gpt2", 768, 12, 12, 64, false, false, false},
+	} {
+		const S, F, steps = 24, 128, 20
+		QKV := (sh.NH + 2*sh.NKV) * sh.HS
+		norm, theta, rot := LayerNormKind, float32(0), 0
+		var attnTheta float32
+		if sh.llama {
+			norm, theta, rot = RMSNormKind, 10000, sh.NH+sh.NKV
+			if sh.shift { // keys cached unrotated, rotated at their index when read
+				rot, attnTheta = sh.NH, 10000
+			}
+		}
+		src := randNormal(rng, sh.C, 1, 0)
+		pre := asWeight(F16, randVals(rng, sh.C*sh.C, 1/float32(math.Sqrt(float64(sh.C)))))
+		nw := asWeight(F16, randNormal(rng, sh.C, 0.2, 1))
+		w := asWeight(F16, randVals(rng, QKV*sh.C, 1/float32(math.Sqrt(float64(sh.C)))))
+		next := asWeight(F16, randVals(rng, sh.C*sh.NH*sh.HS, 0.1))
+		upW := asWeight(F16, randVals(rng, 2*F*sh.C, 0.1))
+		downW := asWeight(F16, randVals(rng, sh.C*F, 0.1))
+		srcBuf, preBuf, nwBuf := uploadNew(t, c, F32, src), uploadNew(t, c, F16, pre), uploadNew(t, c, F16, nw)
+		wBuf, nextBuf := uploadNew(t, c, F16, w), uploadNew(t, c, F16, next)
+		upBuf, downBuf := uploadNew(t, c, F16, upW), uploadNew(t, c, F16, downW)
+		x, sum, qkv := alloc(t, c, F32, sh.C), alloc(t, c, F32, sh.C), alloc(t, c, F32, QKV)
+		att, y := alloc(t, c, F32, sh.NH*sh.HS), alloc(t, c, F32, sh.C)
+		acc := uploadInts(t, c, make([]int32, 2*sh.C))
+		kc, vc := alloc(t, c, F32, S*sh.NKV*sh.HS), alloc(t, c, F32, S*sh.NKV*sh.HS)
+		pos, slots := uploadInts(t, c, []int32{0}), uploadInts(t, c, []int32{0})
+		order, lens := uploadInts(t, c, make([]int32, S)), uploadInts(t, c, []int32{1})
+		ap := AttnParams{B: 1, T: 1, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, QStride: QKV, MaxLen: S, RopeTheta: attnTheta, F16: true}
+		var runs [2][][]float32
+		for lead := 0; lead < 2; lead++ {
+			st := QKVStore{K: kc, V: vc, Pos: pos, Slots: slots, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, RopeHeads: rot, Theta: theta, Lead: lead == 1}
+			r, err := c.Capture(func() {
+				c.MatMul(x, srcBuf, preBuf, Buf{}, 1, sh.C, sh.C, false)
+				if sh.sum {
+					if !c.mlpAcc(acc, Buf{}, x, nwBuf, Buf{}, upBuf, Buf{}, downBuf, Buf{}, 1, sh.C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+						t.Fatalf("%s: MLPAcc not launched (%v)", sh.name, c.Err())
+					}
+					c.NormMatMulStoreSum(qkv, sum, x, acc, nwBuf, Buf{}, wBuf, Buf{}, 1, sh.C, 1e-5, norm, st)
+				} else {
+					c.NormMatMulStore(qkv, x, nwBuf, Buf{}, wBuf, Buf{}, 1, sh.C, 1e-5, norm, st)
+				}
+				c.Attention(att, qkv, kc, vc, order, lens, ap)
+				c.MatMul(y, att, nextBuf, Buf{}, 1, sh.NH*sh.HS, sh.C, false)
+			})
+			if err != nil {
+				t.Fatalf("%s: capture: %v", sh.name, err)
+			}
+			c.Upload(kc, make([]float32, S*sh.NKV*sh.HS))
+			c.Upload(vc, make([]float32, S*sh.NKV*sh.HS))
+			ord := make([]int32, S)
+			for step := range steps {
+				// Entry step goes to slot (7·step) mod S: the order is not the
+				// slots' order, as after evictions.
+				ord[step] = int32(7 * step % S)
+				c.UploadInts(pos, []int32{int32(step)})
+				c.UploadInts(slots, []int32{ord[step]})
+				c.UploadInts(order, ord)
+				c.UploadInts(lens, []int32{int32(step + 1)})
+				c.UploadInts(acc, make([]int32, 2*sh.C))
+				r.Run()
+				checkOK(t, c)
+				runs[lead] = append(runs[lead], download(t, c, qkv), download(t, c, att), download(t, c, y))
+			}
+			runs[lead] = append(runs[lead], download(t, c, kc), download(t, c, vc))
+			r.Close()
+		}
+		for i := range runs[0] {
+			if !slices.Equal(runs[0][i], runs[1][i]) {
+				t.Errorf("%s: result %d with Lead differs from without", sh.name, i)
+			}
+		}
+		if last := runs[1][3*steps-2]; !slices.ContainsFunc(last, func(v float32) bool { return v != 0 }) {
+			t.Errorf("%s: the last attention output is all zero", sh.name)
+		}
+		for _, b := range []Buf{srcBuf, preBuf, nwBuf, wBuf, nextBuf, upBuf, downBuf, x, sum, qkv, att, y, acc, kc, vc, pos, slots, order, lens} {
+			c.Free(b)
 		}
 	}
 }

@@ -137,9 +137,10 @@ func packed(v []int64) []int32 {
 }
 
 // TestCUDAMLPAccCaptured: the runner's one-token layer chain with the MLP
-// in accumulators (NormMatMulStoreSum, MatMulLead, MLPAcc, the last layer's
-// ResMatMul clearing the one left), captured once and replayed, against the
-// unfused chain on the CPU reference.
+// in accumulators (NormMatMulStoreSum, leading from the second layer on,
+// MatMulLead, MLPAcc, the last layer's ResMatMul clearing the one left),
+// captured once and replayed, against the unfused chain on the CPU
+// reference.
 func TestCUDAMLPAccCaptured(t *testing.T) {
 	c := newTestCUDA(t)
 	rng := rand.New(rand.NewPCG(93, 94))
@@ -173,7 +174,7 @@ func TestCUDAMLPAccCaptured(t *testing.T) {
 		pair, cur := [2]Buf{xBuf, xnBuf}, 0
 		for l, b := range lbufs {
 			st := QKVStore{K: kc.View(l*S*NKV*HS, S*NKV*HS), V: vc.View(l*S*NKV*HS, S*NKV*HS), Pos: pos, Slots: slots,
-				NH: NH, NKV: NKV, HS: HS, RopeHeads: NH + NKV, Theta: 10000}
+				NH: NH, NKV: NKV, HS: HS, RopeHeads: NH + NKV, Theta: 10000, Lead: l > 0}
 			if pending.IsZero() {
 				c.NormMatMulStore(qkv, x, b.n1, Buf{}, b.qkv, Buf{}, 1, C, 1e-5, RMSNormKind, st)
 			} else {

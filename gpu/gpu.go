@@ -415,6 +415,14 @@ type QKVStore struct {
 	K, V, Pos, Slots       Buf // one layer's caches [S, NKV, HS]; per row: position, slot
 	NH, NKV, HS, RopeHeads int
 	Theta                  float32 // 0: no rotation
+	// Lead lets the next operation, the decode attention, start before
+	// this one's input is ready (CUDA, one-token products; the same
+	// results), so that it gathers its older K/V rows early. Only where
+	// the operation before this one writes none of what the attention
+	// reads before its input is ready: the order, the lengths and the
+	// cache rows but this step's (the runner: every layer but the first,
+	// which follows the step's input copy and the realignment).
+	Lead bool
 }
 
 // DecodeShape describes the model and batch a persistent decode plan runs:

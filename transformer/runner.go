@@ -553,7 +553,13 @@ func (r *Runner) enqueue(sh stepShape) {
 			// attention, below): the norms, RoPE, cache writes and
 			// activations ride along with the products.
 			nk := r.normKind()
-			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta}
+			// Lead: the attention may start (and gather its older K/V rows)
+			// while this product waits for the previous layer's MLP, which
+			// writes nothing the attention reads before its wait; not the
+			// first layer, whose predecessors write the step's inputs
+			// (order, lengths) and, realigning, the cache.
+			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta,
+				Lead: l > 0}
 			// read: the accumulator this layer's q|k|v product adds to the
 			// stream, free again (for this layer's MLP to clear) once it
 			// has run.
