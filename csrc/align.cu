@@ -739,6 +739,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
       kv_cp_async16_cg(reinterpret_cast<float4 *>(bs) + u, reinterpret_cast<const float4 *>(a.bias) + u);
     kv_cp_async_commit();
   }
+  // A programmatic dependent (sm_90): the networks' image (constant) streams
+  // in while the step's input copy, which writes the rows' slots and
+  // indices, still runs; the next kernel (the first q|k|v product, which
+  // reads only weights before its own wait) may launch once those are in.
+  kv_pdl_wait();
+  kv_pdl_launch_dependents();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int stride = gridDim.x * WARPS;
 
@@ -952,7 +958,8 @@ kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
   // Host-side attribute (no stream work): allowed while capturing.
   KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS, TUNED>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  align_kernel_packed<M, NX, NH2, WARPS, TUNED><<<min(sms, a.tiles), WARPS * 32, smem, s>>>(a);
+  KV_TRY(kv_launch(align_kernel_packed<M, NX, NH2, WARPS, TUNED>, dim3(min(sms, a.tiles)), dim3(WARPS * 32), smem, s,
+                   kv_pdl_supported(), a));
   return kv_launched();
 }
 
