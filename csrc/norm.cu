@@ -53,10 +53,13 @@ __global__ void rmsnorm_kernel_v1(float *__restrict__ out, const float *__restri
 // decode (N = 1) the kernel is pure latency, and v1's three dependent
 // passes over global memory and block reductions cost twice as long. Needs
 // C % 4 == 0 and 16-byte (8-byte for half weights) aligned rows.
+// acc (kv_norm_sum; NULL otherwise): the row is in + unfix(acc), loaded
+// together, and the warp then zeroes its row of acc (it alone reads it).
 template <int V4, bool RMS>
 __global__ void __launch_bounds__(128)
     norm_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
-                   const void *__restrict__ b, int w_f16, int N, int C, float eps, int pdl) {
+                   const void *__restrict__ b, int w_f16, int N, int C, float eps, int pdl,
+                   long long *__restrict__ acc) {
   const int lane = threadIdx.x & 31;
   const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= N) return;
@@ -95,6 +98,29 @@ __global__ void __launch_bounds__(128)
   if (pdl) kv_pdl_launch_dependents();
 #pragma unroll
   for (int j = 0; j < V4; j++) x[j] = lane + 32 * j < C4 ? x4[lane + 32 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
+  if (acc != nullptr) {
+    longlong2 *a2 = reinterpret_cast<longlong2 *>(acc + (long long)r * C);
+    longlong2 a[V4][2];
+#pragma unroll
+    for (int j = 0; j < V4; j++) {
+      const int i = lane + 32 * j;
+      if (i < C4) {
+        a[j][0] = a2[2 * i];
+        a[j][1] = a2[2 * i + 1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V4; j++) {
+      const int i = lane + 32 * j;
+      if (i < C4) {  // in + unfix(acc), as ref.SumAcc
+        x[j].x += kv_unfix(a[j][0].x);
+        x[j].y += kv_unfix(a[j][0].y);
+        x[j].z += kv_unfix(a[j][1].x);
+        x[j].w += kv_unfix(a[j][1].y);
+        a2[2 * i] = a2[2 * i + 1] = make_longlong2(0, 0);
+      }
+    }
+  }
   float mean = 0.f;
   if (!RMS) {
     float sum = 0.f;
@@ -132,10 +158,10 @@ static bool aligned(const void *p, int n) { return ((uintptr_t)p % n) == 0; }
 // (C ≤ 2048), returning false otherwise (the launch's error in *err).
 template <bool RMS>
 static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void *w, const void *b,
-                           int w_f16, int N, int C, float eps, cudaError_t *err) {
+                           int w_f16, int N, int C, float eps, cudaError_t *err, long long *acc = nullptr) {
   const int wa = w_f16 ? 8 : 16;
   if (C % 4 != 0 || !aligned(out, 16) || !aligned(in, 16) || !aligned(w, wa) ||
-      (b != nullptr && !aligned(b, wa)))
+      (b != nullptr && !aligned(b, wa)) || !aligned(acc, 16))
     return false;
   const int need = (C + 127) / 128;  // float4 per lane
   const dim3 grid(kv_ceil_div(N, 4)), block(128);
@@ -148,7 +174,7 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
   const bool pdl = N <= 8 && kv_pdl_supported();
 #define KV_NORM_V2(n)                                                                      \
   case n:                                                                                  \
-    *err = kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl); \
+    *err = kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl, acc); \
     return true;
   switch (need) {
     KV_NORM_V2(1)
@@ -187,5 +213,41 @@ extern "C" kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const 
   if (variant == 1 || !norm_launch_v2<true>(s, out, in, w, nullptr, w_f16, N, C, eps, &e))
     rmsnorm_kernel_v1<<<N, norm_threads(C), 0, s>>>(out, in, w, w_f16, C, eps);
   KV_TRY(e);
+  return kv_launched();
+}
+
+// sum_clear_kernel_v1 (kv_norm_sum's fallback): sum = in + unfix(acc), acc
+// zeroed.
+__global__ void sum_clear_kernel_v1(float *__restrict__ sum, const float *__restrict__ in,
+                                    long long *__restrict__ acc, long long n) {
+  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (i < n) {
+    sum[i] = in[i] + kv_unfix(acc[i]);
+    acc[i] = 0;
+  }
+}
+
+extern "C" kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, const void *w,
+                                 const void *b, int w_f16, int N, int C, float eps, int rms) {
+  if (N <= 0 || C <= 0) return kv_launched();
+  if (!out || !in || !acc || !w || out == in) return (kv_status)cudaErrorInvalidValue;
+  if (rms) b = nullptr;
+  cudaError_t e = cudaSuccess;
+  if (rms ? norm_launch_v2<true>(s, out, in, w, b, w_f16, N, C, eps, &e, acc)
+          : norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, &e, acc)) {
+    KV_TRY(e);
+    return kv_launched();
+  }
+  // Rows v2 cannot hold: the sum into scratch, then the norm.
+  void *tmp = nullptr;
+  const long long n = (long long)N * C;
+  KV_TRY(cudaMallocAsync(&tmp, n * sizeof(float), s));
+  float *sum = static_cast<float *>(tmp);
+  sum_clear_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, n);
+  kv_status st = kv_launched();  // the sum kernel's launch error, if any
+  if (st == 0) st = rms ? kv_rmsnorm(s, out, sum, w, w_f16, N, C, eps, 1) : kv_layernorm(s, out, sum, w, b, w_f16, N, C, eps, 1);
+  const cudaError_t fe = cudaFreeAsync(tmp, s);
+  if (st != 0) return st;
+  KV_TRY(fe);
   return kv_launched();
 }

@@ -82,6 +82,17 @@ func (c *CPUFused) MLPAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf
 	return true
 }
 
+func (c *CPUFused) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind) {
+	sum := make([]float32, N*C)
+	ref.SumAcc(sum, in.f, unpackInt64(acc.i[:2*N*C]), nil, N, C)
+	if norm == RMSNormKind {
+		ref.RMSNorm(out.f, sum, normW.f, N, C, eps)
+	} else {
+		ref.LayerNorm(out.f, sum, normW.f, normB.f, N, C, eps)
+	}
+	clear(acc.i[:2*N*C])
+}
+
 func (c *CPUFused) NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
 	ref.SumAcc(sum.f, in.f, unpackInt64(acc.i[:2*N*C]), nil, N, C)
 	c.NormMatMulStore(qkv, sum, normW, normB, w, bias, N, C, eps, norm, st)

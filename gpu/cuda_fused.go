@@ -294,6 +294,32 @@ func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n,
 	return launched != 0 && !c.failed()
 }
 
+// NormSum: the final norm on the residual stream an MLPAcc left in acc,
+// which it clears, see Fused and kv_norm_sum.
+func (c *CUDA) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind) {
+	const op = "normsum"
+	if N <= 0 {
+		return
+	}
+	if !c.need(op, C > 0, "invalid C=%d", C) ||
+		!c.need(op, norm == LayerNormKind || norm == RMSNormKind, "unknown norm kind %d", norm) ||
+		!c.needBuf(op, "out", out, N*C, F32) ||
+		!c.needBuf(op, "in", in, N*C, F32) ||
+		!c.need(op, !overlaps(out, N*C, in, N*C), "out overlaps in") ||
+		!c.needBuf(op, "acc", acc, 2*N*C, I32) ||
+		!c.needBuf(op, "normW", normW, C, F32, F16) ||
+		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, C, normW.dt) {
+		return
+	}
+	if norm == RMSNormKind {
+		normB = Buf{}
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_norm_sum(c.stream, devF32(out), devF32(in), devI64(acc), dev(normW), dev(normB), f16(normW),
+			C.int(N), C.int(C), C.float(eps), cFlag(norm == RMSNormKind))
+	})
+}
+
 // devI64 is an I32 buffer holding int64 pairs (an AttentionOutProj
 // accumulator) as the kernels take it.
 func devI64(b Buf) *C.longlong { return (*C.longlong)(dev(b)) }

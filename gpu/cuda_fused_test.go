@@ -968,3 +968,68 @@ func TestCUDANormMatMulStoreLead(t *testing.T) {
 		}
 	}
 }
+
+// TestCUDANormSum: the final norm on the stream an MLPAcc left in an
+// accumulator (kv_norm_sum) against ref.SumAcc then the norm, on the
+// one-warp kernel and on the fallback for rows it cannot hold; the
+// accumulator is zero afterwards.
+func TestCUDANormSum(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(99, 100))
+	for _, sh := range []struct {
+		name string
+		N, C int
+		norm NormKind
+		wdt  DType
+		bias bool
+	}{
+		{"smollm2", 1, 576, RMSNormKind, F16, false},
+		{"gpt2", 1, 768, LayerNormKind, F16, true},
+		{"rows3", 3, 64, RMSNormKind, F32, false},
+		{"wide_fallback", 2, 4096, LayerNormKind, F32, true},
+		{"wide_fallback_rms", 1, 3000, RMSNormKind, F16, false},
+	} {
+		in := randNormal(rng, sh.N*sh.C, 1, 0.5)
+		nw := asWeight(sh.wdt, randNormal(rng, sh.C, 0.2, 1))
+		var nb []float32
+		if sh.bias {
+			nb = asWeight(sh.wdt, randNormal(rng, sh.C, 0.1, 0))
+		}
+		acc := make([]int64, sh.N*sh.C)
+		for i := range acc {
+			acc[i] = ref.Fix(rng.Float32()*4 - 2)
+		}
+		sum := make([]float32, sh.N*sh.C)
+		ref.SumAcc(sum, in, acc, nil, sh.N, sh.C)
+		want := make([]float32, sh.N*sh.C)
+		if sh.norm == RMSNormKind {
+			ref.RMSNorm(want, sum, nw, sh.N, sh.C, 1e-5)
+		} else {
+			ref.LayerNorm(want, sum, nw, nb, sh.N, sh.C, 1e-5)
+		}
+		inBuf, nwBuf, accBuf := uploadNew(t, c, F32, in), uploadNew(t, c, sh.wdt, nw), uploadInts(t, c, packed(acc))
+		out := alloc(t, c, F32, sh.N*sh.C)
+		var nbBuf Buf
+		if nb != nil {
+			nbBuf = uploadNew(t, c, sh.wdt, nb)
+		}
+		c.NormSum(out, inBuf, accBuf, nwBuf, nbBuf, sh.N, sh.C, 1e-5, sh.norm)
+		checkOK(t, c)
+		compare(t, sh.name, download(t, c, out), want, 2e-6*maxAbs(want), 2e-6)
+		if v := downloadInts(t, c, accBuf); slices.ContainsFunc(v, func(x int32) bool { return x != 0 }) {
+			t.Errorf("%s: the accumulator is not zero afterwards", sh.name)
+		}
+		for _, b := range []Buf{inBuf, nwBuf, accBuf, out, nbBuf} {
+			if !b.IsZero() {
+				c.Free(b)
+			}
+		}
+	}
+	// out over in: refused with an error (the backend's errors are sticky,
+	// so this comes last).
+	x, w, acc := alloc(t, c, F32, 64), alloc(t, c, F32, 64), uploadInts(t, c, make([]int32, 128))
+	c.NormSum(x, x, acc, w, Buf{}, 1, 64, 1e-5, RMSNormKind)
+	if c.Err() == nil {
+		t.Error("NormSum with out = in: no error")
+	}
+}

@@ -403,6 +403,11 @@ type Fused interface {
 	// products (CUDA: MLPs of more than 8 MiB of weights, distilgpt2's):
 	// then run NormMatMul and the down product.
 	MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
+	// NormSum: out = LayerNorm (normB optional) or RMSNorm of in +
+	// unfix(acc) (ref.SumAcc, then the norm), and acc ([N, C] int64 as
+	// MLPAcc's) set to zero: the final norm of a one-token step whose last
+	// MLP left its output in an accumulator. out must not overlap in.
+	NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind)
 	// NormMatMulStoreSum: sum[N,C] = in + unfix(acc) (ref.SumAcc), then
 	// NormMatMulStore(qkv, sum, …): the next layer's q|k|v product on the
 	// residual stream an MLPAcc left in acc. sum must not overlap in.

@@ -600,10 +600,12 @@ func (r *Runner) enqueue(sh stepShape) {
 			// launch: its output goes to an accumulator that the next
 			// layer's q|k|v product adds to the stream (the layers take
 			// the two accumulators in turn; each MLP clears the one its
-			// layer's q|k|v product read). The last layer's MLP adds
-			// into the stream itself, so that a step ends with x whole
-			// and both accumulators zero.
-			tryMLPAcc := mlpAcc && l < len(layers)-1
+			// layer's q|k|v product read). The last layer's goes there
+			// too when the step ends in the last row's logits, whose
+			// norm (NormSum) adds and clears it; otherwise that MLP adds
+			// into the stream itself. Either way a step ends with both
+			// accumulators zero.
+			tryMLPAcc := mlpAcc && (l < len(layers)-1 || sh.logits == LastRow)
 			if tryMLPAcc {
 				// The MLP kernel reads only weights before its input is
 				// ready: it may start (and load them) while the attention
@@ -703,7 +705,11 @@ func (r *Runner) enqueue(sh stepShape) {
 			// the row, and its two-step fallback takes scratch from the
 			// graph's allocator, whose memory nodes stop that overlap.
 			xs := pair[1-cur].View(0, N*C)
-			r.norm(xs, x, w.normFW, w.normFB, N)
+			if !pending.IsZero() { // the last layer's MLP output, in an accumulator
+				fused.NormSum(xs, x, pending, w.normFW, w.normFB, N, C, cfg.Eps, r.normKind())
+			} else {
+				r.norm(xs, x, w.normFW, w.normFB, N)
+			}
 			be.MatMul(r.logits.View(0, N*V), xs, w.lmHead, gpu.Buf{}, N, C, V, false)
 		} else if fused != nil && sh.T == 1 {
 			fused.NormMatMul(r.logits.View(0, o.B*V), x, w.normFW, w.normFB, w.lmHead, gpu.Buf{}, o.B, C, V, cfg.Eps, r.normKind(), gpu.NoAct, false)
