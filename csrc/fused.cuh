@@ -1,6 +1,6 @@
 // fused.cuh — fused.cu's entry points and the fused kernels' device helpers
-// for the other csrc files (C++ linkage, not part of the C interface in
-// kvalign.h).
+// for the other csrc files, and norm.cu's for fused.cu (C++ linkage, not
+// part of the C interface in kvalign.h).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -59,3 +59,10 @@ inline bool kv_aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p)
 // lead: let the next kernel launch at once (kv_matmul_lead).
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
                           int bias_f16, int N, int K, int OC, int accumulate, int lead, cudaError_t *err);
+
+// kv_norm_v2 (norm.cu) launches the one-warp-a-row norm (RMSNorm where rms,
+// else LayerNorm with b) where its shape and alignment allow (C ≤ 2048),
+// returning false otherwise; with acc the row is in + unfix(acc) and acc is
+// zeroed (kv_norm_sum). *err holds the launch status.
+bool kv_norm_v2(cudaStream_t s, float *out, const float *in, const void *w, const void *b, int w_f16, int N, int C,
+                float eps, int rms, long long *acc, cudaError_t *err);

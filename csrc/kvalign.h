@@ -106,11 +106,11 @@ kv_status kv_layernorm(kv_stream s, float *out, const float *in, const void *w,
                        const void *b, int w_f16, int N, int C, float eps, int variant);
 kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
                      int w_f16, int N, int C, float eps, int variant);
-/* kv_norm_sum: out = norm(in + unfix(acc)) (ref.SumAcc, then RMSNorm (rms)
- * or LayerNorm with b), acc ([N, C] int64, fixed point as kv_mlp_acc's) set
- * to zero: the final norm of a one-token step whose last MLP left its
- * output in an accumulator. One kernel for rows of up to 2048 (v2), else
- * the sum into scratch and the norm. out must not be in. */
+/* kv_norm_sum (fused.cu): out = norm(in + unfix(acc)) (ref.SumAcc, then
+ * RMSNorm (rms) or LayerNorm with b), acc ([N, C] int64, fixed point as
+ * kv_mlp_acc's) set to zero: the final norm of a one-token step whose last
+ * MLP left its output in an accumulator. One kernel (norm v2) for rows of up
+ * to 2048, else the sum into scratch and the norm. out must not be in. */
 kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, const void *w, const void *b,
                       int w_f16, int N, int C, float eps, int rms);
 

@@ -2,6 +2,7 @@
 // RMSNorm (HF LlamaRMSNorm) over rows of C. Weights and bias are half or
 // float (w_f16); arithmetic is fp32.
 #include "common.cuh"
+#include "fused.cuh"
 
 // Threads per row: about four elements each, a whole number of warps.
 static int norm_threads(int C) {
@@ -216,38 +217,9 @@ extern "C" kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const 
   return kv_launched();
 }
 
-// sum_clear_kernel_v1 (kv_norm_sum's fallback): sum = in + unfix(acc), acc
-// zeroed.
-__global__ void sum_clear_kernel_v1(float *__restrict__ sum, const float *__restrict__ in,
-                                    long long *__restrict__ acc, long long n) {
-  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (i < n) {
-    sum[i] = in[i] + kv_unfix(acc[i]);
-    acc[i] = 0;
-  }
-}
-
-extern "C" kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, const void *w,
-                                 const void *b, int w_f16, int N, int C, float eps, int rms) {
-  if (N <= 0 || C <= 0) return kv_launched();
-  if (!out || !in || !acc || !w || out == in) return (kv_status)cudaErrorInvalidValue;
-  if (rms) b = nullptr;
-  cudaError_t e = cudaSuccess;
-  if (rms ? norm_launch_v2<true>(s, out, in, w, b, w_f16, N, C, eps, &e, acc)
-          : norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, &e, acc)) {
-    KV_TRY(e);
-    return kv_launched();
-  }
-  // Rows v2 cannot hold: the sum into scratch, then the norm.
-  void *tmp = nullptr;
-  const long long n = (long long)N * C;
-  KV_TRY(cudaMallocAsync(&tmp, n * sizeof(float), s));
-  float *sum = static_cast<float *>(tmp);
-  sum_clear_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, n);
-  kv_status st = kv_launched();  // the sum kernel's launch error, if any
-  if (st == 0) st = rms ? kv_rmsnorm(s, out, sum, w, w_f16, N, C, eps, 1) : kv_layernorm(s, out, sum, w, b, w_f16, N, C, eps, 1);
-  const cudaError_t fe = cudaFreeAsync(tmp, s);
-  if (st != 0) return st;
-  KV_TRY(fe);
-  return kv_launched();
+// kv_norm_v2: norm_launch_v2 for fused.cu's kv_norm_sum (see fused.cuh).
+bool kv_norm_v2(cudaStream_t s, float *out, const float *in, const void *w, const void *b, int w_f16, int N, int C,
+                float eps, int rms, long long *acc, cudaError_t *err) {
+  return rms ? norm_launch_v2<true>(s, out, in, w, b, w_f16, N, C, eps, err, acc)
+             : norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, err, acc);
 }

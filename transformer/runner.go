@@ -605,16 +605,11 @@ func (r *Runner) enqueue(sh stepShape) {
 			// norm (NormSum) adds and clears it; otherwise that MLP adds
 			// into the stream itself. Either way a step ends with both
 			// accumulators zero.
-			tryMLPAcc := mlpAcc && (l < len(layers)-1 || sh.logits == LastRow)
-			if tryMLPAcc {
+			if mlpAcc && (l < len(layers)-1 || sh.logits == LastRow) {
 				// The MLP kernel reads only weights before its input is
 				// ready: it may start (and load them) while the attention
 				// still runs.
 				fused.MatMulLead(x, att, lw.oW, lw.oB, N, NH*HS, C)
-			} else {
-				be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
-			}
-			if tryMLPAcc {
 				a := accs[l%2]
 				act := gpu.SwiGLUAct
 				if cfg.Family == GPT2 {
@@ -625,6 +620,8 @@ func (r *Runner) enqueue(sh stepShape) {
 					continue
 				}
 				mlpAcc = false // not for these shapes: the plain MLP from now on
+			} else {
+				be.MatMul(x, att, lw.oW, lw.oB, N, NH*HS, C, true)
 			}
 			if !read.IsZero() {
 				out := swap()
