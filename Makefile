@@ -17,10 +17,14 @@ endif
 
 all: kvalign
 
+# The old binary goes first: go build keeps an existing output whose Go
+# inputs are unchanged, and the kernel library is not one of its inputs (a
+# rebuilt libkvalign.a would otherwise leave a stale ./kvalign).
 kvalign: $(GOFILES) $(LIB) go.mod
 ifeq ($(NVCC),)
 	@echo "make: nvcc not found: building a CPU-only kvalign (scripts/install-cuda-toolkit.sh installs nvcc)"
 endif
+	rm -f kvalign
 	$(GO) build $(TAGS) -o kvalign .
 
 lib: csrc/libkvalign.a
@@ -35,7 +39,7 @@ test:
 # Test binaries of every package with the CUDA backend, for a GPU machine
 # (which may have no Go): bin/<pkg>.test, plus ./kvalign.
 cuda-test-bin: csrc/libkvalign.a
-	@mkdir -p bin
+	@rm -rf bin && mkdir -p bin  # no stale outputs: see the kvalign target
 	@for p in $$($(GO) list ./...); do \
 		n=$$(basename $$p); [ "$$p" = "github.com/kvalign/kvalign" ] && continue; \
 		$(GO) test -c -tags cuda -o bin/$$n.test $$p || exit 1; \

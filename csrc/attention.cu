@@ -77,22 +77,6 @@ DecodeSplit decode_split(int B, int NKV, int max_len) {
   return {cps, kv_ceil_div(chunks, cps)};
 }
 
-// RopeFreqs carries the RoPE inverse frequencies into the kernels by value
-// (kernel parameters, so a captured graph keeps them): computed once on the
-// host exactly as ref.RopeInvFreq (float32 exponent, double pow, rounded to
-// float), instead of per block on the device, where the double pow and
-// division run slow-path subroutines (≈2 µs of a decode attention).
-struct RopeFreqs {
-  float v[kMaxHS / 2];
-};
-
-RopeFreqs rope_freqs(int HS, float theta) {
-  RopeFreqs r{};
-  if (theta != 0.f)
-    for (int i = 0; i < HS / 2; i++) r.v[i] = (float)(1.0 / pow((double)theta, (double)((float)(2 * i) / (float)HS)));
-  return r;
-}
-
 // stage_rows copies cnt ≤ ROWS gathered head rows (slots sl[e], kv head kh)
 // of a cache into dst[e·ld + d], rotating keys (inv != nullptr) at position
 // j0+e. All of a thread's loads are issued before its first store (a loop of

@@ -131,6 +131,24 @@ __device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
   return (float)(1.0 / pow((double)theta, (double)e));
 }
 
+// RopeFreqs carries the RoPE inverse frequencies of heads of up to
+// KV_ATTN_MAX_HS into the kernels by value (kernel parameters, so a captured
+// graph keeps them): computed once on the host exactly as ref.RopeInvFreq
+// and kv_rope_inv_freq (float32 exponent, double pow, rounded to float),
+// instead of per thread on the device, where the double pow and division
+// run slow-path subroutines (≈2 µs of a decode attention).
+struct RopeFreqs {
+  float v[KV_ATTN_MAX_HS / 2];
+};
+
+static inline RopeFreqs rope_freqs(int HS, float theta) {
+  RopeFreqs r{};
+  if (theta != 0.f)
+    for (int i = 0; i < HS / 2 && i < KV_ATTN_MAX_HS / 2; i++)
+      r.v[i] = (float)(1.0 / pow((double)theta, (double)((float)(2 * i) / (float)HS)));
+  return r;
+}
+
 // kv_rope_pair rotates the pair (x1, x2) = (x[i], x[i + HS/2]) of a head by
 // angle = position · inverse frequency (HF's rotate-half RoPE; full-range
 // sincosf, as the reference).

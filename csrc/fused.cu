@@ -118,7 +118,7 @@ struct StoreArgs {
   float *kc, *vc;  // one layer's caches [S, NKV, HS]
   const int32_t *pos, *slots;
   int S, NH, NKV, HS, rope_heads;
-  float theta;
+  RopeFreqs freqs;  // rope_freqs(HS, θ)
 };
 
 // SumArgs: the residual stream after a folded attention (kv_attention_out),
@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kFusedThreads)
                          const void *__restrict__ bias, int bias_f16, int N, int K, int OC, float eps, int gelu,
                          int accumulate, StoreArgs st, SumArgs sa, int lead) {
   constexpr int VEC = F16 ? 8 : 4;  // weights per 16-byte chunk
+  constexpr bool kFoldRMS = MODE == kRMSNorm;  // see step 4
   // U: chunks per row per batch (R·U loads in flight a thread).
   constexpr int GROUPS = kFusedThreads / TPR;
   constexpr int NWARPS = kFusedThreads / 32;
@@ -163,13 +164,21 @@ __global__ void __launch_bounds__(kFusedThreads)
 
   // 1. Constant data first: the first batch of weights, and the norm
   // weights into shared memory (and when storing, the inverse frequency of
-  // the pair this thread rotates: a double pow, ≈2 µs of latency if it waited).
+  // the pair this thread rotates, from the host's table, rope_freqs: the
+  // double pow it replaces sat in the prologue; docs/PERF.md, version 19).
   constexpr int RB = GROUPS * R, HP = RB / 2 > 0 ? RB / 2 : 1;
   const bool store = st.kc != nullptr;
   float inv_freq = 0.f;
+  // lead: the kernel before this one passed its own wait before this one
+  // launched (the runner leads from the second layer), so the step's
+  // positions, copied in at its start, are final already: the rotation
+  // factors of this thread's first (pair, row) are computed here too.
+  float pre_sn = 0.f, pre_cs = 1.f;
+  const bool pre_rot = store && lead && st.rope_heads > 0 && tid < HP * N;
   if (store) {
     const int pair = blockIdx.x * HP + tid % HP;
-    if (st.rope_heads > 0) inv_freq = kv_rope_inv_freq(pair % (st.HS / 2), st.HS, st.theta);
+    if (st.rope_heads > 0) inv_freq = st.freqs.v[pair % (st.HS / 2)];
+    if (pre_rot) sincosf((float)st.pos[tid / HP] * inv_freq, &pre_sn, &pre_cs);
   }
   uint4 wv[R][U];
   load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
@@ -319,8 +328,11 @@ __global__ void __launch_bounds__(kFusedThreads)
         }
       }
     }
-    // Row statistics in fp32, two passes for LayerNorm (as norm.cu: the
-    // one-pass E[x²]−E[x]² would cancel for rows with a large mean).
+  }
+  if constexpr (MODE == kLayerNorm) {
+    // Row statistics in fp32, two passes (as norm.cu: the one-pass
+    // E[x²]−E[x]² would cancel for rows with a large mean). RMSNorm needs
+    // no pass of its own (kFoldRMS, step 4).
     float mean[NB], rstd[NB];
     float s[NB];
 #pragma unroll
@@ -330,35 +342,30 @@ __global__ void __launch_bounds__(kFusedThreads)
       for (int n = 0; n < NB; n++) {
         if (n < N) {
           const float4 v = xs4[n * K4 + i];
-          s[n] += MODE == kLayerNorm ? (v.x + v.y) + (v.z + v.w) : (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+          s[n] += (v.x + v.y) + (v.z + v.w);
         }
       }
     }
     block_sum_rows<kFusedThreads / 32>(s, red[0]);
-    if constexpr (MODE == kLayerNorm) {
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      mean[n] = s[n] / (float)K;
+      s[n] = 0.f;
+    }
+    for (int i = tid; i < K4; i += kFusedThreads) {
 #pragma unroll
       for (int n = 0; n < NB; n++) {
-        mean[n] = s[n] / (float)K;
-        s[n] = 0.f;
-      }
-      for (int i = tid; i < K4; i += kFusedThreads) {
-#pragma unroll
-        for (int n = 0; n < NB; n++) {
-          if (n < N) {
-            const float4 v = xs4[n * K4 + i];
-            const float a = v.x - mean[n], b = v.y - mean[n], c = v.z - mean[n], d = v.w - mean[n];
-            s[n] += (a * a + b * b) + (c * c + d * d);
-          }
+        if (n < N) {
+          const float4 v = xs4[n * K4 + i];
+          const float a = v.x - mean[n], b = v.y - mean[n], c = v.z - mean[n], d = v.w - mean[n];
+          s[n] += (a * a + b * b) + (c * c + d * d);
         }
       }
-      block_sum_rows<kFusedThreads / 32>(s, red[1]);
-    } else {
-#pragma unroll
-      for (int n = 0; n < NB; n++) mean[n] = 0.f;
     }
+    block_sum_rows<kFusedThreads / 32>(s, red[1]);
 #pragma unroll
     for (int n = 0; n < NB; n++) rstd[n] = 1.f / sqrtf(s[n] / (float)K + eps);
-    const bool has_b = MODE == kLayerNorm && norm_b != nullptr;
+    const bool has_b = norm_b != nullptr;
     for (int i = tid; i < K4; i += kFusedThreads) {
       float wn[4], bn[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -383,11 +390,20 @@ __global__ void __launch_bounds__(kFusedThreads)
 
   // 4. The weight stream (matmul.cu gemv_kernel_v1's loop, inputs from
   // shared memory); the first batch is already in wv.
-  float acc[R][NB];
+  // kFoldRMS: RMSNorm needs no pass of its own. Each group reads the whole
+  // input row for its product anyway, so it sums the squares as it goes,
+  // multiplies by the norm weights there, and scales its sums by
+  // 1/rms at the end: norm(x)·w = rstd·Σ w_i·(x_i·g_i). That takes a pass,
+  // a block reduction, the normalising pass and two barriers off the
+  // critical path after the wait (every group sums in the same order, so
+  // every block gets the same rstd).
+  float acc[R][NB], sq[1][NB];  // sq: kFoldRMS's sums of squares
 #pragma unroll
-  for (int r = 0; r < R; r++)
+  for (int n = 0; n < NB; n++) {
+    sq[0][n] = 0.f;
 #pragma unroll
-    for (int n = 0; n < NB; n++) acc[r][n] = 0.f;
+    for (int r = 0; r < R; r++) acc[r][n] = 0.f;
+  }
   const int nlast = N - 1;
   for (int c0 = lane; c0 < chunks; c0 += TPR * U) {
     if (c0 != lane) load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, c0, chunks, OC, store, st.HS);
@@ -398,21 +414,49 @@ __global__ void __launch_bounds__(kFusedThreads)
         float wf[R][VEC];
 #pragma unroll
         for (int r = 0; r < R; r++) kv_unpack16<F16>(wv[r][u], wf[r]);
+        float4 g[kFoldRMS ? VEC / 4 : 1];
+        if constexpr (kFoldRMS) {
+#pragma unroll
+          for (int v4 = 0; v4 < VEC / 4; v4++) g[v4] = load_norm_w4(nws, norm_f16, c * (VEC / 4) + v4);
+        }
 #pragma unroll
         for (int n = 0; n < NB; n++) {
           // Rows n ≥ N read row N−1 (a valid address); their sums are dropped.
           const float4 *xp = reinterpret_cast<const float4 *>(xs + (size_t)min(n, nlast) * K + (size_t)c * VEC);
 #pragma unroll
           for (int v4 = 0; v4 < VEC / 4; v4++) {
-            kv_fma_x4(acc, n, wf, v4, xp[v4]);
+            float4 x = xp[v4];
+            if constexpr (kFoldRMS) {
+              sq[0][n] += (x.x * x.x + x.y * x.y) + (x.z * x.z + x.w * x.w);
+              x = make_float4(x.x * g[v4].x, x.y * g[v4].y, x.z * g[v4].z, x.w * g[v4].w);
+            }
+            kv_fma_x4(acc, n, wf, v4, x);
           }
         }
       }
     }
   }
 
-  // Reduce over the group's lanes.
-  kv_group_sums<TPR, kFusedThreads>(acc);
+  // Reduce over the group's lanes (with kFoldRMS the squares too, in the
+  // same reduction: one barrier for groups wider than a warp).
+  if constexpr (kFoldRMS) {
+    float t[R + 1][NB];
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      t[R][n] = sq[0][n];
+#pragma unroll
+      for (int r = 0; r < R; r++) t[r][n] = acc[r][n];
+    }
+    kv_group_sums<TPR, kFusedThreads>(t);
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+      const float rstd = 1.f / sqrtf(t[R][n] / (float)K + eps);
+#pragma unroll
+      for (int r = 0; r < R; r++) acc[r][n] = t[r][n] * rstd;
+    }
+  } else {
+    kv_group_sums<TPR, kFusedThreads>(acc);
+  }
 
   if (store) {
     // The block's RB rows through shared memory, then one thread per
@@ -435,7 +479,15 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (pair >= OC / 2) continue;
       const int h = pair / hh, i = pair % hh;
       float x1 = res[k][n], x2 = res[k + HP][n];
-      if (h < st.rope_heads) kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
+      if (h < st.rope_heads) {
+        if (pre_rot && idx == tid) {  // as kv_rope_pair
+          const float y1 = fmaf(x1, pre_cs, -x2 * pre_sn), y2 = fmaf(x2, pre_cs, x1 * pre_sn);
+          x1 = y1;
+          x2 = y2;
+        } else {
+          kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
+        }
+      }
       float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
       o[0] = x1;
       o[hh] = x2;
@@ -991,9 +1043,11 @@ static kv_status norm_matmul_store(cudaStream_t s, float *qkv, float *sum, const
   if (theta == 0.f) rope_heads = 0;
   if (rms) norm_b = nullptr;
   const int OC = (NH + 2 * NKV) * HS;
-  // The kernel pairs rows within a block: it needs an even row count.
-  if (variant != 3 && v1_rows(rms ? kRMSNorm : kLayerNorm, w_f16, N, C) % 2 == 0) {
-    const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, theta};
+  // The kernel pairs rows within a block: it needs an even row count (and
+  // the frequency table heads of at most KV_ATTN_MAX_HS when rotating).
+  if (variant != 3 && v1_rows(rms ? kRMSNorm : kLayerNorm, w_f16, N, C) % 2 == 0 &&
+      (rope_heads == 0 || HS <= KV_ATTN_MAX_HS)) {
+    const StoreArgs st{kc, vc, pos, slots, S, NH, NKV, HS, rope_heads, rope_freqs(HS, theta)};
     GemvArgs a{qkv, in, norm_w, norm_b, norm_f16, w, bias, bias_f16, N, C, OC, eps, 0, 0, st};
     a.sa.acc = acc;
     a.sa.sum = sum;

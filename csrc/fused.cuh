@@ -17,6 +17,15 @@ __device__ __forceinline__ float load_norm_w(const unsigned char *s, int f16, in
   return f16 ? __half2float(reinterpret_cast<const __half *>(s)[c]) : reinterpret_cast<const float *>(s)[c];
 }
 
+// load_norm_w4: elements 4·i … 4·i+3 of norm weights staged in shared memory.
+__device__ __forceinline__ float4 load_norm_w4(const unsigned char *s, int f16, int i) {
+  if (!f16) return reinterpret_cast<const float4 *>(s)[i];
+  const uint2 u = reinterpret_cast<const uint2 *>(s)[i];
+  const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
 // silu(g)·u as activation.cu's silu_mul_kernel_v1 (full-precision expf).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 

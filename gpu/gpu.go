@@ -426,7 +426,10 @@ type QKVStore struct {
 	// the operation before this one writes none of what the attention
 	// reads before its input is ready: the order, the lengths and the
 	// cache rows but this step's (the runner: every layer but the first,
-	// which follows the step's input copy and the realignment).
+	// which follows the step's input copy and the realignment). The
+	// operation before must also have had its own input ready before this
+	// one started, as every decode operation but a leading one does; the
+	// CUDA kernel then reads Pos before its input is ready.
 	Lead bool
 }
 
