@@ -86,20 +86,44 @@ __device__ __forceinline__ float ll_read(const unsigned long long *p, unsigned t
   return __uint_as_float((unsigned)v);
 }
 
+// block_total: the sum of every thread's s, in every thread (a norm's
+// block reduction).
+__device__ __forceinline__ float block_total(float s) {
+  __shared__ float part[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  float t = 0.f;
+  for (int w = 0; w < kThreads / 32; w++) t += part[w];
+  return t;
+}
+
+// The low-latency variants' switches (step_ll's flags).
+constexpr int kEndWait = 1;   // griddepcontrol.wait before exiting
+constexpr int kWarpPoll = 2;  // one warp polls first
+constexpr int kNap = 4;       // 64 ns between a thread's polls
+int ll_flags(int mode) {
+  switch (mode) {
+    case kLLEnd: return kEndWait;
+    case kLLWarp: return kEndWait | kWarpPoll;
+    case kLLSleep: return kEndWait | kNap;
+    case kLLWarpSleep: return kEndWait | kWarpPoll | kNap;
+    default: return 0;
+  }
+}
+
 // step_ll: step's work in the low-latency protocol; tags are epoch·512 + k.
 __global__ void __launch_bounds__(kThreads)
-    step_ll(int end_wait, int vec, const unsigned long long *in, unsigned long long *out, const unsigned *epoch,
-            int k) {
+    step_ll(int flags, int vec, const unsigned long long *in, unsigned long long *out, const unsigned *epoch, int k) {
   // Launching the next link only once this one has its input keeps one
   // kernel polling at a time (launched at the start, every resident link
   // polls the same lines and a link costs 3.1–3.6 µs at G ≥ 32).
   const unsigned base = __ldcg(epoch) * 512u;
   const unsigned want = base + k - 1, mine = base + k;
-  const bool nap = end_wait & 4;
+  const bool nap = flags & kNap;
   if (vec) {
-    __shared__ float part[kThreads / 32];
     float s = 0.f, own[3] = {0.f, 0.f, 0.f};
-    if (end_wait & 2) {
+    if (flags & kWarpPoll) {
       // One warp waits for the input to start arriving (a word from each
       // of 32 places in it), then every thread reads its own words, still
       // checking their tags: 1/8 of the polling traffic.
@@ -110,11 +134,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = threadIdx.x, j = 0; i < kC; i += kThreads, j++) s += own[j] = ll_read(in + i, want, k == 0, nap);
     }
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-    __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < kThreads / 32; w++) t += part[w];
+    const float t = block_total(s);
     const int per = (kC + gridDim.x - 1) / gridDim.x;
     for (int i = blockIdx.x * per + threadIdx.x; i < min(kC, (blockIdx.x + 1) * per); i += kThreads)
       ll_store(out + i, (i % kThreads == threadIdx.x ? own[i / kThreads] : ll_read(in + i, want, true)) * 0.5f + t * 1e-6f,
@@ -123,7 +143,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) ll_store(out + blockIdx.x, ll_read(in + blockIdx.x, want, k == 0) + 1.f, mine);
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
-  if (end_wait & 1) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (flags & kEndWait) asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
 __global__ void bump(unsigned *epoch) { *epoch += 1; }
@@ -134,14 +154,9 @@ __global__ void __launch_bounds__(kThreads)
     step(int mode, int vec, const float *in, float *out, unsigned *arrived, int k, unsigned expect) {
   wait_for(mode, k > 0 ? arrived + k - 1 : nullptr, expect);
   if (vec) {
-    __shared__ float part[kThreads / 32];
     float s = 0.f;
     for (int i = threadIdx.x; i < kC; i += kThreads) s += __ldcg(in + i);
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-    __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < kThreads / 32; w++) t += part[w];
+    const float t = block_total(s);
     const int per = (kC + gridDim.x - 1) / gridDim.x;
     for (int i = blockIdx.x * per + threadIdx.x; i < min(kC, (blockIdx.x + 1) * per); i += kThreads)
       out[i] = __ldcg(in + i) * 0.5f + t * 1e-6f;
@@ -177,7 +192,7 @@ float chain_us(int mode, int vec, int G, int n, float *buf, unsigned *arrived, c
     const float *in = buf + (k % 2) * 1024;
     float *out = buf + (1 - k % 2) * 1024;
     if (mode >= kLL)
-      CHECK(cudaLaunchKernelEx(&cfg, step_ll, mode == kLL ? 0 : mode == kLLEnd ? 1 : mode == kLLWarp ? 3 : mode == kLLSleep ? 5 : 7, vec, llbuf + (k % 2) * 1024,
+      CHECK(cudaLaunchKernelEx(&cfg, step_ll, ll_flags(mode), vec, llbuf + (k % 2) * 1024,
                                llbuf + (1 - k % 2) * 1024, (const unsigned *)epoch, k));
     else
       CHECK(cudaLaunchKernelEx(&cfg, step, mode, vec, in, out, arrived, k, (unsigned)G));
