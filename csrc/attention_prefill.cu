@@ -44,10 +44,6 @@ constexpr int kPfRows = 16;        // query rows per block: one mma m-tile
 constexpr int kPfLd = kPfHS + 8;   // shared row stride in halves (144 B): conflict-free ldmatrix rows
 constexpr int kPfLdO = kPfHS + 8;  // floats: conflict-free float2 stores of the partial outputs
 
-struct PfFreqs {
-  float v[kPfHS / 2];
-};
-
 __device__ __forceinline__ uint32_t pf_pack(float a, float b) {
   __half2 h = __floats2half2_rn(a, b);
   return *reinterpret_cast<uint32_t *>(&h);
@@ -105,7 +101,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW)
     attn_prefill_tc_kernel(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                            const float *__restrict__ vc, const int32_t *__restrict__ order,
                            const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
-                           PfFreqs freqs, float qscale) {
+                           RopeFreqs freqs, float qscale) {
   constexpr int NT = NW * 32, TK = 16 * NW, UNITS = TK * 8 / NT;  // UNITS = 4
   static_assert(UNITS == 4, "4 staging units per thread");
   using L = PfSmem<NW>;
@@ -344,10 +340,7 @@ bool kv_attention_prefill_tc(cudaStream_t s, float *out, const float *q, const f
   } else {
     return false;
   }
-  PfFreqs fr{};
-  if (rope_theta != 0.f)
-    for (int i = 0; i < kPfHS / 2; i++)  // as ref.RopeInvFreq
-      fr.v[i] = (float)(1.0 / pow((double)rope_theta, (double)((float)(2 * i) / (float)kPfHS)));
+  const RopeFreqs fr = rope_freqs(kPfHS, rope_theta);
   const float qscale = 1.4426950408889634f / sqrtf((float)kPfHS);
   const bool pdl = variant != 13 && kv_pdl_supported();
   const dim3 grid(kv_ceil_div(T, kPfRows), NH, B);

@@ -126,17 +126,16 @@ __device__ __forceinline__ void kv_unpack16(uint4 v, float *f) {
 // head of HS: float32(1/θ^(float32(2i)/float32(HS))), the exponent rounded
 // to float32 first and the power taken in double, exactly as
 // ref.RopeInvFreq (HF computes it from an int64 arange in float32).
-__device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
+__host__ __device__ __forceinline__ float kv_rope_inv_freq(int i, int HS, float theta) {
   const float e = (float)(2 * i) / (float)HS;
   return (float)(1.0 / pow((double)theta, (double)e));
 }
 
 // RopeFreqs carries the RoPE inverse frequencies of heads of up to
 // KV_ATTN_MAX_HS into the kernels by value (kernel parameters, so a captured
-// graph keeps them): computed once on the host exactly as ref.RopeInvFreq
-// and kv_rope_inv_freq (float32 exponent, double pow, rounded to float),
-// instead of per thread on the device, where the double pow and division
-// run slow-path subroutines (≈2 µs of a decode attention).
+// graph keeps them): kv_rope_inv_freq computed once on the host, instead of
+// per thread on the device, where the double pow and division run
+// slow-path subroutines (≈2 µs of a decode attention).
 struct RopeFreqs {
   float v[KV_ATTN_MAX_HS / 2];
 };
@@ -145,19 +144,24 @@ static inline RopeFreqs rope_freqs(int HS, float theta) {
   RopeFreqs r{};
   if (theta != 0.f)
     for (int i = 0; i < HS / 2 && i < KV_ATTN_MAX_HS / 2; i++)
-      r.v[i] = (float)(1.0 / pow((double)theta, (double)((float)(2 * i) / (float)HS)));
+      r.v[i] = kv_rope_inv_freq(i, HS, theta);
   return r;
 }
 
 // kv_rope_pair rotates the pair (x1, x2) = (x[i], x[i + HS/2]) of a head by
 // angle = position · inverse frequency (HF's rotate-half RoPE; full-range
 // sincosf, as the reference).
-__device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) {
-  float sn, cs;
-  sincosf(angle, &sn, &cs);
+// kv_rope_pair_sc: the same rotation by an angle's sine and cosine
+// computed earlier.
+__device__ __forceinline__ void kv_rope_pair_sc(float &x1, float &x2, float sn, float cs) {
   const float y1 = fmaf(x1, cs, -x2 * sn), y2 = fmaf(x2, cs, x1 * sn);
   x1 = y1;
   x2 = y2;
+}
+__device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) {
+  float sn, cs;
+  sincosf(angle, &sn, &cs);
+  kv_rope_pair_sc(x1, x2, sn, cs);
 }
 
 // ---- asynchronous copies global → shared (cp.async, sm_80+) ----

@@ -480,13 +480,8 @@ __global__ void __launch_bounds__(kFusedThreads)
       const int h = pair / hh, i = pair % hh;
       float x1 = res[k][n], x2 = res[k + HP][n];
       if (h < st.rope_heads) {
-        if (pre_rot && idx == tid) {  // as kv_rope_pair
-          const float y1 = fmaf(x1, pre_cs, -x2 * pre_sn), y2 = fmaf(x2, pre_cs, x1 * pre_sn);
-          x1 = y1;
-          x2 = y2;
-        } else {
-          kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
-        }
+        if (pre_rot && idx == tid) kv_rope_pair_sc(x1, x2, pre_sn, pre_cs);
+        else kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
       }
       float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
       o[0] = x1;
