@@ -27,6 +27,7 @@
 // tile is staged: angle = float32(j)·inv_freq[i] in fp32 as ref.RopeRotate,
 // then sincosf (full-range, not the fast intrinsic).
 #include "common.cuh"
+#include "stamps.cuh"
 
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -887,6 +888,7 @@ __global__ void __launch_bounds__(NT)
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
   const int unit = blockIdx.x / CS, rank = blockIdx.x % CS, b = blockIdx.y, tid = threadIdx.x;
+  KV_STAMP_DECL(stp, OP ? 7 : (CS > 1 ? 2 : 6));
   const int kh = unit / GS;  // the kv head; this block takes its query heads h0 … h0 + G − 1
   const int gi = tid / LPK, li = tid % LPK;
   const int gk = rank * NG + gi;  // this group's first key
@@ -936,7 +938,11 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
-          for (int c = 0; c < 4; c++) sincosf((float)(base + gk + STEP * u) * inv[c], &rsn[u][c], &rcs[u][c]);
+          for (int c = 0; c < 4; c++) {
+            const float2 sc = kv_sincos((float)(base + gk + STEP * u) * inv[c]);
+            rsn[u][c] = sc.x;
+            rcs[u][c] = sc.y;
+          }
       }
     }
   };
@@ -957,7 +963,9 @@ __global__ void __launch_bounds__(NT)
   // barrier phase, arrived at here and waited for before the first remote
   // store, makes sure rank 0 is running by then, off the critical path.
   if constexpr (CS > 1 && !OP) kv_cluster_arrive();
+  KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
+  KV_STAMP_AT(stp, 2);
   kv_pdl_launch_dependents();
   load_kv(0, fresh, n_total);
   float4 qr[QVM];
@@ -1010,7 +1018,9 @@ __global__ void __launch_bounds__(NT)
             sn[c] = rsn[u][c];
             cs[c] = rcs[u][c];
           } else {
-            sincosf((float)j * inv[c], &sn[c], &cs[c]);
+            const float2 sc = kv_sincos((float)j * inv[c]);
+            sn[c] = sc.x;
+            cs[c] = sc.y;
           }
         }
         // Lower half: x1·cos − x2·sin; upper half: x2·cos + x1·sin.
@@ -1062,7 +1072,9 @@ __global__ void __launch_bounds__(NT)
     }
   }
 
-  // Merge the NG groups.
+  KV_STAMP_AT(stp, 3);
+  // Merge the NG groups. Loops over run-time bounds below stay rolled
+  // (unroll 1): instruction-cache footprint (docs/PERF.md, version 20).
 #pragma unroll
   for (int v = 0; v < QVM; v++) {
     if (v >= QV) break;
@@ -1073,14 +1085,17 @@ __global__ void __launch_bounds__(NT)
     }
   }
   __syncthreads();
+  KV_STAMP_AT(stp, 9);
   {
     const int warp = tid / 32, lane = tid % 32;
     if (warp < QV) {  // warp v: the factors exp(m_g − M) and the total sum
       const int v = warp;
       float mx = -INFINITY;
+#pragma unroll 1
       for (int g = lane; g < NG; g += 32) mx = fmaxf(mx, sm[v][g]);
       mx = kv_warp_max(mx);
       float L = 0.f;
+#pragma unroll 1
       for (int g = lane; g < NG; g += 32) {
         const float f = sm[v][g] == -INFINITY ? 0.f : expf(sm[v][g] - mx);
         sm[v][g] = f;
@@ -1094,6 +1109,7 @@ __global__ void __launch_bounds__(NT)
     }
   }
   __syncthreads();
+  KV_STAMP_AT(stp, 4);
   // OP: the head's output (QV = 1) goes to ho, then through the block's rows
   // of wo: a group of CPR lanes a row, one 16-byte chunk each, passes of
   // NT/CPR rows (uniform trip counts: the shuffles need whole warps); a
@@ -1135,6 +1151,7 @@ __global__ void __launch_bounds__(NT)
     return a0 + a1;
   };
   if constexpr (CS == 1) {
+#pragma unroll 1
     for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
       const float L = sL[v];
@@ -1156,14 +1173,18 @@ __global__ void __launch_bounds__(NT)
       __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
       float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
       kv_cluster_wait();  // the prologue's phase: rank 0 is running
+#pragma unroll 1
       for (int oi = tid; oi < QV * HS; oi += NT) to[oi] = block_out(oi / HS, oi % HS);
       if (tid < QV) {
         *cluster.map_shared_rank(&pm[rank][tid], 0) = sMx[tid];
         *cluster.map_shared_rank(&pl[rank][tid], 0) = sL[tid];
       }
       kv_cluster_arrive();  // release: this block's stores above
+      KV_STAMP_AT(stp, 5);
       if (rank != 0) return;
       kv_cluster_wait();  // acquire: every block's partial
+      KV_STAMP_AT(stp, 6);
+#pragma unroll 1
       for (int oi = tid; oi < QV * HS; oi += NT) {
         const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
         float M = -INFINITY;
@@ -1178,6 +1199,7 @@ __global__ void __launch_bounds__(NT)
         }
         out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
       }
+      KV_STAMP_AT(stp, 7);
     } else {
       // OP: every block merges for its own rows of wo, so each pulls the
       // partials (unnormalised o, M_b, L_b) from the others' bo/bm/bl.
@@ -1727,3 +1749,5 @@ extern "C" kv_status kv_attention(kv_stream s, float *out, const float *q, const
   }
   return kv_launched();
 }
+
+KV_STAMP_TU(attention)

@@ -158,10 +158,20 @@ __device__ __forceinline__ void kv_rope_pair_sc(float &x1, float &x2, float sn, 
   x1 = y1;
   x2 = y2;
 }
-__device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) {
+// kv_sincos: sincosf(x) as (sin, cos), behind a call. Full-range sincosf
+// inlines a slow path for huge arguments at every call site; the decode
+// kernels call it up to 32 times, and the copies spread their hot paths
+// over more instruction-cache lines than the rest of the kernel (the
+// attention's top stall in Nsight Compute was "no instruction"). One copy
+// a kernel, the same bits.
+static __device__ __noinline__ float2 kv_sincos(float x) {
   float sn, cs;
-  sincosf(angle, &sn, &cs);
-  kv_rope_pair_sc(x1, x2, sn, cs);
+  sincosf(x, &sn, &cs);
+  return make_float2(sn, cs);
+}
+__device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) {
+  const float2 sc = kv_sincos(angle);
+  kv_rope_pair_sc(x1, x2, sc.x, sc.y);
 }
 
 // ---- asynchronous copies global → shared (cp.async, sm_80+) ----

@@ -38,6 +38,7 @@
 // capture), then kv_matmul (and kv_gelu_new) run on it.
 #include "common.cuh"
 #include "fused.cuh"
+#include "stamps.cuh"
 
 namespace {
 
@@ -155,6 +156,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   __shared__ float red[2][NWARPS][NB];
 
   const int tid = threadIdx.x;
+  KV_STAMP_DECL(stp, st.kc != nullptr ? 1 : (MODE == kPlain ? 3 : 4));
   const int group = tid / TPR, lane = tid % TPR;
   const int chunks = K / VEC;
   const size_t row_bytes = (size_t)K * (F16 ? 2 : 4);
@@ -162,12 +164,14 @@ __global__ void __launch_bounds__(kFusedThreads)
   float *xs = reinterpret_cast<float *>(smem);
   const int K4 = K / 4;
 
+  // Loops over run-time bounds stay rolled (unroll 1): instruction-cache
+  // footprint, as mlp.cu (docs/PERF.md, version 20).
   // 1. Constant data first: the first batch of weights, and the norm
   // weights into shared memory (and when storing, the inverse frequency of
   // the pair this thread rotates, from the host's table, rope_freqs: the
   // double pow it replaces sat in the prologue; docs/PERF.md, version 19).
   constexpr int RB = GROUPS * R, HP = RB / 2 > 0 ? RB / 2 : 1;
-  const bool store = st.kc != nullptr;
+  const bool store = has_norm(MODE) && st.kc != nullptr;  // the cache store follows a norm only
   float inv_freq = 0.f;
   // lead: the kernel before this one passed its own wait before this one
   // launched (the runner leads from the second layer), so the step's
@@ -178,8 +182,20 @@ __global__ void __launch_bounds__(kFusedThreads)
   if (store) {
     const int pair = blockIdx.x * HP + tid % HP;
     if (st.rope_heads > 0) inv_freq = st.freqs.v[pair % (st.HS / 2)];
-    if (pre_rot) sincosf((float)st.pos[tid / HP] * inv_freq, &pre_sn, &pre_cs);
+    if (pre_rot) {
+      const float2 sc = kv_sincos((float)st.pos[tid / HP] * inv_freq);
+      pre_sn = sc.x;
+      pre_cs = sc.y;
+    }
   }
+  // The epilogue's cache slot (and, without pre_rot, position) of this
+  // thread's first (pair, row): loaded before the wait when leading (final
+  // then, as the positions above), else beside the input's staging, not
+  // after the product, where its round trip to L2 held the whole store.
+  const bool pre_st = store && tid < HP * N;
+  int pre_slot = -1;
+  float pre_pos = 0.f;
+  if (pre_st && lead) pre_slot = st.slots[tid / HP];
   uint4 wv[R][U];
   load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
   // The bias of each row this group computes: constant data too. Loaded in
@@ -195,6 +211,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   unsigned char *nws = smem + (size_t)N * K * 4 * (MODE == kSwiGLU ? 2 : 1);
   unsigned char *nbs = nws + nbytes;
   if constexpr (has_norm(MODE)) {
+#pragma unroll 1
     for (int i = tid; i < nbytes / 16; i += kFusedThreads) {
       kv_cp_async16_ca(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
       if (MODE == kLayerNorm && norm_b != nullptr) kv_cp_async16_ca(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
@@ -206,16 +223,24 @@ __global__ void __launch_bounds__(kFusedThreads)
   // waits, because it reads only constant data before its own wait; its
   // weights then stage while this kernel's predecessor still runs.
   if (lead) kv_pdl_launch_dependents();
+  KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
+  KV_STAMP_AT(stp, 2);
   if (!lead) kv_pdl_launch_dependents();
+  if (pre_st && !lead) {
+    pre_slot = st.slots[tid / HP];
+    pre_pos = (float)st.pos[tid / HP];
+  }
   if constexpr (MODE == kSwiGLU) {
     float *us = xs + N * K;
+#pragma unroll 1
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) {
       const int n = idx / K4, i = idx - n * K4;
       kv_cp_async16_ca(xs + 4 * idx, in + (size_t)n * 2 * K + 4 * i);
       kv_cp_async16_ca(us + 4 * idx, in + (size_t)n * 2 * K + K + 4 * i);
     }
   } else {
+#pragma unroll 1
     for (int idx = tid; idx < N * K4; idx += kFusedThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   }
   kv_cp_async_commit();
@@ -270,6 +295,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
   kv_cp_async_wait_all();
   __syncthreads();
+  KV_STAMP_AT(stp, 3);
 
   // 3. Transform in place; each thread owns the same float4s in every pass.
   float4 *xs4 = reinterpret_cast<float4 *>(xs);
@@ -318,6 +344,7 @@ __global__ void __launch_bounds__(kFusedThreads)
             if (n < N && i < K4) add_acc(n, i, pa[n][c][0], pa[n][c][1]);
         }
       }
+#pragma unroll 1
       for (int i = tid + pre * kFusedThreads; i < K4; i += kFusedThreads) {
 #pragma unroll
         for (int n = 0; n < NB; n++) {
@@ -387,6 +414,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
   }
   __syncthreads();
+  KV_STAMP_AT(stp, 4);
 
   // 4. The weight stream (matmul.cu gemv_kernel_v1's loop, inputs from
   // shared memory); the first batch is already in wv.
@@ -405,6 +433,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int r = 0; r < R; r++) acc[r][n] = 0.f;
   }
   const int nlast = N - 1;
+#pragma unroll 1
   for (int c0 = lane; c0 < chunks; c0 += TPR * U) {
     if (c0 != lane) load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, c0, chunks, OC, store, st.HS);
 #pragma unroll
@@ -437,6 +466,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
   }
 
+  KV_STAMP_AT(stp, 9);
   // Reduce over the group's lanes (with kFoldRMS the squares too, in the
   // same reduction: one barrier for groups wider than a warp).
   if constexpr (kFoldRMS) {
@@ -457,6 +487,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   } else {
     kv_group_sums<TPR, kFusedThreads>(acc);
   }
+  KV_STAMP_AT(stp, 5);
 
   if (store) {
     // The block's RB rows through shared memory, then one thread per
@@ -472,21 +503,24 @@ __global__ void __launch_bounds__(kFusedThreads)
         }
       }
     __syncthreads();
+    KV_STAMP_AT(stp, 6);
     const int hh = st.HS / 2;
+#pragma unroll 1
     for (int idx = tid; idx < HP * N; idx += kFusedThreads) {
       const int k = idx % HP, n = idx / HP;  // k = tid % HP: kFusedThreads is a multiple of HP
       const int pair = blockIdx.x * HP + k;
       if (pair >= OC / 2) continue;
       const int h = pair / hh, i = pair % hh;
       float x1 = res[k][n], x2 = res[k + HP][n];
+      const bool mine = pre_st && idx == tid;  // pre_slot, pre_pos hold this (pair, row)'s
       if (h < st.rope_heads) {
         if (pre_rot && idx == tid) kv_rope_pair_sc(x1, x2, pre_sn, pre_cs);
-        else kv_rope_pair(x1, x2, (float)st.pos[n] * inv_freq);
+        else kv_rope_pair(x1, x2, (mine && !lead ? pre_pos : (float)st.pos[n]) * inv_freq);
       }
       float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
       o[0] = x1;
       o[hh] = x2;
-      const int slot = st.slots[n];
+      const int slot = mine ? pre_slot : st.slots[n];
       if (h >= st.NH && slot >= 0 && slot < st.S) {
         const int kvh = h - st.NH;
         float *cache = kvh < st.NKV ? st.kc : st.vc;
@@ -495,6 +529,7 @@ __global__ void __launch_bounds__(kFusedThreads)
         d[hh] = x2;
       }
     }
+    KV_STAMP_AT(stp, 7);
     return;
   }
 
@@ -514,6 +549,7 @@ __global__ void __launch_bounds__(kFusedThreads)
         if (sa.clear) sa.clear[(size_t)n * OC + row] = 0;
       }
     }
+  KV_STAMP_AT(stp, 7);
 }
 
 // group_sum: the sum of v over the TPR lanes of this thread's group, in
@@ -1130,3 +1166,5 @@ extern "C" kv_status kv_rope_store(kv_stream s, float *qkv, float *kc, float *vc
                 slots, NH, NKV, HS, row_stride, rope_heads, h0, theta));
   return kv_launched();
 }
+
+KV_STAMP_TU(fused)

@@ -505,6 +505,12 @@ kv_status kv_decode(kv_stream s, const kv_decode_shape *sh, const kv_decode_laye
                     const int32_t *slots, const int32_t *order, const int32_t *lens,
                     unsigned long long *trace);
 
+/* kv_stamps_write writes the in-kernel timestamps that a library built with
+ * `make -C csrc STAMPS=1` records (csrc/stamps.cuh; scripts/stamps.py reads
+ * the file) to path: 0, or -1 when the library has none or the file cannot
+ * be written. */
+int kv_stamps_write(const char *path);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@
 // consumer does (kv_norm_matmul_sum).
 #include "common.cuh"
 #include "fused.cuh"
+#include "stamps.cuh"
 
 #include <cuda_fp16.h>
 
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kMlpThreads)
   __shared__ float ub[G * FS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int f0 = blockIdx.x * FS;
+  KV_STAMP_DECL(stp, 5);
   __half *wup = reinterpret_cast<__half *>(smem);
   __half *wdn = wup + (size_t)G * FS * C;
   float *xs = reinterpret_cast<float *>(wdn + (size_t)C * FS);
@@ -77,15 +79,21 @@ __global__ void __launch_bounds__(kMlpThreads)
   const int nbytes = C * (norm_f16 ? 2 : 4);
   unsigned char *nbs = nws + nbytes;
 
+  // Loops over run-time bounds stay rolled (unroll 1) here and below: the
+  // decode kernels' time went to instruction-cache misses more than to
+  // loop overhead (the unrolled copies nearly doubled this kernel's code;
+  // docs/PERF.md, version 20).
   // 1. Constant data before the wait: this block's up rows and down columns
   // (read once: L2 only), the norm weights and the biases (loaded after the
   // wait, a bias is a round trip to L2 or DRAM on the critical path).
   const int c8 = C / 8;
+#pragma unroll 1
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;
     const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
     kv_cp_async16_cg(wup + (size_t)r * C + 8 * k, up_w + (size_t)row * C + 8 * k);
   }
+#pragma unroll 1
   for (int i = tid; i < nbytes / 16; i += kMlpThreads) {
     kv_cp_async16_ca(nws + 16 * i, static_cast<const char *>(norm_w) + 16 * i);
     if (!RMS && norm_b) kv_cp_async16_ca(nbs + 16 * i, static_cast<const char *>(norm_b) + 16 * i);
@@ -95,10 +103,13 @@ __global__ void __launch_bounds__(kMlpThreads)
     const int row = SWIGLU && tid >= FS ? F + f0 + (tid - FS) : f0 + tid;
     ub[tid] = kv_load_w(up_b, up_b_f16, row);
   }
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0) {
+#pragma unroll 1
     for (int c = tid; c < C; c += kMlpThreads) db[c] = down_b ? kv_load_w(down_b, down_b_f16, c) : 0.f;
+  }
 
   constexpr int FS8 = FS / 8;
+#pragma unroll 1
   for (int i = tid; i < C * FS8; i += kMlpThreads) {
     const int c = i / FS8, j = i - c * FS8;
     kv_cp_async16_cg(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
@@ -106,21 +117,27 @@ __global__ void __launch_bounds__(kMlpThreads)
   kv_cp_async_commit();
 
   // 2. The input rows, written by the previous kernel.
+  KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
+  KV_STAMP_AT(stp, 2);
   kv_pdl_launch_dependents();
   const int C4 = C / 4;
+#pragma unroll 1
   for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
   kv_cp_async_commit();
   if (clear) {
+#pragma unroll 1
     for (int i = blockIdx.x * kMlpThreads + tid; i < N * C; i += gridDim.x * kMlpThreads) clear[i] = 0;
   }
   kv_cp_async_wait_all();
   __syncthreads();
+  KV_STAMP_AT(stp, 3);
 
   // 3. The norm, in fp32 (two passes for LayerNorm, as fused.cu).
   float s[NB], mean[NB], rstd[NB];
 #pragma unroll
   for (int n = 0; n < NB; n++) s[n] = 0.f;
+#pragma unroll 1
   for (int i = tid; i < C; i += kMlpThreads) {
 #pragma unroll
     for (int n = 0; n < NB; n++)
@@ -136,6 +153,7 @@ __global__ void __launch_bounds__(kMlpThreads)
       mean[n] = s[n] / (float)C;
       s[n] = 0.f;
     }
+#pragma unroll 1
     for (int i = tid; i < C; i += kMlpThreads) {
 #pragma unroll
       for (int n = 0; n < NB; n++)
@@ -151,6 +169,7 @@ __global__ void __launch_bounds__(kMlpThreads)
   }
 #pragma unroll
   for (int n = 0; n < NB; n++) rstd[n] = 1.f / sqrtf(s[n] / (float)C + eps);
+#pragma unroll 1
   for (int i = tid; i < C; i += kMlpThreads) {
     const float wn = load_norm_w(nws, norm_f16, i);
     const float bn = !RMS && norm_b ? load_norm_w(nbs, norm_f16, i) : 0.f;
@@ -159,6 +178,7 @@ __global__ void __launch_bounds__(kMlpThreads)
       if (n < N) xs[n * C + i] = (xs[n * C + i] - mean[n]) * rstd[n] * wn + bn;
   }
   __syncthreads();
+  KV_STAMP_AT(stp, 4);
 
   // 4. The block's G·FS up rows: a warp takes RPW rows (warp + kMlpWarps·j)
   // at once, lanes over C in pairs, so that the rows' loads and their
@@ -185,6 +205,7 @@ __global__ void __launch_bounds__(kMlpThreads)
           for (int j = 0; j < RPW; j++) a[j][n] += w[j].x * x.x + w[j].y * x.y;
         }
     }
+    KV_STAMP_AT(stp, 9);
 #pragma unroll
     for (int j = 0; j < RPW; j++)
 #pragma unroll
@@ -210,7 +231,10 @@ __global__ void __launch_bounds__(kMlpThreads)
 
   // 5. The down columns: a thread per output, the partial sum into the
   // accumulator (block 0 adds the bias).
+  KV_STAMP_AT(stp, 5);
   __syncthreads();  // h
+  KV_STAMP_AT(stp, 6);
+#pragma unroll 1
   for (int c = tid; c < C; c += kMlpThreads) {
     float wd[FS];
     const uint4 *wp = reinterpret_cast<const uint4 *>(wdn + (size_t)c * FS);
@@ -227,6 +251,7 @@ __global__ void __launch_bounds__(kMlpThreads)
                   (unsigned long long)kv_fix(p + b));
       }
   }
+  KV_STAMP_AT(stp, 7);
 }
 
 template <int NB>
@@ -288,3 +313,5 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, c
   *launched = 1;
   return kv_launched();
 }
+
+KV_STAMP_TU(mlp)

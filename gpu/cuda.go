@@ -6,6 +6,7 @@ package gpu
 #cgo CFLAGS: -I${SRCDIR}/../csrc
 #cgo LDFLAGS: -L${SRCDIR}/../csrc -lkvalign -L/usr/local/cuda/lib64 -lcudart_static -ldl -lrt -lpthread -lstdc++ -lm
 #include "kvalign.h"
+#include <stdlib.h>
 */
 import "C"
 
@@ -278,6 +279,15 @@ func (c *CUDA) Close() error {
 	}
 	keep("close", C.kv_set_device(C.int(c.device)))
 	keep("close", C.kv_stream_sync(c.stream))
+	if p := os.Getenv("KVALIGN_STAMPS"); p != "" {
+		// In-kernel timestamps (csrc/stamps.cuh, scripts/stamps.py): only
+		// a library built with `make -C csrc STAMPS=1` records them.
+		cp := C.CString(p)
+		if C.kv_stamps_write(cp) != 0 {
+			fmt.Fprintf(os.Stderr, "KVALIGN_STAMPS: no timestamps written to %s (they need a kernel library built with make -C csrc STAMPS=1)\n", p)
+		}
+		C.free(unsafe.Pointer(cp))
+	}
 	for addr := range c.allocs {
 		p := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
 		keep("close", C.kv_free(p))
