@@ -373,8 +373,8 @@ kv_status kv_norm_matmul(kv_stream s, float *out, const float *in, const void *n
  * the cache rows but this step's) is not written by the kernel before this
  * one, which may still run; and that the kernel before this one passed its
  * own programmatic wait before it let this one launch (every decode kernel
- * but a leading one does), for with lead this kernel reads pos before its
- * wait. */
+ * but a leading one does), for with lead this kernel reads pos and slots
+ * before its wait. */
 kv_status kv_norm_matmul_store(kv_stream s, float *qkv, const float *in, const void *norm_w,
                                const void *norm_b, int norm_f16, const void *w, int w_f16,
                                const void *bias, int bias_f16, int N, int C, float eps, int rms, float *kc,

@@ -429,7 +429,7 @@ type QKVStore struct {
 	// which follows the step's input copy and the realignment). The
 	// operation before must also have had its own input ready before this
 	// one started, as every decode operation but a leading one does; the
-	// CUDA kernel then reads Pos before its input is ready.
+	// CUDA kernel then reads Pos and Slots before its input is ready.
 	Lead bool
 }
 
