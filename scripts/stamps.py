@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Summarise the in-kernel timestamps of an experiment build (csrc/stamps.cuh).
+"""Summarise the in-kernel timestamps of a measuring build (csrc/stamps.cuh).
 
 Usage: stamps.py FILE [first_layer last_layer]
 
-FILE is what kv_stamps_write wrote (KVALIGN_STAMPS=FILE with a build made
-with nvcc -DKV_STAMPS). For the decode chain's kernels (q|k|v product,
-attention, output projection, MLP) it prints, as medians over the middle
+FILE is what kv_stamps_write wrote: KVALIGN_STAMPS=FILE kvalign bench
+decode ..., with a kernel library built by `make -C csrc clean && make -C
+csrc STAMPS=1` (then linked as usual). For the decode chain's kernels
+(q|k|v product, attention, output projection, MLP) it prints, as medians over the middle
 layers of the recorded steps, in ns: when the kernel's blocks return from
 the programmatic wait relative to the end of the kernel before it (the
 hand-off), each checkpoint relative to the block's own wait, and the
