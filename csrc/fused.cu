@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   __shared__ float red[2][NWARPS][NB];
 
   const int tid = threadIdx.x;
-  KV_STAMP_DECL(stp, st.kc != nullptr ? 1 : (MODE == kPlain ? 3 : 4));
+  KV_STAMP_DECL(stp, has_norm(MODE) && st.kc != nullptr ? 1 : (MODE == kPlain ? 3 : 4));
   const int group = tid / TPR, lane = tid % TPR;
   const int chunks = K / VEC;
   const size_t row_bytes = (size_t)K * (F16 ? 2 : 4);
@@ -173,29 +173,32 @@ __global__ void __launch_bounds__(kFusedThreads)
   constexpr int RB = GROUPS * R, HP = RB / 2 > 0 ? RB / 2 : 1;
   const bool store = has_norm(MODE) && st.kc != nullptr;  // the cache store follows a norm only
   float inv_freq = 0.f;
-  // lead: the kernel before this one passed its own wait before this one
-  // launched (the runner leads from the second layer), so the step's
-  // positions, copied in at its start, are final already: the rotation
-  // factors of this thread's first (pair, row) are computed here too.
-  float pre_sn = 0.f, pre_cs = 1.f;
-  const bool pre_rot = store && lead && st.rope_heads > 0 && tid < HP * N;
   if (store) {
     const int pair = blockIdx.x * HP + tid % HP;
     if (st.rope_heads > 0) inv_freq = st.freqs.v[pair % (st.HS / 2)];
-    if (pre_rot) {
-      const float2 sc = kv_sincos((float)st.pos[tid / HP] * inv_freq);
+  }
+  // early: this thread's first (pair, row) of the epilogue has its cache
+  // slot and position loaded before the product, not after it, where their
+  // round trip to L2 held the whole store: before the wait when leading
+  // (the kernel before this one passed its own wait before this one
+  // launched, so the step's inputs, copied in at its start, are final; the
+  // runner leads from the second layer), with the rotation factors too;
+  // else beside the input's staging.
+  const bool early = store && tid < HP * N;
+  int pre_slot = -1;
+  float pre_pos = 0.f, pre_sn = 0.f, pre_cs = 1.f;
+  auto load_early = [&] {
+    pre_slot = st.slots[tid / HP];
+    pre_pos = (float)st.pos[tid / HP];
+  };
+  if (early && lead) {
+    load_early();
+    if (st.rope_heads > 0) {
+      const float2 sc = kv_sincos(pre_pos * inv_freq);
       pre_sn = sc.x;
       pre_cs = sc.y;
     }
   }
-  // The epilogue's cache slot (and, without pre_rot, position) of this
-  // thread's first (pair, row): loaded before the wait when leading (final
-  // then, as the positions above), else beside the input's staging, not
-  // after the product, where its round trip to L2 held the whole store.
-  const bool pre_st = store && tid < HP * N;
-  int pre_slot = -1;
-  float pre_pos = 0.f;
-  if (pre_st && lead) pre_slot = st.slots[tid / HP];
   uint4 wv[R][U];
   load_batch<F16, R, U, TPR, GROUPS>(wv, wb, row_bytes, blockIdx.x, group, lane, chunks, OC, store, st.HS);
   // The bias of each row this group computes: constant data too. Loaded in
@@ -227,10 +230,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
   if (!lead) kv_pdl_launch_dependents();
-  if (pre_st && !lead) {
-    pre_slot = st.slots[tid / HP];
-    pre_pos = (float)st.pos[tid / HP];
-  }
+  if (early && !lead) load_early();
   if constexpr (MODE == kSwiGLU) {
     float *us = xs + N * K;
 #pragma unroll 1
@@ -512,10 +512,10 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (pair >= OC / 2) continue;
       const int h = pair / hh, i = pair % hh;
       float x1 = res[k][n], x2 = res[k + HP][n];
-      const bool mine = pre_st && idx == tid;  // pre_slot, pre_pos hold this (pair, row)'s
+      const bool mine = early && idx == tid;  // the (pair, row) loaded early
       if (h < st.rope_heads) {
-        if (pre_rot && idx == tid) kv_rope_pair_sc(x1, x2, pre_sn, pre_cs);
-        else kv_rope_pair(x1, x2, (mine && !lead ? pre_pos : (float)st.pos[n]) * inv_freq);
+        if (mine && lead) kv_rope_pair_sc(x1, x2, pre_sn, pre_cs);
+        else kv_rope_pair(x1, x2, (mine ? pre_pos : (float)st.pos[n]) * inv_freq);
       }
       float *o = out + (size_t)n * OC + (size_t)h * st.HS + i;
       o[0] = x1;
