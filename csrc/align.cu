@@ -720,8 +720,12 @@ __device__ __forceinline__ void block_relu(float (&v)[2][8], const float (*acc)[
 // align_kernel_packed: see above. NX = HSp/32, NH2 = H2p/32 (compile-time:
 // they size register arrays); fc1's width H1p is a loop bound. Lane (g, t)
 // of a warp (g = lane/4, t = lane%4) holds tile rows g and g+8.
+// Blocks with blockIdx.y = 1 run the second network (n1) over its cache,
+// those with 0 the first (n0): keys and values in one launch, each block
+// staging one network.
 template <class M, int NX, int NH2, int WARPS, bool TUNED>
-__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPackedArgs a) {
+__global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPackedArgs n0, AlignPackedArgs n1) {
+  const AlignPackedArgs a = blockIdx.y ? n1 : n0;
   using W = typename M::W;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int ESZ = sizeof(W), HSp = 32 * NX, H2p = 32 * NH2;
@@ -947,19 +951,23 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
 }
 
 template <class M, int NX, int NH2, int WARPS, bool TUNED>
-kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
+kv_status launch_align_packed(kv_stream s, const AlignPackedArgs *a, int nets) {
   constexpr int ESZ = sizeof(typename M::W), HSp = 32 * NX, H2p = 32 * NH2;
+  const int H1p = max(a[0].H1p, a[nets - 1].H1p);
   const size_t smem =
       (size_t)(H1p * packed_ld<ESZ>(HSp) + H2p * packed_ld<ESZ>(H1p) + HSp * packed_ld<ESZ>(H2p)) * ESZ +
       4 * (H2p + HSp);
   int dev = 0, sms = 0;
   KV_TRY(cudaGetDevice(&dev));
   KV_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Blocks a network: the SMs shared between the networks (a block fills an
+  // SM's registers), never more than the tiles.
+  const int blocks = min(max(1, sms / nets), a[0].tiles);
   // Host-side attribute (no stream work): allowed while capturing.
   KV_TRY(cudaFuncSetAttribute(align_kernel_packed<M, NX, NH2, WARPS, TUNED>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  KV_TRY(kv_launch(align_kernel_packed<M, NX, NH2, WARPS, TUNED>, dim3(min(sms, a.tiles)), dim3(WARPS * 32), smem, s,
-                   kv_pdl_supported(), a));
+  KV_TRY(kv_launch(align_kernel_packed<M, NX, NH2, WARPS, TUNED>, dim3(blocks, nets), dim3(WARPS * 32), smem, s,
+                   kv_pdl_supported(), a[0], a[nets - 1]));
   return kv_launched();
 }
 
@@ -969,18 +977,18 @@ kv_status launch_align_packed(kv_stream s, const AlignPackedArgs &a, int H1p) {
 // the 12-warp fp16 instances ≤ 168 registers, no spills); the larger
 // instances hold more per lane.
 template <bool TUNED>
-kv_status dispatch_packed(kv_stream s, const AlignPackedArgs &a, int w_f16, int HSp, int H1p, int H2p) {
+kv_status dispatch_packed(kv_stream s, const AlignPackedArgs *a, int nets, int w_f16, int HSp, int H2p) {
   if (w_f16) {
     // (Tuned, these two spill 20 and 80 bytes at 168 registers; 11 warps
     // would not help: 3 warps on one SM sub-partition cap them at 168 too.)
-    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12, TUNED>(s, a, H1p);
-    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12, TUNED>(s, a, H1p);
-    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8, TUNED>(s, a, H1p);
-    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8, TUNED>(s, a, H1p);
-    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathF16, 2, 2, 12, TUNED>(s, a, nets);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathF16, 2, 4, 12, TUNED>(s, a, nets);
+    if (HSp == 64 && H2p == 256) return launch_align_packed<MathF16, 2, 8, 8, TUNED>(s, a, nets);
+    if (HSp == 128 && H2p == 64) return launch_align_packed<MathF16, 4, 2, 8, TUNED>(s, a, nets);
+    if (HSp == 128 && H2p == 128) return launch_align_packed<MathF16, 4, 4, 8, TUNED>(s, a, nets);
   } else {
-    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8, TUNED>(s, a, H1p);
-    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8, TUNED>(s, a, H1p);
+    if (HSp == 64 && H2p == 64) return launch_align_packed<MathTF32x3, 2, 2, 8, TUNED>(s, a, nets);
+    if (HSp == 64 && H2p == 128) return launch_align_packed<MathTF32x3, 2, 4, 8, TUNED>(s, a, nets);
   }
   return (kv_status)cudaErrorInvalidValue;
 }
@@ -1032,19 +1040,26 @@ extern "C" kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, c
 }
 
 
-extern "C" kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index,
-                                     int rows, int L, int NKV, int HS, long long layer_stride, const void *w,
-                                     int w_f16, const float *bias, const float *post, const float *lh, int P, int Ln,
-                                     int Hn, int HSp, int H1p, int H2p, int tuned) {
+extern "C" kv_status kv_align_packed(kv_stream s, const kv_align_net *nets, int n_nets, const int32_t *slots,
+                                     const int32_t *index, int rows, int L, int NKV, int HS, long long layer_stride,
+                                     int tuned) {
+  if (n_nets < 1 || n_nets > 2) return (kv_status)cudaErrorInvalidValue;
   if (rows <= 0 || L <= 0 || NKV <= 0) return kv_launched();
-  if (HS <= 0 || HS > HSp || P <= 0 || H1p <= 0 || H1p % 32 != 0 || L > Ln || NKV > Hn)
-    return (kv_status)cudaErrorInvalidValue;
   const int tiles_per_lh = kv_ceil_div(rows, 16);
   const long long tiles = (long long)L * NKV * tiles_per_lh;
-  if (tiles > INT32_MAX) return (kv_status)cudaErrorInvalidValue;
-  const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(cache) % 16 == 0;
-  const AlignPackedArgs a{cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(w), bias,
-                          post, lh, P, Hn, H1p, tiles_per_lh, (int)tiles, vec};
-  return tuned ? dispatch_packed<true>(s, a, w_f16, HSp, H1p, H2p) : dispatch_packed<false>(s, a, w_f16, HSp, H1p, H2p);
+  if (HS <= 0 || tiles > INT32_MAX) return (kv_status)cudaErrorInvalidValue;
+  AlignPackedArgs a[2];
+  for (int n = 0; n < n_nets; n++) {
+    const kv_align_net &k = nets[n];
+    // One instance runs both networks: the same dtype and padded sizes but
+    // fc1's width (a loop bound).
+    if (HS > k.HSp || k.P <= 0 || k.H1p <= 0 || k.H1p % 32 != 0 || L > k.Ln || NKV > k.Hn ||
+        k.w_f16 != nets[0].w_f16 || k.HSp != nets[0].HSp || k.H2p != nets[0].H2p)
+      return (kv_status)cudaErrorInvalidValue;
+    const int vec = HS % 4 == 0 && layer_stride % 4 == 0 && reinterpret_cast<uintptr_t>(k.cache) % 16 == 0;
+    a[n] = AlignPackedArgs{k.cache, slots, index, rows, NKV, HS, layer_stride, static_cast<const uint4 *>(k.w),
+                           k.bias, k.post, k.lh, k.P, k.Hn, k.H1p, tiles_per_lh, (int)tiles, vec};
+  }
+  const int f16 = nets[0].w_f16, HSp = nets[0].HSp, H2p = nets[0].H2p;
+  return tuned ? dispatch_packed<true>(s, a, n_nets, f16, HSp, H2p) : dispatch_packed<false>(s, a, n_nets, f16, HSp, H2p);
 }
-

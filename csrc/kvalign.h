@@ -297,25 +297,35 @@ kv_status kv_align(kv_stream s, float *cache, const int32_t *slots, const int32_
                    const float *w2, const float *b2, const float *w3, const float *b3,
                    int H1, int H2, int variant);
 
-/* kv_align_packed: the same realignment from a network packed by
- * gpu.PackAlign (weights w in the kernel's shared-memory layout, fp16 when
- * w_f16 = 1, else float32; fc1's embedding part as the tables post
- * [P][H1p] and lh [Ln*Hn][H1p]; biases b2 [H2p] then b3 [HSp]), a warp per
- * 16 rows with the activations in registers. w_f16 = 1: fp16 tensor cores,
- * fp32 accumulation, the residual add in fp32 (~5e-4 relative on the
- * correction; gpu's variant 6, 8 tuned); 0: 3xTF32 tensor cores, fp32
- * accuracy (variant 7, 9 tuned). tuned = 1: the same arithmetic in another
- * instruction order (bitwise equal results): fp16 issues fc1 of the next 32
- * outputs before fc2 of the current ones, 3xTF32 runs its passes round 4
- * accumulators. gpu.CUDA.Align's defaults: 6 and 9 (H200, distilgpt2
- * keys: 10 and 46 µs against kv_align's 121).
- * (HSp, H2p): fp16 one of (64, 64), (64, 128), (64, 256), (128, 64),
- * (128, 128); fp32 (64, 64) or (64, 128). H1p a multiple of 32; HS <= HSp,
- * L <= Ln, NKV <= Hn. Rows are skipped as by kv_align. */
-kv_status kv_align_packed(kv_stream s, float *cache, const int32_t *slots, const int32_t *index, int rows,
-                          int L, int NKV, int HS, long long layer_stride, const void *w, int w_f16,
-                          const float *bias, const float *post, const float *lh, int P, int Ln, int Hn, int HSp,
-                          int H1p, int H2p, int tuned);
+/* kv_align_net: a network packed by gpu.PackAlign (weights w in the
+ * kernel's shared-memory layout, fp16 when w_f16 = 1, else float32; fc1's
+ * embedding part as the tables post [P][H1p] and lh [Ln*Hn][H1p]; biases b2
+ * [H2p] then b3 [HSp]) and the K or V store it rewrites. */
+typedef struct {
+  float *cache;
+  const void *w;
+  int w_f16;
+  const float *bias, *post, *lh;
+  int P, Ln, Hn, HSp, H1p, H2p;
+} kv_align_net;
+
+/* kv_align_packed: kv_align's realignment by one or two packed networks in
+ * one launch (n_nets = 2: keys and values, each over its own store, the SMs
+ * shared between them), a warp per 16 rows with the activations in
+ * registers. w_f16 = 1: fp16 tensor cores, fp32 accumulation, the residual
+ * add in fp32 (~5e-4 relative on the correction; gpu's variant 6, 8
+ * tuned); 0: 3xTF32 tensor cores, fp32 accuracy (variant 7, 9 tuned).
+ * tuned = 1: the same arithmetic in another instruction order (bitwise
+ * equal results): fp16 issues fc1 of the next 32 outputs before fc2 of the
+ * current ones, 3xTF32 runs its passes round 4 accumulators.
+ * gpu.CUDA.Align's defaults: 6 and 9 (H200, distilgpt2 keys: 10 and 46 µs
+ * against kv_align's 121). (HSp, H2p): fp16 one of (64, 64), (64, 128),
+ * (64, 256), (128, 64), (128, 128); fp32 (64, 64) or (64, 128); both
+ * networks of one dtype, HSp and H2p (H1p may differ). H1p a multiple of
+ * 32; HS <= HSp, L <= Ln, NKV <= Hn. Rows are skipped as by kv_align. */
+kv_status kv_align_packed(kv_stream s, const kv_align_net *nets, int n_nets, const int32_t *slots,
+                          const int32_t *index, int rows, int L, int NKV, int HS, long long layer_stride,
+                          int tuned);
 
 /* bandwidth.cu: device-to-device copy bandwidth in GB/s (bytes read plus
  * written per second) over reps copies of a buffer of `bytes`; synchronous. */

@@ -100,27 +100,59 @@ func (c *CUDA) alignPacked(cache, slots, index Buf, net *AlignNet, p AlignParams
 	if !c.need(op, net != nil && net.Pack != nil && net.Pack.DType == dt, "this variant needs an %v AlignPack (gpu.PackAlign)", dt) {
 		return
 	}
-	k := net.Pack
-	if !c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.LayerStride >= 0 && p.HS == k.HS,
-		"invalid shape Rows=%d L=%d NKV=%d HS=%d LayerStride=%d for a pack of head size %d", p.Rows, p.L, p.NKV, p.HS, p.LayerStride, k.HS) ||
-		!c.need(op, p.L <= k.Ln && p.NKV <= k.Hn, "%d layers × %d heads, the pack has tables for %d × %d", p.L, p.NKV, k.Ln, k.Hn) ||
-		!c.need(op, k.SmemBytes() <= c.smemOptin, "the pack needs %d bytes of shared memory, the device has %d", k.SmemBytes(), c.smemOptin) ||
+	c.alignPacks(op, []Buf{cache}, []*AlignPack{net.Pack}, slots, index, p, tuned)
+}
+
+// AlignPair realigns the K store with the key network and the V store with
+// the value network in one launch, each thread block running one of them,
+// where both have packs that one kernel instance takes (the same dtype and
+// padded sizes but fc1's width) and the default variants would run them;
+// otherwise it enqueues nothing and returns false (two Align calls do the
+// same).
+func (c *CUDA) AlignPair(K, V, slots, index Buf, keys, values *AlignNet, p AlignParams) bool {
+	if keys == nil || values == nil || keys.Pack == nil || values.Pack == nil {
+		return false
+	}
+	kp, vp := keys.Pack, values.Pack
+	if kp.DType != vp.DType || kp.HSp != vp.HSp || kp.H2p != vp.H2p ||
+		kp.SmemBytes() > c.smemOptin || vp.SmemBytes() > c.smemOptin {
+		return false
+	}
+	c.alignPacks("align", []Buf{K, V}, []*AlignPack{kp, vp}, slots, index, p, packedVariant(kp.DType) == 9)
+	return true
+}
+
+// alignPacks checks and launches kv_align_packed for network k[n] over
+// cache[n].
+func (c *CUDA) alignPacks(op string, cache []Buf, k []*AlignPack, slots, index Buf, p AlignParams, tuned bool) {
+	if !c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.LayerStride >= 0,
+		"invalid shape Rows=%d L=%d NKV=%d LayerStride=%d", p.Rows, p.L, p.NKV, p.LayerStride) ||
 		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
-		!c.needBuf(op, "index", index, p.Rows, I32) ||
-		!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, dt), dt) ||
-		!c.needBuf(op, "pack.Bias", k.Bias, k.H2p+k.HSp, F32) ||
-		!c.needBuf(op, "pack.PosT", k.PosT, k.P*k.H1p, F32) ||
-		!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
+		!c.needBuf(op, "index", index, p.Rows, I32) {
 		return
 	}
-	if !c.alignWork(op, cache, p) {
-		return
+	nets := make([]C.kv_align_net, len(k))
+	for n, k := range k {
+		dt := k.DType
+		if !c.need(op, p.HS == k.HS, "head size %d for a pack of head size %d", p.HS, k.HS) ||
+			!c.need(op, p.L <= k.Ln && p.NKV <= k.Hn, "%d layers × %d heads, the pack has tables for %d × %d", p.L, p.NKV, k.Ln, k.Hn) ||
+			!c.need(op, k.SmemBytes() <= c.smemOptin, "the pack needs %d bytes of shared memory, the device has %d", k.SmemBytes(), c.smemOptin) ||
+			!c.needBuf(op, "pack.W", k.W, alignPackWLen(k.HSp, k.H1p, k.H2p, dt), dt) ||
+			!c.needBuf(op, "pack.Bias", k.Bias, k.H2p+k.HSp, F32) ||
+			!c.needBuf(op, "pack.PosT", k.PosT, k.P*k.H1p, F32) ||
+			!c.needBuf(op, "pack.LH", k.LH, k.Ln*k.Hn*k.H1p, F32) {
+			return
+		}
+		if !c.alignWork(op, cache[n], p) {
+			return
+		}
+		nets[n] = C.kv_align_net{cache: devF32(cache[n]), w: dev(k.W), w_f16: cFlag(dt == F16), bias: devF32(k.Bias),
+			post: devF32(k.PosT), lh: devF32(k.LH), P: C.int(k.P), Ln: C.int(k.Ln), Hn: C.int(k.Hn),
+			HSp: C.int(k.HSp), H1p: C.int(k.H1p), H2p: C.int(k.H2p)}
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_align_packed(c.stream, devF32(cache), devI32(slots), devI32(index),
-			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride),
-			dev(k.W), cFlag(dt == F16), devF32(k.Bias), devF32(k.PosT), devF32(k.LH), C.int(k.P), C.int(k.Ln), C.int(k.Hn),
-			C.int(k.HSp), C.int(k.H1p), C.int(k.H2p), cFlag(tuned))
+		return C.kv_align_packed(c.stream, &nets[0], C.int(len(nets)), devI32(slots), devI32(index),
+			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride), cFlag(tuned))
 	})
 }
 

@@ -333,3 +333,82 @@ func randAlignRows(rng *rand.Rand, rows, S, P int) (slots, index []int32) {
 	}
 	return slots, index
 }
+
+// TestCUDAAlignPair: one launch of both networks gives each store the same
+// bits as that network's own launch (a tile's arithmetic does not depend on
+// which block runs it), with fc1 widths that differ; networks that one
+// kernel instance cannot run together are refused, nothing enqueued.
+func TestCUDAAlignPair(t *testing.T) {
+	c := newTestCUDA(t)
+	rng := rand.New(rand.NewPCG(15, 1))
+	same := func(a, b []float32) bool {
+		return slices.EqualFunc(a, b, func(x, y float32) bool { return math.Float32bits(x) == math.Float32bits(y) })
+	}
+	for _, s := range []struct {
+		keys, values alignShape
+		dt           DType
+	}{
+		{alignShape{L: 30, NKV: 3, HS: 64, Rows: 251, H1: 128, H2: 128}, alignShape{L: 30, NKV: 3, HS: 64, Rows: 251, H1: 128, H2: 128}, F16}, // SmolLM2, a full step
+		{alignShape{L: 5, NKV: 3, HS: 64, Rows: 41, H1: 96, H2: 128}, alignShape{L: 5, NKV: 3, HS: 64, Rows: 41, H1: 128, H2: 128}, F16},
+		{alignShape{L: 5, NKV: 3, HS: 64, Rows: 41, H1: 96, H2: 128}, alignShape{L: 5, NKV: 3, HS: 64, Rows: 41, H1: 128, H2: 128}, F32},
+		{alignShape{L: 2, NKV: 2, HS: 48, Rows: 3, H1: 64, H2: 64}, alignShape{L: 2, NKV: 2, HS: 48, Rows: 3, H1: 32, H2: 64}, F16},
+	} {
+		if testing.Short() && s.keys.Rows > 100 {
+			continue // the full step: not under compute-sanitizer
+		}
+		k := s.keys
+		S := k.Rows + 7
+		layerStride := S * k.NKV * k.HS
+		slots, index := randAlignRows(rng, k.Rows, S, 256)
+		sBuf, iBuf := uploadInts(t, c, slots), uploadInts(t, c, index)
+		knet, kref := newAlignNet(t, c, rng, s.keys)
+		vnet, vref := newAlignNet(t, c, rng, s.values)
+		knet, vnet = withPack(t, c, knet, kref, s.dt), withPack(t, c, vnet, vref, s.dt)
+		K0, V0 := randVals(rng, k.L*layerStride, 2), randVals(rng, k.L*layerStride, 2)
+		p := AlignParams{Rows: k.Rows, L: k.L, NKV: k.NKV, HS: k.HS, LayerStride: layerStride}
+		Kb, Vb := uploadNew(t, c, F32, K0), uploadNew(t, c, F32, V0)
+		if !c.AlignPair(Kb, Vb, sBuf, iBuf, knet, vnet, p) {
+			t.Fatalf("%v: AlignPair refused networks of sizes %+v and %+v", s.dt, s.keys, s.values)
+		}
+		gotK, gotV := download(t, c, Kb), download(t, c, Vb)
+		one := func(cache []float32, net *AlignNet) []float32 {
+			b := uploadNew(t, c, F32, cache)
+			defer c.Free(b)
+			c.Align(b, sBuf, iBuf, net, p)
+			return download(t, c, b)
+		}
+		if !same(gotK, one(K0, knet)) || !same(gotV, one(V0, vnet)) {
+			t.Errorf("%v %+v / %+v: the pair's launch differs from each network's own", s.dt, s.keys, s.values)
+		}
+		// And so from the reference as Align is (TestCUDAAlignPacked): here
+		// only that the pair did realign.
+		want := append([]float32(nil), V0...)
+		ref.Align(want, slots, index, vref, k.L, k.NKV, k.HS, layerStride)
+		var g, w []float32
+		for i := range want {
+			g, w = append(g, gotV[i]-V0[i]), append(w, want[i]-V0[i])
+		}
+		if e := relErr(g, w); !(e <= 3e-3) {
+			t.Errorf("%v %+v: the values' correction is off by %.3g of the reference", s.dt, s.values, e)
+		}
+		c.Free(Kb)
+		c.Free(Vb)
+	}
+	// Different fc2 widths need two kernel instances: refused.
+	sh := alignShape{L: 2, NKV: 2, HS: 64, Rows: 9, H1: 64, H2: 64}
+	k2, k2ref := newAlignNet(t, c, rng, sh)
+	sh.H2 = 128
+	v2, v2ref := newAlignNet(t, c, rng, sh)
+	S := 12
+	layerStride := S * sh.NKV * sh.HS
+	slots, index := randAlignRows(rng, sh.Rows, S, 256)
+	K0 := randVals(rng, sh.L*layerStride, 2)
+	Kb, Vb := uploadNew(t, c, F32, K0), uploadNew(t, c, F32, K0)
+	if c.AlignPair(Kb, Vb, uploadInts(t, c, slots), uploadInts(t, c, index), withPack(t, c, k2, k2ref, F16), withPack(t, c, v2, v2ref, F16),
+		AlignParams{Rows: sh.Rows, L: sh.L, NKV: sh.NKV, HS: sh.HS, LayerStride: layerStride}) {
+		t.Error("AlignPair took networks of fc2 widths 64 and 128")
+	}
+	if !same(download(t, c, Kb), K0) || !same(download(t, c, Vb), K0) {
+		t.Error("a refused AlignPair changed the caches")
+	}
+}

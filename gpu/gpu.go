@@ -288,6 +288,14 @@ type Backend interface {
 	Align(cache, slots, index Buf, net *AlignNet, p AlignParams)
 }
 
+// AlignPairer is a backend that realigns the K and V stores in one call
+// (CUDA: one launch, each thread block running one network). AlignPair
+// returns false, enqueueing nothing, where it does not take the networks:
+// two Align calls do the same.
+type AlignPairer interface {
+	AlignPair(K, V, slots, index Buf, keys, values *AlignNet, p AlignParams) bool
+}
+
 // Error is a failed backend operation.
 type Error struct {
 	Op   string // the operation, e.g. "matmul"
