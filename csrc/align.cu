@@ -30,6 +30,8 @@
 //    (gpu.PackAlign). The packed kernels are what gpu.CUDA.Align runs by
 //    default: v6 (fp16) for fp16 models, v9 (3xTF32) for fp32 ones; v4 only
 //    for networks without a pack (or one larger than the shared memory).
+//    One launch may run both networks (keys over the K store, values over
+//    the V store; gpu.CUDA.AlignPair), a block running one of them.
 //
 // fc1's input is [x, pos, layer, head], so W1·in = W1x·x + W1p·Pos[p] +
 // W1l·Layer[l] + W1h·Head[h]: the embedding terms depend only on the weights
@@ -52,7 +54,11 @@
 // bound is each B fragment's shared-memory load issued just before its mma
 // (the 168-register cap of 12 warps leaves no room to load further ahead).
 // v9 (v7 with the 3xTF32 passes round 4 accumulators instead of 12 chained
-// on one) took 27-30% off v7: there the chain was the bound.
+// on one) took 27-30% off v7: there the chain was the bound. Issuing v6's
+// first k16 step of several tiles before their second (the same bits)
+// traded its fixed-latency stalls for shared-memory waits and gained
+// nothing (docs/PERF.md, version 21: Nsight Compute puts the tensor pipe at
+// 27% of the cycles, 2.8 warps a scheduler, 0.44 of them eligible).
 #include "common.cuh"
 
 namespace {
