@@ -92,8 +92,8 @@ func (d *Device) upload(n *Network, packDT gpu.DType, packed bool) (gpu.AlignNet
 }
 
 // Realign runs the key network over the K store and the value network over
-// the V store, for the layers p names, every listed entry and head: in one
-// launch where the backend pairs them, else one each.
+// the V store, for every layer, listed entry and head: in one launch where
+// the backend pairs them (gpu.AlignPairer), else one each.
 func (d *Device) Realign(be gpu.Backend, K, V, slots, index gpu.Buf, p gpu.AlignParams) {
 	if pr, ok := be.(gpu.AlignPairer); ok && pr.AlignPair(K, V, slots, index, &d.keys, &d.values, p) {
 		return

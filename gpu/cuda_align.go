@@ -122,17 +122,17 @@ func (c *CUDA) AlignPair(K, V, slots, index Buf, keys, values *AlignNet, p Align
 	return true
 }
 
-// alignPacks checks and launches kv_align_packed for network k[n] over
+// alignPacks checks and launches kv_align_packed for network packs[n] over
 // cache[n].
-func (c *CUDA) alignPacks(op string, cache []Buf, k []*AlignPack, slots, index Buf, p AlignParams, tuned bool) {
+func (c *CUDA) alignPacks(op string, cache []Buf, packs []*AlignPack, slots, index Buf, p AlignParams, tuned bool) {
 	if !c.need(op, p.Rows >= 0 && p.L >= 0 && p.NKV >= 0 && p.LayerStride >= 0,
 		"invalid shape Rows=%d L=%d NKV=%d LayerStride=%d", p.Rows, p.L, p.NKV, p.LayerStride) ||
 		!c.needBuf(op, "slots", slots, p.Rows, I32) ||
 		!c.needBuf(op, "index", index, p.Rows, I32) {
 		return
 	}
-	nets := make([]C.kv_align_net, len(k))
-	for n, k := range k {
+	var nets [2]C.kv_align_net // one or two: no allocation per call
+	for n, k := range packs {
 		dt := k.DType
 		if !c.need(op, p.HS == k.HS, "head size %d for a pack of head size %d", p.HS, k.HS) ||
 			!c.need(op, p.L <= k.Ln && p.NKV <= k.Hn, "%d layers × %d heads, the pack has tables for %d × %d", p.L, p.NKV, k.Ln, k.Hn) ||
@@ -151,7 +151,7 @@ func (c *CUDA) alignPacks(op string, cache []Buf, k []*AlignPack, slots, index B
 			HSp: C.int(k.HSp), H1p: C.int(k.H1p), H2p: C.int(k.H2p)}
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_align_packed(c.stream, &nets[0], C.int(len(nets)), devI32(slots), devI32(index),
+		return C.kv_align_packed(c.stream, &nets[0], C.int(len(packs)), devI32(slots), devI32(index),
 			C.int(p.Rows), C.int(p.L), C.int(p.NKV), C.int(p.HS), C.longlong(p.LayerStride), cFlag(tuned))
 	})
 }
