@@ -884,6 +884,7 @@ __global__ void __launch_bounds__(NT)
                           float rope_theta, RopeFreqs freqs, float scale, int GS, OutProj op) {
   constexpr int HS = LPK * 4, NG = NT / LPK;
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
+  constexpr bool kWarpMerge = CS > 1 && !OP && QVM == 1 && NT / 32 <= NG;  // see the merge below
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
@@ -1073,43 +1074,90 @@ __global__ void __launch_bounds__(NT)
   }
 
   KV_STAMP_AT(stp, 3);
-  // Merge the NG groups. Loops over run-time bounds below stay rolled
-  // (unroll 1): instruction-cache footprint (docs/PERF.md, version 20).
+  // kWarpMerge: the groups of a warp merge by shuffles, then the warps'
+  // partials after one barrier, each output dim's thread weighting them
+  // itself (no factor pass, no second barrier); the block's partial then
+  // goes to rank 0 as below. This thread's dim of it: wacc (unnormalised),
+  // its max wM and sum wL.
+  [[maybe_unused]] float wacc = 0.f, wM = -INFINITY, wL = 0.f;
+  if constexpr (kWarpMerge) {
+    constexpr int NW = NT / 32;
+    float mm = m[0], ll = l[0];
+    float4 oo = o[0];
 #pragma unroll
-  for (int v = 0; v < QVM; v++) {
-    if (v >= QV) break;
-    *reinterpret_cast<float4 *>(&so[v][gi][4 * li]) = o[v];
-    if (li == 0) {
-      sm[v][gi] = m[v];
-      sl_[v][gi] = l[v];
+    for (int off = LPK; off < 32; off <<= 1) {
+      const float m2 = __shfl_xor_sync(KV_FULL_MASK, mm, off), l2 = __shfl_xor_sync(KV_FULL_MASK, ll, off);
+      float4 o2;
+      o2.x = __shfl_xor_sync(KV_FULL_MASK, oo.x, off);
+      o2.y = __shfl_xor_sync(KV_FULL_MASK, oo.y, off);
+      o2.z = __shfl_xor_sync(KV_FULL_MASK, oo.z, off);
+      o2.w = __shfl_xor_sync(KV_FULL_MASK, oo.w, off);
+      const float mn = fmaxf(mm, m2);
+      const float fa = mm == -INFINITY ? 0.f : expf(mm - mn), fb = m2 == -INFINITY ? 0.f : expf(m2 - mn);
+      oo = make_float4(fmaf(fa, oo.x, fb * o2.x), fmaf(fa, oo.y, fb * o2.y), fmaf(fa, oo.z, fb * o2.z),
+                       fmaf(fa, oo.w, fb * o2.w));
+      ll = fmaf(fa, ll, fb * l2);
+      mm = mn;
     }
-  }
-  __syncthreads();
-  KV_STAMP_AT(stp, 9);
-  {
     const int warp = tid / 32, lane = tid % 32;
-    if (warp < QV) {  // warp v: the factors exp(m_g − M) and the total sum
-      const int v = warp;
-      float mx = -INFINITY;
-#pragma unroll 1
-      for (int g = lane; g < NG; g += 32) mx = fmaxf(mx, sm[v][g]);
-      mx = kv_warp_max(mx);
-      float L = 0.f;
-#pragma unroll 1
-      for (int g = lane; g < NG; g += 32) {
-        const float f = sm[v][g] == -INFINITY ? 0.f : expf(sm[v][g] - mx);
-        sm[v][g] = f;
-        L += f * sl_[v][g];
-      }
-      L = kv_warp_sum(L);
+    if (lane < LPK) {  // lane = li: dims 4·lane … 4·lane + 3
+      *reinterpret_cast<float4 *>(&so[0][warp][4 * lane]) = oo;
       if (lane == 0) {
-        sL[v] = L;
-        sMx[v] = mx;
+        sm[0][warp] = mm;
+        sl_[0][warp] = ll;
       }
     }
+    __syncthreads();
+    if (tid < HS) {
+#pragma unroll
+      for (int w = 0; w < NW; w++) wM = fmaxf(wM, sm[0][w]);
+#pragma unroll
+      for (int w = 0; w < NW; w++) {
+        const float f = sm[0][w] == -INFINITY ? 0.f : expf(sm[0][w] - wM);
+        wL = fmaf(f, sl_[0][w], wL);
+        wacc = fmaf(f, so[0][w][tid], wacc);
+      }
+    }
+    KV_STAMP_AT(stp, 4);
+  } else {
+    // Merge the NG groups. Loops over run-time bounds below stay rolled
+    // (unroll 1): instruction-cache footprint (docs/PERF.md, version 20).
+#pragma unroll
+    for (int v = 0; v < QVM; v++) {
+      if (v >= QV) break;
+      *reinterpret_cast<float4 *>(&so[v][gi][4 * li]) = o[v];
+      if (li == 0) {
+        sm[v][gi] = m[v];
+        sl_[v][gi] = l[v];
+      }
+    }
+    __syncthreads();
+    KV_STAMP_AT(stp, 9);
+    {
+      const int warp = tid / 32, lane = tid % 32;
+      if (warp < QV) {  // warp v: the factors exp(m_g − M) and the total sum
+        const int v = warp;
+        float mx = -INFINITY;
+#pragma unroll 1
+        for (int g = lane; g < NG; g += 32) mx = fmaxf(mx, sm[v][g]);
+        mx = kv_warp_max(mx);
+        float L = 0.f;
+#pragma unroll 1
+        for (int g = lane; g < NG; g += 32) {
+          const float f = sm[v][g] == -INFINITY ? 0.f : expf(sm[v][g] - mx);
+          sm[v][g] = f;
+          L += f * sl_[v][g];
+        }
+        L = kv_warp_sum(L);
+        if (lane == 0) {
+          sL[v] = L;
+          sMx[v] = mx;
+        }
+      }
+    }
+    __syncthreads();
+    KV_STAMP_AT(stp, 4);
   }
-  __syncthreads();
-  KV_STAMP_AT(stp, 4);
   // OP: the head's output (QV = 1) goes to ho, then through the block's rows
   // of wo: a group of CPR lanes a row, one 16-byte chunk each, passes of
   // NT/CPR rows (uniform trip counts: the shuffles need whole warps); a
@@ -1173,11 +1221,19 @@ __global__ void __launch_bounds__(NT)
       __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
       float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
       kv_cluster_wait();  // the prologue's phase: rank 0 is running
+      if constexpr (kWarpMerge) {
+        if (tid < HS) to[tid] = wacc;
+        if (tid == 0) {
+          *cluster.map_shared_rank(&pm[rank][0], 0) = wM;
+          *cluster.map_shared_rank(&pl[rank][0], 0) = wL;
+        }
+      } else {
 #pragma unroll 1
-      for (int oi = tid; oi < QV * HS; oi += NT) to[oi] = block_out(oi / HS, oi % HS);
-      if (tid < QV) {
-        *cluster.map_shared_rank(&pm[rank][tid], 0) = sMx[tid];
-        *cluster.map_shared_rank(&pl[rank][tid], 0) = sL[tid];
+        for (int oi = tid; oi < QV * HS; oi += NT) to[oi] = block_out(oi / HS, oi % HS);
+        if (tid < QV) {
+          *cluster.map_shared_rank(&pm[rank][tid], 0) = sMx[tid];
+          *cluster.map_shared_rank(&pl[rank][tid], 0) = sL[tid];
+        }
       }
       kv_cluster_arrive();  // release: this block's stores above
       KV_STAMP_AT(stp, 5);
