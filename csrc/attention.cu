@@ -851,7 +851,9 @@ constexpr int kD4Threads = 512;
 // sequence), block r taking the keys of groups r·NG + gi: each SM pulls 1/CS
 // of the K/V (one SM's L2 bandwidth bound v4: ~1 µs per 128 KB), and the
 // blocks' partials merge through distributed shared memory, no global round
-// trip. sm_90 only (the host launches it there).
+// trip. sm_90 only (the host launches it there). With one query vector a
+// cluster a block merges its groups by shuffles within each warp, then its
+// warps after one barrier (kWarpMerge; docs/PERF.md, version 22).
 //
 // NT < 512 (variant 9: 128 threads, clusters of 8): more, smaller blocks,
 // each SM taking fewer keys, and the first batch's rotation factors
@@ -1082,6 +1084,7 @@ __global__ void __launch_bounds__(NT)
   [[maybe_unused]] float wacc = 0.f, wM = -INFINITY, wL = 0.f;
   if constexpr (kWarpMerge) {
     constexpr int NW = NT / 32;
+    static_assert(HS <= NT, "a thread an output dim");
     float mm = m[0], ll = l[0];
     float4 oo = o[0];
 #pragma unroll
