@@ -878,6 +878,12 @@ struct OutProj {
   int C;
 };
 
+// shfl_xor4: __shfl_xor_sync of each component (the whole warp).
+__device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
+  return make_float4(__shfl_xor_sync(KV_FULL_MASK, v.x, off), __shfl_xor_sync(KV_FULL_MASK, v.y, off),
+                     __shfl_xor_sync(KV_FULL_MASK, v.z, off), __shfl_xor_sync(KV_FULL_MASK, v.w, off));
+}
+
 template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
@@ -1009,11 +1015,7 @@ __global__ void __launch_bounds__(NT)
       const int j = base + gk + STEP * u;
       float4 k = kr[u];
       if (rope) {
-        float4 p;
-        p.x = __shfl_xor_sync(KV_FULL_MASK, k.x, LPK / 2);
-        p.y = __shfl_xor_sync(KV_FULL_MASK, k.y, LPK / 2);
-        p.z = __shfl_xor_sync(KV_FULL_MASK, k.z, LPK / 2);
-        p.w = __shfl_xor_sync(KV_FULL_MASK, k.w, LPK / 2);
+        const float4 p = shfl_xor4(k, LPK / 2);
         float sn[4], cs[4];
 #pragma unroll
         for (int c = 0; c < 4; c++) {
@@ -1090,11 +1092,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int off = LPK; off < 32; off <<= 1) {
       const float m2 = __shfl_xor_sync(KV_FULL_MASK, mm, off), l2 = __shfl_xor_sync(KV_FULL_MASK, ll, off);
-      float4 o2;
-      o2.x = __shfl_xor_sync(KV_FULL_MASK, oo.x, off);
-      o2.y = __shfl_xor_sync(KV_FULL_MASK, oo.y, off);
-      o2.z = __shfl_xor_sync(KV_FULL_MASK, oo.z, off);
-      o2.w = __shfl_xor_sync(KV_FULL_MASK, oo.w, off);
+      const float4 o2 = shfl_xor4(oo, off);
       const float mn = fmaxf(mm, m2);
       const float fa = mm == -INFINITY ? 0.f : expf(mm - mn), fb = m2 == -INFINITY ? 0.f : expf(m2 - mn);
       oo = make_float4(fmaf(fa, oo.x, fb * o2.x), fmaf(fa, oo.y, fb * o2.y), fmaf(fa, oo.z, fb * o2.z),

@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(kFusedThreads)
   __shared__ float red[2][NWARPS][NB];
 
   const int tid = threadIdx.x;
-  KV_STAMP_DECL(stp, has_norm(MODE) && st.kc != nullptr ? 1 : (MODE == kPlain ? 3 : 4));
   const int group = tid / TPR, lane = tid % TPR;
   const int chunks = K / VEC;
   const size_t row_bytes = (size_t)K * (F16 ? 2 : 4);
@@ -172,6 +171,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   // double pow it replaces sat in the prologue; docs/PERF.md, version 19).
   constexpr int RB = GROUPS * R, HP = RB / 2 > 0 ? RB / 2 : 1;
   const bool store = has_norm(MODE) && st.kc != nullptr;  // the cache store follows a norm only
+  KV_STAMP_DECL(stp, store ? 1 : (MODE == kPlain ? 3 : 4));
   float inv_freq = 0.f;
   if (store) {
     const int pair = blockIdx.x * HP + tid % HP;
