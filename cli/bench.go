@@ -77,8 +77,8 @@ func weightBytes(cfg *transformer.Config, dt gpu.DType) float64 {
 }
 
 func benchDecode(c *ucli.Context) error {
-	persistent, err := persistentDecode(c)
-	if err != nil {
+	var kernel transformer.StreamOptions
+	if err := kernelOptions(c, &kernel); err != nil {
 		return err
 	}
 	cfg, w, err := benchModel(c.String("config"))
@@ -96,7 +96,8 @@ func benchDecode(c *ucli.Context) error {
 	}
 	defer m.Close()
 	size := c.Int("cache-size")
-	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1, Persistent: persistent})
+	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1,
+		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded})
 	if err != nil {
 		return usageError{err}
 	}
@@ -199,7 +200,7 @@ func benchRun(c *ucli.Context) error {
 	if err := checkAlignKernel(c); err != nil {
 		return err
 	}
-	if _, err := persistentDecode(c); err != nil {
+	if err := kernelOptions(c, &transformer.StreamOptions{}); err != nil {
 		return err
 	}
 	be, dt, err := openBackend(c)
@@ -273,8 +274,8 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		return nil, err
 	}
 	defer dev.Close()
-	persistent, err := persistentDecode(c)
-	if err != nil {
+	var kernel transformer.StreamOptions
+	if err := kernelOptions(c, &kernel); err != nil {
 		return nil, err
 	}
 	out := c.App.Writer
@@ -284,7 +285,8 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
-			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1, Persistent: persistent})
+			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1,
+				Persistent: kernel.Persistent, Unfolded: kernel.Unfolded})
 			if err != nil {
 				return nil, usageError{err}
 			}

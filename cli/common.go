@@ -21,24 +21,25 @@ func dtypeFlag() *ucli.StringFlag {
 }
 
 func decodeKernelFlag() *ucli.StringFlag {
-	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, one launch per operation) or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
+	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, a few launches a layer; SmolLM2's attention output projection inside its attention kernel), unfolded (the chain with that projection a launch of its own, for comparisons) or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
 }
 
 func alignKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks on the GPU: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks)"}
 }
 
-// persistentDecode reads --decode-kernel: whether one-token steps run as
-// the persistent decode kernel.
-func persistentDecode(c *ucli.Context) (bool, error) {
+// kernelOptions reads --decode-kernel into the stream options it sets.
+func kernelOptions(c *ucli.Context, o *transformer.StreamOptions) error {
 	switch k := c.String("decode-kernel"); k {
 	case "chain":
-		return false, nil
+	case "unfolded":
+		o.Unfolded = true
 	case "persistent":
-		return true, nil
+		o.Persistent = true
 	default:
-		return false, usagef("unknown --decode-kernel %q (want chain or persistent)", k)
+		return usagef("unknown --decode-kernel %q (want chain, unfolded or persistent)", k)
 	}
+	return nil
 }
 
 func checkAlignKernel(c *ucli.Context) error {

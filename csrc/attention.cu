@@ -866,12 +866,12 @@ constexpr int kD4Threads = 512;
 // carries NH/NKV/GS query vectors instead of all of them; the kv head's
 // keys and values are then read GS times (the repeats from L2).
 //
-// OP (kv_attention_out; T = 1, one query head a block, G = 1): the output
-// projection folded in. Each block stages the head's slice of its rows of
-// wo (OutProj) in dynamic shared memory before the programmatic wait, every
-// block of a cluster merges the attention output itself, and the block adds
-// its rows' partial products, in fixed point, into acc instead of writing
-// the attention output.
+// OP (kv_attention_out; T = 1, a cluster per query head, G = 1): the output
+// projection folded in. Each block stages the head's slice of its share of
+// wo's rows (OutProj) in dynamic shared memory before the programmatic
+// wait; every block stores its partial into every block of the cluster
+// (without OP: into rank 0), merges them all after one cluster barrier, and
+// adds its rows' products, in fixed point, into acc.
 struct OutProj {
   const __half *wo;  // [C, NH·HS] fp16, kv_matmul's weight layout
   long long *acc;    // [B, C] += kv_fix(Σ_d wo[c, h·HS + d]·attn(b, h)[d]) for every head h
@@ -892,7 +892,8 @@ __global__ void __launch_bounds__(NT)
                           float rope_theta, RopeFreqs freqs, float scale, int GS, OutProj op) {
   constexpr int HS = LPK * 4, NG = NT / LPK;
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
-  constexpr bool kWarpMerge = CS > 1 && !OP && QVM == 1 && NT / 32 <= NG;  // see the merge below
+  constexpr bool kWarpMerge = CS > 1 && QVM == 1 && NT / 32 <= NG;  // see the merge below
+  static_assert(!OP || (CS > 1 && QVM == 1), "the fold takes one query vector a cluster");
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
@@ -956,22 +957,28 @@ __global__ void __launch_bounds__(NT)
     }
   };
   rot_factors(0);
-  // OP: this block's rows [r0, r1) of wo, the head's HS columns, 16-byte
-  // chunks (CPR a row) into wos.
+  // OP: this block's rows [r0, r0 + nrows) of wo, the head's HS columns,
+  // 16-byte chunks (CPR a row), chunk c of row i at i·CPR + (c ^ i mod CPR):
+  // the projection's lanes take a row each, and the swizzle spreads a chunk
+  // column over the banks.
   extern __shared__ __align__(16) unsigned char wos[];
   constexpr int CPR = HS / 8;
   const int rows_per = OP ? (op.C + CS - 1) / CS : 0;
   const int r0 = rank * rows_per, nrows = OP ? max(0, min(op.C, r0 + rows_per) - r0) : 0;
   if constexpr (OP) {
     const size_t ld = (size_t)NH * HS;
-    for (int i = tid; i < nrows * CPR; i += NT)
-      kv_cp_async16_cg(wos + 16 * i, op.wo + (size_t)(r0 + i / CPR) * ld + (size_t)h0 * HS + 8 * (i % CPR));
+#pragma unroll 1
+    for (int i = tid; i < nrows * CPR; i += NT) {
+      const int r = i / CPR, c = i % CPR;
+      kv_cp_async16_cg(wos + 16 * (r * CPR + (c ^ (r & (CPR - 1)))),
+                       op.wo + (size_t)(r0 + r) * ld + (size_t)h0 * HS + 8 * c);
+    }
     kv_cp_async_commit();
   }
-  // Clusters without OP push their partials into rank 0 (below); this
-  // barrier phase, arrived at here and waited for before the first remote
-  // store, makes sure rank 0 is running by then, off the critical path.
-  if constexpr (CS > 1 && !OP) kv_cluster_arrive();
+  // Clusters push their partials into rank 0 (below); this barrier phase,
+  // arrived at here and waited for before the first remote store, makes
+  // sure rank 0 is running by then, off the critical path.
+  if constexpr (CS > 1) kv_cluster_arrive();
   KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
@@ -1159,33 +1166,27 @@ __global__ void __launch_bounds__(NT)
     __syncthreads();
     KV_STAMP_AT(stp, 4);
   }
-  // OP: the head's output (QV = 1) goes to ho, then through the block's rows
-  // of wo: a group of CPR lanes a row, one 16-byte chunk each, passes of
-  // NT/CPR rows (uniform trip counts: the shuffles need whole warps); a
-  // row's sum is added to acc (every head adds to the same rows).
-  __shared__ float ho[OP ? HS : 1];
-  auto out_proj = [&]() {
+  // OP: the block's rows of wo times the head's output ho, a thread a row,
+  // each row's sum added to acc (every head adds to the same rows; integer
+  // sums do not depend on their order).
+  __shared__ __align__(16) float ho[OP ? HS : 4];
+  [[maybe_unused]] auto out_proj = [&]() {
     kv_cp_async_wait_all();
-    __syncthreads();  // ho and the staged rows visible to every thread
-    constexpr int RPP = NT / CPR;
-    const int ci = tid % CPR;
-    float hv[8];
-#pragma unroll
-    for (int e = 0; e < 8; e++) hv[e] = ho[8 * ci + e];
     unsigned long long *dst = reinterpret_cast<unsigned long long *>(op.acc) + (size_t)b * op.C + r0;
-    for (int p0 = 0; p0 < nrows; p0 += RPP) {
-      const int r = p0 + tid / CPR;
-      float sum = 0.f;
-      if (r < nrows) {
-        float wf[8];
-        kv_unpack16<true>(*reinterpret_cast<const uint4 *>(wos + 16 * (r * CPR + ci)), wf);
+    const float4 *h4 = reinterpret_cast<const float4 *>(ho);
+#pragma unroll 1
+    for (int r = tid; r < nrows; r += NT) {
+      float a0 = 0.f, a1 = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; e++) sum = fmaf(wf[e], hv[e], sum);
+      for (int c = 0; c < CPR; c++) {
+        float w[8];
+        kv_unpack16<true>(*reinterpret_cast<const uint4 *>(wos + 16 * (r * CPR + (c ^ (r & (CPR - 1))))), w);
+        const float4 x0 = h4[2 * c], x1 = h4[2 * c + 1];
+        a0 = fmaf(w[0], x0.x, fmaf(w[1], x0.y, fmaf(w[2], x0.z, fmaf(w[3], x0.w, a0))));
+        a1 = fmaf(w[4], x1.x, fmaf(w[5], x1.y, fmaf(w[6], x1.z, fmaf(w[7], x1.w, a1))));
       }
-#pragma unroll
-      for (int off = CPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(KV_FULL_MASK, sum, off);
       // Two's complement: unsigned adds are the signed sum.
-      if (ci == 0 && r < nrows) atomicAdd(dst + r, (unsigned long long)kv_fix(sum));
+      atomicAdd(dst + r, (unsigned long long)kv_fix(a0 + a1));
     }
   };
   // The block's unnormalised output for query vector v, dim d: its groups'
@@ -1204,24 +1205,57 @@ __global__ void __launch_bounds__(NT)
     for (int oi = tid; oi < QV * HS; oi += NT) {
       const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
       const float L = sL[v];
-      const float val = L > 0.f ? block_out(v, d) / L : 0.f;
-      if constexpr (OP) ho[d] = val;
-      else out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = val;
+      out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? block_out(v, d) / L : 0.f;
     }
-    if constexpr (OP) out_proj();
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cg::cluster_group cluster = cg::this_cluster();
-    if constexpr (!OP) {
+    {
       // Every block stores its partial (unnormalised o, its max M_b, sum
       // L_b) straight into rank 0's shared memory and arrives; the others
       // then exit, and rank 0 alone waits, merges from its own shared memory
       // and writes the output. Pulling the partials instead cost a second
       // cluster barrier (nobody may exit while its partial can still be
-      // read) and a remote read on the critical path.
+      // read) and a remote read on the critical path. OP: into every
+      // block's shared memory, below.
       __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
-      float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
       kv_cluster_wait();  // the prologue's phase: rank 0 is running
+      if constexpr (OP) {
+        // Every block stores its partial into every block's shared memory
+        // (stores need no reply) and merges them itself after one barrier:
+        // no serial merge on rank 0 and no second barrier before the rows.
+        static_assert(!OP || kWarpMerge, "the fold merges by warps");
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+          if (tid < HS) *cluster.map_shared_rank(&po[rank][0][tid], r) = wacc;
+          if (tid == 0) {
+            *cluster.map_shared_rank(&pm[rank][0], r) = wM;
+            *cluster.map_shared_rank(&pl[rank][0], r) = wL;
+          }
+        }
+        kv_cluster_arrive();  // release: the partials
+        kv_cluster_wait();    // acquire: every block's, here
+        KV_STAMP_AT(stp, 5);
+        if (tid < HS) {
+          float M = -INFINITY;
+#pragma unroll
+          for (int r = 0; r < CS; r++) M = fmaxf(M, pm[r][0]);
+          float L = 0.f, acc = 0.f;
+#pragma unroll
+          for (int r = 0; r < CS; r++) {
+            const float f = pm[r][0] == -INFINITY ? 0.f : expf(pm[r][0] - M);
+            L = fmaf(f, pl[r][0], L);
+            acc = fmaf(f, po[r][0][tid], acc);
+          }
+          ho[tid] = L > 0.f ? acc / L : 0.f;
+        }
+        __syncthreads();
+        KV_STAMP_AT(stp, 6);
+        out_proj();
+        KV_STAMP_AT(stp, 7);
+        return;
+      }
+      float *to = cluster.map_shared_rank(&po[rank][0][0], 0);
       if constexpr (kWarpMerge) {
         if (tid < HS) to[tid] = wacc;
         if (tid == 0) {
@@ -1257,39 +1291,6 @@ __global__ void __launch_bounds__(NT)
         out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
       }
       KV_STAMP_AT(stp, 7);
-    } else {
-      // OP: every block merges for its own rows of wo, so each pulls the
-      // partials (unnormalised o, M_b, L_b) from the others' bo/bm/bl.
-      __shared__ float bo[QVM][HS], bm[QVM], bl[QVM];
-      for (int oi = tid; oi < QV * HS; oi += NT) bo[oi / HS][oi % HS] = block_out(oi / HS, oi % HS);
-      if (tid < QV) {
-        bl[tid] = sL[tid];
-        bm[tid] = sMx[tid];
-      }
-      cluster.sync();  // every block's partial visible cluster-wide
-      for (int oi = tid; oi < QV * HS; oi += NT) {  // QV = 1 with OP
-        const int v = oi / HS, d = oi % HS;
-        float mr[CS], lr[CS], orr[CS];
-#pragma unroll
-        for (int r = 0; r < CS; r++) {
-          mr[r] = *cluster.map_shared_rank(&bm[v], r);
-          lr[r] = *cluster.map_shared_rank(&bl[v], r);
-          orr[r] = *cluster.map_shared_rank(&bo[v][d], r);
-        }
-        float M = -INFINITY;
-#pragma unroll
-        for (int r = 0; r < CS; r++) M = fmaxf(M, mr[r]);
-        float L = 0.f, acc = 0.f;
-#pragma unroll
-        for (int r = 0; r < CS; r++) {
-          const float f = mr[r] == -INFINITY ? 0.f : expf(mr[r] - M);
-          L = fmaf(f, lr[r], L);
-          acc = fmaf(f, orr[r], acc);
-        }
-        ho[d] = L > 0.f ? acc / L : 0.f;
-      }
-      out_proj();
-      cluster.sync();  // every block done reading the others' shared memory
     }
 #endif
   }
@@ -1602,7 +1603,9 @@ extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *
   // and several query heads a kv head: SmolLM2), the one shape where the
   // fold measured faster (H100, BenchmarkCUDAFusedDecodeChain: SmolLM2 555
   // against 571 µs a step; distilgpt2, whose attention is a block per kv
-  // head, 171 against 160).
+  // head, 171 against 160). With the MLP kernel as its consumer (three
+  // launches a layer): SmolLM2 0.362 against 0.380 ms a token (docs/PERF.md,
+  // version 23).
   if (variant == 0 && !(NH > NKV && (long long)B * NH * 8 <= 132)) return kv_launched();
   if (variant != 0 && variant != 1) return (kv_status)cudaErrorInvalidValue;
   // A cluster of 8 blocks of 128 threads per (query head, sequence), as v14.

@@ -262,12 +262,14 @@ kv_status kv_attention(kv_stream s, float *out, const float *q, const float *kc,
  * attn(b, h)[d] (wo [C, NH·HS], kv_matmul's weight layout, fp16; no bias),
  * is added to acc[b·C + c] (int64) in fixed point with 32 fraction bits
  * (atomics; integer sums do not depend on their order, so the result is
- * the same every run); kv_norm_matmul_sum reads it, kv_res_matmul clears
- * it. Each block stages its rows of wo's head slice in shared memory before
- * its programmatic wait and multiplies the head's output by them after the
- * merge. *launched = 0 (nothing enqueued, not an error) where it does not
- * apply: fp32 wo, more than 1024 entries of 64 dims, unaligned operands,
- * HS ∉ {16, 32, 64, 128}, no clusters (before sm_90), C·HS/4 > 48 KB.
+ * the same every run); kv_norm_matmul_sum or kv_mlp_acc (in_acc) reads it,
+ * kv_res_matmul or kv_mlp_acc (clear) clears it. Each block stages its
+ * rows of wo's head slice in shared memory before its programmatic wait,
+ * merges the cluster's partials (every block pushes its own to all) and
+ * multiplies the head's output by its rows. *launched = 0 (nothing
+ * enqueued, not an error) where it does not apply: fp32 wo, more than 1024
+ * entries of 64 dims, unaligned operands, HS ∉ {16, 32, 64, 128}, no
+ * clusters (before sm_90), C·HS/4 > 48 KB.
  * variant: 0 folds where kv_attention's default takes v14 (NH > NKV and
  * B·NH·8 ≤ 132: where the fold measured faster), else launches nothing;
  * 1 = always (where it applies): a cluster of 8 blocks of 128 threads per
@@ -412,15 +414,19 @@ kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void 
  * order).
  * Llama (rms = 1, swiglu = 1): RMSNorm, up_w [2F, C] the gate rows then the
  * up rows, act = silu(gate)·up, no up_b; GPT-2 (0, 0): LayerNorm (norm_b
- * optional), act = gelu_new. clear (NULL or [N, C] int64, not acc) is set to
- * zero: the other accumulator of a chain, once its reader has run.
+ * optional), act = gelu_new. clear (NULL or clear_len int64, not acc) is set
+ * to zero: the other accumulators of a chain, once their readers have run.
+ * in_acc (NULL or [N, C] int64): the input row is in[n] + unfix(in_acc[n])
+ * (ref.SumAcc: the residual stream after a folded attention,
+ * kv_attention_out), which block 0 also writes to sum ([N, C], not in).
  * *launched = 0 (nothing enqueued, not an error) where it does not apply:
  * fp32 weights, N > 8, C % 8 ≠ 0, F % 16 ≠ 0, unaligned operands, more
  * shared memory than a block may have; variant 0 also before sm_90
  * (without programmatic launches the staging cannot overlap) and for MLPs
  * of more than 8 MiB of weights (distilgpt2's 9.4 MB measured slower than
  * two products, SmolLM2's 5.3 MB faster); 1 launches there too. */
-kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
+kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, long long clear_len, const float *in,
+                     const long long *in_acc, float *sum, const void *norm_w,
                      const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                      int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16, int N,
                      int C, int F, float eps, int rms, int swiglu, int variant, int *launched);

@@ -15,8 +15,10 @@
 // blocks' partial outputs meet in a fixed-point accumulator (kv_fix,
 // atomics): integer sums do not depend on their order, so every run gives
 // the same bits. The next layer's q|k|v product adds the accumulator to the
-// residual stream (kv_norm_matmul_store_sum), as the folded attention's
-// consumer does (kv_norm_matmul_sum).
+// residual stream (kv_norm_matmul_store_sum). Where the attention output
+// projection is folded into the attention (kv_attention_out), this kernel
+// is its consumer: it adds that accumulator to the stream first (in_acc),
+// so a layer is three launches (docs/PERF.md, version 23).
 #include "common.cuh"
 #include "fused.cuh"
 #include "stamps.cuh"
@@ -54,11 +56,14 @@ size_t mlp_smem(int N, int C, int swiglu, int norm_f16) {
 // down[:, f0:f0+FS]ᵀ) (+ fix(down_b) from block 0), f0 = blockIdx.x·FS.
 // RMS: RMSNorm (no norm bias), else LayerNorm. SWIGLU: up holds gate rows
 // [0, F) then up rows [F, 2F), act = silu(gate)·up; else act = gelu_new.
-// clear (optional, [N, C]) is zeroed: the other accumulator, which the
-// kernel before the previous one has read.
-template <int NB, bool RMS, bool SWIGLU>
+// clear (optional, clear_len int64) is zeroed: the other accumulators,
+// whose readers have run. in_acc (optional): the input row is in[n] +
+// unfix(in_acc[n]) (ref.SumAcc; the heads' products of a folded attention,
+// kv_attention_out), which block 0 writes to sum for the next layer.
+template <int NB, bool RMS, bool SWIGLU, bool SUM>
 __global__ void __launch_bounds__(kMlpThreads)
-    mlp_acc_kernel_v1(long long *__restrict__ acc, long long *__restrict__ clear, const float *__restrict__ in,
+    mlp_acc_kernel_v1(long long *__restrict__ acc, long long *__restrict__ clear, long long clear_len,
+                      const float *__restrict__ in, const long long *__restrict__ in_acc, float *__restrict__ sum,
                       const void *__restrict__ norm_w, const void *__restrict__ norm_b, int norm_f16,
                       const __half *__restrict__ up_w, const void *__restrict__ up_b, int up_b_f16,
                       const __half *__restrict__ down_w, const void *__restrict__ down_b, int down_b_f16, int N,
@@ -122,12 +127,44 @@ __global__ void __launch_bounds__(kMlpThreads)
   KV_STAMP_AT(stp, 2);
   kv_pdl_launch_dependents();
   const int C4 = C / 4;
+  if constexpr (SUM) {
+    // The row and the accumulator in one round trip (kAccPre elements a
+    // thread in flight at once), summed as ref.SumAcc.
+    constexpr int kAccPre = 4;
+    const int NC = N * C;
+    float iv[kAccPre];
+    long long av[kAccPre];
+#pragma unroll
+    for (int k = 0; k < kAccPre; k++) {
+      const int i = tid + k * kMlpThreads;
+      if (i < NC) {
+        iv[k] = __ldcg(in + i);
+        av[k] = __ldcg(in_acc + i);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kAccPre; k++) {
+      const int i = tid + k * kMlpThreads;
+      if (i < NC) {
+        const float v = iv[k] + kv_unfix(av[k]);
+        xs[i] = v;
+        if (blockIdx.x == 0) sum[i] = v;
+      }
+    }
 #pragma unroll 1
-  for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
-  kv_cp_async_commit();
+    for (int i = tid + kAccPre * kMlpThreads; i < NC; i += kMlpThreads) {
+      const float v = __ldcg(in + i) + kv_unfix(__ldcg(in_acc + i));
+      xs[i] = v;
+      if (blockIdx.x == 0) sum[i] = v;
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = tid; idx < N * C4; idx += kMlpThreads) kv_cp_async16_ca(xs + 4 * idx, in + 4 * (size_t)idx);
+    kv_cp_async_commit();
+  }
   if (clear) {
 #pragma unroll 1
-    for (int i = blockIdx.x * kMlpThreads + tid; i < N * C; i += gridDim.x * kMlpThreads) clear[i] = 0;
+    for (long long i = blockIdx.x * kMlpThreads + tid; i < clear_len; i += gridDim.x * kMlpThreads) clear[i] = 0;
   }
   kv_cp_async_wait_all();
   __syncthreads();
@@ -256,30 +293,36 @@ __global__ void __launch_bounds__(kMlpThreads)
 
 template <int NB>
 cudaError_t launch_mlp_acc(cudaStream_t s, bool pdl, bool rms, bool swiglu, size_t smem, long long *acc,
-                           long long *clear, const float *in, const void *norm_w, const void *norm_b, int norm_f16,
+                           long long *clear, long long clear_len, const float *in, const long long *in_acc,
+                           float *sum, const void *norm_w, const void *norm_b, int norm_f16,
                            const __half *up_w, const void *up_b, int up_b_f16, const __half *down_w,
                            const void *down_b, int down_b_f16, int N, int C, int F, float eps) {
-  auto kernel = rms && swiglu ? mlp_acc_kernel_v1<NB, true, true> : mlp_acc_kernel_v1<NB, false, false>;
+  // SUM (in_acc) is its own instantiation: code the other paths would
+  // carry costs them instruction-cache misses (docs/PERF.md, version 23).
+  auto kernel = !(rms && swiglu) ? mlp_acc_kernel_v1<NB, false, false, false>
+                : in_acc        ? mlp_acc_kernel_v1<NB, true, true, true>
+                                : mlp_acc_kernel_v1<NB, true, true, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   // The largest carveout, as every measurement of this kernel ran it
   // (docs/PERF.md, version 13).
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return e;
-  return kv_launch(kernel, dim3(F / kMlpFS), dim3(kMlpThreads), smem, s, pdl, acc, clear, in, norm_w, norm_b,
-                   norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps);
+  return kv_launch(kernel, dim3(F / kMlpFS), dim3(kMlpThreads), smem, s, pdl, acc, clear, clear_len, in, in_acc, sum,
+                   norm_w, norm_b, norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps);
 }
 
 }  // namespace
 
-extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, const float *in, const void *norm_w,
+extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, long long clear_len, const float *in,
+                                const long long *in_acc, float *sum, const void *norm_w,
                                 const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                                 int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16,
                                 int N, int C, int F, float eps, int rms, int swiglu, int variant, int *launched) {
   *launched = 0;
   if (N <= 0) return kv_launched();
   if (C <= 0 || F <= 0 || !acc || !in || !norm_w || !up_w || !down_w || (swiglu && (up_b || !rms)) ||
-      (variant != 0 && variant != 1))
+      (variant != 0 && variant != 1) || (in_acc && !sum) || (clear && clear_len < 0))
     return (kv_status)cudaErrorInvalidValue;
   if (rms) norm_b = nullptr;
   // The kernel's shapes: the two pairings of the models (Llama: RMSNorm and
@@ -294,16 +337,17 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, c
   const size_t smem = mlp_smem(N, C, swiglu, norm_f16);
   const size_t bytes = (size_t)(swiglu ? 3 : 2) * F * C * 2;
   if (variant == 0 && bytes > kMlpMaxBytes) return kv_launched();
-  if (rms != swiglu || !up_f16 || !down_f16 || N > 8 || C % 8 != 0 || F % kMlpFS != 0 || smem > (size_t)optin ||
+  if (rms != swiglu || (in_acc && !rms) || !up_f16 || !down_f16 || N > 8 || C % 8 != 0 || F % kMlpFS != 0 ||
+      smem > (size_t)optin ||
       (C * (norm_f16 ? 2 : 4)) % 16 != 0 || !kv_aligned16(in) || !kv_aligned16(up_w) || !kv_aligned16(down_w) ||
       !kv_aligned16(norm_w) || (norm_b && !kv_aligned16(norm_b)) || (variant == 0 && !kv_pdl_supported()))
     return kv_launched();
   const bool pdl = kv_pdl_supported();
   const __half *uw = static_cast<const __half *>(up_w), *dw = static_cast<const __half *>(down_w);
   cudaError_t e;
-#define KV_MLP(NB)                                                                                              \
-  launch_mlp_acc<NB>(s, pdl, rms, swiglu, smem, acc, clear, in, norm_w, norm_b, norm_f16, uw, up_b, up_b_f16, dw, \
-                     down_b, down_b_f16, N, C, F, eps)
+#define KV_MLP(NB)                                                                                          \
+  launch_mlp_acc<NB>(s, pdl, rms, swiglu, smem, acc, clear, clear_len, in, in_acc, sum, norm_w, norm_b, norm_f16, \
+                     uw, up_b, up_b_f16, dw, down_b, down_b_f16, N, C, F, eps)
   if (N <= 1) e = KV_MLP(1);
   else if (N <= 2) e = KV_MLP(2);
   else if (N <= 4) e = KV_MLP(4);

@@ -82,6 +82,18 @@ func (c *CPUFused) MLPAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf
 	return true
 }
 
+func (c *CPUFused) MLPAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	if !inAcc.IsZero() {
+		ref.SumAcc(sum.f[:N*C], in.f, unpackInt64(inAcc.i[:2*N*C]), nil, N, C)
+		in = sum
+	}
+	c.MLPAcc(acc, Buf{}, in, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act)
+	if !clr.IsZero() {
+		clear(clr.i)
+	}
+	return true
+}
+
 func (c *CPUFused) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind) {
 	sum := make([]float32, N*C)
 	ref.SumAcc(sum, in.f, unpackInt64(acc.i[:2*N*C]), nil, N, C)

@@ -251,9 +251,22 @@ func (c *CUDA) MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, 
 	return c.mlpAcc(acc, clear, in, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0)
 }
 
+// MLPAccSum: MLPAcc on the residual stream after AttentionOutProj, see
+// Fused and kv_mlp_acc (in_acc).
+func (c *CUDA) MLPAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0)
+}
+
 // mlpAcc runs kv_mlp_acc's variant: 0 the default, 1 also without
 // programmatic launches (tests on any GPU).
 func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n, ch, f int, eps float32, norm NormKind, act Act, variant int) bool {
+	if !clr.IsZero() && clr.Len() > 2*n*ch {
+		clr = clr.View(0, 2*n*ch) // MLPAcc clears one accumulator
+	}
+	return c.mlpAccSum(acc, clr, Buf{}, in, Buf{}, normW, normB, upW, upB, downW, downB, n, ch, f, eps, norm, act, variant)
+}
+
+func (c *CUDA) mlpAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, n, ch, f int, eps float32, norm NormKind, act Act, variant int) bool {
 	const op = "mlpacc"
 	if c.failed() {
 		return false
@@ -269,8 +282,12 @@ func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n,
 		!c.need(op, !swiglu || upB.IsZero(), "SwiGLU takes no up bias") ||
 		!c.needBuf(op, "acc", acc, 2*n*ch, I32) ||
 		!clr.IsZero() && !c.needBuf(op, "clear", clr, 2*n*ch, I32) ||
-		!c.need(op, clr.IsZero() || !overlaps(acc, 2*n*ch, clr, 2*n*ch), "clear overlaps acc") ||
+		!c.need(op, clr.IsZero() || clr.Len()%2 == 0 && !overlaps(acc, 2*n*ch, clr, clr.Len()), "clear overlaps acc or holds a half int64") ||
 		!c.needBuf(op, "in", in, n*ch, F32) ||
+		!inAcc.IsZero() && !c.needBuf(op, "inAcc", inAcc, 2*n*ch, I32) ||
+		!inAcc.IsZero() && !c.needBuf(op, "sum", sum, n*ch, F32) ||
+		!c.need(op, inAcc.IsZero() || !overlaps(sum, n*ch, in, n*ch) && !overlaps(inAcc, 2*n*ch, acc, 2*n*ch) && !overlaps(inAcc, 2*n*ch, clr, clr.Len()),
+			"sum overlaps in, or inAcc overlaps acc or clear") ||
 		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
 		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, ch, normW.dt) ||
 		!c.needBuf(op, "upW", upW, upRows*ch, F32, F16) ||
@@ -287,7 +304,8 @@ func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n,
 	}
 	var launched C.int
 	c.run(op, func() C.kv_status {
-		return C.kv_mlp_acc(c.stream, devI64(acc), devI64(clr), devF32(in), dev(normW), dev(normB), f16(normW),
+		return C.kv_mlp_acc(c.stream, devI64(acc), devI64(clr), C.longlong(clr.Len()/2), devF32(in), devI64(inAcc), devF32(sum),
+			dev(normW), dev(normB), f16(normW),
 			dev(upW), f16(upW), dev(upB), f16(upB), dev(downW), f16(downW), dev(downB), f16(downB), C.int(n), C.int(ch),
 			C.int(f), C.float(eps), cFlag(norm == RMSNormKind), cFlag(swiglu), C.int(variant), &launched)
 	})

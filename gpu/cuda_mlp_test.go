@@ -38,18 +38,24 @@ func TestCUDAMLPAcc(t *testing.T) {
 					upRows = 2 * sh.F
 				}
 				want := v == 1 || (upRows+sh.F)*sh.C*2 <= 8<<20
-				testMLPAcc(t, c, rng, name, N, sh.C, sh.F, sh.swiglu, F16, v, want)
+				testMLPAcc(t, c, rng, name, N, sh.C, sh.F, sh.swiglu, F16, v, want, false)
+				// MLPAccSum: the stream plus a folded attention's accumulator
+				// (the Llama pairing only: GPT-2's attention does not fold).
+				testMLPAcc(t, c, rng, name+"_sum", N, sh.C, sh.F, sh.swiglu, F16, v, want && sh.swiglu, true)
 			}
 		}
 	}
 	// Not for this kernel: fp32 weights, F not a multiple of 16, more than 8 rows.
-	testMLPAcc(t, c, rng, "fp32", 1, 64, 32, true, F32, 1, false)
-	testMLPAcc(t, c, rng, "F24", 1, 64, 24, false, F16, 1, false)
-	testMLPAcc(t, c, rng, "N9", 9, 64, 32, true, F16, 1, false)
+	testMLPAcc(t, c, rng, "fp32", 1, 64, 32, true, F32, 1, false, false)
+	testMLPAcc(t, c, rng, "F24", 1, 64, 24, false, F16, 1, false, true)
+	testMLPAcc(t, c, rng, "N9", 9, 64, 32, true, F16, 1, false, true)
 	checkOK(t, c)
 }
 
-func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int, swiglu bool, wdt DType, variant int, want bool) {
+// testMLPAcc checks one MLPAcc launch (sum: MLPAccSum, its input the
+// stream plus an accumulator, written to a sum buffer bit for bit as
+// ref.SumAcc, and a clear buffer of two accumulators).
+func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int, swiglu bool, wdt DType, variant int, want, sum bool) {
 	t.Helper()
 	upRows, norm, act := F, LayerNormKind, GeluAct
 	if swiglu {
@@ -72,7 +78,18 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 		prior[i] = ref.Fix(rng.Float32()*4 - 2)
 	}
 	wantAcc := slices.Clone(prior)
-	ref.MLPAcc(wantAcc, in, nw, nb, upW, upB, downW, downB, N, C, F, 1e-5, swiglu)
+	mlpIn, inAcc, wantSum := in, []int64(nil), []float32(nil)
+	clearN := N * C
+	if sum {
+		inAcc = make([]int64, N*C)
+		for i := range inAcc {
+			inAcc[i] = ref.Fix(rng.Float32()*2 - 1)
+		}
+		wantSum = make([]float32, N*C)
+		ref.SumAcc(wantSum, in, inAcc, nil, N, C)
+		mlpIn, clearN = wantSum, 2*N*C
+	}
+	ref.MLPAcc(wantAcc, mlpIn, nw, nb, upW, upB, downW, downB, N, C, F, 1e-5, swiglu)
 
 	bufs := []Buf{}
 	up := func(dt DType, v []float32) Buf {
@@ -86,8 +103,13 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 	inBuf, nwBuf, nbBuf := up(F32, in), up(wdt, nw), up(wdt, nb)
 	upBuf, upBBuf, downBuf, downBBuf := up(wdt, upW), up(wdt, upB), up(wdt, downW), up(wdt, downB)
 	accBuf := uploadInts(t, c, packed(prior))
-	clearBuf := uploadInts(t, c, packed(slices.Repeat([]int64{-7}, N*C)))
+	clearBuf := uploadInts(t, c, packed(slices.Repeat([]int64{-7}, clearN)))
 	bufs = append(bufs, accBuf, clearBuf)
+	var inAccBuf, sumBuf Buf
+	if sum {
+		inAccBuf, sumBuf = uploadInts(t, c, packed(inAcc)), alloc(t, c, F32, N*C)
+		bufs = append(bufs, inAccBuf, sumBuf)
+	}
 	defer func() {
 		for _, b := range bufs {
 			c.Free(b)
@@ -96,7 +118,12 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 	var first []int32
 	for run := 0; run < 2; run++ {
 		c.UploadInts(accBuf, packed(prior))
-		launched := c.mlpAcc(accBuf, clearBuf, inBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant)
+		var launched bool
+		if sum {
+			launched = c.mlpAccSum(accBuf, clearBuf, sumBuf, inBuf, inAccBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant)
+		} else {
+			launched = c.mlpAcc(accBuf, clearBuf, inBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant)
+		}
 		checkOK(t, c)
 		if launched != want {
 			t.Fatalf("%s: launched %v, want %v", name, launched, want)
@@ -118,6 +145,11 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 		if cl := unpackInt64(downloadInts(t, c, clearBuf)); slices.ContainsFunc(cl, func(v int64) bool { return v != 0 }) {
 			t.Errorf("%s: clear not zeroed", name)
 		}
+		if sum {
+			if got := download(t, c, sumBuf); !slices.Equal(got, wantSum) {
+				t.Errorf("%s: the sum differs from ref.SumAcc", name)
+			}
+		}
 		// The blocks' atomics arrive in any order; the fixed-point sum must
 		// not care: every run agrees bit for bit.
 		if first == nil {
@@ -125,7 +157,7 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 		} else if !slices.Equal(first, raw) {
 			t.Errorf("%s: run %d differs from the first", name, run)
 		}
-		c.UploadInts(clearBuf, packed(slices.Repeat([]int64{-7}, N*C)))
+		c.UploadInts(clearBuf, packed(slices.Repeat([]int64{-7}, clearN)))
 	}
 }
 
@@ -140,8 +172,16 @@ func packed(v []int64) []int32 {
 // in accumulators (NormMatMulStoreSum, leading from the second layer on,
 // MatMulLead, MLPAcc, the last layer's ResMatMul clearing the one left),
 // captured once and replayed, against the unfused chain on the CPU
-// reference.
+// reference; and the same chain with the attention output projection
+// folded (AttentionOutProj, MLPAccSum clearing the other parity's two
+// accumulators).
 func TestCUDAMLPAccCaptured(t *testing.T) {
+	for _, fold := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fold=%v", fold), func(t *testing.T) { testMLPAccCaptured(t, fold) })
+	}
+}
+
+func testMLPAccCaptured(t *testing.T, fold bool) {
 	c := newTestCUDA(t)
 	rng := rand.New(rand.NewPCG(93, 94))
 	const C, NH, NKV, HS, F, L = 64, 4, 2, 16, 48, 3
@@ -162,9 +202,16 @@ func TestCUDAMLPAccCaptured(t *testing.T) {
 	}
 	const S = 8
 	x0 := randNormal(rng, C, 1, 0)
+	fw := randNormal(rng, C, 0.2, 1) // the final norm's weights (fold)
+	finalW := uploadNew(t, c, F32, fw)
 	xBuf, xnBuf := uploadNew(t, c, F32, x0), alloc(t, c, F32, C)
 	qkv, att, up := alloc(t, c, F32, QKV), alloc(t, c, F32, NH*HS), alloc(t, c, F32, 2*F)
-	accs := [2]Buf{uploadInts(t, c, make([]int32, 2*C)), uploadInts(t, c, make([]int32, 2*C))}
+	// The runner's layout: for each parity of layers the attention's
+	// accumulator, then the MLP's.
+	accBuf := uploadInts(t, c, make([]int32, 2*4*C))
+	pairs := [2]Buf{accBuf.View(0, 4*C), accBuf.View(4*C, 4*C)}
+	accs := [2]Buf{pairs[0].View(2*C, 2*C), pairs[1].View(2*C, 2*C)}
+	attnAccs := [2]Buf{pairs[0].View(0, 2*C), pairs[1].View(0, 2*C)}
 	kc, vc := alloc(t, c, F32, L*S*NKV*HS), alloc(t, c, F32, L*S*NKV*HS)
 	pos, slots := uploadInts(t, c, []int32{0}), uploadInts(t, c, []int32{0})
 	order, lens := uploadInts(t, c, []int32{0}), uploadInts(t, c, []int32{1})
@@ -182,14 +229,34 @@ func TestCUDAMLPAccCaptured(t *testing.T) {
 				c.NormMatMulStoreSum(qkv, pair[cur], x, pending, b.n1, Buf{}, b.qkv, Buf{}, 1, C, 1e-5, RMSNormKind, st)
 				x = pair[cur]
 			}
+			if fold && l < L-1 {
+				if !c.attentionOutProj(attnAccs[l%2], qkv, st.K, st.V, order, lens, ap, b.o, C, 1) {
+					t.Fatalf("layer %d: AttentionOutProj not launched (%v)", l, c.Err())
+				}
+				sum := pair[1-cur]
+				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], sum, x, attnAccs[l%2], b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+					t.Fatalf("layer %d: MLPAccSum not launched (%v)", l, c.Err())
+				}
+				cur, x, pending = 1-cur, sum, accs[l%2]
+				continue
+			}
 			c.Attention(att, qkv, st.K, st.V, order, lens, ap)
+			if fold { // the last layer as the runner's steps that end in logits
+				c.MatMulLead(x, att, b.o, Buf{}, 1, NH*HS, C)
+				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], Buf{}, x, Buf{}, b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+					t.Fatalf("layer %d: MLPAcc not launched (%v)", l, c.Err())
+				}
+				out := pair[1-cur]
+				c.NormSum(out, x, accs[l%2], finalW, Buf{}, 1, C, 1e-5, RMSNormKind)
+				return out
+			}
 			if l < L-1 { // as the runner: the MLP kernel may start during the attention
 				c.MatMulLead(x, att, b.o, Buf{}, 1, NH*HS, C)
 			} else {
 				c.MatMul(x, att, b.o, Buf{}, 1, NH*HS, C, true)
 			}
 			if l < L-1 {
-				if !c.mlpAcc(accs[l%2], pending, x, b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+				if !c.mlpAcc(accs[l%2], accs[1-l%2], x, b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
 					t.Fatalf("layer %d: MLPAcc not launched (%v)", l, c.Err())
 				}
 				pending = accs[l%2]
@@ -223,16 +290,17 @@ func TestCUDAMLPAccCaptured(t *testing.T) {
 		ref.NormMatMul(gu, want, ly.n2, nil, ly.up, nil, 1, C, 2*F, 1e-5, true, false, false)
 		ref.SwiGLUMatMul(want, gu, ly.down, 1, F, C, true)
 	}
+	if fold {
+		ref.RMSNorm(want, slices.Clone(want), fw, 1, C, 1e-5)
+	}
 	for rep := range 3 {
 		c.Upload(xBuf, x0)
 		r.Run()
 		got := download(t, c, final)
 		name := fmt.Sprintf("replay %d", rep)
 		compare(t, name, got, want, 1e-4*maxAbs(want), 1e-4)
-		for i, a := range accs {
-			if v := downloadInts(t, c, a); slices.ContainsFunc(v, func(x int32) bool { return x != 0 }) {
-				t.Errorf("%s: accumulator %d not zero after the step", name, i)
-			}
+		if v := downloadInts(t, c, accBuf); slices.ContainsFunc(v, func(x int32) bool { return x != 0 }) {
+			t.Errorf("%s: accumulators not zero after the step", name)
 		}
 	}
 	checkOK(t, c)

@@ -411,6 +411,15 @@ type Fused interface {
 	// products (CUDA: MLPs of more than 8 MiB of weights, distilgpt2's):
 	// then run NormMatMul and the down product.
 	MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
+	// MLPAccSum = SumAcc of in and inAcc (an AttentionOutProj
+	// accumulator, no bias) into sum, then MLPAcc(acc, clear, sum, …): the
+	// MLP block of a layer whose attention was folded, so that the output
+	// projection costs no launch (CUDA: the Llama pairing only). Without
+	// inAcc (and sum) it is MLPAcc. clear (optional, not overlapping acc or
+	// inAcc) is set to zero whole, so that one launch can clear both
+	// accumulators of the layer before. sum must not overlap in. False as
+	// MLPAcc.
+	MLPAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
 	// NormSum: out = LayerNorm (normB optional) or RMSNorm of in +
 	// unfix(acc) (ref.SumAcc, then the norm), and acc ([N, C] int64 as
 	// MLPAcc's) set to zero: the final norm of a one-token step whose last

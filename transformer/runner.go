@@ -31,6 +31,10 @@ type RunnerOptions struct {
 	// weights). Opt-in: on an H100 it is still slower than the launch chain
 	// of fused kernels (docs/PERF.md, version 7).
 	Persistent bool
+	// Unfolded keeps the attention output projection of one-token steps a
+	// launch of its own where the backend could fold it into the attention
+	// kernel (gpu.Fused.AttentionOutProj with MLPAccSum): for comparisons.
+	Unfolded bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -46,9 +50,10 @@ type Runner struct {
 	K, V  gpu.Buf // [L, Slots, NKV, HS]
 
 	x, xn, qkv, att, up, act, logits, nll gpu.Buf
-	// acc: one-token steps' two accumulators, each [B, C] int64 as I32
-	// pairs in fixed point (gpu.Fused.MLPAcc, or the first for
-	// AttentionOutProj); zero between steps.
+	// acc: one-token steps' accumulators, each [B, C] int64 as I32 pairs
+	// in fixed point, two for each parity of layers: the folded
+	// attention's (gpu.Fused.AttentionOutProj), then the MLP's (MLPAcc);
+	// zero between steps.
 	acc gpu.Buf
 
 	// stage is the host side of the int block, twice: steps take the two
@@ -126,7 +131,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		{&r.qkv, gpu.F32, N * cfg.QKVWidth()}, {&r.att, gpu.F32, N * cfg.NH * cfg.HS},
 		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
 		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
-		{&r.acc, gpu.I32, 2 * 2 * opt.B * cfg.C},
+		{&r.acc, gpu.I32, 4 * 2 * opt.B * cfg.C},
 		{&r.ints, gpu.I32, L.total},
 	} {
 		if err := alloc(a.dst, a.dt, a.n); err != nil {
@@ -527,9 +532,20 @@ func (r *Runner) enqueue(sh stepShape) {
 	// stream still owes (zero Buf: none), and the pair of stream buffers.
 	decode := fused != nil && sh.T == 1 && N <= gemvMaxRows
 	mlpAcc := decode // until the backend says it has no kernel for the shapes
-	var accs [2]gpu.Buf
+	// fold: the attention output projection inside the attention kernel
+	// (AttentionOutProj), its product meeting the stream in the MLP kernel
+	// (MLPAccSum), until the backend has no folded kernel for the shapes.
+	// Not for the last layer, whose MLP's output the final norm adds: the
+	// step ends with every accumulator zero.
+	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
+	// Layer l's accumulators: attnAcc[l%2], mlpAccs[l%2]; its MLP clears
+	// both of the other parity (read by the kernels before it), pairAcc.
+	var attnAcc, mlpAccs, pairAcc [2]gpu.Buf
 	if decode {
-		accs = [2]gpu.Buf{r.acc.View(0, 2*N*C), r.acc.View(2*N*C, 2*N*C)}
+		for p := range pairAcc {
+			pairAcc[p] = r.acc.View(p*4*N*C, 4*N*C)
+			attnAcc[p], mlpAccs[p] = pairAcc[p].View(0, 2*N*C), pairAcc[p].View(2*N*C, 2*N*C)
+		}
 	}
 	var pending gpu.Buf
 	pair, cur := [2]gpu.Buf{x, xn}, 0
@@ -573,6 +589,32 @@ func (r *Runner) enqueue(sh stepShape) {
 				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
 				x, pending = sum, gpu.Buf{}
 			}
+			act := gpu.SwiGLUAct
+			if cfg.Family == GPT2 {
+				act = gpu.GeluAct
+			}
+			// Three launches a layer: q|k|v, the attention with its output
+			// projection folded in (its heads' products meet in an
+			// accumulator), and the MLP kernel, which adds them to the
+			// stream (writing the sum to the other buffer of the pair).
+			if fold && l < len(layers)-1 && lw.oB.IsZero() {
+				a := attnAcc[l%2]
+				if fused.AttentionOutProj(a, qkv, K, V, order, lens, attn, lw.oW, C) {
+					sum := pair[1-cur]
+					if fused.MLPAccSum(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+						swap()
+						x, pending = sum, mlpAccs[l%2]
+						continue
+					}
+					// No MLP kernel for the shapes: known at the first layer
+					// (its criteria do not depend on the layer), which reads
+					// no accumulator. The products, as below.
+					mlpAcc, fold = false, false
+					r.foldedMLP(x, sum, a, lw, N, nk)
+					continue
+				}
+				fold = false
+			}
 			// Without MLPAcc (known once the first layer has tried it),
 			// one-token steps where the backend can fold the attention
 			// output projection into the attention kernel: the heads'
@@ -581,17 +623,8 @@ func (r *Runner) enqueue(sh stepShape) {
 			// other buffer) and the MLP's output product clears (adding
 			// its result to that sum into x).
 			if decode && !mlpAcc {
-				if acc := accs[0]; fused.AttentionOutProj(acc, qkv, K, V, order, lens, attn, lw.oW, C) {
-					sum := pair[1-cur]
-					if cfg.Family == GPT2 {
-						up := r.up.View(0, N*F)
-						fused.NormMatMulSum(up, sum, x, acc, lw.oB, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct)
-						fused.ResMatMul(x, sum, up, lw.downW, lw.downB, acc, N, F, C, gpu.NoAct)
-					} else {
-						up := r.up.View(0, N*2*F)
-						fused.NormMatMulSum(up, sum, x, acc, gpu.Buf{}, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct)
-						fused.ResMatMul(x, sum, up, lw.downW, gpu.Buf{}, acc, N, F, C, gpu.SwiGLUAct)
-					}
+				if a := attnAcc[0]; fused.AttentionOutProj(a, qkv, K, V, order, lens, attn, lw.oW, C) {
+					r.foldedMLP(x, pair[1-cur], a, lw, N, nk)
 					continue
 				}
 			}
@@ -599,23 +632,19 @@ func (r *Runner) enqueue(sh stepShape) {
 			// One-token steps where the backend has the MLP in one
 			// launch: its output goes to an accumulator that the next
 			// layer's q|k|v product adds to the stream (the layers take
-			// the two accumulators in turn; each MLP clears the one its
-			// layer's q|k|v product read). The last layer's goes there
-			// too when the step ends in the last row's logits, whose
-			// norm (NormSum) adds and clears it; otherwise that MLP adds
-			// into the stream itself. Either way a step ends with both
-			// accumulators zero.
+			// the accumulators by parity; each MLP clears those of the
+			// other parity, which the kernels before it have read). The
+			// last layer's goes there too when the step ends in the last
+			// row's logits, whose norm (NormSum) adds and clears it;
+			// otherwise that MLP adds into the stream itself. Either way a
+			// step ends with every accumulator zero.
 			if mlpAcc && (l < len(layers)-1 || sh.logits == LastRow) {
 				// The MLP kernel reads only weights before its input is
 				// ready: it may start (and load them) while the attention
 				// still runs.
 				fused.MatMulLead(x, att, lw.oW, lw.oB, N, NH*HS, C)
-				a := accs[l%2]
-				act := gpu.SwiGLUAct
-				if cfg.Family == GPT2 {
-					act = gpu.GeluAct
-				}
-				if fused.MLPAcc(a, read, x, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+				a := mlpAccs[l%2]
+				if fused.MLPAccSum(a, pairAcc[1-l%2], gpu.Buf{}, x, gpu.Buf{}, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
 					pending = a
 					continue
 				}
@@ -734,6 +763,23 @@ func (r *Runner) enqueue(sh stepShape) {
 			}
 			be.Sample(picks, r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
 		}
+	}
+}
+
+// foldedMLP is a one-token MLP block after AttentionOutProj as two
+// products: the first adds acc (and the projection's bias) to the stream x
+// into sum, the second adds its output to sum into x and clears acc.
+func (r *Runner) foldedMLP(x, sum, acc gpu.Buf, lw *deviceLayer, N int, nk gpu.NormKind) {
+	cfg, fused := r.m.Cfg, r.be.(gpu.Fused)
+	C, F := cfg.C, cfg.FFN
+	if cfg.Family == GPT2 {
+		up := r.up.View(0, N*F)
+		fused.NormMatMulSum(up, sum, x, acc, lw.oB, lw.norm2W, lw.norm2B, lw.upW, lw.upB, N, C, F, cfg.Eps, nk, gpu.GeluAct)
+		fused.ResMatMul(x, sum, up, lw.downW, lw.downB, acc, N, F, C, gpu.NoAct)
+	} else {
+		up := r.up.View(0, N*2*F)
+		fused.NormMatMulSum(up, sum, x, acc, gpu.Buf{}, lw.norm2W, gpu.Buf{}, lw.upW, gpu.Buf{}, N, C, 2*F, cfg.Eps, nk, gpu.NoAct)
+		fused.ResMatMul(x, sum, up, lw.downW, gpu.Buf{}, acc, N, F, C, gpu.SwiGLUAct)
 	}
 }
 

@@ -75,6 +75,7 @@ type StreamOptions struct {
 	Realigner            Realigner // KVAlign's networks
 	MaxBan               int       // most banned tokens when sampling
 	Persistent           bool      // the persistent decode kernel where it applies (RunnerOptions.Persistent)
+	Unfolded             bool      // the attention output projection a launch of its own (RunnerOptions.Unfolded)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -97,6 +98,7 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
 		ShiftKeys:  o.Mode == SlidingWindow && m.Cfg.Family == Llama,
 		Persistent: o.Persistent,
+		Unfolded:   o.Unfolded,
 	})
 	if err != nil {
 		return nil, err
