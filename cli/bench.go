@@ -97,7 +97,7 @@ func benchDecode(c *ucli.Context) error {
 	defer m.Close()
 	size := c.Int("cache-size")
 	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1,
-		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded})
+		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked})
 	if err != nil {
 		return usageError{err}
 	}
@@ -286,7 +286,7 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
 			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1,
-				Persistent: kernel.Persistent, Unfolded: kernel.Unfolded})
+				Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked})
 			if err != nil {
 				return nil, usageError{err}
 			}

@@ -21,7 +21,7 @@ func dtypeFlag() *ucli.StringFlag {
 }
 
 func decodeKernelFlag() *ucli.StringFlag {
-	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, a few launches a layer; SmolLM2's attention output projection inside its attention kernel), unfolded (the chain with that projection a launch of its own, for comparisons) or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
+	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, a few launches a layer; SmolLM2's q|k|v product and attention output projection inside its attention kernel: two a layer), chain3 (the q|k|v product a launch of its own), chain4 (the output projection too), or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
 }
 
 func alignKernelFlag() *ucli.StringFlag {
@@ -32,12 +32,14 @@ func alignKernelFlag() *ucli.StringFlag {
 func kernelOptions(c *ucli.Context, o *transformer.StreamOptions) error {
 	switch k := c.String("decode-kernel"); k {
 	case "chain":
-	case "unfolded":
+	case "chain3":
+		o.Unblocked = true
+	case "chain4":
 		o.Unfolded = true
 	case "persistent":
 		o.Persistent = true
 	default:
-		return usagef("unknown --decode-kernel %q (want chain, unfolded or persistent)", k)
+		return usagef("unknown --decode-kernel %q (want chain, chain3, chain4 or persistent)", k)
 	}
 	return nil
 }

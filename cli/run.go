@@ -144,7 +144,7 @@ func runAction(c *ucli.Context) error {
 	// The one token banned by list is end-of-text; repeated 2-grams are
 	// banned from the 2-gram memory on the device (eval.Generate).
 	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1,
-		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded}
+		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked}
 	if pair != nil {
 		dev, err := uploadNetworks(c, pair, be, dt)
 		if err != nil {

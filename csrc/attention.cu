@@ -27,6 +27,7 @@
 // tile is staged: angle = float32(j)·inv_freq[i] in fp32 as ref.RopeRotate,
 // then sincosf (full-range, not the fast intrinsic).
 #include "common.cuh"
+#include "fused.cuh"
 #include "stamps.cuh"
 
 #include <cooperative_groups.h>
@@ -878,18 +879,41 @@ struct OutProj {
   int C;
 };
 
+// QKV (kv_attention_block; with OP): the layer's q|k|v product inside the
+// clusters too. Each block stages QR = HS/CS rows each of the head's query,
+// its kv head's key and value weights before the wait; after it the block
+// sums the stream and the MLP's accumulator, normalises (RMSNorm), takes
+// its 3·QR products and stores them into every block of the cluster; after
+// one barrier each block holds the head's q and the newest k and v, rotates
+// q (and k when rope_heads > NH) at pos, and the newest entry comes from
+// there instead of the cache (one cluster per kv head stores it).
+struct QKVIn {
+  const float *in;       // [B, C] the stream
+  const long long *acc;  // [B, C] the previous MLP's accumulator (or null)
+  float *sum;            // [B, C] in + unfix(acc), written by one block
+  const void *norm_w;
+  int norm_f16;
+  const __half *w;  // [(NH + 2·NKV)·HS, C]
+  const int32_t *pos, *slots;
+  float *kc, *vc;   // the caches the newest entry goes to
+  int rope_heads;   // heads rotated at pos: NH (keys shifted at attention) or NH + NKV
+  float eps;
+  int C;
+  RopeFreqs pf;  // the frequencies of the rotation at pos
+};
+
 // shfl_xor4: __shfl_xor_sync of each component (the whole warp).
 __device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
   return make_float4(__shfl_xor_sync(KV_FULL_MASK, v.x, off), __shfl_xor_sync(KV_FULL_MASK, v.y, off),
                      __shfl_xor_sync(KV_FULL_MASK, v.z, off), __shfl_xor_sync(KV_FULL_MASK, v.w, off));
 }
 
-template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false>
+template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
                           const int32_t *__restrict__ lens, int T, int NH, int NKV, int q_stride, int max_len,
-                          float rope_theta, RopeFreqs freqs, float scale, int GS, OutProj op) {
+                          float rope_theta, RopeFreqs freqs, float scale, int GS, OutProj op, QKVIn qi) {
   constexpr int HS = LPK * 4, NG = NT / LPK;
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   constexpr bool kWarpMerge = CS > 1 && QVM == 1 && NT / 32 <= NG;  // see the merge below
@@ -921,14 +945,21 @@ __global__ void __launch_bounds__(NT)
   // does not write.
   const int fresh = max(0, n_total - T);
   float4 kr[U], vr[U];
+  // QKV: the newest entry's raw q, k and v (3·HS), exchanged in the cluster.
+  __shared__ __align__(16) float qkvs[QKV ? 3 * HS : 4];
   auto load_kv = [&](int base, int lo, int hi) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int j = base + gk + STEP * u;
       if (j >= lo && j < hi) {
-        const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
-        kr[u] = __ldcg(reinterpret_cast<const float4 *>(kc + off));
-        vr[u] = __ldcg(reinterpret_cast<const float4 *>(vc + off));
+        if (QKV && j == n_total - 1) {
+          kr[u] = *reinterpret_cast<const float4 *>(qkvs + HS + 4 * li);
+          vr[u] = *reinterpret_cast<const float4 *>(qkvs + 2 * HS + 4 * li);
+        } else {
+          const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
+          kr[u] = __ldcg(reinterpret_cast<const float4 *>(kc + off));
+          vr[u] = __ldcg(reinterpret_cast<const float4 *>(vc + off));
+        }
       }
     }
   };
@@ -975,6 +1006,41 @@ __global__ void __launch_bounds__(NT)
     }
     kv_cp_async_commit();
   }
+  // QKV: this block's 3·QR rows, in 3·QR/2 pairs: query pair p < QR/2 is
+  // dims (r·QR/2 + p, HS/2 + r·QR/2 + p) of the head (r = rank: a rotation
+  // pair's two rows in one block, so it rotates them itself), key pairs
+  // alike, value pairs any two dims (r·QR + 2p', +1). Local row 2·pair +
+  // {0, 1}; a warp takes whole pairs. After wo's rows, then the norm
+  // weights as stored.
+  constexpr int QR = HS / (CS > 1 ? CS : 1), QH = QR / 2;
+  __half *wqs = reinterpret_cast<__half *>(wos + (size_t)rows_per * HS * 2);
+  [[maybe_unused]] unsigned char *qnw = reinterpret_cast<unsigned char *>(wqs + (size_t)3 * QR * qi.C);
+  // pair_dim: the head dim of local row i (within its section's HS).
+  [[maybe_unused]] auto pair_dim = [&](int i) {
+    const int pr = i / 2, hi = i % 2;
+    if (pr < QR) {  // query or key pair
+      const int p = pr % QH;
+      return hi * (HS / 2) + rank * QH + p;
+    }
+    return rank * QR + 2 * (pr - QR) + hi;  // value
+  };
+  [[maybe_unused]] int pos0 = 0, slot0 = 0;
+  if constexpr (QKV) {
+    const int c8 = qi.C / 8;
+#pragma unroll 1
+    for (int i = tid; i < 3 * QR * c8; i += NT) {
+      const int r = i / c8, k = i - r * c8, pr = r / 2;
+      const int sec = pr < QH ? 0 : pr < QR ? 1 : 2;
+      const int row = (sec == 0 ? h0 * HS : (NH + (sec - 1) * NKV + kh) * HS) + pair_dim(r);
+      kv_cp_async16_cg(wqs + (size_t)r * qi.C + 8 * k, qi.w + (size_t)row * qi.C + 8 * k);
+    }
+    const int nb = qi.C * (qi.norm_f16 ? 2 : 4);
+#pragma unroll 1
+    for (int i = tid; i < nb / 16; i += NT) kv_cp_async16_ca(qnw + 16 * i, static_cast<const char *>(qi.norm_w) + 16 * i);
+    kv_cp_async_commit();
+    pos0 = qi.pos[b];
+    slot0 = qi.slots[b];
+  }
   // Clusters push their partials into rank 0 (below); this barrier phase,
   // arrived at here and waited for before the first remote store, makes
   // sure rank 0 is running by then, off the critical path.
@@ -983,13 +1049,102 @@ __global__ void __launch_bounds__(NT)
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
   kv_pdl_launch_dependents();
-  load_kv(0, fresh, n_total);
   float4 qr[QVM];
+  if constexpr (QKV) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int NW = NT / 32, PPW = 3 * QH / NW;  // pairs a warp
+    static_assert(OP && PPW * NW == 3 * QH, "QKV: the fold's shapes");
+    cg::cluster_group cluster = cg::this_cluster();
+    const int C = qi.C, lane = tid % 32, warp = tid / 32;
+    __shared__ __align__(16) float qxs[1024];  // the stream row (C ≤ 1024)
+    // The stream and the accumulator in one round trip.
+    constexpr int kPre = 8;
+    float iv[kPre];
+    long long av[kPre];
+    const float *inb = qi.in + (size_t)b * C;
+    const long long *accb = qi.acc ? qi.acc + (size_t)b * C : nullptr;
 #pragma unroll
-  for (int v = 0; v < QVM; v++) {
-    const int t = v / G, g = v % G;
-    qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(h0 + g) * HS + 4 * li)
-                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < kPre; k++) {
+      const int i = tid + k * NT;
+      iv[k] = i < C ? __ldcg(inb + i) : 0.f;
+      av[k] = i < C && accb ? __ldcg(accb + i) : 0;
+    }
+    // The rotation factors of this warp's query and key pairs (the position
+    // is a step input: known before the stream lands).
+    const bool rot_k = qi.rope_heads > NH;
+    float2 sc[PPW];
+#pragma unroll
+    for (int j = 0; j < PPW; j++) {
+      const int pr = warp * PPW + j;
+      sc[j] = make_float2(0.f, 1.f);
+      if (pr < QH || (rot_k && pr < QR)) sc[j] = kv_sincos((float)pos0 * qi.pf.v[rank * QH + pr % QH]);
+    }
+    kv_cp_async_wait_all();
+    const bool writer = unit == 0 && rank == 0;
+#pragma unroll
+    for (int k = 0; k < kPre; k++) {
+      const int i = tid + k * NT;
+      if (i < C) {
+        const float v = iv[k] + kv_unfix(av[k]);
+        if (writer) qi.sum[(size_t)b * C + i] = v;
+        qxs[i] = v;
+      }
+    }
+    __syncthreads();
+    // The warp's 2·PPW rows over all of C: its lanes' squares give the
+    // norm's sum too (no block reduction).
+    float a[2 * PPW], ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 2 * PPW; j++) a[j] = 0.f;
+    const __half2 *w2 = reinterpret_cast<const __half2 *>(wqs);
+#pragma unroll 1
+    for (int k = lane; k < C / 2; k += 32) {
+      const float2 x = reinterpret_cast<const float2 *>(qxs)[k];
+      const float2 nw = make_float2(load_norm_w(qnw, qi.norm_f16, 2 * k), load_norm_w(qnw, qi.norm_f16, 2 * k + 1));
+      ss = fmaf(x.x, x.x, fmaf(x.y, x.y, ss));
+      const float xa = x.x * nw.x, xb = x.y * nw.y;
+#pragma unroll
+      for (int j = 0; j < 2 * PPW; j++) {
+        const float2 w = __half22float2(w2[(size_t)(warp * 2 * PPW + j) * (C / 2) + k]);
+        a[j] = fmaf(w.x, xa, fmaf(w.y, xb, a[j]));
+      }
+    }
+    ss = kv_warp_sum(ss);
+#pragma unroll
+    for (int j = 0; j < 2 * PPW; j++) a[j] = kv_warp_sum(a[j]);
+    const float rstd = 1.f / sqrtf(ss / (float)C + qi.eps);
+    // Rotate the pairs at the position (lower: x1·cos − x2·sin, upper:
+    // x2·cos + x1·sin) and store them into every block of the cluster.
+    kv_cluster_wait();  // the prologue's phase: every block is running
+    if (lane < CS) {
+#pragma unroll
+      for (int j = 0; j < PPW; j++) {
+        const int pr = warp * PPW + j, sec = pr < QH ? 0 : pr < QR ? 1 : 2;
+        const float lo = a[2 * j] * rstd, hi = a[2 * j + 1] * rstd;
+        const float rl = lo * sc[j].y - hi * sc[j].x, rh = hi * sc[j].y + lo * sc[j].x;
+        *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j))], lane) = rl;
+        *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j) + 1)], lane) = rh;
+      }
+    }
+    kv_cluster_arrive();  // release: the rows
+    kv_cluster_wait();    // acquire: every block's, here
+    kv_cluster_arrive();  // the phase the merge below waits for first (nothing to wait on)
+    if (unit % GS == 0 && rank == 0 && tid < HS) {  // one cluster per kv head stores the entry
+      const size_t off = ((size_t)slot0 * NKV + kh) * HS + tid;
+      qi.kc[off] = qkvs[HS + tid];
+      qi.vc[off] = qkvs[2 * HS + tid];
+    }
+    qr[0] = *reinterpret_cast<const float4 *>(qkvs + 4 * li);
+    load_kv(0, fresh, n_total);
+#endif
+  } else {
+    load_kv(0, fresh, n_total);
+#pragma unroll
+    for (int v = 0; v < QVM; v++) {
+      const int t = v / G, g = v % G;
+      qr[v] = v < QV ? *reinterpret_cast<const float4 *>(q + ((size_t)b * T + t) * q_stride + (size_t)(h0 + g) * HS + 4 * li)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
 
   float m[QVM], l[QVM];
@@ -1302,18 +1457,23 @@ __global__ void __launch_bounds__(NT)
 // OP (kv_attention_out): the kernel with the output projection folded in,
 // op its operands (out unused); it needs one query vector a cluster (QV = 1)
 // and a block's rows of wo within the default 48 KB of shared memory.
-template <int CS, int NT, bool OP = false>
+template <int CS, int NT, bool OP = false, bool QKV = false>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
-                              bool pdl = true, int GS = 1, const OutProj &op = OutProj{}) {
+                              bool pdl = true, int GS = 1, const OutProj &op = OutProj{}, const QKVIn &qi = QKVIn{}) {
   if (GS < 1 || (NH / NKV) % GS != 0) return false;
   const int QV = T * (NH / NKV / GS);
   const bool al = ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc) |
                     reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(op.wo)) & 15) == 0;
   if (!al || q_stride % 4 != 0 || QV > 4 || !(HS == 16 || HS == 32 || HS == 64 || HS == 128)) return false;
   // OP: one head's output a cluster; wo's rows (NH·HS halves) 16-byte aligned.
-  const size_t smem = OP ? (size_t)(op.C + CS - 1) / CS * HS * 2 : 0;  // a block's rows of wo
+  size_t smem = OP ? (size_t)(op.C + CS - 1) / CS * HS * 2 : 0;  // a block's rows of wo
+  if constexpr (QKV) {  // the block's q|k|v rows and the norm weights
+    if (qi.C % 8 != 0 || qi.C > 1024 || T != 1 || ((reinterpret_cast<uintptr_t>(qi.w) | reinterpret_cast<uintptr_t>(qi.norm_w)) & 15))
+      return false;
+    smem += (size_t)3 * (HS / CS) * qi.C * 2 + (size_t)qi.C * (qi.norm_f16 ? 2 : 4);
+  }
   if (OP && (QV != 1 || (NH * HS) % 8 != 0 || op.C <= 0 || smem > 48 * 1024)) return false;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
@@ -1321,11 +1481,12 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
     return false;
   }
   const dim3 grid(NKV * GS * CS, B);
-#define KV_D4C(LPK, QVM, U)                                                                                      \
-  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
-                      vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op)
+#define KV_D4C(LPK, QVM, U)                                                                                           \
+  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
+                      vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op, qi)
 #define KV_D4C_Q(LPK)                         \
-  if constexpr (OP) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
+  if constexpr (QKV && (LPK < 16 || NT != 128)) return false; \
+  else if constexpr (OP) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
   else if (QV == 1) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \
   else KV_D4C(LPK, 4, 4)
   switch (HS) {
@@ -1351,7 +1512,7 @@ bool launch_decode_v4(cudaStream_t st, float *out, const float *q, const float *
   const bool pdl = kv_pdl_supported();
 #define KV_D4(LPK, QVM, U)                                                                                  \
   kv_launch(attn_decode_kernel_v4<LPK, QVM, U>, grid, dim3(kD4Threads), 0, st, pdl, out, q, kc, vc, order, lens, T, \
-            NH, NKV, q_stride, max_len, rope_theta, freqs, scale, 1, OutProj{})
+            NH, NKV, q_stride, max_len, rope_theta, freqs, scale, 1, OutProj{}, QKVIn{})
 #define KV_D4_Q(LPK) \
   if (QV == 1) KV_D4(LPK, 1, 8); else KV_D4(LPK, 4, 4)
   switch (HS) {
@@ -1612,6 +1773,29 @@ extern "C" kv_status kv_attention_out(kv_stream s, long long *acc, const float *
   const bool ok = launch_decode_v4_cluster<8, 128, true>(s, nullptr, q, kc, vc, order, lens, B, 1, NH, NKV, HS,
                                                          q_stride, max_len, rope_theta, freqs, scale, true, NH / NKV,
                                                          OutProj{w, acc, C});
+  *launched = ok;
+  return kv_launched();
+}
+
+extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum, const float *in,
+                                        const long long *mlp_acc, const void *norm_w, int norm_f16, const void *w,
+                                        int w_f16, float *kc, float *vc, const int32_t *pos, const int32_t *slots,
+                                        const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
+                                        int max_len, float rope_theta, float theta, int rope_heads, float eps, int C,
+                                        const void *wo, int wo_f16, int *launched) {
+  *launched = 0;
+  if (B <= 0 || NH <= 0) return kv_launched();
+  if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo || !in ||
+      !sum || !norm_w || !w || !kc || !vc || !pos || !slots)
+    return (kv_status)cudaErrorInvalidValue;
+  if (!wo_f16 || !w_f16 || (long long)max_len * HS > 1024 * 64 || !(NH > NKV && (long long)B * NH * 8 <= 132))
+    return kv_launched();
+  const float scale = 1.0f / sqrtf((float)HS);
+  QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads, eps, C,
+           rope_freqs(HS, theta)};
+  const bool ok = launch_decode_v4_cluster<8, 128, true, true>(
+      s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len, rope_theta,
+      rope_freqs(HS, rope_theta), scale, true, NH / NKV, OutProj{static_cast<const __half *>(wo), acc, C}, qi);
   *launched = ok;
   return kv_launched();
 }

@@ -279,6 +279,24 @@ kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const fl
                            int q_stride, int max_len, float rope_theta, const void *wo, int wo_f16, int C,
                            int variant, int *launched);
 
+/* kv_attention_block: kv_norm_matmul_store_sum's q|k|v product (RMSNorm
+ * of in + unfix(mlp_acc), mlp_acc optional, the sum written to sum;
+ * rotation at pos of the first rope_heads heads with theta; the newest key
+ * and value stored at slots) inside kv_attention_out's clusters (its
+ * arguments as there; rope_theta rotates keys at their index when read),
+ * one launch: each block multiplies its share of the head's query and key
+ * rotation pairs and value rows and stores them into every block of its
+ * cluster. The cluster's prologue reads the caches' older rows, order and
+ * lens before its programmatic wait: the kernel before must write none of
+ * them (a layer's MLP; not the step's input copy or the realignment).
+ * *launched = 0 where it does not apply: kv_attention_out's conditions,
+ * fp32 weights, HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. */
+kv_status kv_attention_block(kv_stream s, long long *acc, float *sum, const float *in, const long long *mlp_acc,
+                             const void *norm_w, int norm_f16, const void *w, int w_f16, float *kc, float *vc,
+                             const int32_t *pos, const int32_t *slots, const int32_t *order, const int32_t *lens,
+                             int B, int NH, int NKV, int HS, int max_len, float rope_theta, float theta,
+                             int rope_heads, float eps, int C, const void *wo, int wo_f16, int *launched);
+
 /* align.cu: KV-Align realignment in place (see gpu.AlignParams, ref.Align):
  * for every layer l < L, list entry i < rows and kv head h < NKV, the head
  * vector x = cache[l·layer_stride + slots[i]·NKV·HS + h·HS …] becomes
@@ -429,7 +447,7 @@ kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, long long cl
                      const long long *in_acc, float *sum, const void *norm_w,
                      const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                      int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16, int N,
-                     int C, int F, float eps, int rms, int swiglu, int variant, int *launched);
+                     int C, int F, float eps, int rms, int swiglu, int variant, int lead, int *launched);
 /* The residual stream after a folded attention (kv_attention_out), so that
  * the out-projection costs no launch of its own. acc: [N, C] int64, the
  * heads' partial products summed in fixed point (kv_attention_out).

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kMlpThreads)
                       const void *__restrict__ norm_w, const void *__restrict__ norm_b, int norm_f16,
                       const __half *__restrict__ up_w, const void *__restrict__ up_b, int up_b_f16,
                       const __half *__restrict__ down_w, const void *__restrict__ down_b, int down_b_f16, int N,
-                      int C, int F, float eps) {
+                      int C, int F, float eps, int lead) {
   constexpr int FS = kMlpFS, G = SWIGLU ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[2][kMlpWarps][NB];
@@ -122,10 +122,13 @@ __global__ void __launch_bounds__(kMlpThreads)
   kv_cp_async_commit();
 
   // 2. The input rows, written by the previous kernel.
+  // lead: the next kernel reads nothing this one or its predecessor writes
+  // before its own wait, so it may launch now (kv_attention_block).
+  if (lead) kv_pdl_launch_dependents();
   KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
-  kv_pdl_launch_dependents();
+  if (!lead) kv_pdl_launch_dependents();
   const int C4 = C / 4;
   if constexpr (SUM) {
     // The row and the accumulator in one round trip (kAccPre elements a
@@ -296,7 +299,7 @@ cudaError_t launch_mlp_acc(cudaStream_t s, bool pdl, bool rms, bool swiglu, size
                            long long *clear, long long clear_len, const float *in, const long long *in_acc,
                            float *sum, const void *norm_w, const void *norm_b, int norm_f16,
                            const __half *up_w, const void *up_b, int up_b_f16, const __half *down_w,
-                           const void *down_b, int down_b_f16, int N, int C, int F, float eps) {
+                           const void *down_b, int down_b_f16, int N, int C, int F, float eps, int lead) {
   // SUM (in_acc) is its own instantiation: code the other paths would
   // carry costs them instruction-cache misses (docs/PERF.md, version 23).
   auto kernel = !(rms && swiglu) ? mlp_acc_kernel_v1<NB, false, false, false>
@@ -309,7 +312,7 @@ cudaError_t launch_mlp_acc(cudaStream_t s, bool pdl, bool rms, bool swiglu, size
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return e;
   return kv_launch(kernel, dim3(F / kMlpFS), dim3(kMlpThreads), smem, s, pdl, acc, clear, clear_len, in, in_acc, sum,
-                   norm_w, norm_b, norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps);
+                   norm_w, norm_b, norm_f16, up_w, up_b, up_b_f16, down_w, down_b, down_b_f16, N, C, F, eps, lead);
 }
 
 }  // namespace
@@ -318,7 +321,7 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, l
                                 const long long *in_acc, float *sum, const void *norm_w,
                                 const void *norm_b, int norm_f16, const void *up_w, int up_f16, const void *up_b,
                                 int up_b_f16, const void *down_w, int down_f16, const void *down_b, int down_b_f16,
-                                int N, int C, int F, float eps, int rms, int swiglu, int variant, int *launched) {
+                                int N, int C, int F, float eps, int rms, int swiglu, int variant, int lead, int *launched) {
   *launched = 0;
   if (N <= 0) return kv_launched();
   if (C <= 0 || F <= 0 || !acc || !in || !norm_w || !up_w || !down_w || (swiglu && (up_b || !rms)) ||
@@ -347,7 +350,7 @@ extern "C" kv_status kv_mlp_acc(kv_stream s, long long *acc, long long *clear, l
   cudaError_t e;
 #define KV_MLP(NB)                                                                                          \
   launch_mlp_acc<NB>(s, pdl, rms, swiglu, smem, acc, clear, clear_len, in, in_acc, sum, norm_w, norm_b, norm_f16, \
-                     uw, up_b, up_b_f16, dw, down_b, down_b_f16, N, C, F, eps)
+                     uw, up_b, up_b_f16, dw, down_b, down_b_f16, N, C, F, eps, lead)
   if (N <= 1) e = KV_MLP(1);
   else if (N <= 2) e = KV_MLP(2);
   else if (N <= 4) e = KV_MLP(4);

@@ -245,6 +245,40 @@ func (c *CUDA) attentionOutProj(acc, q, kc, vc, order, lens Buf, p AttnParams, w
 	return launched != 0 && !c.failed()
 }
 
+// AttentionBlock: see AttentionBlocker and kv_attention_block.
+func (c *CUDA) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, ch int, eps float32) bool {
+	const op = "attentionblock"
+	if p.T != 1 || c.failed() || w.dt != F16 || wo.dt != F16 {
+		return false
+	}
+	qkvW := (p.NH + 2*p.NKV) * p.HS
+	if !c.need(op, p.B > 0 && p.NH > 0 && p.NKV > 0 && p.NH%p.NKV == 0 && ch > 0 && st.NH == p.NH && st.NKV == p.NKV && st.HS == p.HS,
+		"invalid shape B=%d NH=%d NKV=%d C=%d", p.B, p.NH, p.NKV, ch) ||
+		!c.needBuf(op, "acc", acc, 2*p.B*ch, I32) ||
+		!c.needBuf(op, "sum", sum, p.B*ch, F32) ||
+		!c.needBuf(op, "in", in, p.B*ch, F32) ||
+		!mlpAcc.IsZero() && !c.needBuf(op, "mlpAcc", mlpAcc, 2*p.B*ch, I32) ||
+		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
+		!c.needBuf(op, "w", w, qkvW*ch, F16) ||
+		!c.needBuf(op, "kc", st.K, p.NKV*p.HS, F32) ||
+		!c.needBuf(op, "vc", st.V, p.NKV*p.HS, F32) ||
+		!c.needBuf(op, "pos", st.Pos, p.B, I32) ||
+		!c.needBuf(op, "slots", st.Slots, p.B, I32) ||
+		!c.needBuf(op, "order", order, p.B*p.MaxLen, I32) ||
+		!c.needBuf(op, "lens", lens, p.B, I32) ||
+		!c.needBuf(op, "wo", wo, ch*p.NH*p.HS, F16) {
+		return false
+	}
+	var launched C.int
+	c.run(op, func() C.kv_status {
+		return C.kv_attention_block(c.stream, devI64(acc), devF32(sum), devF32(in), devI64(mlpAcc), dev(normW), f16(normW),
+			dev(w), f16(w), devF32(st.K), devF32(st.V), devI32(st.Pos), devI32(st.Slots), devI32(order), devI32(lens),
+			C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen), C.float(p.RopeTheta), C.float(st.Theta),
+			C.int(st.RopeHeads), C.float(eps), C.int(ch), dev(wo), f16(wo), &launched)
+	})
+	return launched != 0 && !c.failed()
+}
+
 // MLPAcc: the one-token MLP block into a fixed-point accumulator, see
 // Fused and kv_mlp_acc.
 func (c *CUDA) MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
@@ -254,7 +288,13 @@ func (c *CUDA) MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB Buf, 
 // MLPAccSum: MLPAcc on the residual stream after AttentionOutProj, see
 // Fused and kv_mlp_acc (in_acc).
 func (c *CUDA) MLPAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
-	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0)
+	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0, false)
+}
+
+// MLPAccLead is MLPAccSum letting the next kernel launch before its own
+// input is ready (experiment: before an AttentionBlock).
+func (c *CUDA) MLPAccLead(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0, true)
 }
 
 // mlpAcc runs kv_mlp_acc's variant: 0 the default, 1 also without
@@ -263,10 +303,10 @@ func (c *CUDA) mlpAcc(acc, clr, in, normW, normB, upW, upB, downW, downB Buf, n,
 	if !clr.IsZero() && clr.Len() > 2*n*ch {
 		clr = clr.View(0, 2*n*ch) // MLPAcc clears one accumulator
 	}
-	return c.mlpAccSum(acc, clr, Buf{}, in, Buf{}, normW, normB, upW, upB, downW, downB, n, ch, f, eps, norm, act, variant)
+	return c.mlpAccSum(acc, clr, Buf{}, in, Buf{}, normW, normB, upW, upB, downW, downB, n, ch, f, eps, norm, act, variant, false)
 }
 
-func (c *CUDA) mlpAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, n, ch, f int, eps float32, norm NormKind, act Act, variant int) bool {
+func (c *CUDA) mlpAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, n, ch, f int, eps float32, norm NormKind, act Act, variant int, lead bool) bool {
 	const op = "mlpacc"
 	if c.failed() {
 		return false
@@ -307,7 +347,7 @@ func (c *CUDA) mlpAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW
 		return C.kv_mlp_acc(c.stream, devI64(acc), devI64(clr), C.longlong(clr.Len()/2), devF32(in), devI64(inAcc), devF32(sum),
 			dev(normW), dev(normB), f16(normW),
 			dev(upW), f16(upW), dev(upB), f16(upB), dev(downW), f16(downW), dev(downB), f16(downB), C.int(n), C.int(ch),
-			C.int(f), C.float(eps), cFlag(norm == RMSNormKind), cFlag(swiglu), C.int(variant), &launched)
+			C.int(f), C.float(eps), cFlag(norm == RMSNormKind), cFlag(swiglu), C.int(variant), cFlag(lead), &launched)
 	})
 	return launched != 0 && !c.failed()
 }

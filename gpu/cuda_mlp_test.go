@@ -120,7 +120,7 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 		c.UploadInts(accBuf, packed(prior))
 		var launched bool
 		if sum {
-			launched = c.mlpAccSum(accBuf, clearBuf, sumBuf, inBuf, inAccBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant)
+			launched = c.mlpAccSum(accBuf, clearBuf, sumBuf, inBuf, inAccBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant, false)
 		} else {
 			launched = c.mlpAcc(accBuf, clearBuf, inBuf, nwBuf, nbBuf, upBuf, upBBuf, downBuf, downBBuf, N, C, F, 1e-5, norm, act, variant)
 		}
@@ -234,7 +234,7 @@ func testMLPAccCaptured(t *testing.T, fold bool) {
 					t.Fatalf("layer %d: AttentionOutProj not launched (%v)", l, c.Err())
 				}
 				sum := pair[1-cur]
-				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], sum, x, attnAccs[l%2], b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], sum, x, attnAccs[l%2], b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1, false) {
 					t.Fatalf("layer %d: MLPAccSum not launched (%v)", l, c.Err())
 				}
 				cur, x, pending = 1-cur, sum, accs[l%2]
@@ -243,7 +243,7 @@ func testMLPAccCaptured(t *testing.T, fold bool) {
 			c.Attention(att, qkv, st.K, st.V, order, lens, ap)
 			if fold { // the last layer as the runner's steps that end in logits
 				c.MatMulLead(x, att, b.o, Buf{}, 1, NH*HS, C)
-				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], Buf{}, x, Buf{}, b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1) {
+				if !c.mlpAccSum(accs[l%2], pairs[1-l%2], Buf{}, x, Buf{}, b.n2, Buf{}, b.up, Buf{}, b.down, Buf{}, 1, C, F, 1e-5, RMSNormKind, SwiGLUAct, 1, false) {
 					t.Fatalf("layer %d: MLPAcc not launched (%v)", l, c.Err())
 				}
 				out := pair[1-cur]

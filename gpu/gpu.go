@@ -338,6 +338,19 @@ const (
 	SwiGLUAct
 )
 
+// AttentionBlocker is a backend that can also fold a layer's q|k|v product
+// into AttentionOutProj (CUDA): AttentionBlock =
+// NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, no norm bias, w, no bias,
+// a row a sequence, C, eps, RMSNorm, st) then AttentionOutProj(acc, qkv,
+// st.K, st.V, order, lens, p, wo, C), in one launch and without a q|k|v
+// buffer. False, enqueuing nothing, where it does not apply.
+type AttentionBlocker interface {
+	AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool
+	// MLPAccLead = MLPAccSum, the next operation (an AttentionBlock)
+	// launching before this one's input is ready.
+	MLPAccLead(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool
+}
+
 // Fused is implemented by backends with fused decode kernels: each call
 // does the work of several Backend operations in one launch, which is what
 // batch-1 decoding needs (it is bound by launch latency, not arithmetic,

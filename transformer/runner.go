@@ -35,6 +35,10 @@ type RunnerOptions struct {
 	// launch of its own where the backend could fold it into the attention
 	// kernel (gpu.Fused.AttentionOutProj with MLPAccSum): for comparisons.
 	Unfolded bool
+	// Unblocked keeps the q|k|v product a launch of its own where the
+	// backend could fold it into that attention (gpu.AttentionBlocker):
+	// three launches a layer instead of two, for comparisons.
+	Unblocked bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -554,6 +558,14 @@ func (r *Runner) enqueue(sh stepShape) {
 		r.plan.Run() // every layer in one launch
 		layers = nil
 	}
+	blocker, _ := be.(gpu.AttentionBlocker)
+	useBlock := func(l int) bool {
+		if blocker == nil || !fold || l < 1 || l >= len(layers)-1 || o.Unblocked || r.normKind() != gpu.RMSNormKind {
+			return false
+		}
+		lw := &w.layers[l]
+		return lw.oB.IsZero() && lw.qkvB.IsZero()
+	}
 	for l := range layers {
 		lw := &w.layers[l]
 		K, V := r.K.View(l*layerSize, layerSize), r.V.View(l*layerSize, layerSize)
@@ -576,6 +588,40 @@ func (r *Runner) enqueue(sh stepShape) {
 			// (order, lengths) and, realigning, the cache.
 			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta,
 				Lead: l > 0}
+			act := gpu.SwiGLUAct
+			if cfg.Family == GPT2 {
+				act = gpu.GeluAct
+			}
+			// Two launches a layer: the q|k|v product inside the folded
+			// attention (AttentionBlock), then the MLP kernel. From the
+			// second layer (the block gathers its older K/V rows before its
+			// input is ready, as a led attention does) to the one before the
+			// last. mlp is the MLP kernel, leading where the next layer
+			// starts with a block (whose prologue then overlaps the MLP).
+			mlp := fused.MLPAccSum
+			if useBlock(l + 1) {
+				mlp = blocker.MLPAccLead
+			}
+			if useBlock(l) && !pending.IsZero() {
+				a := attnAcc[l%2]
+				sum := pair[1-cur]
+				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
+					swap()
+					x = sum
+					sum = pair[1-cur]
+					if mlp(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+						swap()
+						x, pending = sum, mlpAccs[l%2]
+						continue
+					}
+					// Only after a backend error (the first layer's MLP
+					// kernel took these shapes): the products.
+					mlpAcc, fold = false, false
+					r.foldedMLP(x, sum, a, lw, N, nk)
+					pending = gpu.Buf{}
+					continue
+				}
+			}
 			// read: the accumulator this layer's q|k|v product adds to the
 			// stream, free again (for this layer's MLP to clear) once it
 			// has run.
@@ -589,10 +635,6 @@ func (r *Runner) enqueue(sh stepShape) {
 				fused.NormMatMulStoreSum(qkv, sum, x, pending, lw.norm1W, lw.norm1B, lw.qkvW, lw.qkvB, N, C, cfg.Eps, nk, st)
 				x, pending = sum, gpu.Buf{}
 			}
-			act := gpu.SwiGLUAct
-			if cfg.Family == GPT2 {
-				act = gpu.GeluAct
-			}
 			// Three launches a layer: q|k|v, the attention with its output
 			// projection folded in (its heads' products meet in an
 			// accumulator), and the MLP kernel, which adds them to the
@@ -601,7 +643,7 @@ func (r *Runner) enqueue(sh stepShape) {
 				a := attnAcc[l%2]
 				if fused.AttentionOutProj(a, qkv, K, V, order, lens, attn, lw.oW, C) {
 					sum := pair[1-cur]
-					if fused.MLPAccSum(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
+					if mlp(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
 						swap()
 						x, pending = sum, mlpAccs[l%2]
 						continue

@@ -76,6 +76,7 @@ type StreamOptions struct {
 	MaxBan               int       // most banned tokens when sampling
 	Persistent           bool      // the persistent decode kernel where it applies (RunnerOptions.Persistent)
 	Unfolded             bool      // the attention output projection a launch of its own (RunnerOptions.Unfolded)
+	Unblocked            bool      // the q|k|v product a launch of its own (RunnerOptions.Unblocked)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -99,6 +100,7 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 		ShiftKeys:  o.Mode == SlidingWindow && m.Cfg.Family == Llama,
 		Persistent: o.Persistent,
 		Unfolded:   o.Unfolded,
+		Unblocked:  o.Unblocked,
 	})
 	if err != nil {
 		return nil, err
