@@ -577,9 +577,9 @@ func (r *Runner) enqueue(sh stepShape) {
 			theta = float32(cfg.RopeTheta)
 		}
 		if fused != nil {
-			// Five launches a layer (four with MLPAcc or a folded
-			// attention, below): the norms, RoPE, cache writes and
-			// activations ride along with the products.
+			// Five launches a layer, down to two for SmolLM2's one-token
+			// steps (below): the norms, RoPE, cache writes and activations
+			// ride along with the products.
 			nk := r.normKind()
 			// Lead: the attention may start (and gather its older K/V rows)
 			// while this product waits for the previous layer's MLP, which
