@@ -273,6 +273,15 @@ func TestCUDAResMatMul(t *testing.T) {
 	}
 }
 
+// randFixed is an accumulator of n uniform values in [-1, 1) in fixed point.
+func randFixed(rng *rand.Rand, n int) []int64 {
+	v := make([]int64, n)
+	for i := range v {
+		v[i] = ref.Fix(rng.Float32()*2 - 1)
+	}
+	return v
+}
+
 func unfixAll(v []int64) []float32 {
 	f := make([]float32, len(v))
 	for i, s := range v {

@@ -326,10 +326,7 @@ func testNormMatMulStore(t *testing.T, c *CUDA, rng *rand.Rand, name string, cs 
 	var acc []int64
 	refIn := in
 	if withSum {
-		acc = make([]int64, N*C)
-		for i := range acc {
-			acc[i] = ref.Fix(rng.Float32()*2 - 1)
-		}
+		acc = randFixed(rng, N*C)
 		refIn = make([]float32, N*C)
 		ref.SumAcc(refIn, in, acc, nil, N, C)
 	}

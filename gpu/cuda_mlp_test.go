@@ -81,10 +81,7 @@ func testMLPAcc(t *testing.T, c *CUDA, rng *rand.Rand, name string, N, C, F int,
 	mlpIn, inAcc, wantSum := in, []int64(nil), []float32(nil)
 	clearN := N * C
 	if sum {
-		inAcc = make([]int64, N*C)
-		for i := range inAcc {
-			inAcc[i] = ref.Fix(rng.Float32()*2 - 1)
-		}
+		inAcc = randFixed(rng, N*C)
 		wantSum = make([]float32, N*C)
 		ref.SumAcc(wantSum, in, inAcc, nil, N, C)
 		mlpIn, clearN = wantSum, 2*N*C

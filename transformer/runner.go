@@ -602,23 +602,28 @@ func (r *Runner) enqueue(sh stepShape) {
 			if useBlock(l + 1) {
 				mlp = blocker.MLPAccLead
 			}
-			if useBlock(l) && !pending.IsZero() {
-				a := attnAcc[l%2]
+			// foldedLayerMLP: the MLP kernel after a folded attention whose
+			// heads' products are in a, the stream plus a going to the
+			// other buffer of the pair; where the backend has no kernel for
+			// the shapes (known at the first layer, which reads no
+			// accumulator: its criteria do not depend on the layer), the
+			// products.
+			foldedLayerMLP := func(a gpu.Buf) {
 				sum := pair[1-cur]
-				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
+				if mlp(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
 					swap()
-					x = sum
-					sum = pair[1-cur]
-					if mlp(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
-						swap()
-						x, pending = sum, mlpAccs[l%2]
-						continue
-					}
-					// Only after a backend error (the first layer's MLP
-					// kernel took these shapes): the products.
-					mlpAcc, fold = false, false
-					r.foldedMLP(x, sum, a, lw, N, nk)
-					pending = gpu.Buf{}
+					x, pending = sum, mlpAccs[l%2]
+					return
+				}
+				mlpAcc, fold = false, false
+				r.foldedMLP(x, sum, a, lw, N, nk)
+				pending = gpu.Buf{}
+			}
+			if useBlock(l) && !pending.IsZero() {
+				a, sum := attnAcc[l%2], pair[1-cur]
+				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
+					x = swap()
+					foldedLayerMLP(a)
 					continue
 				}
 			}
@@ -640,19 +645,8 @@ func (r *Runner) enqueue(sh stepShape) {
 			// accumulator), and the MLP kernel, which adds them to the
 			// stream (writing the sum to the other buffer of the pair).
 			if fold && l < len(layers)-1 && lw.oB.IsZero() {
-				a := attnAcc[l%2]
-				if fused.AttentionOutProj(a, qkv, K, V, order, lens, attn, lw.oW, C) {
-					sum := pair[1-cur]
-					if mlp(mlpAccs[l%2], pairAcc[1-l%2], sum, x, a, lw.norm2W, lw.norm2B, lw.upW, lw.upB, lw.downW, lw.downB, N, C, F, cfg.Eps, nk, act) {
-						swap()
-						x, pending = sum, mlpAccs[l%2]
-						continue
-					}
-					// No MLP kernel for the shapes: known at the first layer
-					// (its criteria do not depend on the layer), which reads
-					// no accumulator. The products, as below.
-					mlpAcc, fold = false, false
-					r.foldedMLP(x, sum, a, lw, N, nk)
+				if a := attnAcc[l%2]; fused.AttentionOutProj(a, qkv, K, V, order, lens, attn, lw.oW, C) {
+					foldedLayerMLP(a)
 					continue
 				}
 				fold = false
