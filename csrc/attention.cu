@@ -881,12 +881,14 @@ struct OutProj {
 
 // QKV (kv_attention_block; with OP): the layer's q|k|v product inside the
 // clusters too. Each block stages QR = HS/CS rows each of the head's query,
-// its kv head's key and value weights before the wait; after it the block
-// sums the stream and the MLP's accumulator, normalises (RMSNorm), takes
-// its 3·QR products and stores them into every block of the cluster; after
-// one barrier each block holds the head's q and the newest k and v, rotates
-// q (and k when rope_heads > NH) at pos, and the newest entry comes from
-// there instead of the cache (one cluster per kv head stores it).
+// its kv head's key and value weights before the wait (whole rotation
+// pairs: see the staging); after it the block sums the stream and the
+// MLP's accumulator, takes its 3·QR products (RMSNorm from each warp's own
+// squares), rotates its query pairs (and key pairs when rope_heads > NH)
+// at pos and stores them into every block of the cluster; after one
+// barrier each block holds the head's q and the newest k and v, and the
+// newest entry comes from there instead of the cache (one cluster per kv
+// head stores it).
 struct QKVIn {
   const float *in;       // [B, C] the stream
   const long long *acc;  // [B, C] the previous MLP's accumulator (or null)
