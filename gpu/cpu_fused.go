@@ -125,3 +125,20 @@ func packInt64(p []int32, v []int64) {
 		p[2*i], p[2*i+1] = int32(uint32(x)), int32(x>>32)
 	}
 }
+
+// AttentionBlock is NormMatMulStoreSum then AttentionOutProj (the CPU has
+// no launches to save; this runs the runner's two-launch path without a
+// GPU too).
+func (c *CPUFused) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool {
+	if p.T != 1 || mlpAcc.IsZero() {
+		return false
+	}
+	qkv := Buf{dt: F32, n: p.B * p.QStride, f: make([]float32, p.B*p.QStride)}
+	c.NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
+	return c.AttentionOutProj(acc, qkv, st.K, st.V, order, lens, p, wo, C)
+}
+
+// MLPAccLead is MLPAccSum: on the CPU nothing runs ahead.
+func (c *CPUFused) MLPAccLead(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
+	return c.MLPAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act)
+}
