@@ -77,8 +77,8 @@ func weightBytes(cfg *transformer.Config, dt gpu.DType) float64 {
 }
 
 func benchDecode(c *ucli.Context) error {
-	var kernel transformer.StreamOptions
-	if err := kernelOptions(c, &kernel); err != nil {
+	kernel, err := chosenDecodeKernel(c)
+	if err != nil {
 		return err
 	}
 	cfg, w, err := benchModel(c.String("config"))
@@ -97,7 +97,7 @@ func benchDecode(c *ucli.Context) error {
 	defer m.Close()
 	size := c.Int("cache-size")
 	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1,
-		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked})
+		DecodeKernel: kernel})
 	if err != nil {
 		return usageError{err}
 	}
@@ -200,7 +200,7 @@ func benchRun(c *ucli.Context) error {
 	if err := checkAlignKernel(c); err != nil {
 		return err
 	}
-	if err := kernelOptions(c, &transformer.StreamOptions{}); err != nil {
+	if _, err := chosenDecodeKernel(c); err != nil {
 		return err
 	}
 	be, dt, err := openBackend(c)
@@ -274,8 +274,8 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		return nil, err
 	}
 	defer dev.Close()
-	var kernel transformer.StreamOptions
-	if err := kernelOptions(c, &kernel); err != nil {
+	kernel, err := chosenDecodeKernel(c)
+	if err != nil {
 		return nil, err
 	}
 	out := c.App.Writer
@@ -286,7 +286,7 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
 			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1,
-				Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked})
+				DecodeKernel: kernel})
 			if err != nil {
 				return nil, usageError{err}
 			}

@@ -28,20 +28,20 @@ func alignKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks on the GPU: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks)"}
 }
 
-// kernelOptions reads --decode-kernel into the stream options it sets.
-func kernelOptions(c *ucli.Context, o *transformer.StreamOptions) error {
+// chosenDecodeKernel reads --decode-kernel.
+func chosenDecodeKernel(c *ucli.Context) (transformer.DecodeKernel, error) {
 	switch k := c.String("decode-kernel"); k {
 	case "chain":
+		return transformer.DecodeKernel{}, nil
 	case "chain3":
-		o.Unblocked = true
+		return transformer.DecodeKernel{Unblocked: true}, nil
 	case "chain4":
-		o.Unfolded = true
+		return transformer.DecodeKernel{Unfolded: true}, nil
 	case "persistent":
-		o.Persistent = true
+		return transformer.DecodeKernel{Persistent: true}, nil
 	default:
-		return usagef("unknown --decode-kernel %q (want chain, chain3, chain4 or persistent)", k)
+		return transformer.DecodeKernel{}, usagef("unknown --decode-kernel %q (want chain, chain3, chain4 or persistent)", k)
 	}
-	return nil
 }
 
 func checkAlignKernel(c *ucli.Context) error {

@@ -70,8 +70,8 @@ func runAction(c *ucli.Context) error {
 	if cacheSize <= startSize+1 {
 		return usagef("--cache-size %d must exceed --start-size %d by at least 2", cacheSize, startSize)
 	}
-	var kernel transformer.StreamOptions
-	if err := kernelOptions(c, &kernel); err != nil {
+	kernel, err := chosenDecodeKernel(c)
+	if err != nil {
 		return err
 	}
 	if err := checkAlignKernel(c); err != nil {
@@ -79,7 +79,6 @@ func runAction(c *ucli.Context) error {
 	}
 	modelName := c.String("model")
 	var ck *transformer.Checkpoint
-	var err error
 	if modelName == "" {
 		dir, err := builtin.Extract()
 		if err != nil {
@@ -144,7 +143,7 @@ func runAction(c *ucli.Context) error {
 	// The one token banned by list is end-of-text; repeated 2-grams are
 	// banned from the 2-gram memory on the device (eval.Generate).
 	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1,
-		Persistent: kernel.Persistent, Unfolded: kernel.Unfolded, Unblocked: kernel.Unblocked}
+		DecodeKernel: kernel}
 	if pair != nil {
 		dev, err := uploadNetworks(c, pair, be, dt)
 		if err != nil {

@@ -291,8 +291,8 @@ func (c *CUDA) MLPAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, dow
 	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0, false)
 }
 
-// MLPAccLead is MLPAccSum letting the next kernel launch before its own
-// input is ready (experiment: before an AttentionBlock).
+// MLPAccLead is MLPAccSum letting the next kernel, an AttentionBlock,
+// launch before this one's input is ready (see AttentionBlocker).
 func (c *CUDA) MLPAccLead(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB Buf, N, C, F int, eps float32, norm NormKind, act Act) bool {
 	return c.mlpAccSum(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB, N, C, F, eps, norm, act, 0, true)
 }

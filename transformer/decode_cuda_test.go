@@ -36,7 +36,7 @@ func TestPersistentDecodeMatchesChain(t *testing.T) {
 		for _, mode := range []Mode{SlidingWindow, KVAlign, Recompute} {
 			t.Run(fmt.Sprintf("%s/%s", name, mode), func(t *testing.T) {
 				open := func(persistent bool) *Stream {
-					s, err := NewStream(m, StreamOptions{Mode: mode, CacheSize: 32, StartSize: 4, Realigner: identityRealigner{}, MaxBan: 1, Persistent: persistent})
+					s, err := NewStream(m, StreamOptions{Mode: mode, CacheSize: 32, StartSize: 4, Realigner: identityRealigner{}, MaxBan: 1, DecodeKernel: DecodeKernel{Persistent: persistent}})
 					if err != nil {
 						t.Fatal(err)
 					}

@@ -26,6 +26,12 @@ type RunnerOptions struct {
 	// rotated at the position given with them.
 	ShiftKeys bool
 	MaxBan    int // most banned tokens per sequence when sampling
+	DecodeKernel
+}
+
+// DecodeKernel picks how one-token steps run where the backend has a
+// choice (the zero value: the fastest measured, the fused chain).
+type DecodeKernel struct {
 	// Persistent runs one-token steps as the backend's persistent decode
 	// kernel where it has one that takes the model (gpu.Decoder: CUDA, fp16
 	// weights). Opt-in: on an H100 it is still slower than the launch chain

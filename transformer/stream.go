@@ -74,9 +74,7 @@ type StreamOptions struct {
 	CacheSize, StartSize int
 	Realigner            Realigner // KVAlign's networks
 	MaxBan               int       // most banned tokens when sampling
-	Persistent           bool      // the persistent decode kernel where it applies (RunnerOptions.Persistent)
-	Unfolded             bool      // the attention output projection a launch of its own (RunnerOptions.Unfolded)
-	Unblocked            bool      // the q|k|v product a launch of its own (RunnerOptions.Unblocked)
+	DecodeKernel                   // how one-token steps run (RunnerOptions)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -97,10 +95,8 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 	}
 	s.r, err = NewRunner(m, RunnerOptions{
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
-		ShiftKeys:  o.Mode == SlidingWindow && m.Cfg.Family == Llama,
-		Persistent: o.Persistent,
-		Unfolded:   o.Unfolded,
-		Unblocked:  o.Unblocked,
+		ShiftKeys:    o.Mode == SlidingWindow && m.Cfg.Family == Llama,
+		DecodeKernel: o.DecodeKernel,
 	})
 	if err != nil {
 		return nil, err
