@@ -437,6 +437,9 @@ kv_status kv_swiglu_matmul(kv_stream s, float *out, const float *gu, const void 
  * in_acc (NULL or [N, C] int64): the input row is in[n] + unfix(in_acc[n])
  * (ref.SumAcc: the residual stream after a folded attention,
  * kv_attention_out), which block 0 also writes to sum ([N, C], not in).
+ * lead ≠ 0 lets the next kernel launch before this one waits for its input
+ * (as kv_matmul_lead): only for a next kernel that reads nothing this one
+ * or the one before it writes until its own wait (kv_attention_block).
  * *launched = 0 (nothing enqueued, not an error) where it does not apply:
  * fp32 weights, N > 8, C % 8 ≠ 0, F % 16 ≠ 0, unaligned operands, more
  * shared memory than a block may have; variant 0 also before sm_90

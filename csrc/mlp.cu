@@ -18,7 +18,8 @@
 // residual stream (kv_norm_matmul_store_sum). Where the attention output
 // projection is folded into the attention (kv_attention_out), this kernel
 // is its consumer: it adds that accumulator to the stream first (in_acc),
-// so a layer is three launches (docs/PERF.md, version 23).
+// so a layer is three launches, or two where the q|k|v product is folded
+// in as well (kv_attention_block; docs/PERF.md, versions 23 and 24).
 #include "common.cuh"
 #include "fused.cuh"
 #include "stamps.cuh"
