@@ -954,10 +954,15 @@ __global__ void __launch_bounds__(NT)
     for (int u = 0; u < U; u++) {
       const int j = base + gk + STEP * u;
       if (j >= lo && j < hi) {
-        if (QKV && j == n_total - 1) {
-          kr[u] = *reinterpret_cast<const float4 *>(qkvs + HS + 4 * li);
-          vr[u] = *reinterpret_cast<const float4 *>(qkvs + 2 * HS + 4 * li);
-        } else {
+        bool newest = false;  // QKV: the newest entry comes from qkvs
+        if constexpr (QKV) {  // (compiled only where qkvs holds it)
+          if (j == n_total - 1) {
+            kr[u] = *reinterpret_cast<const float4 *>(qkvs + HS + 4 * li);
+            vr[u] = *reinterpret_cast<const float4 *>(qkvs + 2 * HS + 4 * li);
+            newest = true;
+          }
+        }
+        if (!newest) {
           const size_t off = ((size_t)slot[u] * NKV + kh) * HS + 4 * li;
           kr[u] = __ldcg(reinterpret_cast<const float4 *>(kc + off));
           vr[u] = __ldcg(reinterpret_cast<const float4 *>(vc + off));
@@ -1043,6 +1048,19 @@ __global__ void __launch_bounds__(NT)
     pos0 = qi.pos[b];
     slot0 = qi.slots[b];
   }
+  // QKV: the rotation factors of this warp's query and key pairs at pos (a
+  // step input), before the wait: off the critical path.
+  constexpr int kQNW = NT / 32, kQPPW = QKV ? 3 * QH / kQNW : 1;  // warps, pairs a warp
+  [[maybe_unused]] float2 qsc[kQPPW];
+  if constexpr (QKV) {
+    const bool rot_k = qi.rope_heads > NH;
+#pragma unroll
+    for (int j = 0; j < kQPPW; j++) {
+      const int pr = tid / 32 * kQPPW + j;
+      qsc[j] = make_float2(0.f, 1.f);
+      if (pr < QH || (rot_k && pr < QR)) qsc[j] = kv_sincos((float)pos0 * qi.pf.v[rank * QH + pr % QH]);
+    }
+  }
   // Clusters push their partials into rank 0 (below); this barrier phase,
   // arrived at here and waited for before the first remote store, makes
   // sure rank 0 is running by then, off the critical path.
@@ -1071,16 +1089,7 @@ __global__ void __launch_bounds__(NT)
       iv[k] = i < C ? __ldcg(inb + i) : 0.f;
       av[k] = i < C && accb ? __ldcg(accb + i) : 0;
     }
-    // The rotation factors of this warp's query and key pairs (the position
-    // is a step input: known before the stream lands).
-    const bool rot_k = qi.rope_heads > NH;
-    float2 sc[PPW];
-#pragma unroll
-    for (int j = 0; j < PPW; j++) {
-      const int pr = warp * PPW + j;
-      sc[j] = make_float2(0.f, 1.f);
-      if (pr < QH || (rot_k && pr < QR)) sc[j] = kv_sincos((float)pos0 * qi.pf.v[rank * QH + pr % QH]);
-    }
+    static_assert(PPW == kQPPW, "the factors' pairs");
     kv_cp_async_wait_all();
     const bool writer = unit == 0 && rank == 0;
 #pragma unroll
@@ -1093,6 +1102,7 @@ __global__ void __launch_bounds__(NT)
       }
     }
     __syncthreads();
+    KV_STAMP_AT(stp, 10);
     // The warp's 2·PPW rows over all of C: its lanes' squares give the
     // norm's sum too (no block reduction).
     float a[2 * PPW], ss = 0.f;
@@ -1115,6 +1125,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int j = 0; j < 2 * PPW; j++) a[j] = kv_warp_sum(a[j]);
     const float rstd = 1.f / sqrtf(ss / (float)C + qi.eps);
+    KV_STAMP_AT(stp, 11);
     // Rotate the pairs at the position (lower: x1·cos − x2·sin, upper:
     // x2·cos + x1·sin) and store them into every block of the cluster.
     kv_cluster_wait();  // the prologue's phase: every block is running
@@ -1123,13 +1134,14 @@ __global__ void __launch_bounds__(NT)
       for (int j = 0; j < PPW; j++) {
         const int pr = warp * PPW + j, sec = pr < QH ? 0 : pr < QR ? 1 : 2;
         const float lo = a[2 * j] * rstd, hi = a[2 * j + 1] * rstd;
-        const float rl = lo * sc[j].y - hi * sc[j].x, rh = hi * sc[j].y + lo * sc[j].x;
+        const float rl = lo * qsc[j].y - hi * qsc[j].x, rh = hi * qsc[j].y + lo * qsc[j].x;
         *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j))], lane) = rl;
         *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j) + 1)], lane) = rh;
       }
     }
     kv_cluster_arrive();  // release: the rows
     kv_cluster_wait();    // acquire: every block's, here
+    KV_STAMP_AT(stp, 12);
     kv_cluster_arrive();  // the phase the merge below waits for first (nothing to wait on)
     if (unit % GS == 0 && rank == 0 && tid < HS) {  // one cluster per kv head stores the entry
       const size_t off = ((size_t)slot0 * NKV + kh) * HS + tid;

@@ -24,6 +24,8 @@ CHECKS = {
     3: ["landed", "summed", "gemv+sums", "-", "written", "prologue-end", "gemv-loop"],
     5: ["landed", "normed", "gemv+act", "h-sync", "atomics", "prologue-end", "gemv-loop"],
     2: ["scores", "merged", "pushed", "r0-wait", "r0-written", "prologue-end", "merge-sync1"],
+    7: ["scores", "merged", "pushed", "merge-sync", "projected", "prologue-end", "merge-sync1",
+        "stream-landed", "qkv-product", "qkv-exchanged"],
 }
 
 
@@ -64,7 +66,7 @@ def invocations(recs):
         waits = sorted(r[2] for r in rs)
         ends = [max(t for t in r[1:16] if t) for r in rs]
         cps = {}
-        for k in range(3, 10):
+        for k in range(3, 16):
             d = [r[k] - r[2] for r in rs if r[k]]
             if d:
                 cps[k] = median(d)
@@ -94,14 +96,13 @@ def main():
             cur = []
         cur.append(v)
     steps.append(cur)
-    full = [s for s in steps if sum(1 for v in s if v["id"] == 1) >= hi + 1]
+    # A layer ends with its MLP kernel (id 5), whichever kernels come before it.
+    full = [s for s in steps if sum(1 for v in s if v["id"] == 5) >= hi + 1]
     print("steps %d, complete %d (layers %d..%d summarised)" % (len(steps), len(full), lo, hi))
     rows = {}
     for s in full:
-        layer, prev = -1, None
+        layer, prev = 0, None
         for v in s:
-            if v["id"] == 1:
-                layer += 1
             if prev is not None and lo <= layer <= hi:
                 d = rows.setdefault(v["id"], {})
                 add = lambda k, x: d.setdefault(k, []).append(x)
@@ -115,24 +116,26 @@ def main():
                 add("end-med", v["end_med"] - v["wait_med"])
                 add("end-max", v["end_max"] - v["wait_med"])
                 add("marginal", v["end_max"] - prev["end_max"])
+            if v["id"] == 5:
+                layer += 1
             prev = v
     # One middle layer's timeline, relative to its q|k|v product's median wait.
     s = full[-1]
-    layer, t0, shown = -1, None, 0
-    print("\ntimeline of layer %d of the last complete step (ns from its q|k|v wait-med):" % ((lo + hi) // 2))
+    layer, t0, shown = 0, None, 0
+    print("\ntimeline of layer %d of the last complete step (ns from its first kernel's wait-med):" % ((lo + hi) // 2))
     print("  %-12s %8s %8s %8s %8s %8s" % ("kernel", "start", "prol-end", "wait-med", "end-med", "end-max"))
     for v in s:
-        if v["id"] == 1:
+        if layer == (lo + hi) // 2 and t0 is None:
+            t0 = v["wait_med"]
+        if v["id"] == 5:
             layer += 1
-            if layer == (lo + hi) // 2:
-                t0 = v["wait_med"]
         if t0 is not None and shown < 7:
             shown += 1
             pe = v["cps"].get(8)
             print("  %-12s %8d %8s %8d %8d %8d" % (NAMES.get(v["id"], v["id"]), v["start_min"] - t0,
                   "%d" % (v["wait_med"] + pe - t0) if pe is not None else "-", v["wait_med"] - t0,
                   v["end_med"] - t0, v["end_max"] - t0))
-    for kid in (1, 2, 3, 5):
+    for kid in (1, 2, 3, 7, 5):
         d = rows.get(kid)
         if not d:
             continue
@@ -140,7 +143,7 @@ def main():
         print("\n%s (%d samples, %d blocks)" % (NAMES.get(kid, kid), len(d["marginal"]), median(d["blocks"])))
         for k in ("start-min", "wait-min", "wait-med", "wait-max"):
             print("  %-22s %7.0f" % (k + " (from pred end)", median(d[k])))
-        for k in range(3, 10):
+        for k in range(3, 16):
             if "cp%d" % k in d:
                 label = names[k - 3] if k - 3 < len(names) else str(k)
                 print("  %-22s %7.0f" % ("cp%d %s (from wait)" % (k, label), median(d["cp%d" % k])))
