@@ -7,7 +7,7 @@
 // and how long the hand-off from its predecessor took. Without KV_STAMPS
 // everything here compiles to nothing. Record words: [0] kernel id, block;
 // [1] start, [2] past the programmatic wait, [3..7] the kernel's
-// checkpoints, [8] end of the prologue, [9] one more checkpoint (ns,
+// checkpoints, [8] end of the prologue, [9..15] more checkpoints (ns,
 // %globaltimer, 32 ns steps on an H100); [16 + k] clock64 at [k].
 #pragma once
 

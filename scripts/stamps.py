@@ -6,8 +6,9 @@ Usage: stamps.py FILE [first_layer last_layer]
 FILE is what kv_stamps_write wrote: KVALIGN_STAMPS=FILE kvalign bench
 decode ..., with a kernel library built by `make -C csrc clean && make -C
 csrc STAMPS=1` (then linked as usual). For the decode chain's kernels
-(q|k|v product, attention, output projection, MLP) it prints, as medians over the middle
-layers of the recorded steps, in ns: when the kernel's blocks return from
+(q|k|v product, attention, output projection, the attention block that
+folds the three, MLP; a layer ends with its MLP) it prints, as medians
+over the middle layers of the recorded steps, in ns: when the kernel's blocks return from
 the programmatic wait relative to the end of the kernel before it (the
 hand-off), each checkpoint relative to the block's own wait, and the
 kernel's end.
@@ -119,7 +120,7 @@ def main():
             if v["id"] == 5:
                 layer += 1
             prev = v
-    # One middle layer's timeline, relative to its q|k|v product's median wait.
+    # One middle layer's timeline, relative to its first kernel's median wait.
     s = full[-1]
     layer, t0, shown = 0, None, 0
     print("\ntimeline of layer %d of the last complete step (ns from its first kernel's wait-med):" % ((lo + hi) // 2))
