@@ -910,8 +910,7 @@ __device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
                      __shfl_xor_sync(KV_FULL_MASK, v.z, off), __shfl_xor_sync(KV_FULL_MASK, v.w, off));
 }
 
-template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false,
-          bool LATE = false>
+template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
@@ -932,12 +931,6 @@ __global__ void __launch_bounds__(NT)
   constexpr int STEP = NG * CS;   // keys per group step
   const int G = NH / NKV / GS, QV = T * G, h0 = kh * (NH / NKV) + unit % GS * G;
   const int32_t *ord = order + (size_t)b * max_len;
-  // LATE (QKV after a kernel that writes the step's inputs or the cache:
-  // the first layer's, after the input copy or the realignment): the whole
-  // prologue after the wait. A compile-time switch: a wait here under a
-  // run-time flag, skipped from the second layer on, still cost every
-  // block ~5 µs (the predicated wait waited; docs/PERF.md, version 25).
-  if constexpr (LATE) kv_pdl_wait();
 
   // Round trip 1: the first batch's slots (speculative) and lens, both
   // written by no kernel (copied in before the step).
@@ -1478,7 +1471,7 @@ __global__ void __launch_bounds__(NT)
 // OP (kv_attention_out): the kernel with the output projection folded in,
 // op its operands (out unused); it needs one query vector a cluster (QV = 1)
 // and a block's rows of wo within the default 48 KB of shared memory.
-template <int CS, int NT, bool OP = false, bool QKV = false, bool LATE = false>
+template <int CS, int NT, bool OP = false, bool QKV = false>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
@@ -1503,7 +1496,7 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
   }
   const dim3 grid(NKV * GS * CS, B);
 #define KV_D4C(LPK, QVM, U)                                                                                           \
-  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV, LATE>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
+  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
                       vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op, qi)
 #define KV_D4C_Q(LPK)                         \
   if constexpr (QKV && (LPK < 16 || NT != 128)) return false; \
@@ -1803,7 +1796,7 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
                                         int w_f16, float *kc, float *vc, const int32_t *pos, const int32_t *slots,
                                         const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                                         int max_len, float rope_theta, float theta, int rope_heads, float eps, int C,
-                                        const void *wo, int wo_f16, int lead, int *launched) {
+                                        const void *wo, int wo_f16, int *launched) {
   *launched = 0;
   if (B <= 0 || NH <= 0) return kv_launched();
   if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo || !in ||
@@ -1814,16 +1807,9 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
   const float scale = 1.0f / sqrtf((float)HS);
   QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads, eps, C,
            rope_freqs(HS, theta)};
-  const OutProj op{static_cast<const __half *>(wo), acc, C};
-  const RopeFreqs kf = rope_freqs(HS, rope_theta);
-  const int qs = (NH + 2 * NKV) * HS;
-  const bool ok = lead ? launch_decode_v4_cluster<8, 128, true, true>(s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH,
-                                                                      NKV, HS, qs, max_len, rope_theta, kf, scale,
-                                                                      true, NH / NKV, op, qi)
-                       : launch_decode_v4_cluster<8, 128, true, true, true>(s, nullptr, nullptr, kc, vc, order, lens,
-                                                                            B, 1, NH, NKV, HS, qs, max_len,
-                                                                            rope_theta, kf, scale, true, NH / NKV,
-                                                                            op, qi);
+  const bool ok = launch_decode_v4_cluster<8, 128, true, true>(
+      s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len, rope_theta,
+      rope_freqs(HS, rope_theta), scale, true, NH / NKV, OutProj{static_cast<const __half *>(wo), acc, C}, qi);
   *launched = ok;
   return kv_launched();
 }

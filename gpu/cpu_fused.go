@@ -130,16 +130,11 @@ func packInt64(p []int32, v []int64) {
 // no launches to save; this runs the runner's two-launch path without a
 // GPU too).
 func (c *CPUFused) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool {
-	if p.T != 1 {
+	if p.T != 1 || mlpAcc.IsZero() {
 		return false
 	}
 	qkv := Buf{dt: F32, n: p.B * p.QStride, f: make([]float32, p.B*p.QStride)}
-	if mlpAcc.IsZero() { // the first layer's block: the sum is the input
-		copy(sum.f[:p.B*C], in.f[:p.B*C])
-		c.NormMatMulStore(qkv, sum, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
-	} else {
-		c.NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
-	}
+	c.NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
 	return c.AttentionOutProj(acc, qkv, st.K, st.V, order, lens, p, wo, C)
 }
 

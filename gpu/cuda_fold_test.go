@@ -316,12 +316,7 @@ func TestCUDAAttentionBlock(t *testing.T) {
 	for _, sh := range shapes {
 		for _, shift := range []bool{false, true} {
 			for _, n := range []int{1, 7, 200} {
-				// The length picks the variant too: a leading block (its
-				// prologue before the wait, as from the second layer) for
-				// 7 and 200, and for 7 no MLP accumulator (the first
-				// layer's block: the sum is the input).
-				lead, noAcc := n != 1, n == 7
-				name := fmt.Sprintf("NH%d_NKV%d_HS%d_C%d_shift%v_len%d_lead%v_noacc%v", sh.NH, sh.NKV, sh.HS, sh.C, shift, n, lead, noAcc)
+				name := fmt.Sprintf("NH%d_NKV%d_HS%d_C%d_shift%v_len%d", sh.NH, sh.NKV, sh.HS, sh.C, shift, n)
 				qkvW := (sh.NH + 2*sh.NKV) * sh.HS
 				const maxLen = 256
 				S := maxLen + 5
@@ -333,9 +328,7 @@ func TestCUDAAttentionBlock(t *testing.T) {
 				in := randNormal(rng, sh.C, 1, 0)
 				prior := make([]int64, sh.C)
 				for i := range prior {
-					if !noAcc {
-						prior[i] = ref.Fix(rng.Float32()*2 - 1)
-					}
+					prior[i] = ref.Fix(rng.Float32()*2 - 1)
 				}
 				normW := randNormal(rng, sh.C, 0.2, 1)
 				w := asWeight(F16, randVals(rng, qkvW*sh.C, 0.1))
@@ -358,17 +351,13 @@ func TestCUDAAttentionBlock(t *testing.T) {
 				qkv, sum1, sum2 := alloc(t, c, F32, qkvW), alloc(t, c, F32, sh.C), alloc(t, c, F32, sh.C)
 				acc1, acc2 := ints(make([]int32, 2*sh.C)), ints(make([]int32, 2*sh.C))
 				bufs = append(bufs, qkv, sum1, sum2)
-				st := QKVStore{K: k1, V: v1, Pos: posBuf, Slots: slotBuf, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, RopeHeads: ropeHeads, Theta: theta, Lead: lead}
+				st := QKVStore{K: k1, V: v1, Pos: posBuf, Slots: slotBuf, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, RopeHeads: ropeHeads, Theta: theta}
 				c.NormMatMulStoreSum(qkv, sum1, inBuf, accIn, nwBuf, Buf{}, wBuf, Buf{}, 1, sh.C, eps, RMSNormKind, st)
 				if !c.attentionOutProj(acc1, qkv, k1, v1, orderBuf, lensBuf, p, woBuf, sh.C, 1) {
 					t.Fatalf("%s: AttentionOutProj not launched", name)
 				}
 				st.K, st.V = k2, v2
-				blockAcc := accIn
-				if noAcc {
-					blockAcc = Buf{}
-				}
-				if !c.AttentionBlock(acc2, sum2, inBuf, blockAcc, nwBuf, wBuf, st, orderBuf, lensBuf, p, woBuf, sh.C, eps) {
+				if !c.AttentionBlock(acc2, sum2, inBuf, accIn, nwBuf, wBuf, st, orderBuf, lensBuf, p, woBuf, sh.C, eps) {
 					t.Fatalf("%s: AttentionBlock not launched (%v)", name, c.Err())
 				}
 				checkOK(t, c)

@@ -343,8 +343,7 @@ const (
 // NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, no norm bias, w, no bias,
 // a row a sequence, C, eps, RMSNorm, st) then AttentionOutProj(acc, qkv,
 // st.K, st.V, order, lens, p, wo, C), in one launch and without a q|k|v
-// buffer; mlpAcc may be zero (none: the sum is in). False, enqueuing
-// nothing, where it does not apply.
+// buffer. False, enqueuing nothing, where it does not apply.
 type AttentionBlocker interface {
 	AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool
 	// MLPAccLead = MLPAccSum, the next operation (an AttentionBlock)
@@ -461,9 +460,6 @@ type QKVStore struct {
 	// operation before must also have had its own input ready before this
 	// one started, as every decode operation but a leading one does; the
 	// CUDA kernel then reads Pos and Slots before its input is ready.
-	// In AttentionBlock, which is its own attention, Lead says the same of
-	// the block: with it the block gathers its older K/V rows (and reads
-	// Pos, Slots, the order and the lengths) before its input is ready.
 	Lead bool
 }
 

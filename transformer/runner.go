@@ -566,7 +566,7 @@ func (r *Runner) enqueue(sh stepShape) {
 	}
 	blocker, _ := be.(gpu.AttentionBlocker)
 	useBlock := func(l int) bool {
-		if blocker == nil || !fold || l >= len(layers)-1 || o.Unblocked || r.normKind() != gpu.RMSNormKind {
+		if blocker == nil || !fold || l < 1 || l >= len(layers)-1 || o.Unblocked || r.normKind() != gpu.RMSNormKind {
 			return false
 		}
 		lw := &w.layers[l]
@@ -600,9 +600,8 @@ func (r *Runner) enqueue(sh stepShape) {
 			}
 			// Two launches a layer: the q|k|v product inside the folded
 			// attention (AttentionBlock), then the MLP kernel. From the
-			// first layer (whose block, st.Lead false, reads its inputs
-			// only once they are ready; later blocks gather their older K/V
-			// rows before, as a led attention does) to the one before the
+			// second layer (the block gathers its older K/V rows before its
+			// input is ready, as a led attention does) to the one before the
 			// last. mlp is the MLP kernel, leading where the next layer
 			// starts with a block (whose prologue then overlaps the MLP).
 			mlp := fused.MLPAccSum
@@ -626,7 +625,7 @@ func (r *Runner) enqueue(sh stepShape) {
 				r.foldedMLP(x, sum, a, lw, N, nk)
 				pending = gpu.Buf{}
 			}
-			if useBlock(l) && (l == 0 || !pending.IsZero()) {
+			if useBlock(l) && !pending.IsZero() {
 				a, sum := attnAcc[l%2], pair[1-cur]
 				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
 					x = swap()
