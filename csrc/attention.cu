@@ -1388,6 +1388,21 @@ __global__ void __launch_bounds__(NT)
       // read) and a remote read on the critical path. OP: into every
       // block's shared memory, below.
       __shared__ float po[CS][QVM][HS], pm[CS][QVM], pl[CS][QVM];
+      // cluster_merge: the head's output for query vector v, dim d, from
+      // the CS blocks' partials (unnormalised po, max pm, sum pl).
+      auto cluster_merge = [&](int v, int d) {
+        float M = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < CS; r++) M = fmaxf(M, pm[r][v]);
+        float L = 0.f, acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+          const float f = pm[r][v] == -INFINITY ? 0.f : expf(pm[r][v] - M);
+          L = fmaf(f, pl[r][v], L);
+          acc = fmaf(f, po[r][v][d], acc);
+        }
+        return L > 0.f ? acc / L : 0.f;
+      };
       kv_cluster_wait();  // the prologue's phase: rank 0 is running
       if constexpr (OP) {
         // Every block stores its partial into every block's shared memory
@@ -1405,19 +1420,7 @@ __global__ void __launch_bounds__(NT)
         kv_cluster_arrive();  // release: the partials
         kv_cluster_wait();    // acquire: every block's, here
         KV_STAMP_AT(stp, 5);
-        if (tid < HS) {
-          float M = -INFINITY;
-#pragma unroll
-          for (int r = 0; r < CS; r++) M = fmaxf(M, pm[r][0]);
-          float L = 0.f, acc = 0.f;
-#pragma unroll
-          for (int r = 0; r < CS; r++) {
-            const float f = pm[r][0] == -INFINITY ? 0.f : expf(pm[r][0] - M);
-            L = fmaf(f, pl[r][0], L);
-            acc = fmaf(f, po[r][0][tid], acc);
-          }
-          ho[tid] = L > 0.f ? acc / L : 0.f;
-        }
+        if (tid < HS) ho[tid] = cluster_merge(0, tid);
         __syncthreads();
         KV_STAMP_AT(stp, 6);
         out_proj();
@@ -1447,17 +1450,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll 1
       for (int oi = tid; oi < QV * HS; oi += NT) {
         const int v = oi / HS, d = oi % HS, t = v / G, h = h0 + v % G;
-        float M = -INFINITY;
-#pragma unroll
-        for (int r = 0; r < CS; r++) M = fmaxf(M, pm[r][v]);
-        float L = 0.f, acc = 0.f;
-#pragma unroll
-        for (int r = 0; r < CS; r++) {
-          const float f = pm[r][v] == -INFINITY ? 0.f : expf(pm[r][v] - M);
-          L = fmaf(f, pl[r][v], L);
-          acc = fmaf(f, po[r][v][d], acc);
-        }
-        out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = L > 0.f ? acc / L : 0.f;
+        out[((size_t)b * T + t) * NH * HS + (size_t)h * HS + d] = cluster_merge(v, d);
       }
       KV_STAMP_AT(stp, 7);
     }
