@@ -1072,7 +1072,7 @@ __global__ void __launch_bounds__(NT)
   float4 qr[QVM];
   if constexpr (QKV) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int NW = NT / 32, PPW = 3 * QH / NW;  // pairs a warp
+    constexpr int NW = kQNW, PPW = kQPPW;  // warps, pairs a warp (as the factors before the wait)
     static_assert(OP && PPW * NW == 3 * QH, "QKV: the fold's shapes");
     cg::cluster_group cluster = cg::this_cluster();
     const int C = qi.C, lane = tid % 32, warp = tid / 32;
@@ -1089,7 +1089,6 @@ __global__ void __launch_bounds__(NT)
       iv[k] = i < C ? __ldcg(inb + i) : 0.f;
       av[k] = i < C && accb ? __ldcg(accb + i) : 0;
     }
-    static_assert(PPW == kQPPW, "the factors' pairs");
     kv_cp_async_wait_all();
     const bool writer = unit == 0 && rank == 0;
 #pragma unroll
