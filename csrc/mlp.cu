@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kMlpThreads)
   __syncthreads();
   KV_STAMP_AT(stp, 3);
 
-  // 3. The norm, in fp32 (two passes for LayerNorm, as fused.cu).
+  // 3. The norm's statistics, in fp32 (two passes for LayerNorm, as
+  // fused.cu); the up rows apply it as they read the input (version 27).
   float s[NB], mean[NB], rstd[NB];
 #pragma unroll
   for (int n = 0; n < NB; n++) s[n] = 0.f;
@@ -210,15 +211,6 @@ __global__ void __launch_bounds__(kMlpThreads)
   }
 #pragma unroll
   for (int n = 0; n < NB; n++) rstd[n] = 1.f / sqrtf(s[n] / (float)C + eps);
-#pragma unroll 1
-  for (int i = tid; i < C; i += kMlpThreads) {
-    const float wn = load_norm_w(nws, norm_f16, i);
-    const float bn = !RMS && norm_b ? load_norm_w(nbs, norm_f16, i) : 0.f;
-#pragma unroll
-    for (int n = 0; n < NB; n++)
-      if (n < N) xs[n * C + i] = (xs[n * C + i] - mean[n]) * rstd[n] * wn + bn;
-  }
-  __syncthreads();
   KV_STAMP_AT(stp, 4);
 
   // 4. The block's G·FS up rows: a warp takes RPW rows (warp + kMlpWarps·j)
@@ -241,7 +233,16 @@ __global__ void __launch_bounds__(kMlpThreads)
 #pragma unroll
       for (int n = 0; n < NB; n++)
         if (n < N) {
-          const float2 x = reinterpret_cast<const float2 *>(xs + n * C)[k];
+          // The norm applied as the rows read their input, in the expression
+          // a normalising pass would use (that pass and its barrier cost
+          // more). The norm weights are loaded here, per row n: hoisted out
+          // of this loop they made nvcc unroll the k loop (+540
+          // instructions).
+          const float2 xr = reinterpret_cast<const float2 *>(xs + n * C)[k];
+          const float2 wn = make_float2(load_norm_w(nws, norm_f16, 2 * k), load_norm_w(nws, norm_f16, 2 * k + 1));
+          const float2 bn = !RMS && norm_b ? make_float2(load_norm_w(nbs, norm_f16, 2 * k), load_norm_w(nbs, norm_f16, 2 * k + 1))
+                                           : make_float2(0.f, 0.f);
+          const float2 x = make_float2((xr.x - mean[n]) * rstd[n] * wn.x + bn.x, (xr.y - mean[n]) * rstd[n] * wn.y + bn.y);
 #pragma unroll
           for (int j = 0; j < RPW; j++) a[j][n] += w[j].x * x.x + w[j].y * x.y;
         }
