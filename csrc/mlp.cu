@@ -131,7 +131,21 @@ __global__ void __launch_bounds__(kMlpThreads)
   KV_STAMP_AT(stp, 2);
   if (!lead) kv_pdl_launch_dependents();
   const int C4 = C / 4;
+  // The norm's sums (RMSNorm: of squares). SUM (always RMSNorm) adds them
+  // up as the row lands, so the barrier that publishes the row also
+  // carries the warps' sums: no statistics pass, one barrier fewer
+  // (docs/PERF.md, version 27). For one row a thread adds the same
+  // elements in the same order as the pass.
+  float s[NB];
+#pragma unroll
+  for (int n = 0; n < NB; n++) s[n] = 0.f;
+  [[maybe_unused]] auto add_square = [&](int i, float v) {
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+      if (i >= n * C && i < (n + 1) * C) s[n] += v * v;
+  };
   if constexpr (SUM) {
+    static_assert(RMS, "the stream plus an accumulator is the Llama pairing");
     // The row and the accumulator in one round trip (kAccPre elements a
     // thread in flight at once), summed as ref.SumAcc.
     constexpr int kAccPre = 4;
@@ -153,6 +167,7 @@ __global__ void __launch_bounds__(kMlpThreads)
         const float v = iv[k] + kv_unfix(av[k]);
         xs[i] = v;
         if (blockIdx.x == 0) sum[i] = v;
+        add_square(i, v);
       }
     }
 #pragma unroll 1
@@ -160,6 +175,7 @@ __global__ void __launch_bounds__(kMlpThreads)
       const float v = __ldcg(in + i) + kv_unfix(__ldcg(in_acc + i));
       xs[i] = v;
       if (blockIdx.x == 0) sum[i] = v;
+      add_square(i, v);
     }
   } else {
 #pragma unroll 1
@@ -171,24 +187,26 @@ __global__ void __launch_bounds__(kMlpThreads)
     for (long long i = blockIdx.x * kMlpThreads + tid; i < clear_len; i += gridDim.x * kMlpThreads) clear[i] = 0;
   }
   kv_cp_async_wait_all();
-  __syncthreads();
-  KV_STAMP_AT(stp, 3);
-
   // 3. The norm's statistics, in fp32 (two passes for LayerNorm, as
   // fused.cu); the up rows apply it as they read the input (version 27).
-  float s[NB], mean[NB], rstd[NB];
-#pragma unroll
-  for (int n = 0; n < NB; n++) s[n] = 0.f;
+  float mean[NB], rstd[NB];
+  if constexpr (SUM) {
+    block_sum_rows<kMlpWarps>(s, red[0]);  // its barrier also publishes the row
+    KV_STAMP_AT(stp, 3);
+  } else {
+    __syncthreads();
+    KV_STAMP_AT(stp, 3);
 #pragma unroll 1
-  for (int i = tid; i < C; i += kMlpThreads) {
+    for (int i = tid; i < C; i += kMlpThreads) {
 #pragma unroll
-    for (int n = 0; n < NB; n++)
-      if (n < N) {
-        const float v = xs[n * C + i];
-        s[n] += RMS ? v * v : v;
-      }
+      for (int n = 0; n < NB; n++)
+        if (n < N) {
+          const float v = xs[n * C + i];
+          s[n] += RMS ? v * v : v;
+        }
+    }
+    block_sum_rows<kMlpWarps>(s, red[0]);
   }
-  block_sum_rows<kMlpWarps>(s, red[0]);
   if constexpr (!RMS) {
 #pragma unroll
     for (int n = 0; n < NB; n++) {
