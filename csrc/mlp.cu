@@ -20,6 +20,12 @@
 // is its consumer: it adds that accumulator to the stream first (in_acc),
 // so a layer is three launches, or two where the q|k|v product is folded
 // in as well (kv_attention_block; docs/PERF.md, versions 23 and 24).
+//
+// Its footprint is part of the design: at 32 registers a thread the next
+// layer's attention clusters launch beside it ~6 µs before it ends. The
+// weights held in registers instead (117 a thread) made its own phases
+// shorter and delayed that launch, +145 µs a token (docs/PERF.md,
+// version 27): a change here must not add per-thread state.
 #include "common.cuh"
 #include "fused.cuh"
 #include "stamps.cuh"
