@@ -29,7 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag()),
 				Action: benchDecode,
 			},
 			{
@@ -43,7 +43,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), alignKernelFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), alignKernelFlag()),
 				Action: benchRun,
 			},
 		},

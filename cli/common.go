@@ -24,24 +24,36 @@ func decodeKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, a few launches a layer; SmolLM2's q|k|v product and attention output projection inside its attention kernel: two a layer), chain3 (the q|k|v product a launch of its own), chain4 (the output projection too), or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
 }
 
+func lmHeadFlag() *ucli.StringFlag {
+	return &ucli.StringFlag{Name: "lm-head", Value: "full", Usage: "the LM head of sampled one-token steps: full (every logit) or screened (an int8 copy ranks the vocabulary and only the rows that could be drawn are computed exactly: the same tokens from about half the head's bytes; CUDA with fp16 weights; an experiment, not faster end to end yet)"}
+}
+
 func alignKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks on the GPU: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks)"}
 }
 
-// chosenDecodeKernel reads --decode-kernel.
+// chosenDecodeKernel reads --decode-kernel and --lm-head.
 func chosenDecodeKernel(c *ucli.Context) (transformer.DecodeKernel, error) {
-	switch k := c.String("decode-kernel"); k {
+	var k transformer.DecodeKernel
+	switch name := c.String("decode-kernel"); name {
 	case "chain":
-		return transformer.DecodeKernel{}, nil
 	case "chain3":
-		return transformer.DecodeKernel{Unblocked: true}, nil
+		k.Unblocked = true
 	case "chain4":
-		return transformer.DecodeKernel{Unfolded: true}, nil
+		k.Unfolded = true
 	case "persistent":
-		return transformer.DecodeKernel{Persistent: true}, nil
+		k.Persistent = true
 	default:
-		return transformer.DecodeKernel{}, usagef("unknown --decode-kernel %q (want chain, chain3, chain4 or persistent)", k)
+		return k, usagef("unknown --decode-kernel %q (want chain, chain3, chain4 or persistent)", name)
 	}
+	switch head := c.String("lm-head"); head {
+	case "full", "":
+	case "screened":
+		k.ScreenHead = true
+	default:
+		return k, usagef("unknown --lm-head %q (want screened or full)", head)
+	}
+	return k, nil
 }
 
 func checkAlignKernel(c *ucli.Context) error {

@@ -938,6 +938,12 @@ kv_status with_scratch(cudaStream_t s, size_t bytes, Fill fill) {
 
 }  // namespace
 
+bool kv_gemv_fused_takes(int w_f16, int N, int K, int OC) {
+  if (N <= 0 || OC <= 0 || !kv_pdl_supported() || v1_blocks(kPlain, w_f16, N, K, OC) > kFusedMaxBlocks) return false;
+  const float *aligned = reinterpret_cast<const float *>(uintptr_t{256});  // any 16-byte aligned operand
+  return fused_gemv_applies(1, kPlain, aligned, nullptr, nullptr, 0, aligned, w_f16, N, K);
+}
+
 bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const void *w, int w_f16, const void *bias,
                           int bias_f16, int N, int K, int OC, int accumulate, int lead, cudaError_t *err) {
   if (N <= 0 || OC <= 0 || !kv_pdl_supported()) return false;

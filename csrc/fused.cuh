@@ -59,6 +59,11 @@ __device__ __forceinline__ void block_sum_rows(float (&v)[NB], float (*red)[NB])
 // kv_aligned16: p is 16-byte aligned (16-byte loads, cp.async).
 inline bool kv_aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// kv_gemv_fused_takes: whether kv_matmul's default one-token path
+// (variant 0) runs fused.cu's GEMV for these shapes and 16-byte aligned
+// operands, rather than matmul.cu's gemv_kernel_v1 (whose sums head.cu's
+// screened LM head repeats).
+bool kv_gemv_fused_takes(int w_f16, int N, int K, int OC);
 // kv_gemv_as_dependent enqueues out[N,K→OC] (+)= in·wᵀ + bias as fused.cu's
 // GEMV (input staged in shared memory, no transform) launched as a
 // programmatic dependent, so that its weight loads overlap the previous

@@ -171,6 +171,38 @@ kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_
                     uint64_t seed, kv_succ succ, int smem_optin, uint64_t *scratch,
                     long long scratch_keys, int variant);
 
+/* head.cu: the LM head and the sampler's first stage of a one-token step,
+ * screened by an int8 copy of the head (gpu.HeadSampler): the same picks
+ * as kv_matmul(x, w) then kv_sample, from about half the bytes.
+ * kv_head_applies: C a multiple of 32, at most 1024, and a device with
+ * smem_optin bytes of opt-in shared memory per block (152 KB: Ampere and
+ * Hopper data-center parts). kv_head_sums_as_matmul: the exact rows sum
+ * as kv_matmul's one-row product of the head does (matmul.cu's GEMV, which
+ * it runs for heads of more than ~6,000 rows of 576), so the picks are
+ * those of kv_matmul then kv_sample. kv_head_rows: the
+ * copy's rows (V padded to 512). kv_head_quantize makes the copy of the
+ * fp16 head w [V, C]: q (kv_head_rows(V)·C bytes, 16-byte aligned) and
+ * rows (4 floats a row: scale and two error bounds). kv_head_sample: out,
+ * banned, counter, top_k, max_ban, seed, succ, smem_optin and scratch
+ * (B·ceil(V/512)·64 keys) as kv_sample; sms: the device's multiprocessors;
+ * sync (NULL: none): zeroed device memory of 4·sync_rows·ceil(V/512)
+ * bytes, through which the blocks of up to sync_rows rows share one
+ * threshold (fewer rows to recompute; each launch leaves it zeroed);
+ * logits (NULL: none) receives the
+ * exact logit of every row that could be among a row's top_k, the others
+ * are not written; debug (NULL: none) receives (approximation, bound) for
+ * each of B·kv_head_rows(V) rows and stats (NULL: none) the number of rows
+ * recomputed, for tests and benchmarks. */
+int kv_head_applies(int V, int C, int smem_optin);
+int kv_head_sums_as_matmul(int V, int C);
+long long kv_head_rows(int V);
+kv_status kv_head_quantize(kv_stream s, void *q, float *rows, const void *w, int V, int C);
+kv_status kv_head_sample(kv_stream s, int32_t *out, float *logits, const float *x, const void *q,
+                         const float *rows, const void *w, const int32_t *banned,
+                         const int32_t *counter, int B, int V, int C, int top_k, int max_ban,
+                         uint64_t seed, kv_succ succ, int smem_optin, int sms, uint64_t *scratch,
+                         long long scratch_keys, void *sync, int sync_rows, float *debug, int *stats);
+
 /* ---- matmul, attention, align (cuda-compute) ---- */
 
 /* matmul.cu: out[N,OC] = in[N,C]·w[OC,C]ᵀ + bias; with accumulate,

@@ -13,12 +13,13 @@
 extern "C" long long kv_stamps_fused(unsigned long long *dst, long long cap);
 extern "C" long long kv_stamps_mlp(unsigned long long *dst, long long cap);
 extern "C" long long kv_stamps_attention(unsigned long long *dst, long long cap);
+extern "C" long long kv_stamps_head(unsigned long long *dst, long long cap);
 
 extern "C" int kv_stamps_write(const char *path) {
   FILE *f = fopen(path, "wb");
   if (!f) return -1;
   std::vector<unsigned long long> buf((size_t)kStampCap * kStampWords);
-  long long (*units[])(unsigned long long *, long long) = {kv_stamps_fused, kv_stamps_attention, kv_stamps_mlp};
+  long long (*units[])(unsigned long long *, long long) = {kv_stamps_fused, kv_stamps_attention, kv_stamps_mlp, kv_stamps_head};
   for (auto u : units) {
     const long long n = u(buf.data(), kStampCap);
     const unsigned long long hdr[2] = {(unsigned long long)n, kStampCap};

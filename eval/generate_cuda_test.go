@@ -62,3 +62,60 @@ func TestGenerateAgreesAcrossBackends(t *testing.T) {
 		}
 	}
 }
+
+// Generate on the GPU in fp16 draws the same sampled text with the LM head
+// screened (DecodeKernel.ScreenHead) as with every logit computed, at the
+// full-size shapes of both families (random weights of the reference
+// configs), top-5 then top-20 with repeated 2-grams banned: the screen must
+// never lose a token that could be drawn, nor change the order of those
+// kept.
+func TestGenerateScreenedHead(t *testing.T) {
+	cuda, err := gpu.NewCUDA(0)
+	if err != nil {
+		t.Fatalf("CUDA build but no GPU: %v", err)
+	}
+	defer cuda.Close()
+	steps := 300
+	if testing.Short() {
+		steps = 40
+	}
+	for _, name := range []string{"distilgpt2", "smollm2-135m"} {
+		cfg, err := transformer.LoadConfig(testenv.Shared(t, "reference", "configs", name+".config.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := transformer.NewModel(cfg, transformer.RandomWeights(cfg, 7), cuda, gpu.F16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prompt := make([]int32, 24)
+		for i := range prompt {
+			prompt[i] = int32((i*7919 + 13) % cfg.VocabSize)
+		}
+		o := GenerateOptions{NumTokens: steps, FirstTopK: 5, TopK: 20, Seed: 11, EOS: 0, Newline: 198, Keep: 64}
+		gen := func(screen bool) []int32 {
+			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: 54,
+				StartSize: 4, MaxBan: 1, DecodeKernel: transformer.DecodeKernel{ScreenHead: screen}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			var out []int32
+			if _, err := Generate(s, prompt, o, func(id int32) error { out = append(out, id); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}
+		want, got := gen(false), gen(true)
+		if len(got) != len(want) {
+			t.Fatalf("%s: %d tokens screened, %d with every logit", name, len(got), len(want))
+		}
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("%s: token %d differs with the screened head (%d vs %d)", name, i, got[i], want[i])
+			}
+		}
+		t.Logf("%s: %d/%d sampled tokens identical with the screened head", name, len(want), len(want))
+		m.Close()
+	}
+}

@@ -37,6 +37,7 @@ type CUDA struct {
 	device    int
 	name      string
 	smemOptin int // shared memory per block with opt-in, bytes (sampling stages rows in it)
+	sms       int // multiprocessors (the screened LM head's blocks must all be resident to share a threshold)
 	stream    C.kv_stream
 	err       error
 	closed    bool
@@ -73,7 +74,7 @@ func NewCUDA(device int) (Backend, error) {
 	if s := C.kv_sample_init(smem); s != 0 {
 		return nil, cudaError("cuda", s, fmt.Sprintf("device %d: set up sampling kernels", device))
 	}
-	c := &CUDA{device: device, smemOptin: int(smem), allocs: map[uintptr]int{}}
+	c := &CUDA{device: device, smemOptin: int(smem), sms: int(sms), allocs: map[uintptr]int{}}
 	c.name = fmt.Sprintf("cuda:%d %s", device, C.GoString(&name[0]))
 	if s := C.kv_stream_create(&c.stream); s != 0 {
 		return nil, cudaError("cuda", s, "create stream on "+c.name)

@@ -30,15 +30,9 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 		p.MaxBan > 0 && !c.needBuf(op, "banned", banned, p.B*p.MaxBan, I32) {
 		return
 	}
-	var succ C.kv_succ
-	if m := p.Succ; !m.IsZero() {
-		err := m.check(p.B, p.V)
-		if !c.need(op, err == nil, "%v", err) {
-			return
-		}
-		succ = C.kv_succ{prev: devI32(m.Prev), count: devI32(m.Count), dir: devI32(m.Dir), pages: devI32(m.Pages),
-			used: devI32(m.Used), prev_stride: C.int(m.PrevStride), keep: C.int(m.Keep), dirs: C.int(SuccessorDirs(m.Keep)),
-			n_pages: C.int(m.Pages.n / 32)}
+	succ, ok := c.succArg(op, p)
+	if !ok {
+		return
 	}
 	scratchKeys := c.sampleScratch.n / 2
 	c.run(op, func() C.kv_status {
@@ -46,4 +40,20 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), succ, C.int(c.smemOptin),
 			(*C.uint64_t)(dev(c.sampleScratch)), C.longlong(scratchKeys), C.int(variant))
 	})
+}
+
+// succArg is p's 2-gram memory as the kernels take it (zero: none); false
+// after recording an error of op.
+func (c *CUDA) succArg(op string, p SampleParams) (C.kv_succ, bool) {
+	var succ C.kv_succ
+	m := p.Succ
+	if m.IsZero() {
+		return succ, true
+	}
+	if err := m.check(p.B, p.V); !c.need(op, err == nil, "%v", err) {
+		return succ, false
+	}
+	return C.kv_succ{prev: devI32(m.Prev), count: devI32(m.Count), dir: devI32(m.Dir), pages: devI32(m.Pages),
+		used: devI32(m.Used), prev_stride: C.int(m.PrevStride), keep: C.int(m.Keep), dirs: C.int(SuccessorDirs(m.Keep)),
+		n_pages: C.int(m.Pages.n / 32)}, true
 }

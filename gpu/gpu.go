@@ -296,6 +296,48 @@ type AlignPairer interface {
 	AlignPair(K, V, slots, index Buf, keys, values *AlignNet, p AlignParams) bool
 }
 
+// HeadScreen is an LM head prepared for HeadSampler.HeadSample: the fp16
+// head and an int8 copy of it with a scale and two error bounds a row
+// (csrc/head.cu explains the bound). Close frees the copy.
+type HeadScreen struct {
+	W    Buf // the head [V, C], F16
+	V, C int
+	// Q is the copy, 4 bytes an I32 word, in head.cu's fragment order;
+	// Rows has 4 floats a row (scale, c1, c2, 0). Both cover V rounded up
+	// to 512 rows. Sync is where a launch's blocks share their threshold.
+	Q, Rows, Sync Buf
+	free          func(Buf)
+}
+
+// Close frees the copy (not the head).
+func (h *HeadScreen) Close() {
+	if h != nil && h.free != nil {
+		h.free(h.Q)
+		h.free(h.Rows)
+		h.free(h.Sync)
+		h.free = nil
+	}
+}
+
+// HeadSampler is a backend that can run the LM head and the sampling of a
+// one-token step as one screened operation (CUDA, fp16 heads): an int8 copy
+// of the head ranks the rows with a rigorous bound, and only the rows that
+// could be among a row's TopK are computed exactly, so the step streams
+// about half the head's bytes and draws the same tokens.
+type HeadSampler interface {
+	// NewHeadScreen prepares w ([V, C], F16) for HeadSample; the error
+	// wraps ErrNoHeadScreen where the backend does not take the shape.
+	NewHeadScreen(w Buf, V, C int) (*HeadScreen, error)
+	// HeadSample = MatMul(logits, x, h.W, none, p.B, h.C, h.V, false), then
+	// Sample(out, logits, banned, counter, p), with the same picks; logits
+	// receives only the rows that could be among the top p.TopK (the
+	// others keep what they held).
+	HeadSample(out, logits, x Buf, h *HeadScreen, banned, counter Buf, p SampleParams)
+}
+
+// ErrNoHeadScreen: the backend does not screen this head.
+var ErrNoHeadScreen = errors.New("gpu: the screened LM head does not take this shape")
+
 // Error is a failed backend operation.
 type Error struct {
 	Op   string // the operation, e.g. "matmul"

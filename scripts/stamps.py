@@ -19,7 +19,8 @@ from statistics import median
 
 W = 32  # words a record (stamps.cuh kStampWords)
 
-NAMES = {1: "qkv", 2: "attention", 3: "out-proj", 4: "norm-gemv", 5: "mlp", 6: "attention-1blk", 7: "attention-op"}
+NAMES = {1: "qkv", 2: "attention", 3: "out-proj", 4: "norm-gemv", 5: "mlp", 6: "attention-1blk", 7: "attention-op",
+         8: "head"}
 CHECKS = {
     1: ["landed", "summed", "gemv+sums", "res-sync", "stored", "prologue-end", "gemv-loop"],
     3: ["landed", "summed", "gemv+sums", "-", "written", "prologue-end", "gemv-loop"],
@@ -27,6 +28,7 @@ CHECKS = {
     2: ["scores", "merged", "pushed", "r0-wait", "r0-written", "prologue-end", "merge-sync1"],
     7: ["scores", "merged", "pushed", "merge-sync", "projected", "prologue-end", "merge-sync1",
         "stream-landed", "qkv-product", "qkv-exchanged"],
+    8: ["split-x", "mma-loop", "threshold", "-", "exact", "prologue-end", "merged"],
 }
 
 

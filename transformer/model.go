@@ -1,6 +1,7 @@
 package transformer
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/kvalign/kvalign/gpu"
@@ -14,6 +15,10 @@ type Model struct {
 	Be  gpu.Backend
 	w   deviceWeights
 	all gpu.Buf // the single weight allocation the views below are carved from
+	// head is the LM head prepared for screened sampling (gpu.HeadSampler:
+	// CUDA, fp16 weights; DecodeKernel.ScreenHead); nil where the backend
+	// does not screen it.
+	head *gpu.HeadScreen
 }
 
 type deviceLayer struct {
@@ -107,8 +112,26 @@ func NewModel(cfg *Config, hw *Weights, be gpu.Backend, dtype gpu.DType) (*Model
 	return m, nil
 }
 
+// screenHead prepares the LM head for screened sampling the first time a
+// runner asks for it (the int8 copy costs V·C bytes of device memory);
+// nothing where the backend does not screen this head.
+func (m *Model) screenHead() error {
+	hs, ok := m.Be.(gpu.HeadSampler)
+	if m.head != nil || !ok || m.all.DType() != gpu.F16 {
+		return nil
+	}
+	h, err := hs.NewHeadScreen(m.w.lmHead, m.Cfg.VocabSize, m.Cfg.C)
+	if err != nil && !errors.Is(err, gpu.ErrNoHeadScreen) {
+		return fmt.Errorf("preparing the screened LM head: %w", err)
+	}
+	m.head = h
+	return nil
+}
+
 // Close frees the weights.
 func (m *Model) Close() {
+	m.head.Close()
+	m.head = nil
 	if !m.all.IsZero() {
 		m.Be.Free(m.all)
 		m.all = gpu.Buf{}

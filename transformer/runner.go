@@ -45,6 +45,13 @@ type DecodeKernel struct {
 	// backend could fold it into that attention (gpu.AttentionBlocker):
 	// three launches a layer instead of two, for comparisons.
 	Unblocked bool
+	// ScreenHead runs the LM head and the sampling of a sampled one-token
+	// step as one screened operation where the backend has it
+	// (gpu.HeadSampler: the same tokens from about half the head's bytes,
+	// computing only the logits that could be drawn; Logits then refuses).
+	// Opt-in: on an H100 it is level with the full head for SmolLM2 and
+	// slower for distilgpt2 (docs/PERF.md, version 28).
+	ScreenHead bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -110,6 +117,11 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	}
 	if opt.MaxBan < 1 {
 		opt.MaxBan = 1
+	}
+	if opt.ScreenHead {
+		if err := m.screenHead(); err != nil {
+			return nil, err
+		}
 	}
 	cfg := m.Cfg
 	r := &Runner{m: m, be: m.Be, opt: opt, graphs: map[stepShape]gpu.Replay{}}
@@ -765,6 +777,11 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), r.view(L.targets, N), N, V)
 		}
 	case LastRow:
+		// A sampled one-token step may screen its LM head (decode, as
+		// screens checks): the head's product and the sampling are then one
+		// operation, below.
+		screen := r.screens(sh)
+		var headIn gpu.Buf
 		if decode {
 			// One-token steps: the final norm into the free stream buffer,
 			// then the LM head, as two programmatic launches (CUDA: the
@@ -778,7 +795,11 @@ func (r *Runner) enqueue(sh stepShape) {
 			} else {
 				r.norm(xs, x, w.normFW, w.normFB, N)
 			}
-			be.MatMul(r.logits.View(0, N*V), xs, w.lmHead, gpu.Buf{}, N, C, V, false)
+			if screen {
+				headIn = xs
+			} else {
+				be.MatMul(r.logits.View(0, N*V), xs, w.lmHead, gpu.Buf{}, N, C, V, false)
+			}
 		} else if fused != nil && sh.T == 1 {
 			fused.NormMatMul(r.logits.View(0, o.B*V), x, w.normFW, w.normFB, w.lmHead, gpu.Buf{}, o.B, C, V, cfg.Eps, r.normKind(), gpu.NoAct, false)
 		} else {
@@ -803,9 +824,23 @@ func (r *Runner) enqueue(sh stepShape) {
 				p.Succ = r.succ
 				p.Succ.Prev, p.Succ.PrevStride = r.view(L.tokens+sh.T-1, N-sh.T+1), sh.T
 			}
-			be.Sample(picks, r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
+			if screen {
+				r.be.(gpu.HeadSampler).HeadSample(picks, r.logits.View(0, o.B*V), headIn, r.m.head, r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
+			} else {
+				be.Sample(picks, r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
+			}
 		}
 	}
+}
+
+// screens reports whether a step of this shape screens its LM head
+// (gpu.HeadSampler): asked for, a sampled one-token step without NLL, on a
+// model whose head the backend prepared.
+func (r *Runner) screens(sh stepShape) bool {
+	_, fused := r.be.(gpu.Fused) // the one-token path (enqueue's decode)
+	_, screener := r.be.(gpu.HeadSampler)
+	return r.opt.ScreenHead && fused && screener && sh.T == 1 && r.opt.B <= gemvMaxRows && sh.logits == LastRow &&
+		sh.topK > 0 && !sh.nll && r.m.head != nil
 }
 
 // foldedMLP is a one-token MLP block after AttentionOutProj as two
@@ -858,6 +893,9 @@ func (r *Runner) ReplayLast(n int) error {
 
 // Logits downloads the logits of the last step: rows × V.
 func (r *Runner) Logits(rows int) ([]float32, error) {
+	if r.screens(r.last) {
+		return nil, fmt.Errorf("runner: the last step sampled from the screened LM head, which computes only the logits that could be drawn (DecodeKernel.ScreenHead)")
+	}
 	out := make([]float32, rows*r.m.Cfg.VocabSize)
 	r.be.Download(out, r.logits.View(0, len(out)))
 	return out, r.sync()
