@@ -8,8 +8,9 @@
 // bound; only the rows that could be among the K largest (~70–130 of 49k
 // on random weights) are recomputed from the fp16 head, with the GEMV's
 // own summation order, so the logits that decide the pick are the GEMV's
-// bit for bit. (Measured, docs/PERF.md version 28: 5.4 µs faster than the
-// GEMV and the chunk kernel alone, level in the decode chain.)
+// bit for bit. (Measured, docs/PERF.md version 28: 5.8 µs faster than the
+// GEMV and the chunk kernel alone for SmolLM2, 7.3 for distilgpt2, but
+// level or slower in the whole decode step: opt-in.)
 //
 // The copy (head_quantize_kernel, once per model). Row r of the fp16 head
 // w is s_r·q_r + d_r, q_r int8 rounded to nearest with s_r = max|w_r|/127.
