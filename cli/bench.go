@@ -279,8 +279,8 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 		return nil, err
 	}
 	out := c.App.Writer
-	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s, decode kernel %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
-		alignKernel(dev), be.Name(), c.String("decode-kernel"), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s, decode kernel %s, LM head %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
+		alignKernel(dev), be.Name(), c.String("decode-kernel"), c.String("lm-head"), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
 	var cells []benchCell
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
