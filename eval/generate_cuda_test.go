@@ -41,16 +41,7 @@ func TestGenerateAgreesAcrossBackends(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer m.Close()
-				s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: 54, StartSize: 4, MaxBan: 1})
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer s.Close()
-				var out []int32
-				if _, err := Generate(s, prompt, o, func(id int32) error { out = append(out, id); return nil }); err != nil {
-					t.Fatal(err)
-				}
-				return out
+				return generateOn(t, m, transformer.StreamOptions{Mode: mode, CacheSize: 54, StartSize: 4, MaxBan: 1}, prompt, o)
 			}
 			want, got := gen(gpu.NewCPU()), gen(cuda)
 			for i := range want {
@@ -94,17 +85,8 @@ func TestGenerateScreenedHead(t *testing.T) {
 		}
 		o := GenerateOptions{NumTokens: steps, FirstTopK: 5, TopK: 20, Seed: 11, EOS: 0, Newline: 198, Keep: 64}
 		gen := func(screen bool) []int32 {
-			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: 54,
-				StartSize: 4, MaxBan: 1, DecodeKernel: transformer.DecodeKernel{ScreenHead: screen}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			var out []int32
-			if _, err := Generate(s, prompt, o, func(id int32) error { out = append(out, id); return nil }); err != nil {
-				t.Fatal(err)
-			}
-			return out
+			return generateOn(t, m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: 54, StartSize: 4,
+				MaxBan: 1, DecodeKernel: transformer.DecodeKernel{ScreenHead: screen}}, prompt, o)
 		}
 		want, got := gen(false), gen(true)
 		if len(got) != len(want) {
@@ -118,4 +100,19 @@ func TestGenerateScreenedHead(t *testing.T) {
 		t.Logf("%s: %d/%d sampled tokens identical with the screened head", name, len(want), len(want))
 		m.Close()
 	}
+}
+
+// generateOn is the text Generate draws from a new stream of m.
+func generateOn(t *testing.T, m *transformer.Model, so transformer.StreamOptions, prompt []int32, o GenerateOptions) []int32 {
+	t.Helper()
+	s, err := transformer.NewStream(m, so)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var out []int32
+	if _, err := Generate(s, prompt, o, func(id int32) error { out = append(out, id); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
