@@ -15,15 +15,8 @@ import (
 // chained CUDA graphs, the 2-gram memory on the device and the host's
 // reading of each token one step behind must all agree with the reference.
 func TestGenerateAgreesAcrossBackends(t *testing.T) {
-	cuda, err := gpu.NewCUDA(0)
-	if err != nil {
-		t.Fatalf("CUDA build but no GPU: %v", err)
-	}
+	cuda, steps := gpuAndSteps(t)
 	defer cuda.Close()
-	steps := 300
-	if testing.Short() {
-		steps = 40 // under compute-sanitizer
-	}
 	for _, name := range []string{"gutenberg-gpt2-7m", "gutenberg-llama-7m"} {
 		ck, err := transformer.LoadCheckpoint(testenv.Shared(t, "models", name))
 		if err != nil {
@@ -61,15 +54,8 @@ func TestGenerateAgreesAcrossBackends(t *testing.T) {
 // never lose a token that could be drawn, nor change the order of those
 // kept.
 func TestGenerateScreenedHead(t *testing.T) {
-	cuda, err := gpu.NewCUDA(0)
-	if err != nil {
-		t.Fatalf("CUDA build but no GPU: %v", err)
-	}
+	cuda, steps := gpuAndSteps(t)
 	defer cuda.Close()
-	steps := 300
-	if testing.Short() {
-		steps = 40
-	}
 	for _, name := range []string{"distilgpt2", "smollm2-135m"} {
 		cfg, err := transformer.LoadConfig(testenv.Shared(t, "reference", "configs", name+".config.json"))
 		if err != nil {
@@ -115,4 +101,18 @@ func generateOn(t *testing.T, m *transformer.Model, so transformer.StreamOptions
 		t.Fatal(err)
 	}
 	return out
+}
+
+// gpuAndSteps opens the GPU and says how many tokens a test generates
+// (fewer under compute-sanitizer, which runs with -short).
+func gpuAndSteps(t *testing.T) (gpu.Backend, int) {
+	t.Helper()
+	cuda, err := gpu.NewCUDA(0)
+	if err != nil {
+		t.Fatalf("CUDA build but no GPU: %v", err)
+	}
+	if testing.Short() {
+		return cuda, 40
+	}
+	return cuda, 300
 }
