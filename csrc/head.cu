@@ -9,8 +9,9 @@
 // on random weights) are recomputed from the fp16 head, with the GEMV's
 // own summation order, so the logits that decide the pick are the GEMV's
 // bit for bit. (Measured, docs/PERF.md version 28: 5.8 µs faster than the
-// GEMV and the chunk kernel alone for SmolLM2, 7.3 for distilgpt2, but
-// level or slower in the whole decode step: opt-in.)
+// GEMV and the chunk kernel replayed alone for SmolLM2, 7.3 for
+// distilgpt2, where the int8 copy stays in L2; level or slower in the
+// whole decode step: opt-in.)
 //
 // The copy (head_quantize_kernel, once per model). Row r of the fp16 head
 // w is s_r·q_r + d_r, q_r int8 rounded to nearest with s_r = max|w_r|/127.
