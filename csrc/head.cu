@@ -150,8 +150,7 @@ __device__ __forceinline__ unsigned long long head_ns() {
 // Warp w owns rows 64w..64w+63 of the tile (m-tiles 4w..4w+3) from the
 // weight stream to the exact logits: it splits x itself, keeps its ring
 // of A fragments, and recomputes its own candidates, so the block meets
-// only to agree on the threshold (one barrier) and to merge its warps'
-// sorted keys.
+// only to agree on the threshold and to gather its candidates' keys.
 __global__ void __launch_bounds__(kHeadThreads, 1) head_screen_kernel(HeadArgs a) {
   constexpr int RING = kHeadRing;
   // Dynamic shared memory: each warp's ring of A fragments (RING k-tiles of
