@@ -247,6 +247,14 @@ __device__ __forceinline__ void kv_group_sums(float (&acc)[R][NB]) {
   }
 }
 
+// kv_global_ns is the device's %globaltimer in ns (32 ns steps on an
+// H100): for timeouts of kernels that wait on other blocks.
+__device__ __forceinline__ unsigned long long kv_global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // ---- programmatic dependent launch (PTX griddepcontrol, sm_90) ----
 //
 // A kernel launched with the programmatic-stream-serialization attribute

@@ -213,12 +213,6 @@ __device__ __forceinline__ unsigned ld_relaxed(const unsigned *p) {
   return v;
 }
 
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // arrive: the block's writes of this phase are done; count it (a release:
 // the block's writes, ordered before it by the block barrier, are visible
 // to whoever acquires the count).
@@ -230,9 +224,9 @@ __device__ __forceinline__ void arrive(unsigned *ctr) {
 // wait_for: until `need` blocks have arrived at ctr.
 __device__ __forceinline__ void wait_for(const unsigned *ctr, unsigned need) {
   if (threadIdx.x == 0 && ld_acquire(ctr) < need) {
-    const unsigned long long t0 = global_ns();
+    const unsigned long long t0 = kv_global_ns();
     while (ld_relaxed(ctr) < need) {
-      if (global_ns() - t0 > 1000000000ull) __trap();  // not co-resident: fail rather than hang
+      if (kv_global_ns() - t0 > 1000000000ull) __trap();  // not co-resident: fail rather than hang
     }
     asm volatile("fence.acq_rel.gpu;" ::: "memory");  // acquire what the producers released
   }
@@ -379,7 +373,7 @@ struct Args {
 
 // mark records trace point k of the block's current phase (thread 0).
 __device__ __forceinline__ void mark(unsigned long long *tr, int k) {
-  if (tr != nullptr && threadIdx.x == 0) tr[k] = global_ns();
+  if (tr != nullptr && threadIdx.x == 0) tr[k] = kv_global_ns();
 }
 
 // product_phase: kQKV, kOut, kUp or kDown for a block with rows in it.

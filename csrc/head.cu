@@ -140,11 +140,6 @@ struct HeadArgs {
   unsigned *sync;
 };
 
-__device__ __forceinline__ unsigned long long head_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // head_screen_kernel: one block a (512-row tile, sequence); see the top.
 // Warp w owns rows 64w..64w+63 of the tile (m-tiles 4w..4w+3) from the
@@ -323,7 +318,7 @@ __global__ void __launch_bounds__(kHeadThreads, 1) head_screen_kernel(HeadArgs a
   __syncwarp();
 
   // 3. Each lane's two rows: approximation, bound, and the lower bound's
-  // key; the warp's r = ⌈K/8⌉ largest lower keys go to tops.
+  // key.
   float av[2], up[2];
   uint64_t lk[2];
   bool ok[2];
@@ -344,10 +339,10 @@ __global__ void __launch_bounds__(kHeadThreads, 1) head_screen_kernel(HeadArgs a
   }
   // 4. The threshold L, at most the K-th largest lower bound of the
   // vocabulary (a row the K largest could be in reaches it): the K-th
-  // largest of the G blocks' largest lower bounds (K distinct rows reach
-  // it), shared through global memory once every block of the row has
-  // arrived; a block that waits too long (its peers not resident) takes
-  // the block's own: the K-th largest of its warps' r = ⌈K/8⌉ largest.
+  // largest of the blocks' largest lower bounds published so far, once K
+  // blocks of the row have published (K distinct rows reach it); a block
+  // that waits too long (its peers not resident) takes the block's own:
+  // the K-th largest of its warps' r = ⌈K/8⌉ largest.
   __shared__ int use_grid;
   __shared__ float grid_L;
   uint64_t wbest = max(lk[0], lk[1]);
@@ -372,9 +367,10 @@ __global__ void __launch_bounds__(kHeadThreads, 1) head_screen_kernel(HeadArgs a
       }
       constexpr int kMaxG = 4;  // G ≤ 128 (kv_head_sample)
       uint32_t gk[kMaxG];
-      const unsigned long long t0 = head_ns();
+      const unsigned long long t0 = kv_global_ns();
+      int seen;
       for (;;) {
-        int seen = 0;
+        seen = 0;
 #pragma unroll
         for (int i = 0; i < kMaxG; i++) {
           const int blk = lane + 32 * i;
@@ -382,13 +378,12 @@ __global__ void __launch_bounds__(kHeadThreads, 1) head_screen_kernel(HeadArgs a
           seen += __popc(__ballot_sync(KV_FULL_MASK, gk[i] != 0));
         }
         if (seen >= a.K) break;
-        if (head_ns() - t0 > 200000) break;  // peers not resident: the block's own threshold
+        if (kv_global_ns() - t0 > 200000) break;  // peers not resident: the block's own threshold
         __nanosleep(32);
       }
-      int ge[kMaxG] = {}, seen = 0;
+      int ge[kMaxG] = {};
 #pragma unroll
       for (int j = 0; j < kMaxG; j++) {
-        seen += __popc(__ballot_sync(KV_FULL_MASK, gk[j] != 0));
         if (32 * j >= a.G) continue;
         for (int sl = 0; sl < 32; sl++) {
           const uint32_t v = __shfl_sync(KV_FULL_MASK, gk[j], sl);
