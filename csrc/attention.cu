@@ -49,6 +49,26 @@ __device__ __forceinline__ void kv_cluster_arrive() {
 #endif
 }
 
+// Tagged words: a value and a nonzero tag in one 8-byte word, stored into
+// another block's shared memory (distributed shared memory) by one 64-bit
+// store, so a reader that sees the tag sees the value (a naturally aligned
+// 64-bit scalar access is one memory operation: the reader gets the old
+// word or the new one, never half of each; NCCL's low-latency protocol
+// rests on the same). A cluster exchange then needs no barrier:
+// each reader polls its own zeroed words until every one it expects has
+// landed. barrier.cluster's release and acquire compile to MEMBAR.ALL.GPU
+// and CCTL.IVALL with this toolchain's ptxas (its relaxed form is PTX 8.0),
+// ~0.7 µs a barrier on an H100 against ~0.4 µs for the whole tagged
+// exchange (scripts/cluster-exchange-micro.cu; docs/PERF.md, version 29).
+[[maybe_unused]] __device__ __forceinline__ void kv_tag_store(float *remote_word, float v) {
+  *reinterpret_cast<volatile unsigned long long *>(remote_word) = (1ull << 32) | __float_as_uint(v);
+}
+[[maybe_unused]] __device__ __forceinline__ float kv_tag_load(const unsigned long long *word) {
+  unsigned long long w = *reinterpret_cast<const volatile unsigned long long *>(word);
+  while ((w >> 32) == 0) w = *reinterpret_cast<const volatile unsigned long long *>(word);
+  return __uint_as_float(static_cast<unsigned>(w));
+}
+
 constexpr int kDecThreads = 128;
 constexpr int kDecCh = 32;                // entries per staged chunk
 constexpr int kDecMaxQ = KV_ATTN_DECODE_MAX_Q;
@@ -932,6 +952,23 @@ __global__ void __launch_bounds__(NT)
   const int G = NH / NKV / GS, QV = T * G, h0 = kh * (NH / NKV) + unit % GS * G;
   const int32_t *ord = order + (size_t)b * max_len;
 
+  // Clusters push their partials into rank 0 (below); this barrier phase,
+  // arrived at here and waited for before the first remote store, makes
+  // sure rank 0 is running by then, off the critical path. OP: the tagged
+  // words this block receives (kv_tag_store): QKV, the head's q, k and v
+  // rows; every block's partial (o, max, sum), zeroed before the arrive,
+  // which every sender waits for before its first store. The arrive comes
+  // before any global load: its release (MEMBAR.ALL.GPU) waits for this
+  // thread's outstanding loads, and at the end of the prologue it waited
+  // for the K/V gathers.
+  constexpr int kXQ = QKV ? 3 * HS : 1, kXP = OP ? CS * (HS + 2) : 1;
+  __shared__ __align__(8) unsigned long long xq[kXQ], xp[kXP];
+  if constexpr (OP) {
+#pragma unroll 1
+    for (int i = tid; i < kXQ + kXP; i += NT) (i < kXQ ? xq[i] : xp[i - kXQ]) = 0;
+  }
+  if constexpr (CS > 1) kv_cluster_arrive();
+
   // Round trip 1: the first batch's slots (speculative) and lens, both
   // written by no kernel (copied in before the step).
   int slot[U];
@@ -1061,10 +1098,11 @@ __global__ void __launch_bounds__(NT)
       if (pr < QH || (rot_k && pr < QR)) qsc[j] = kv_sincos((float)pos0 * qi.pf.v[rank * QH + pr % QH]);
     }
   }
-  // Clusters push their partials into rank 0 (below); this barrier phase,
-  // arrived at here and waited for before the first remote store, makes
-  // sure rank 0 is running by then, off the critical path.
-  if constexpr (CS > 1) kv_cluster_arrive();
+  // The prologue's barrier phase is waited for here, before the
+  // programmatic wait: the cluster's blocks start together, so this costs
+  // nothing, and no cluster barrier (nor its L1 invalidation) is left after
+  // the wait on the OP path.
+  if constexpr (CS > 1) kv_cluster_wait();
   KV_STAMP_AT(stp, 8);
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
@@ -1108,7 +1146,9 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int j = 0; j < 2 * PPW; j++) a[j] = 0.f;
     const __half2 *w2 = reinterpret_cast<const __half2 *>(wqs);
-#pragma unroll 1
+    // Unrolled by 3 (C/64 = 9 trips for SmolLM2): −1.7 µs a token at cache 32
+    // (docs/PERF.md, version 29); by 9, +1 µs.
+#pragma unroll 3
     for (int k = lane; k < C / 2; k += 32) {
       const float2 x = reinterpret_cast<const float2 *>(qxs)[k];
       const float2 nw = make_float2(load_norm_w(qnw, qi.norm_f16, 2 * k), load_norm_w(qnw, qi.norm_f16, 2 * k + 1));
@@ -1127,21 +1167,22 @@ __global__ void __launch_bounds__(NT)
     KV_STAMP_AT(stp, 11);
     // Rotate the pairs at the position (lower: x1·cos − x2·sin, upper:
     // x2·cos + x1·sin) and store them into every block of the cluster.
-    kv_cluster_wait();  // the prologue's phase: every block is running
-    if (lane < CS) {
+    if (lane < CS) {  // (every block is running, its words zeroed: the prologue's phase)
+      float *xqf = reinterpret_cast<float *>(xq);
 #pragma unroll
       for (int j = 0; j < PPW; j++) {
         const int pr = warp * PPW + j, sec = pr < QH ? 0 : pr < QR ? 1 : 2;
         const float lo = a[2 * j] * rstd, hi = a[2 * j + 1] * rstd;
         const float rl = lo * qsc[j].y - hi * qsc[j].x, rh = hi * qsc[j].y + lo * qsc[j].x;
-        *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j))], lane) = rl;
-        *cluster.map_shared_rank(&qkvs[sec * HS + pair_dim(2 * (warp * PPW + j) + 1)], lane) = rh;
+        kv_tag_store(cluster.map_shared_rank(xqf + 2 * (sec * HS + pair_dim(2 * (warp * PPW + j))), lane), rl);
+        kv_tag_store(cluster.map_shared_rank(xqf + 2 * (sec * HS + pair_dim(2 * (warp * PPW + j) + 1)), lane), rh);
       }
     }
-    kv_cluster_arrive();  // release: the rows
-    kv_cluster_wait();    // acquire: every block's, here
+    // Every thread polls (one warp polling all the words: +40 µs a token).
+#pragma unroll 1
+    for (int i = tid; i < 3 * HS; i += NT) qkvs[i] = kv_tag_load(xq + i);
+    __syncthreads();
     KV_STAMP_AT(stp, 12);
-    kv_cluster_arrive();  // the phase the merge below waits for first (nothing to wait on)
     if (unit % GS == 0 && rank == 0 && tid < HS) {  // one cluster per kv head stores the entry
       const size_t off = ((size_t)slot0 * NKV + kh) * HS + tid;
       qi.kc[off] = qkvs[HS + tid];
@@ -1402,22 +1443,29 @@ __global__ void __launch_bounds__(NT)
         }
         return L > 0.f ? acc / L : 0.f;
       };
-      kv_cluster_wait();  // the prologue's phase: rank 0 is running
       if constexpr (OP) {
         // Every block stores its partial into every block's shared memory
-        // (stores need no reply) and merges them itself after one barrier:
-        // no serial merge on rank 0 and no second barrier before the rows.
+        // as tagged words (stores need no reply) and merges them itself once
+        // they have landed: no serial merge on rank 0 and no barrier.
         static_assert(!OP || kWarpMerge, "the fold merges by warps");
+        float *xpf = reinterpret_cast<float *>(xp) + 2 * rank * (HS + 2);
 #pragma unroll
         for (int r = 0; r < CS; r++) {
-          if (tid < HS) *cluster.map_shared_rank(&po[rank][0][tid], r) = wacc;
+          if (tid < HS) kv_tag_store(cluster.map_shared_rank(xpf + 2 * tid, r), wacc);
           if (tid == 0) {
-            *cluster.map_shared_rank(&pm[rank][0], r) = wM;
-            *cluster.map_shared_rank(&pl[rank][0], r) = wL;
+            kv_tag_store(cluster.map_shared_rank(xpf + 2 * HS, r), wM);
+            kv_tag_store(cluster.map_shared_rank(xpf + 2 * (HS + 1), r), wL);
           }
         }
-        kv_cluster_arrive();  // release: the partials
-        kv_cluster_wait();    // acquire: every block's, here
+#pragma unroll 1
+        for (int i = tid; i < CS * (HS + 2); i += NT) {
+          const int r = i / (HS + 2), k = i - r * (HS + 2);
+          const float v = kv_tag_load(xp + i);
+          if (k < HS) po[r][0][k] = v;
+          else if (k == HS) pm[r][0] = v;
+          else pl[r][0] = v;
+        }
+        __syncthreads();
         KV_STAMP_AT(stp, 5);
         if (tid < HS) ho[tid] = cluster_merge(0, tid);
         __syncthreads();
@@ -1487,9 +1535,18 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
     return false;
   }
   const dim3 grid(NKV * GS * CS, B);
-#define KV_D4C(LPK, QVM, U)                                                                                           \
-  kv_launch_clustered(attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV>, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, \
-                      vc, order, lens, T, NH, NKV, q_stride, max_len, rope_theta, freqs, scale, GS, op, qi)
+  // OP: the tagged words take the static shared memory past 48 KB with
+  // the dynamic rows, which then need the opt-in.
+#define KV_D4C(LPK, QVM, U)                                                                                             \
+  do {                                                                                                                   \
+    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV>;                                                     \
+    if (OP && cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {       \
+      cudaGetLastError();                                                                                                \
+      return false;                                                                                                      \
+    }                                                                                                                    \
+    kv_launch_clustered(kern, CS, grid, dim3(NT), smem, st, pdl, out, q, kc, vc, order, lens, T, NH, NKV, q_stride,      \
+                        max_len, rope_theta, freqs, scale, GS, op, qi);                                                  \
+  } while (0)
 #define KV_D4C_Q(LPK)                         \
   if constexpr (QKV && (LPK < 16 || NT != 128)) return false; \
   else if constexpr (OP) KV_D4C(LPK, 1, NT == 512 ? 8 : 4); \

@@ -8,7 +8,8 @@
 # quick iterations on it; micro: scripts/hopper-micro.cu, built here with
 # this machine's nvcc: per-SM bandwidth and barrier latencies; and
 # scripts/l2-prefetch-micro.cu: the LM head after an L2 prefetch;
-# scripts/handoff-micro.cu: the floor of a dependent kernel hand-off)
+# scripts/handoff-micro.cu: the floor of a dependent kernel hand-off;
+# scripts/cluster-exchange-micro.cu: an exchange inside a block cluster)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -101,6 +102,8 @@ if [ "$what" = micro ]; then
     /tmp/l2-prefetch-micro | tee -a "$OUT/micro.log" >> "$S"
   "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/handoff-micro scripts/handoff-micro.cu &&
     /tmp/handoff-micro | tee -a "$OUT/micro.log" >> "$S"
+  "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/cluster-exchange-micro scripts/cluster-exchange-micro.cu &&
+    /tmp/cluster-exchange-micro | tee -a "$OUT/micro.log" >> "$S"
 fi
 if [ "$what" = decode ]; then
   (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
