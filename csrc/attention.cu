@@ -890,9 +890,10 @@ constexpr int kD4Threads = 512;
 // OP (kv_attention_out; T = 1, a cluster per query head, G = 1): the output
 // projection folded in. Each block stages the head's slice of its share of
 // wo's rows (OutProj) in dynamic shared memory before the programmatic
-// wait; every block stores its partial into every block of the cluster
-// (without OP: into rank 0), merges them all after one cluster barrier, and
-// adds its rows' products, in fixed point, into acc.
+// wait; every block stores its partial into every block of the cluster as
+// tagged words (kv_tag_store; without OP: into rank 0, then a cluster
+// barrier), merges them all once they have landed, and adds its rows'
+// products, in fixed point, into acc.
 struct OutProj {
   const __half *wo;  // [C, NH·HS] fp16, kv_matmul's weight layout
   long long *acc;    // [B, C] += kv_fix(Σ_d wo[c, h·HS + d]·attn(b, h)[d]) for every head h
@@ -905,8 +906,8 @@ struct OutProj {
 // pairs: see the staging); after it the block sums the stream and the
 // MLP's accumulator, takes its 3·QR products (RMSNorm from each warp's own
 // squares), rotates its query pairs (and key pairs when rope_heads > NH)
-// at pos and stores them into every block of the cluster; after one
-// barrier each block holds the head's q and the newest k and v, and the
+// at pos and stores them into every block of the cluster as tagged words;
+// once they have landed each block holds the head's q and the newest k and v, and the
 // newest entry comes from there instead of the cache (one cluster per kv
 // head stores it).
 struct QKVIn {
