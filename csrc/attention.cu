@@ -58,8 +58,8 @@ __device__ __forceinline__ void kv_cluster_arrive() {
 // each reader polls its own zeroed words until every one it expects has
 // landed. barrier.cluster's release and acquire compile to MEMBAR.ALL.GPU
 // and CCTL.IVALL with this toolchain's ptxas (its relaxed form is PTX 8.0),
-// ~0.7 µs a barrier on an H100 against ~0.4 µs for the whole tagged
-// exchange (scripts/cluster-exchange-micro.cu; docs/PERF.md, version 29).
+// ~0.8 µs an exchange through the barrier on an H100 against ~0.4 µs
+// tagged (scripts/cluster-exchange-micro.cu; docs/PERF.md, version 29).
 [[maybe_unused]] __device__ __forceinline__ void kv_tag_store(float *remote_word, float v) {
   *reinterpret_cast<volatile unsigned long long *>(remote_word) = (1ull << 32) | __float_as_uint(v);
 }
