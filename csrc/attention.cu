@@ -907,9 +907,9 @@ struct OutProj {
 // MLP's accumulator, takes its 3·QR products (RMSNorm from each warp's own
 // squares), rotates its query pairs (and key pairs when rope_heads > NH)
 // at pos and stores them into every block of the cluster as tagged words;
-// once they have landed each block holds the head's q and the newest k and v, and the
-// newest entry comes from there instead of the cache (one cluster per kv
-// head stores it).
+// once they have landed each block holds the head's q and the newest k
+// and v, and the newest entry comes from there instead of the cache (one
+// cluster per kv head stores it).
 struct QKVIn {
   const float *in;       // [B, C] the stream
   const long long *acc;  // [B, C] the previous MLP's accumulator (or null)
@@ -959,9 +959,9 @@ __global__ void __launch_bounds__(NT)
   // words this block receives (kv_tag_store): QKV, the head's q, k and v
   // rows; every block's partial (o, max, sum), zeroed before the arrive,
   // which every sender waits for before its first store. The arrive comes
-  // before any global load: its release (MEMBAR.ALL.GPU) waits for this
-  // thread's outstanding loads, and at the end of the prologue it waited
-  // for the K/V gathers.
+  // before any global load: its release is a MEMBAR.ALL.GPU, which at the
+  // end of the prologue seemed to wait for the K/V gathers (moved here:
+  // −1.6 to −2.1 µs a token at cache 255, docs/PERF.md version 29).
   constexpr int kXQ = QKV ? 3 * HS : 1, kXP = OP ? CS * (HS + 2) : 1;
   __shared__ __align__(8) unsigned long long xq[kXQ], xp[kXP];
   if constexpr (OP) {
