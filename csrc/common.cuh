@@ -93,13 +93,25 @@ __device__ __forceinline__ float kv_unfix(long long s) { return __ll2float_rn(s)
 
 // Weight streaming shared by the GEMV kernels (matmul.cu, fused.cu).
 
-// kv_ld_stream16 loads 16 bytes that are used once: read-only path, no L1
-// allocation, so the streamed weights do not evict inputs staged for reuse.
+// kv_l2_evict_first: the L2 policy of weights, which a decode step reads
+// once. A step streams every weight through L2 (269 MB for SmolLM2, five
+// times its 50 MB); marked evict-first, they leave the lines that are read
+// again step after step (the K/V caches, the stream, the accumulators) in
+// L2 instead of evicting them.
+__device__ __forceinline__ unsigned long long kv_l2_evict_first() {
+  unsigned long long p;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
+// kv_ld_stream16 loads 16 bytes of weights, used once: read-only path, no
+// L1 allocation (the streamed weights do not evict inputs staged for
+// reuse), evict-first in L2.
 __device__ __forceinline__ uint4 kv_ld_stream16(const void *p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
+      : "l"(p), "l"(kv_l2_evict_first()));
   return r;
 }
 
@@ -182,6 +194,12 @@ __device__ __forceinline__ void kv_rope_pair(float &x1, float &x2, float angle) 
 __device__ __forceinline__ void kv_cp_async16_cg(void *smem, const void *gmem, bool ok = true) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0) : "memory");
+}
+// kv_cp_async16_w copies 16 bytes of weights (read once a step) past L1,
+// evict-first in L2 (kv_l2_evict_first).
+__device__ __forceinline__ void kv_cp_async16_w(void *smem, const void *gmem, unsigned long long pol) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(pol) : "memory");
 }
 // kv_cp_async16_ca copies 16 bytes allocating in L1 (.ca: data every block
 // of an SM reads, such as a decode product's input row).
