@@ -1000,13 +1000,13 @@ __global__ void sum_acc_kernel_v1(float *__restrict__ sum, const float *__restri
   sum[i] = in[i] + t;
 }
 
-extern "C" kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, const void *w,
-                                 const void *b, int w_f16, int N, int C, float eps, int rms) {
+extern "C" kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, long long *clear,
+                                 const void *w, const void *b, int w_f16, int N, int C, float eps, int rms) {
   if (N <= 0 || C <= 0) return kv_launched();
-  if (!out || !in || !acc || !w || out == in) return (kv_status)cudaErrorInvalidValue;
+  if (!out || !in || !acc || !w || out == in || clear == acc) return (kv_status)cudaErrorInvalidValue;
   if (rms) b = nullptr;
   cudaError_t e = cudaSuccess;
-  if (kv_norm_v2(s, out, in, w, b, w_f16, N, C, eps, rms, acc, &e)) {
+  if (kv_norm_v2(s, out, in, w, b, w_f16, N, C, eps, rms, acc, clear, &e)) {
     KV_TRY(e);
     return kv_launched();
   }
@@ -1017,6 +1017,7 @@ extern "C" kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long 
     sum_acc_kernel_v1<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(sum, in, acc, nullptr, 0, N, C);
     KV_TRY(cudaGetLastError());
     KV_TRY(cudaMemsetAsync(acc, 0, n * sizeof(long long), s));
+    if (clear) KV_TRY(cudaMemsetAsync(clear, 0, n * sizeof(long long), s));
     return rms ? kv_rmsnorm(s, out, sum, w, w_f16, N, C, eps, 0) : kv_layernorm(s, out, sum, w, b, w_f16, N, C, eps, 0);
   });
 }

@@ -76,7 +76,8 @@ bool kv_gemv_as_dependent(cudaStream_t s, float *out, const float *in, const voi
 
 // kv_norm_v2 (norm.cu) launches the one-warp-a-row norm (RMSNorm where rms,
 // else LayerNorm with b) where its shape and alignment allow (C ≤ 2048),
-// returning false otherwise; with acc the row is in + unfix(acc) and acc is
-// zeroed (kv_norm_sum). *err holds the launch status.
+// returning false otherwise; with acc the row is in + unfix(acc) and acc
+// (and clear, if not NULL) is zeroed (kv_norm_sum). *err holds the launch
+// status.
 bool kv_norm_v2(cudaStream_t s, float *out, const float *in, const void *w, const void *b, int w_f16, int N, int C,
-                float eps, int rms, long long *acc, cudaError_t *err);
+                float eps, int rms, long long *acc, long long *clear, cudaError_t *err);

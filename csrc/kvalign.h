@@ -109,10 +109,13 @@ kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const void *w,
 /* kv_norm_sum (fused.cu): out = norm(in + unfix(acc)) (ref.SumAcc, then
  * RMSNorm (rms) or LayerNorm with b), acc ([N, C] int64, fixed point as
  * kv_mlp_acc's) set to zero: the final norm of a one-token step whose last
- * MLP left its output in an accumulator. One kernel (norm v2) for rows of up
- * to 2048, else the sum into scratch and the norm. out must not be in. */
-kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, const void *w, const void *b,
-                      int w_f16, int N, int C, float eps, int rms);
+ * MLP left its output in an accumulator. clear (NULL, or another [N, C]
+ * int64 accumulator, not acc) is set to zero too: the last layer's
+ * attention accumulator, which that MLP read. One kernel (norm v2) for rows
+ * of up to 2048, else the sum into scratch and the norm. out must not be
+ * in. */
+kv_status kv_norm_sum(kv_stream s, float *out, const float *in, long long *acc, long long *clear, const void *w,
+                      const void *b, int w_f16, int N, int C, float eps, int rms);
 
 /* activation.cu: x = gelu_new(x) in place over n elements; out[N,F] =
  * silu(gate)*up with gate/up rows row_stride apart. */

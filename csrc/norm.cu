@@ -55,12 +55,13 @@ __global__ void rmsnorm_kernel_v1(float *__restrict__ out, const float *__restri
 // passes over global memory and block reductions cost twice as long. Needs
 // C % 4 == 0 and 16-byte (8-byte for half weights) aligned rows.
 // acc (kv_norm_sum; NULL otherwise): the row is in + unfix(acc), loaded
-// together, and the warp then zeroes its row of acc (it alone reads it).
+// together, and the warp then zeroes its row of acc (it alone reads it),
+// and of clear (NULL or another [N, C] accumulator to leave zero).
 template <int V4, bool RMS>
 __global__ void __launch_bounds__(128)
     norm_kernel_v2(float *__restrict__ out, const float *__restrict__ in, const void *__restrict__ w,
                    const void *__restrict__ b, int w_f16, int N, int C, float eps, int pdl,
-                   long long *__restrict__ acc) {
+                   long long *__restrict__ acc, long long *__restrict__ clear) {
   const int lane = threadIdx.x & 31;
   const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= N) return;
@@ -121,6 +122,14 @@ __global__ void __launch_bounds__(128)
         a2[2 * i] = a2[2 * i + 1] = make_longlong2(0, 0);
       }
     }
+    if (clear != nullptr) {
+      longlong2 *c2 = reinterpret_cast<longlong2 *>(clear + (long long)r * C);
+#pragma unroll
+      for (int j = 0; j < V4; j++) {
+        const int i = lane + 32 * j;
+        if (i < C4) c2[2 * i] = c2[2 * i + 1] = make_longlong2(0, 0);
+      }
+    }
   }
   float mean = 0.f;
   if (!RMS) {
@@ -159,10 +168,11 @@ static bool aligned(const void *p, int n) { return ((uintptr_t)p % n) == 0; }
 // (C ≤ 2048), returning false otherwise (the launch's error in *err).
 template <bool RMS>
 static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void *w, const void *b,
-                           int w_f16, int N, int C, float eps, cudaError_t *err, long long *acc = nullptr) {
+                           int w_f16, int N, int C, float eps, cudaError_t *err, long long *acc = nullptr,
+                           long long *clear = nullptr) {
   const int wa = w_f16 ? 8 : 16;
   if (C % 4 != 0 || !aligned(out, 16) || !aligned(in, 16) || !aligned(w, wa) ||
-      (b != nullptr && !aligned(b, wa)) || !aligned(acc, 16))
+      (b != nullptr && !aligned(b, wa)) || !aligned(acc, 16) || !aligned(clear, 16))
     return false;
   const int need = (C + 127) / 128;  // float4 per lane
   const dim3 grid(kv_ceil_div(N, 4)), block(128);
@@ -175,7 +185,7 @@ static bool norm_launch_v2(kv_stream s, float *out, const float *in, const void 
   const bool pdl = N <= 8 && kv_pdl_supported();
 #define KV_NORM_V2(n)                                                                      \
   case n:                                                                                  \
-    *err = kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl, acc); \
+    *err = kv_launch(norm_kernel_v2<n, RMS>, grid, block, 0, s, pdl, out, in, w, b, w_f16, N, C, eps, (int)pdl, acc, clear); \
     return true;
   switch (need) {
     KV_NORM_V2(1)
@@ -219,7 +229,7 @@ extern "C" kv_status kv_rmsnorm(kv_stream s, float *out, const float *in, const 
 
 // kv_norm_v2: norm_launch_v2 for fused.cu's kv_norm_sum (see fused.cuh).
 bool kv_norm_v2(cudaStream_t s, float *out, const float *in, const void *w, const void *b, int w_f16, int N, int C,
-                float eps, int rms, long long *acc, cudaError_t *err) {
-  return rms ? norm_launch_v2<true>(s, out, in, w, b, w_f16, N, C, eps, err, acc)
-             : norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, err, acc);
+                float eps, int rms, long long *acc, long long *clear, cudaError_t *err) {
+  return rms ? norm_launch_v2<true>(s, out, in, w, b, w_f16, N, C, eps, err, acc, clear)
+             : norm_launch_v2<false>(s, out, in, w, b, w_f16, N, C, eps, err, acc, clear);
 }

@@ -94,7 +94,7 @@ func (c *CPUFused) MLPAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, d
 	return true
 }
 
-func (c *CPUFused) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind) {
+func (c *CPUFused) NormSum(out, in, acc, clr, normW, normB Buf, N, C int, eps float32, norm NormKind) {
 	sum := make([]float32, N*C)
 	ref.SumAcc(sum, in.f, unpackInt64(acc.i[:2*N*C]), nil, N, C)
 	if norm == RMSNormKind {
@@ -103,6 +103,9 @@ func (c *CPUFused) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32
 		ref.LayerNorm(out.f, sum, normW.f, normB.f, N, C, eps)
 	}
 	clear(acc.i[:2*N*C])
+	if !clr.IsZero() {
+		clear(clr.i[:2*N*C])
+	}
 }
 
 func (c *CPUFused) NormMatMulStoreSum(qkv, sum, in, acc, normW, normB, w, bias Buf, N, C int, eps float32, norm NormKind, st QKVStore) {
@@ -128,13 +131,18 @@ func packInt64(p []int32, v []int64) {
 
 // AttentionBlock is NormMatMulStoreSum then AttentionOutProj (the CPU has
 // no launches to save; this runs the runner's two-launch path without a
-// GPU too).
+// GPU too); without mlpAcc, sum is in.
 func (c *CPUFused) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool {
-	if p.T != 1 || mlpAcc.IsZero() {
+	if p.T != 1 {
 		return false
 	}
 	qkv := Buf{dt: F32, n: p.B * p.QStride, f: make([]float32, p.B*p.QStride)}
-	c.NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
+	if mlpAcc.IsZero() {
+		copy(sum.f[:p.B*C], in.f[:p.B*C])
+		c.NormMatMulStore(qkv, sum, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
+	} else {
+		c.NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
+	}
 	return c.AttentionOutProj(acc, qkv, st.K, st.V, order, lens, p, wo, C)
 }
 

@@ -354,7 +354,7 @@ func (c *CUDA) mlpAccSum(acc, clr, sum, in, inAcc, normW, normB, upW, upB, downW
 
 // NormSum: the final norm on the residual stream an MLPAcc left in acc,
 // which it clears, see Fused and kv_norm_sum.
-func (c *CUDA) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind) {
+func (c *CUDA) NormSum(out, in, acc, clear, normW, normB Buf, N, C int, eps float32, norm NormKind) {
 	const op = "normsum"
 	if N <= 0 {
 		return
@@ -365,6 +365,7 @@ func (c *CUDA) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, no
 		!c.needBuf(op, "in", in, N*C, F32) ||
 		!c.need(op, !overlaps(out, N*C, in, N*C), "out overlaps in") ||
 		!c.needBuf(op, "acc", acc, 2*N*C, I32) ||
+		!clear.IsZero() && (!c.needBuf(op, "clear", clear, 2*N*C, I32) || !c.need(op, !overlaps(clear, 2*N*C, acc, 2*N*C), "clear overlaps acc")) ||
 		!c.needBuf(op, "normW", normW, C, F32, F16) ||
 		norm == LayerNormKind && !normB.IsZero() && !c.needBuf(op, "normB", normB, C, normW.dt) {
 		return
@@ -373,7 +374,7 @@ func (c *CUDA) NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, no
 		normB = Buf{}
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_norm_sum(c.stream, devF32(out), devF32(in), devI64(acc), dev(normW), dev(normB), f16(normW),
+		return C.kv_norm_sum(c.stream, devF32(out), devF32(in), devI64(acc), devI64(clear), dev(normW), dev(normB), f16(normW),
 			C.int(N), C.int(C), C.float(eps), cFlag(norm == RMSNormKind))
 	})
 }

@@ -969,7 +969,7 @@ func TestCUDANormMatMulStoreLead(t *testing.T) {
 // TestCUDANormSum: the final norm on the stream an MLPAcc left in an
 // accumulator (kv_norm_sum) against ref.SumAcc then the norm, on the
 // one-warp kernel and on the fallback for rows it cannot hold; the
-// accumulator is zero afterwards.
+// accumulator, and the second one it is asked to clear, are zero afterwards.
 func TestCUDANormSum(t *testing.T) {
 	c := newTestCUDA(t)
 	rng := rand.New(rand.NewPCG(99, 100))
@@ -1005,18 +1005,26 @@ func TestCUDANormSum(t *testing.T) {
 			ref.LayerNorm(want, sum, nw, nb, sh.N, sh.C, 1e-5)
 		}
 		inBuf, nwBuf, accBuf := uploadNew(t, c, F32, in), uploadNew(t, c, sh.wdt, nw), uploadInts(t, c, packed(acc))
+		other := make([]int64, sh.N*sh.C)
+		for i := range other {
+			other[i] = ref.Fix(rng.Float32() - 0.5)
+		}
+		clrBuf := uploadInts(t, c, packed(other))
 		out := alloc(t, c, F32, sh.N*sh.C)
 		var nbBuf Buf
 		if nb != nil {
 			nbBuf = uploadNew(t, c, sh.wdt, nb)
 		}
-		c.NormSum(out, inBuf, accBuf, nwBuf, nbBuf, sh.N, sh.C, 1e-5, sh.norm)
+		c.NormSum(out, inBuf, accBuf, clrBuf, nwBuf, nbBuf, sh.N, sh.C, 1e-5, sh.norm)
 		checkOK(t, c)
 		compare(t, sh.name, download(t, c, out), want, 2e-6*maxAbs(want), 2e-6)
 		if v := downloadInts(t, c, accBuf); slices.ContainsFunc(v, func(x int32) bool { return x != 0 }) {
 			t.Errorf("%s: the accumulator is not zero afterwards", sh.name)
 		}
-		for _, b := range []Buf{inBuf, nwBuf, accBuf, out, nbBuf} {
+		if v := downloadInts(t, c, clrBuf); slices.ContainsFunc(v, func(x int32) bool { return x != 0 }) {
+			t.Errorf("%s: the accumulator to clear is not zero afterwards", sh.name)
+		}
+		for _, b := range []Buf{inBuf, nwBuf, accBuf, clrBuf, out, nbBuf} {
 			if !b.IsZero() {
 				c.Free(b)
 			}
@@ -1025,7 +1033,7 @@ func TestCUDANormSum(t *testing.T) {
 	// out over in: refused with an error (the backend's errors are sticky,
 	// so this comes last).
 	x, w, acc := alloc(t, c, F32, 64), alloc(t, c, F32, 64), uploadInts(t, c, make([]int32, 128))
-	c.NormSum(x, x, acc, w, Buf{}, 1, 64, 1e-5, RMSNormKind)
+	c.NormSum(x, x, acc, Buf{}, w, Buf{}, 1, 64, 1e-5, RMSNormKind)
 	if c.Err() == nil {
 		t.Error("NormSum with out = in: no error")
 	}

@@ -244,7 +244,7 @@ func testMLPAccCaptured(t *testing.T, fold bool) {
 					t.Fatalf("layer %d: MLPAcc not launched (%v)", l, c.Err())
 				}
 				out := pair[1-cur]
-				c.NormSum(out, x, accs[l%2], finalW, Buf{}, 1, C, 1e-5, RMSNormKind)
+				c.NormSum(out, x, accs[l%2], Buf{}, finalW, Buf{}, 1, C, 1e-5, RMSNormKind)
 				return out
 			}
 			if l < L-1 { // as the runner: the MLP kernel may start during the attention

@@ -478,8 +478,10 @@ type Fused interface {
 	// NormSum: out = LayerNorm (normB optional) or RMSNorm of in +
 	// unfix(acc) (ref.SumAcc, then the norm), and acc ([N, C] int64 as
 	// MLPAcc's) set to zero: the final norm of a one-token step whose last
-	// MLP left its output in an accumulator. out must not overlap in.
-	NormSum(out, in, acc, normW, normB Buf, N, C int, eps float32, norm NormKind)
+	// MLP left its output in an accumulator. clear (optional, [N, C] int64,
+	// not overlapping acc) is set to zero too: the last layer's attention
+	// accumulator, which that MLP read. out must not overlap in.
+	NormSum(out, in, acc, clear, normW, normB Buf, N, C int, eps float32, norm NormKind)
 	// NormMatMulStoreSum: sum[N,C] = in + unfix(acc) (ref.SumAcc), then
 	// NormMatMulStore(qkv, sum, …): the next layer's q|k|v product on the
 	// residual stream an MLPAcc left in acc. sum must not overlap in.

@@ -229,10 +229,14 @@ func loadModelDir(t testing.TB, dir string) (*Config, *Weights) {
 	return cfg, w
 }
 
-// foldingCPU is the fused CPU backend without MLPAcc (or MLPAccSum), so
-// that the runner's other one-token path (the folded attention output
-// projection) runs without a GPU too.
+// foldingCPU is the fused CPU backend without MLPAcc (or MLPAccSum, or
+// MLPAccLead), so that the runner's other one-token path (the folded
+// attention output projection) runs without a GPU too.
 type foldingCPU struct{ *gpu.CPUFused }
+
+func (foldingCPU) MLPAccLead(acc, clear, sum, in, inAcc, normW, normB, upW, upB, downW, downB gpu.Buf, N, C, F int, eps float32, norm gpu.NormKind, act gpu.Act) bool {
+	return false
+}
 
 func (foldingCPU) MLPAcc(acc, clear, in, normW, normB, upW, upB, downW, downB gpu.Buf, N, C, F int, eps float32, norm gpu.NormKind, act gpu.Act) bool {
 	return false

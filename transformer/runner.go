@@ -557,8 +557,9 @@ func (r *Runner) enqueue(sh stepShape) {
 	// fold: the attention output projection inside the attention kernel
 	// (AttentionOutProj), its product meeting the stream in the MLP kernel
 	// (MLPAccSum), until the backend has no folded kernel for the shapes.
-	// Not for the last layer, whose MLP's output the final norm adds: the
-	// step ends with every accumulator zero.
+	// Only where the step ends in the final norm (NormSum), which adds the
+	// last MLP's output and clears what is left: the step ends with every
+	// accumulator zero.
 	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
 	// Layer l's accumulators: attnAcc[l%2], mlpAccs[l%2]; its MLP clears
 	// both of the other parity (read by the kernels before it), pairAcc.
@@ -569,7 +570,10 @@ func (r *Runner) enqueue(sh stepShape) {
 			attnAcc[p], mlpAccs[p] = pairAcc[p].View(0, 2*N*C), pairAcc[p].View(2*N*C, 2*N*C)
 		}
 	}
-	var pending gpu.Buf
+	// pending: the accumulator holding the last MLP's output, if any;
+	// lastAttn: the last layer's attention accumulator, which its MLP read
+	// and the final norm clears, where that layer was a block.
+	var pending, lastAttn gpu.Buf
 	pair, cur := [2]gpu.Buf{x, xn}, 0
 	swap := func() gpu.Buf { cur = 1 - cur; return pair[cur] } // the other stream buffer, now current
 	if r.plan != nil && sh.T == 1 {
@@ -577,8 +581,16 @@ func (r *Runner) enqueue(sh stepShape) {
 		layers = nil
 	}
 	blocker, _ := be.(gpu.AttentionBlocker)
+	// useBlock: every layer, the last too (its accumulator cleared by the
+	// final norm: −2.2 µs a SmolLM2 token against the last layer's four
+	// launches, docs/PERF.md version 30). The block gathers its older K/V
+	// rows and reads the step's inputs before its input is ready (as a led
+	// attention does), so the first layer is a block only where no kernel
+	// rewrites the caches before it (no realignment), and reads the inputs
+	// from the pinned stage block, which the host wrote before the step,
+	// not from their device copy, which the kernel before it writes.
 	useBlock := func(l int) bool {
-		if blocker == nil || !fold || l < 1 || l >= len(layers)-1 || o.Unblocked || r.normKind() != gpu.RMSNormKind {
+		if blocker == nil || !fold || (l == 0 && sh.alignRows > 0) || l >= len(layers) || o.Unblocked || r.normKind() != gpu.RMSNormKind {
 			return false
 		}
 		lw := &w.layers[l]
@@ -611,10 +623,8 @@ func (r *Runner) enqueue(sh stepShape) {
 				act = gpu.GeluAct
 			}
 			// Two launches a layer: the q|k|v product inside the folded
-			// attention (AttentionBlock), then the MLP kernel. From the
-			// second layer (the block gathers its older K/V rows before its
-			// input is ready, as a led attention does) to the one before the
-			// last. mlp is the MLP kernel, leading where the next layer
+			// attention (AttentionBlock), then the MLP kernel, where
+			// useBlock. mlp is the MLP kernel, leading where the next layer
 			// starts with a block (whose prologue then overlaps the MLP).
 			mlp := fused.MLPAccSum
 			if useBlock(l + 1) {
@@ -637,11 +647,20 @@ func (r *Runner) enqueue(sh stepShape) {
 				r.foldedMLP(x, sum, a, lw, N, nk)
 				pending = gpu.Buf{}
 			}
-			if useBlock(l) && !pending.IsZero() {
+			if useBlock(l) && (l == 0 || !pending.IsZero()) {
 				a, sum := attnAcc[l%2], pair[1-cur]
-				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
+				bst, bOrder, bLens := st, order, lens
+				if l == 0 { // the inputs as the host wrote them (useBlock)
+					in := stage.Buf()
+					bst.Pos, bst.Slots = in.View(L.pos, N), in.View(L.slots, N)
+					bOrder, bLens = in.View(L.order, o.B*o.MaxLen), in.View(L.lens, o.B)
+				}
+				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, bst, bOrder, bLens, attn, lw.oW, C, cfg.Eps) {
 					x = swap()
 					foldedLayerMLP(a)
+					if l == len(layers)-1 {
+						lastAttn = a
+					}
 					continue
 				}
 			}
@@ -791,7 +810,7 @@ func (r *Runner) enqueue(sh stepShape) {
 			// graph's allocator, whose memory nodes stop that overlap.
 			xs := pair[1-cur].View(0, N*C)
 			if !pending.IsZero() { // the last layer's MLP output, in an accumulator
-				fused.NormSum(xs, x, pending, w.normFW, w.normFB, N, C, cfg.Eps, r.normKind())
+				fused.NormSum(xs, x, pending, lastAttn, w.normFW, w.normFB, N, C, cfg.Eps, r.normKind())
 			} else {
 				r.norm(xs, x, w.normFW, w.normFB, N)
 			}
