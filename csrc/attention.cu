@@ -1855,7 +1855,7 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
                                         int w_f16, float *kc, float *vc, const int32_t *pos, const int32_t *slots,
                                         const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                                         int max_len, float rope_theta, float theta, int rope_heads, float eps, int C,
-                                        const void *wo, int wo_f16, int *launched) {
+                                        const void *wo, int wo_f16, int pdl, int *launched) {
   *launched = 0;
   if (B <= 0 || NH <= 0) return kv_launched();
   if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo || !in ||
@@ -1868,7 +1868,8 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
            rope_freqs(HS, theta)};
   const bool ok = launch_decode_v4_cluster<8, 128, true, true>(
       s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len, rope_theta,
-      rope_freqs(HS, rope_theta), scale, true, NH / NKV, OutProj{static_cast<const __half *>(wo), acc, C}, qi);
+      rope_freqs(HS, rope_theta), scale, pdl != 0 && kv_pdl_supported(), NH / NKV,
+      OutProj{static_cast<const __half *>(wo), acc, C}, qi);
   *launched = ok;
   return kv_launched();
 }

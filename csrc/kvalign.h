@@ -321,16 +321,18 @@ kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const fl
  * arguments as there; rope_theta rotates keys at their index when read),
  * one launch: each block multiplies its share of the head's query and key
  * rotation pairs and value rows and stores them into every block of its
- * cluster. The cluster's prologue reads the caches' older rows, order and
- * lens before its programmatic wait: the kernel before must write none of
- * them (a layer's MLP; not the step's input copy or the realignment).
- * *launched = 0 where it does not apply: kv_attention_out's conditions,
- * fp32 weights, HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. */
+ * cluster. The cluster's prologue reads the caches' older rows, order,
+ * lens, pos and slots before its programmatic wait: with pdl the kernel
+ * before must write none of them (a layer's MLP; not the step's input copy
+ * or the realignment); without, it is a plain launch, which starts once
+ * everything before it has completed (the first layer's). *launched = 0
+ * where it does not apply: kv_attention_out's conditions, fp32 weights,
+ * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. */
 kv_status kv_attention_block(kv_stream s, long long *acc, float *sum, const float *in, const long long *mlp_acc,
                              const void *norm_w, int norm_f16, const void *w, int w_f16, float *kc, float *vc,
                              const int32_t *pos, const int32_t *slots, const int32_t *order, const int32_t *lens,
                              int B, int NH, int NKV, int HS, int max_len, float rope_theta, float theta,
-                             int rope_heads, float eps, int C, const void *wo, int wo_f16, int *launched);
+                             int rope_heads, float eps, int C, const void *wo, int wo_f16, int pdl, int *launched);
 
 /* align.cu: KV-Align realignment in place (see gpu.AlignParams, ref.Align):
  * for every layer l < L, list entry i < rows and kv head h < NKV, the head

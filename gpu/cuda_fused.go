@@ -274,7 +274,7 @@ func (c *CUDA) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, o
 		return C.kv_attention_block(c.stream, devI64(acc), devF32(sum), devF32(in), devI64(mlpAcc), dev(normW), f16(normW),
 			dev(w), f16(w), devF32(st.K), devF32(st.V), devI32(st.Pos), devI32(st.Slots), devI32(order), devI32(lens),
 			C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen), C.float(p.RopeTheta), C.float(st.Theta),
-			C.int(st.RopeHeads), C.float(eps), C.int(ch), dev(wo), f16(wo), &launched)
+			C.int(st.RopeHeads), C.float(eps), C.int(ch), dev(wo), f16(wo), cFlag(st.Lead), &launched)
 	})
 	return launched != 0 && !c.failed()
 }

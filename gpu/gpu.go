@@ -384,8 +384,13 @@ const (
 // into AttentionOutProj (CUDA): AttentionBlock =
 // NormMatMulStoreSum(qkv, sum, in, mlpAcc, normW, no norm bias, w, no bias,
 // a row a sequence, C, eps, RMSNorm, st) then AttentionOutProj(acc, qkv,
-// st.K, st.V, order, lens, p, wo, C), in one launch and without a q|k|v
-// buffer. False, enqueuing nothing, where it does not apply.
+// st.K, st.V, order, lens, p, wo, C) (without mlpAcc, NormMatMulStore and
+// sum = in), in one launch and without a q|k|v buffer. It reads the older
+// cache rows, order, lens, Pos and Slots before its input is ready where
+// st.Lead (see QKVStore: the operation before writes none of them), and
+// otherwise starts once the operation before has completed (CUDA: a plain
+// launch; the first layer's, after the step's input copy). False,
+// enqueuing nothing, where it does not apply.
 type AttentionBlocker interface {
 	AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool
 	// MLPAccLead = MLPAccSum, the next operation (an AttentionBlock)

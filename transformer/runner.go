@@ -581,16 +581,12 @@ func (r *Runner) enqueue(sh stepShape) {
 		layers = nil
 	}
 	blocker, _ := be.(gpu.AttentionBlocker)
-	// useBlock: every layer, the last too (its accumulator cleared by the
-	// final norm: −2.2 µs a SmolLM2 token against the last layer's four
-	// launches, docs/PERF.md version 30). The block gathers its older K/V
-	// rows and reads the step's inputs before its input is ready (as a led
-	// attention does), so the first layer is a block only where no kernel
-	// rewrites the caches before it (no realignment), and reads the inputs
-	// from the pinned stage block, which the host wrote before the step,
-	// not from their device copy, which the kernel before it writes.
+	// useBlock: every layer, the first (st.Lead false: it starts after the
+	// step's input copy and the realignment have completed) and the last
+	// (its accumulator cleared by the final norm) too: two launches a layer
+	// (docs/PERF.md version 30).
 	useBlock := func(l int) bool {
-		if blocker == nil || !fold || (l == 0 && sh.alignRows > 0) || l >= len(layers) || o.Unblocked || r.normKind() != gpu.RMSNormKind {
+		if blocker == nil || !fold || l >= len(layers) || o.Unblocked || r.normKind() != gpu.RMSNormKind {
 			return false
 		}
 		lw := &w.layers[l]
@@ -649,13 +645,7 @@ func (r *Runner) enqueue(sh stepShape) {
 			}
 			if useBlock(l) && (l == 0 || !pending.IsZero()) {
 				a, sum := attnAcc[l%2], pair[1-cur]
-				bst, bOrder, bLens := st, order, lens
-				if l == 0 { // the inputs as the host wrote them (useBlock)
-					in := stage.Buf()
-					bst.Pos, bst.Slots = in.View(L.pos, N), in.View(L.slots, N)
-					bOrder, bLens = in.View(L.order, o.B*o.MaxLen), in.View(L.lens, o.B)
-				}
-				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, bst, bOrder, bLens, attn, lw.oW, C, cfg.Eps) {
+				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
 					x = swap()
 					foldedLayerMLP(a)
 					if l == len(layers)-1 {
