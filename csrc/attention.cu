@@ -969,13 +969,14 @@ __global__ void __launch_bounds__(NT)
     for (int i = tid; i < kXQ + kXP; i += NT) (i < kXQ ? xq[i] : xp[i - kXQ]) = 0;
   }
   if constexpr (CS > 1) kv_cluster_arrive();
-  // OP without QKV (the first layer's attention in decoding): its only
-  // dependent is the MLP kernel, which reads nothing but weights before
-  // its wait and lets the next layer's block launch at once. Triggered
-  // here, the two launch while this kernel still waits for its q|k|v
-  // product, and the block's prologue (≈5 µs) is off the critical path
-  // (triggered after the wait, the second layer's block cost 2.8 µs more
-  // than the others).
+  // OP without QKV (the folded attention after a q|k|v product of its own:
+  // the first layer's in decoding before every layer became a block, and
+  // --decode-kernel chain3): its only dependent is the MLP kernel, which
+  // reads nothing but weights before its wait and lets a next layer's
+  // block launch at once. Triggered here, the two launch while this kernel
+  // still waits for its q|k|v product (the second layer's block, exposed
+  // when triggered after the wait, cost 2.8 µs more than the others;
+  // docs/PERF.md version 30).
   constexpr bool kEarlyTrigger = OP && !QKV;
   if constexpr (kEarlyTrigger) kv_pdl_launch_dependents();
 
