@@ -1057,7 +1057,7 @@ __global__ void __launch_bounds__(NT)
     for (int i = tid; i < nrows * CPR; i += NT) {
       const int r = i / CPR, c = i % CPR;
       kv_cp_async16_w(wos + 16 * (r * CPR + (c ^ (r & (CPR - 1)))),
-                      op.wo + (size_t)(r0 + r) * ld + (size_t)h0 * HS + 8 * c, kv_l2_evict_first());
+                      op.wo + (size_t)(r0 + r) * ld + (size_t)h0 * HS + 8 * c);
     }
     kv_cp_async_commit();
   }
@@ -1087,7 +1087,7 @@ __global__ void __launch_bounds__(NT)
       const int r = i / c8, k = i - r * c8, pr = r / 2;
       const int sec = pr < QH ? 0 : pr < QR ? 1 : 2;
       const int row = (sec == 0 ? h0 * HS : (NH + (sec - 1) * NKV + kh) * HS) + pair_dim(r);
-      kv_cp_async16_w(wqs + (size_t)r * qi.C + 8 * k, qi.w + (size_t)row * qi.C + 8 * k, kv_l2_evict_first());
+      kv_cp_async16_w(wqs + (size_t)r * qi.C + 8 * k, qi.w + (size_t)row * qi.C + 8 * k);
     }
     const int nb = qi.C * (qi.norm_f16 ? 2 : 4);
 #pragma unroll 1

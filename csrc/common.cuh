@@ -196,10 +196,12 @@ __device__ __forceinline__ void kv_cp_async16_cg(void *smem, const void *gmem, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0) : "memory");
 }
 // kv_cp_async16_w copies 16 bytes of weights (read once a step) past L1,
-// evict-first in L2 (kv_l2_evict_first).
-__device__ __forceinline__ void kv_cp_async16_w(void *smem, const void *gmem, unsigned long long pol) {
+// evict-first in L2 (kv_l2_evict_first), as kv_ld_stream16 loads them.
+__device__ __forceinline__ void kv_cp_async16_w(void *smem, const void *gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(pol) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem),
+               "l"(kv_l2_evict_first())
+               : "memory");
 }
 // kv_cp_async16_ca copies 16 bytes allocating in L1 (.ca: data every block
 // of an SM reads, such as a decode product's input row).

@@ -140,7 +140,6 @@ struct HeadArgs {
   unsigned *sync;
 };
 
-
 // head_screen_kernel: one block a (512-row tile, sequence); see the top.
 // Warp w owns rows 64w..64w+63 of the tile (m-tiles 4w..4w+3) from the
 // weight stream to the exact logits: it splits x itself, keeps its ring

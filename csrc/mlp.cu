@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kMlpThreads)
   for (int i = tid; i < G * FS * c8; i += kMlpThreads) {
     const int r = i / c8, k = i - r * c8;
     const int row = SWIGLU && r >= FS ? F + f0 + (r - FS) : f0 + r;
-    kv_cp_async16_w(wup + (size_t)r * C + 8 * k, up_w + (size_t)row * C + 8 * k, kv_l2_evict_first());
+    kv_cp_async16_w(wup + (size_t)r * C + 8 * k, up_w + (size_t)row * C + 8 * k);
   }
 #pragma unroll 1
   for (int i = tid; i < nbytes / 16; i += kMlpThreads) {
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kMlpThreads)
 #pragma unroll 1
   for (int i = tid; i < C * FS8; i += kMlpThreads) {
     const int c = i / FS8, j = i - c * FS8;
-    kv_cp_async16_w(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j, kv_l2_evict_first());
+    kv_cp_async16_w(wdn + (size_t)c * FS + 8 * j, down_w + (size_t)c * F + f0 + 8 * j);
   }
   kv_cp_async_commit();
 
