@@ -923,6 +923,12 @@ struct QKVIn {
   float eps;
   int C;
   RopeFreqs pf;  // the frequencies of the rotation at pos
+  // EMB: the stream is the embedding wte[tok[b]] (V rows; an id outside
+  // them gives NaNs, as kv_embed) instead of in, read before the wait: the
+  // first layer's block, a plain launch, embeds the step's token itself.
+  const int32_t *tok;
+  const void *wte;
+  int wte_f16, V;
 };
 
 // shfl_xor4: __shfl_xor_sync of each component (the whole warp).
@@ -931,7 +937,8 @@ __device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
                      __shfl_xor_sync(KV_FULL_MASK, v.z, off), __shfl_xor_sync(KV_FULL_MASK, v.w, off));
 }
 
-template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false>
+template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false,
+          bool EMB = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
@@ -941,6 +948,7 @@ __global__ void __launch_bounds__(NT)
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   constexpr bool kWarpMerge = CS > 1 && QVM == 1 && NT / 32 <= NG;  // see the merge below
   static_assert(!OP || (CS > 1 && QVM == 1), "the fold takes one query vector a cluster");
+  static_assert(!EMB || QKV, "the embedding is the q|k|v product's input");
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
@@ -1096,6 +1104,21 @@ __global__ void __launch_bounds__(NT)
     pos0 = qi.pos[b];
     slot0 = qi.slots[b];
   }
+  // EMB: this thread's elements of the stream row (tid + k·NT), the
+  // token's embedding, loaded here with the weights (a plain launch: its
+  // token was written by the step before).
+  constexpr int kStreamPer = 8;  // elements a thread: C ≤ kStreamPer·NT
+  [[maybe_unused]] float emb[EMB ? kStreamPer : 1];
+  if constexpr (EMB) {
+    const int t = qi.tok[b];
+    const bool known = t >= 0 && t < qi.V;
+#pragma unroll
+    for (int k = 0; k < kStreamPer; k++) {
+      const int i = tid + k * NT;
+      emb[k] = i < qi.C ? (known ? kv_load_w(qi.wte, qi.wte_f16, (long long)t * qi.C + i) : __int_as_float(0x7fffffff))
+                        : 0.f;
+    }
+  }
   // QKV: the rotation factors of this warp's query and key pairs at pos (a
   // step input), before the wait: off the critical path.
   constexpr int kQNW = NT / 32, kQPPW = QKV ? 3 * QH / kQNW : 1;  // warps, pairs a warp
@@ -1126,8 +1149,8 @@ __global__ void __launch_bounds__(NT)
     cg::cluster_group cluster = cg::this_cluster();
     const int C = qi.C, lane = tid % 32, warp = tid / 32;
     __shared__ __align__(16) float qxs[1024];  // the stream row (C ≤ 1024)
-    // The stream and the accumulator in one round trip.
-    constexpr int kPre = 8;
+    // The stream and the accumulator in one round trip (EMB: loaded).
+    constexpr int kPre = kStreamPer;
     float iv[kPre];
     long long av[kPre];
     const float *inb = qi.in + (size_t)b * C;
@@ -1135,8 +1158,13 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int k = 0; k < kPre; k++) {
       const int i = tid + k * NT;
-      iv[k] = i < C ? __ldcg(inb + i) : 0.f;
-      av[k] = i < C && accb ? __ldcg(accb + i) : 0;
+      if constexpr (EMB) {
+        iv[k] = emb[k];
+        av[k] = 0;
+      } else {
+        iv[k] = i < C ? __ldcg(inb + i) : 0.f;
+        av[k] = i < C && accb ? __ldcg(accb + i) : 0;
+      }
     }
     kv_cp_async_wait_all();
     const bool writer = unit == 0 && rank == 0;
@@ -1522,7 +1550,7 @@ __global__ void __launch_bounds__(NT)
 // OP (kv_attention_out): the kernel with the output projection folded in,
 // op its operands (out unused); it needs one query vector a cluster (QV = 1)
 // and a block's rows of wo within the default 48 KB of shared memory.
-template <int CS, int NT, bool OP = false, bool QKV = false>
+template <int CS, int NT, bool OP = false, bool QKV = false, bool EMB = false>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
@@ -1550,7 +1578,7 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
   // the dynamic rows, which then need the opt-in.
 #define KV_D4C(LPK, QVM, U)                                                                                             \
   do {                                                                                                                   \
-    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV>;                                                     \
+    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV, EMB>;                                                     \
     if (OP && cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {       \
       cudaGetLastError();                                                                                                \
       return false;                                                                                                      \
@@ -1856,21 +1884,26 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
                                         int w_f16, float *kc, float *vc, const int32_t *pos, const int32_t *slots,
                                         const int32_t *order, const int32_t *lens, int B, int NH, int NKV, int HS,
                                         int max_len, float rope_theta, float theta, int rope_heads, float eps, int C,
-                                        const void *wo, int wo_f16, int pdl, int *launched) {
+                                        const void *wo, int wo_f16, const int32_t *tok, const void *wte, int wte_f16,
+                                        int V, int pdl, int *launched) {
   *launched = 0;
   if (B <= 0 || NH <= 0) return kv_launched();
-  if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo || !in ||
-      !sum || !norm_w || !w || !kc || !vc || !pos || !slots)
+  if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo ||
+      !(tok ? wte && V > 0 && !pdl && !mlp_acc : in != nullptr) || !sum || !norm_w || !w || !kc || !vc || !pos || !slots)
     return (kv_status)cudaErrorInvalidValue;
   if (!wo_f16 || !w_f16 || (long long)max_len * HS > 1024 * 64 || !(NH > NKV && (long long)B * NH * 8 <= 132))
     return kv_launched();
   const float scale = 1.0f / sqrtf((float)HS);
-  QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads, eps, C,
-           rope_freqs(HS, theta)};
-  const bool ok = launch_decode_v4_cluster<8, 128, true, true>(
-      s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len, rope_theta,
-      rope_freqs(HS, rope_theta), scale, pdl != 0 && kv_pdl_supported(), NH / NKV,
-      OutProj{static_cast<const __half *>(wo), acc, C}, qi);
+  const QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads,
+                 eps, C, rope_freqs(HS, theta), tok, wte, wte_f16, V};
+  const OutProj op{static_cast<const __half *>(wo), acc, C};
+  const bool ok = tok ? launch_decode_v4_cluster<8, 128, true, true, true>(
+                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
+                            rope_theta, rope_freqs(HS, rope_theta), scale, false, NH / NKV, op, qi)
+                      : launch_decode_v4_cluster<8, 128, true, true>(
+                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
+                            rope_theta, rope_freqs(HS, rope_theta), scale, pdl != 0 && kv_pdl_supported(), NH / NKV,
+                            op, qi);
   *launched = ok;
   return kv_launched();
 }

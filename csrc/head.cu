@@ -553,7 +553,7 @@ cudaError_t kv_head_init(int smem_optin) {
   return cudaFuncSetAttribute(head_screen_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn);
 }
 
-extern "C" kv_status kv_head_sample(kv_stream s, int32_t *out, float *logits, const float *x, const void *q,
+extern "C" kv_status kv_head_sample(kv_stream s, int32_t *out, int32_t *also, float *logits, const float *x, const void *q,
                                     const float *rows, const void *w, const int32_t *banned,
                                     const int32_t *counter, int B, int V, int C, int top_k, int max_ban,
                                     uint64_t seed, kv_succ succ, int smem_optin, int sms, uint64_t *scratch,
@@ -572,7 +572,7 @@ extern "C" kv_status kv_head_sample(kv_stream s, int32_t *out, float *logits, co
   // multiprocessor) and at least K blocks; the wait has a timeout anyway.
   if (sync != nullptr && B <= sync_rows && G * B <= sms && G >= top_k && G <= 128) a.sync = static_cast<unsigned *>(sync);
   KV_TRY(kv_launch(head_screen_kernel, dim3(G, B), dim3(kHeadThreads), head_smem(C), s, kv_pdl_supported(), a));
-  KV_TRY(kv_sample_final(s, out, scratch, counter, B, V, G, top_k, seed, succ, a.sync, a.sync ? B * G : 0));
+  KV_TRY(kv_sample_final(s, out, also, scratch, counter, B, V, G, top_k, seed, succ, a.sync, a.sync ? B * G : 0));
   return kv_launched();
 }
 

@@ -73,6 +73,10 @@ kv_status kv_download(kv_stream s, void *host, const void *src, size_t bytes);
 /* Asynchronous transfers on s; host must be pinned (capturable). */
 kv_status kv_copy_in(kv_stream s, void *dst, const void *pinned, size_t bytes);
 kv_status kv_copy_out(kv_stream s, void *pinned, const void *src, size_t bytes);
+/* kv_copy_in_ahead: kv_copy_in on the stream side, at once (not after the
+ * work queued on s, none of which may still read dst); work enqueued on s
+ * afterwards waits for it (through done). Not while capturing. */
+kv_status kv_copy_in_ahead(kv_stream s, kv_stream side, kv_event done, void *dst, const void *pinned, size_t bytes);
 /* Device-to-device copy on s. */
 kv_status kv_copy_d2d(kv_stream s, void *dst, const void *src, size_t bytes);
 kv_status kv_memset(kv_stream s, void *dst, int value, size_t bytes);
@@ -90,14 +94,6 @@ kv_status kv_graph_destroy(kv_graph g);
 kv_status kv_embed(kv_stream s, float *out, const void *wte, int wte_f16, int V,
                    const void *wpe, int wpe_f16, int P, const int32_t *tokens,
                    const int32_t *pos, int N, int C);
-/* kv_copy_in_embed: kv_copy_in of n int32s from pinned to dst, then kv_embed
- * with tokens = dst + tok_off and pos = dst + pos_off; for N ≤ 8 rows, where
- * the device addresses the pinned block, in one launch that reads the ids
- * from it. That kernel lets the next one launch at once (a programmatic
- * dependent), which must read dst only after its programmatic wait. */
-kv_status kv_copy_in_embed(kv_stream s, int32_t *dst, const int32_t *pinned, int n, float *out,
-                           const void *wte, int wte_f16, int V, const void *wpe, int wpe_f16, int P,
-                           int tok_off, int pos_off, int N, int C);
 
 /* norm.cu: fp32 mean/variance (two-pass for LayerNorm); b may be NULL.
  * variant: 0 chooses, 1 = v1 (block per row), 2 = v2 (warp per row, row in
@@ -140,7 +136,8 @@ kv_status kv_cache_store(kv_stream s, float *cache, int S, const float *src,
 kv_status kv_nll(kv_stream s, float *nll, const float *logits, const int32_t *targets,
                  int N, int V);
 
-/* sampling.cu: out[b] for b < B, see gpu.SampleParams. 1 ≤ top_k ≤
+/* sampling.cu: out[b] (and also[b] where also is not NULL) for b < B,
+ * see gpu.SampleParams. 1 ≤ top_k ≤
  * KV_SAMPLE_MAX_TOPK; banned may be NULL when max_ban = 0; succ, when
  * its count is set, adds the bans of a 2-gram memory (below). smem_optin: the
  * device's opt-in shared memory per block (bytes), passed to kv_sample_init
@@ -169,7 +166,7 @@ typedef struct {
   int prev_stride, keep, dirs, n_pages;
 } kv_succ;
 kv_status kv_sample_init(int smem_optin);
-kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_t *banned,
+kv_status kv_sample(kv_stream s, int32_t *out, int32_t *also, const float *logits, const int32_t *banned,
                     const int32_t *counter, int B, int V, int top_k, int max_ban,
                     uint64_t seed, kv_succ succ, int smem_optin, uint64_t *scratch,
                     long long scratch_keys, int variant);
@@ -186,7 +183,7 @@ kv_status kv_sample(kv_stream s, int32_t *out, const float *logits, const int32_
  * copy's rows (V padded to 512). kv_head_quantize makes the copy of the
  * fp16 head w [V, C]: q (kv_head_rows(V)·C bytes, 16-byte aligned) and
  * rows (4 floats a row: scale and two error bounds). kv_head_sample: out,
- * banned, counter, top_k, max_ban, seed, succ, smem_optin and scratch
+ * also, banned, counter, top_k, max_ban, seed, succ, smem_optin and scratch
  * (B·ceil(V/512)·64 keys) as kv_sample; sms: the device's multiprocessors;
  * sync (NULL: none): zeroed device memory of 4·sync_rows·ceil(V/512)
  * bytes, through which the blocks of up to sync_rows rows share one
@@ -200,7 +197,7 @@ int kv_head_applies(int V, int C, int smem_optin);
 int kv_head_sums_as_matmul(int V, int C);
 long long kv_head_rows(int V);
 kv_status kv_head_quantize(kv_stream s, void *q, float *rows, const void *w, int V, int C);
-kv_status kv_head_sample(kv_stream s, int32_t *out, float *logits, const float *x, const void *q,
+kv_status kv_head_sample(kv_stream s, int32_t *out, int32_t *also, float *logits, const float *x, const void *q,
                          const float *rows, const void *w, const int32_t *banned,
                          const int32_t *counter, int B, int V, int C, int top_k, int max_ban,
                          uint64_t seed, kv_succ succ, int smem_optin, int sms, uint64_t *scratch,
@@ -327,12 +324,16 @@ kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const fl
  * or the realignment); without, it is a plain launch, which starts once
  * everything before it has completed (the first layer's). *launched = 0
  * where it does not apply: kv_attention_out's conditions, fp32 weights,
- * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. */
+ * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. With tok (then neither pdl nor
+ * mlp_acc, and in unused), the stream is the embedding of the token tok[b]
+ * in wte (V rows, fp16 with wte_f16; an id outside them gives NaNs, as
+ * kv_embed): the first layer embeds the step's token itself. */
 kv_status kv_attention_block(kv_stream s, long long *acc, float *sum, const float *in, const long long *mlp_acc,
                              const void *norm_w, int norm_f16, const void *w, int w_f16, float *kc, float *vc,
                              const int32_t *pos, const int32_t *slots, const int32_t *order, const int32_t *lens,
                              int B, int NH, int NKV, int HS, int max_len, float rope_theta, float theta,
-                             int rope_heads, float eps, int C, const void *wo, int wo_f16, int pdl, int *launched);
+                             int rope_heads, float eps, int C, const void *wo, int wo_f16, const int32_t *tok,
+                             const void *wte, int wte_f16, int V, int pdl, int *launched);
 
 /* align.cu: KV-Align realignment in place (see gpu.AlignParams, ref.Align):
  * for every layer l < L, list entry i < rows and kv head h < NKV, the head

@@ -129,6 +129,17 @@ kv_status kv_copy_in(kv_stream s, void *dst, const void *pinned, size_t bytes) {
   return 0;
 }
 
+// The copy runs on side, which waits for nothing: the caller has made sure
+// no queued work still reads dst. s then waits for it (an event wait the
+// device resolves at once when the copy is long done, as it is when the
+// host stages a step while the one before runs).
+kv_status kv_copy_in_ahead(kv_stream s, kv_stream side, kv_event done, void *dst, const void *pinned, size_t bytes) {
+  KV_TRY(cudaMemcpyAsync(dst, pinned, bytes, cudaMemcpyHostToDevice, side));
+  KV_TRY(cudaEventRecord(done, side));
+  KV_TRY(cudaStreamWaitEvent(s, done, 0));
+  return 0;
+}
+
 kv_status kv_copy_out(kv_stream s, void *pinned, const void *src, size_t bytes) {
   KV_TRY(cudaMemcpyAsync(pinned, src, bytes, cudaMemcpyDeviceToHost, s));
   return 0;

@@ -54,7 +54,7 @@
 // fast enough that the insertions cost less than a second read of the row.
 template <bool PREFILTER, bool STAGED, bool FAST>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
+    sample_kernel(int32_t *__restrict__ out, int32_t *__restrict__ also, const float *__restrict__ logits,
                   const int32_t *__restrict__ banned, const int32_t *__restrict__ counter, int V,
                   int K, int max_ban, uint64_t seed, kv_succ succ) {
   // Dynamic shared memory: the ban bitmap (ceil(V/32) words, padded to 16
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 
   // 4. Softmax over the candidates and the cumulative pick.
   if (warp == 0) {
-    const int32_t pick = sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+    const int32_t pick = sample_pick(out + b, also ? also + b : nullptr, lists[0], probs, K, seed, ctr, lane);
     if (lane == 0) succ_record(slot, pick);
   }
 }
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(256)
 // ~22 k warp instructions, ~8 µs of a decode step at LK = 64).
 template <int LK>
 __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_final_kernel(int32_t *__restrict__ out, const uint64_t *__restrict__ scratch,
+    sample_final_kernel(int32_t *__restrict__ out, int32_t *__restrict__ also, const uint64_t *__restrict__ scratch,
                         const int32_t *__restrict__ counter, int V, int G, int K, uint64_t seed,
                         kv_succ succ, unsigned *__restrict__ clear, int nclear) {
   __shared__ uint64_t lists[SAMPLE_WARPS][LK];
@@ -353,15 +353,15 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   }
   // sample_pick reads entries at or above 32 only for K > 32.
   if (warp == 0) {
-    const int32_t pick = sample_pick(out + b, lists[0], probs, K, seed, ctr, lane);
+    const int32_t pick = sample_pick(out + b, also ? also + b : nullptr, lists[0], probs, K, seed, ctr, lane);
     if (lane == 0) succ_record(slot, pick);
   }
 }
 
-cudaError_t kv_sample_final(cudaStream_t s, int32_t *out, const uint64_t *scratch, const int32_t *counter, int B,
+cudaError_t kv_sample_final(cudaStream_t s, int32_t *out, int32_t *also, const uint64_t *scratch, const int32_t *counter, int B,
                             int V, int G, int K, uint64_t seed, kv_succ succ, unsigned *clear, int nclear) {
   return kv_launch_clustered(K <= 32 ? sample_final_kernel<32> : sample_final_kernel<64>, 1, dim3(B),
-                             dim3(SAMPLE_THREADS), 0, s, kv_pdl_supported(), out, scratch, counter, V, G, K, seed,
+                             dim3(SAMPLE_THREADS), 0, s, kv_pdl_supported(), out, also, scratch, counter, V, G, K, seed,
                              succ, clear, nclear);
 }
 
@@ -385,7 +385,7 @@ extern "C" kv_status kv_sample_init(int smem_optin) {
   return 0;
 }
 
-extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
+extern "C" kv_status kv_sample(kv_stream s, int32_t *out, int32_t *also, const float *logits,
                                const int32_t *banned, const int32_t *counter, int B, int V,
                                int top_k, int max_ban, uint64_t seed, kv_succ succ, int smem_optin,
                                uint64_t *scratch, long long scratch_keys, int variant) {
@@ -412,24 +412,24 @@ extern "C" kv_status kv_sample(kv_stream s, int32_t *out, const float *logits,
     const bool pdl = kv_pdl_supported();
     KV_TRY(kv_launch_clustered(sample_chunks_kernel, 1, dim3(G, B), dim3(256), 0, s, pdl, scratch, logits, banned, V,
                                max_ban, G, succ));
-    KV_TRY(kv_sample_final(s, out, scratch, counter, B, V, G, top_k, seed, succ, nullptr, 0));
+    KV_TRY(kv_sample_final(s, out, also, scratch, counter, B, V, G, top_k, seed, succ, nullptr, 0));
     return kv_launched();
   }
   const dim3 grid(B), block(SAMPLE_THREADS);
   if (variant == 1) {
-    sample_kernel<false, false, false><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
+    sample_kernel<false, false, false><<<grid, block, ban_bytes, s>>>(out, also, logits, banned, counter, V,
                                                                       top_k, max_ban, seed, succ);
   } else if (variant == 2 || (variant == 3 && staged_bytes > limit)) {
-    sample_kernel<true, false, false><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
+    sample_kernel<true, false, false><<<grid, block, ban_bytes, s>>>(out, also, logits, banned, counter, V,
                                                                      top_k, max_ban, seed, succ);
   } else if (variant == 3) {
-    sample_kernel<true, true, false><<<grid, block, staged_bytes, s>>>(out, logits, banned, counter,
+    sample_kernel<true, true, false><<<grid, block, staged_bytes, s>>>(out, also, logits, banned, counter,
                                                                        V, top_k, max_ban, seed, succ);
   } else if (top_k > 8) {  // v4 (the default when v5 has no scratch)
-    sample_kernel<true, false, true><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
+    sample_kernel<true, false, true><<<grid, block, ban_bytes, s>>>(out, also, logits, banned, counter, V,
                                                                     top_k, max_ban, seed, succ);
   } else {
-    sample_kernel<false, false, true><<<grid, block, ban_bytes, s>>>(out, logits, banned, counter, V,
+    sample_kernel<false, false, true><<<grid, block, ban_bytes, s>>>(out, also, logits, banned, counter, V,
                                                                      top_k, max_ban, seed, succ);
   }
   return kv_launched();

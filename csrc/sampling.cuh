@@ -55,14 +55,18 @@ __device__ __forceinline__ int sample_count_greater(const uint64_t *L, int K, ui
 // (0 = empty) and the cumulative pick into *out, as the reference does it:
 // float32(exp(double(l − max))) per candidate in parallel, then lane 0 sums
 // and scans sequentially in fp32, so the choice matches bit for bit. Lane 0
-// also returns the pick (−1: every candidate banned).
-__device__ __forceinline__ int32_t sample_pick(int32_t *out, const uint64_t *L, float *probs, int K,
+// also returns the pick (−1: every candidate banned), and writes it to
+// *also too where that is not null (the next step's device copy).
+__device__ __forceinline__ int32_t sample_pick(int32_t *out, int32_t *also, const uint64_t *L, float *probs, int K,
                                                uint64_t seed, uint32_t ctr, int lane) {
   const uint64_t k0 = lane < K ? L[lane] : 0;
   const uint64_t k1 = lane + 32 < K ? L[lane + 32] : 0;
   const int n = __popc(__ballot_sync(KV_FULL_MASK, k0 != 0)) + __popc(__ballot_sync(KV_FULL_MASK, k1 != 0));
   if (n == 0) {
-    if (lane == 0) *out = -1;
+    if (lane == 0) {
+      *out = -1;
+      if (also) *also = -1;
+    }
     return -1;
   }
   const float m = sample_key_value(L[0]);
@@ -83,6 +87,7 @@ __device__ __forceinline__ int32_t sample_pick(int32_t *out, const uint64_t *L, 
       }
     }
     *out = pick;
+    if (also) *also = pick;
     return pick;
   }
   return -1;
@@ -229,8 +234,9 @@ __device__ __forceinline__ void sample_merge_lists32(uint64_t (*lists)[32], int 
 // G sorted 64-key lists in scratch, as a programmatic dependent where the
 // device has it: the merge and the pick of kv_sample's two-kernel path.
 // It also zeroes clear[0..nclear) once the kernel before it has finished
-// (head.cu's threshold slots; NULL: nothing).
-cudaError_t kv_sample_final(cudaStream_t s, int32_t *out, const uint64_t *scratch, const int32_t *counter, int B,
+// (head.cu's threshold slots; NULL: nothing). also (NULL: none): a second
+// place for the picks, as out.
+cudaError_t kv_sample_final(cudaStream_t s, int32_t *out, int32_t *also, const uint64_t *scratch, const int32_t *counter, int B,
                             int V, int G, int K, uint64_t seed, kv_succ succ, unsigned *clear, int nclear);
 
 // kv_head_init (head.cu) sets head_screen_kernel's shared memory limit;

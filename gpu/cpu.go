@@ -72,6 +72,10 @@ func (c *CPU) DownloadInts(dst []int32, src Buf) { copy(dst, src.i) }
 func (c *CPU) CopyIn(dst Buf, src HostInts)      { copy(dst.i, src.Ints()) }
 func (c *CPU) CopyOut(dst HostInts, src Buf)     { copy(dst.Ints(), src.i) }
 
+func (c *CPU) CopyInAhead(dst Buf, src HostInts, off, n int) {
+	copy(dst.i[off:off+n], src.Ints()[off:off+n])
+}
+
 func (c *CPU) Embed(out, wte, wpe, tokens, pos Buf, N, C int) {
 	ref.Embed(out.f, wte.f, wpe.f, tokens.i, pos.i, N, C)
 }
@@ -122,6 +126,9 @@ func (c *CPU) Sample(out, logits, banned, counter Buf, p SampleParams) {
 			Pages: m.Pages.i, Used: m.Used.i, Keep: m.Keep, Dirs: SuccessorDirs(m.Keep)}
 	}
 	ref.Sample(out.i, logits.f, banned.i, counter.i, p.B, p.V, p.TopK, p.MaxBan, p.Seed, succ)
+	if !p.Also.IsZero() {
+		copy(p.Also.i[:p.B], out.i[:p.B])
+	}
 }
 
 func (c *CPU) Align(cache, slots, index Buf, net *AlignNet, p AlignParams) {

@@ -18,11 +18,6 @@ func (c *CPUFused) NormMatMul(out, in, normW, normB, w, bias Buf, N, C, OC int, 
 	ref.NormMatMul(out.f, in.f, normW.f, normB.f, w.f, bias.f, N, C, OC, eps, norm == RMSNormKind, act == GeluAct, accumulate)
 }
 
-func (c *CPUFused) CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int) {
-	c.CopyIn(dst, src)
-	c.Embed(out, wte, wpe, tokens, pos, N, C)
-}
-
 func (c *CPUFused) SwiGLUMatMul(out, gu, w Buf, N, F, OC int, accumulate bool) {
 	ref.SwiGLUMatMul(out.f, gu.f, w.f, N, F, OC, accumulate)
 }
@@ -131,13 +126,16 @@ func packInt64(p []int32, v []int64) {
 
 // AttentionBlock is NormMatMulStoreSum then AttentionOutProj (the CPU has
 // no launches to save; this runs the runner's two-launch path without a
-// GPU too); without mlpAcc, sum is in.
+// GPU too); without mlpAcc, sum is in, or with st.Tokens their embeddings.
 func (c *CPUFused) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool {
 	if p.T != 1 {
 		return false
 	}
 	qkv := Buf{dt: F32, n: p.B * p.QStride, f: make([]float32, p.B*p.QStride)}
-	if mlpAcc.IsZero() {
+	if !st.Tokens.IsZero() {
+		c.Embed(sum, st.Wte, Buf{}, st.Tokens, Buf{}, p.B, C)
+		c.NormMatMulStore(qkv, sum, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
+	} else if mlpAcc.IsZero() {
 		copy(sum.f[:p.B*C], in.f[:p.B*C])
 		c.NormMatMulStore(qkv, sum, normW, Buf{}, w, Buf{}, p.B, C, eps, RMSNormKind, st)
 	} else {

@@ -39,6 +39,9 @@ type CUDA struct {
 	smemOptin int // shared memory per block with opt-in, bytes (sampling stages rows in it)
 	sms       int // multiprocessors (the screened LM head's blocks must all be resident to share a threshold)
 	stream    C.kv_stream
+	// ahead is the stream CopyInAhead copies on, aheadDone its event.
+	ahead     C.kv_stream
+	aheadDone C.kv_event
 	err       error
 	closed    bool
 	capturing bool
@@ -78,6 +81,15 @@ func NewCUDA(device int) (Backend, error) {
 	c.name = fmt.Sprintf("cuda:%d %s", device, C.GoString(&name[0]))
 	if s := C.kv_stream_create(&c.stream); s != 0 {
 		return nil, cudaError("cuda", s, "create stream on "+c.name)
+	}
+	if s := C.kv_stream_create(&c.ahead); s != 0 {
+		C.kv_stream_destroy(c.stream)
+		return nil, cudaError("cuda", s, "create stream on "+c.name)
+	}
+	if s := C.kv_event_create(&c.aheadDone); s != 0 {
+		C.kv_stream_destroy(c.ahead)
+		C.kv_stream_destroy(c.stream)
+		return nil, cudaError("cuda", s, "create event on "+c.name)
 	}
 	// 4 MiB: B·ceil(V/512)·64 keys cover B ≤ 80 rows at V = 50k; bigger
 	// batches fall back to one block per row, which fills the GPU anyway.
@@ -296,8 +308,10 @@ func (c *CUDA) Close() error {
 	clear(c.allocs)
 	c.attnScratch = Buf{}
 	c.sampleScratch = Buf{}
+	keep("close", C.kv_event_destroy(c.aheadDone))
+	keep("close", C.kv_stream_destroy(c.ahead))
 	keep("close", C.kv_stream_destroy(c.stream))
-	c.stream = nil
+	c.stream, c.ahead, c.aheadDone = nil, nil, nil
 	c.closed = true
 	return first
 }
@@ -495,6 +509,22 @@ func (c *CUDA) CopyIn(dst Buf, src HostInts) {
 		return
 	}
 	c.run("copyin", func() C.kv_status { return C.kv_copy_in(c.stream, dev(dst), p.p, C.size_t(n*4)) })
+}
+
+// CopyInAhead copies src's ints [off, off+n) to the same ints of dst on a
+// stream of its own, starting at once, and makes the work enqueued after
+// it wait for the copy (see Backend).
+func (c *CUDA) CopyInAhead(dst Buf, src HostInts, off, n int) {
+	const op = "copyinahead"
+	p, ok := c.pinned(op, src)
+	if !ok || !c.need(op, !c.capturing, "cannot copy ahead while capturing a CUDA graph") ||
+		!c.need(op, off >= 0 && n >= 0 && off+n <= len(p.ints), "ints [%d, %d) outside the %d staged", off, off+n, len(p.ints)) ||
+		!c.needBuf(op, "dst", dst, off+n, I32) || n == 0 {
+		return
+	}
+	c.run(op, func() C.kv_status {
+		return C.kv_copy_in_ahead(c.stream, c.ahead, c.aheadDone, unsafe.Add(dev(dst), 4*off), unsafe.Add(p.p, 4*off), C.size_t(n*4))
+	})
 }
 
 // CopyOut enqueues an asynchronous copy of min(len, len) ids from src to

@@ -58,90 +58,50 @@ func BenchmarkCUDAEmbed(b *testing.B) {
 	})
 }
 
-// TestCUDACopyInEmbed: the fused copy and embedding against CopyIn + ref.Embed,
-// directly and as a graph replayed with new host contents each time (the
-// kernel must read the pinned block at each replay), with 16-byte aligned
-// and misaligned destinations, with and without wpe, and with more rows or
-// ids outside the copied block (the unfused fallbacks).
-func TestCUDACopyInEmbed(t *testing.T) {
+// TestCUDACopyInAhead: the copy ahead lands exactly ints [off, off+n) of
+// the block (the rest keep their contents), and a graph enqueued after it
+// reads them (an embedding of the ids). A copy past the staged ints is
+// refused.
+func TestCUDACopyInAhead(t *testing.T) {
 	c := newTestCUDA(t)
 	r := rand.New(rand.NewPCG(12, 13))
-	const V, P, n = 37, 19, 103 // n: not a multiple of 4 (the copy's tail)
+	const V, C, n = 37, 67, 103
 	host, err := c.NewHostInts(n)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer host.Close()
-	block := alloc(t, c, I32, n+1)
-	fill := func(N, tokOff, posOff int) {
-		h := host.Ints()
-		for i := range h {
-			h[i] = int32(r.IntN(1 << 20))
-		}
-		for i := 0; i < N; i++ {
-			h[tokOff+i] = int32(r.IntN(V))
-			h[posOff+i] = int32(r.IntN(P))
-		}
+	block := alloc(t, c, I32, n)
+	wteHost := randNormal(r, V*C, 1, 0)
+	wte := uploadNew(t, c, F32, wteHost)
+	out := alloc(t, c, F32, 4*C)
+	rep, err := c.Capture(func() { c.Embed(out, wte, Buf{}, block.View(50, 4), Buf{}, 4, C) })
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, tc := range []struct {
-		name                    string
-		N, C, shift, tok, pos   int
-		withPos, separateTokens bool
-	}{
-		{name: "aligned", N: 3, C: 67, tok: 5, pos: 40, withPos: true},
-		{name: "misaligned", N: 2, C: 600, shift: 1, tok: 0, pos: 97, withPos: true},
-		{name: "no wpe", N: 1, C: 768, tok: 102, pos: 0},
-		{name: "many rows", N: 12, C: 64, tok: 30, pos: 60, withPos: true}, // the copy engine, then the embedding
-		{name: "ids elsewhere", N: 2, C: 64, tok: 10, pos: 20, withPos: true, separateTokens: true},
-	} {
-		dst := block.View(tc.shift, n)
-		tokens, pos := dst.View(tc.tok, tc.N), dst.View(tc.pos, tc.N)
-		if tc.separateTokens {
-			tokens = alloc(t, c, I32, tc.N)
+	defer rep.Close()
+	for i, tc := range []struct{ off, k int }{{0, n}, {50, 4}, {47, 56}, {50, 53}} {
+		before := randInts(r, n, V)
+		c.UploadInts(block, before)
+		h := host.Ints()
+		for j := range h {
+			h[j] = int32(r.IntN(V))
 		}
-		wteHost, wpeHost := randNormal(r, V*tc.C, 1, 0), randNormal(r, P*tc.C, 0.5, 0)
-		for _, dt := range weightTypes {
-			wte := uploadNew(t, c, dt, wteHost)
-			wpe, wpeRef := Buf{}, []float32(nil)
-			if tc.withPos {
-				wpe, wpeRef = uploadNew(t, c, dt, wpeHost), asWeight(dt, wpeHost)
-			}
-			out := alloc(t, c, F32, tc.N*tc.C)
-			check := func(what string) {
-				h := append([]int32(nil), host.Ints()...)
-				if got := downloadInts(t, c, dst); !slices.Equal(got, h) {
-					t.Fatalf("%s %s %s: the copied block differs from the host's", tc.name, dt, what)
-				}
-				ids := h[tc.tok : tc.tok+tc.N]
-				if tc.separateTokens {
-					ids = downloadInts(t, c, tokens)
-				}
-				want := make([]float32, tc.N*tc.C)
-				ref.Embed(want, asWeight(dt, wteHost), wpeRef, ids, h[tc.pos:tc.pos+tc.N], tc.N, tc.C)
-				compare(t, tc.name+" "+dt.String()+" "+what, download(t, c, out), want, 0, 0)
-			}
-			if tc.separateTokens {
-				c.UploadInts(tokens, randInts(r, tc.N, V))
-			}
-			fill(tc.N, tc.tok, tc.pos)
-			poison(t, c, out)
-			c.CopyInEmbed(dst, host, out, wte, wpe, tokens, pos, tc.N, tc.C)
-			checkOK(t, c)
-			check("direct")
-			rep, err := c.Capture(func() { c.CopyInEmbed(dst, host, out, wte, wpe, tokens, pos, tc.N, tc.C) })
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i := 0; i < 3; i++ {
-				fill(tc.N, tc.tok, tc.pos)
-				poison(t, c, out)
-				rep.Run()
-				checkOK(t, c)
-				check(fmt.Sprintf("replay %d", i))
-			}
-			if err := rep.Close(); err != nil {
-				t.Fatal(err)
-			}
+		poison(t, c, out)
+		c.CopyInAhead(block, host, tc.off, tc.k)
+		rep.Run() // the step after the copy reads the new ids
+		checkOK(t, c)
+		want := append([]int32(nil), before...)
+		copy(want[tc.off:tc.off+tc.k], h[tc.off:tc.off+tc.k])
+		if got := downloadInts(t, c, block); !slices.Equal(got, want) {
+			t.Fatalf("case %d: the block after copying [%d, %d) ahead differs", i, tc.off, tc.off+tc.k)
 		}
+		emb := make([]float32, 4*C)
+		ref.Embed(emb, wteHost, nil, want[50:54], nil, 4, C)
+		compare(t, fmt.Sprintf("case %d: the embedding after the copy", i), download(t, c, out), emb, 0, 0)
+	}
+	c.CopyInAhead(block, host, n-2, 3)
+	if c.Err() == nil {
+		t.Fatal("a copy past the staged ints was accepted")
 	}
 }

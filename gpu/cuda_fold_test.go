@@ -303,7 +303,9 @@ func maxAbsDiff(a, b []float32) float64 {
 // then AttentionOutProj (each checked against the CPU reference in its own
 // test), on fresh random inputs: the stream's sum, the heads' projected
 // outputs, and the cache with its newest entry, for keys cached rotated at
-// their position and keys rotated at attention time (StreamingLLM's shift).
+// their position and keys rotated at attention time (StreamingLLM's shift);
+// and as the first layer's block, which embeds its token itself (against
+// Embed then the two kernels without an accumulator).
 func TestCUDAAttentionBlock(t *testing.T) {
 	c := newTestCUDA(t)
 	rng := rand.New(rand.NewPCG(85, 86))
@@ -316,60 +318,74 @@ func TestCUDAAttentionBlock(t *testing.T) {
 	for _, sh := range shapes {
 		for _, shift := range []bool{false, true} {
 			for _, n := range []int{1, 7, 200} {
-				name := fmt.Sprintf("NH%d_NKV%d_HS%d_C%d_shift%v_len%d", sh.NH, sh.NKV, sh.HS, sh.C, shift, n)
-				qkvW := (sh.NH + 2*sh.NKV) * sh.HS
-				const maxLen = 256
-				S := maxLen + 5
-				p := AttnParams{B: 1, T: 1, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, QStride: qkvW, MaxLen: maxLen}
-				ropeHeads := sh.NH + sh.NKV
-				if shift {
-					p.RopeTheta, ropeHeads = theta, sh.NH
-				}
-				in := randNormal(rng, sh.C, 1, 0)
-				prior := make([]int64, sh.C)
-				for i := range prior {
-					prior[i] = ref.Fix(rng.Float32()*2 - 1)
-				}
-				normW := randNormal(rng, sh.C, 0.2, 1)
-				w := asWeight(F16, randVals(rng, qkvW*sh.C, 0.1))
-				wo := asWeight(F16, randVals(rng, sh.C*sh.NH*sh.HS, 0.1))
-				kc, vc := randVals(rng, S*sh.NKV*sh.HS, 1), randVals(rng, S*sh.NKV*sh.HS, 1)
-				perm := rng.Perm(S)
-				order := make([]int32, maxLen)
-				for j := range order {
-					order[j] = int32(perm[j])
-				}
-				bufs := []Buf{}
-				up := func(dt DType, v []float32) Buf { b := uploadNew(t, c, dt, v); bufs = append(bufs, b); return b }
-				ints := func(v []int32) Buf { b := uploadInts(t, c, v); bufs = append(bufs, b); return b }
-				inBuf, nwBuf, wBuf, woBuf := up(F32, in), up(F32, normW), up(F16, w), up(F16, wo)
-				accIn := ints(packed(prior))
-				orderBuf, lensBuf := ints(order), ints([]int32{int32(n)})
-				posBuf, slotBuf := ints([]int32{int32(n - 1 + rng.IntN(50))}), ints([]int32{order[n-1]})
-				// The two kernels it replaces, on their own copies.
-				k1, v1, k2, v2 := up(F32, kc), up(F32, vc), up(F32, kc), up(F32, vc)
-				qkv, sum1, sum2 := alloc(t, c, F32, qkvW), alloc(t, c, F32, sh.C), alloc(t, c, F32, sh.C)
-				acc1, acc2 := ints(make([]int32, 2*sh.C)), ints(make([]int32, 2*sh.C))
-				bufs = append(bufs, qkv, sum1, sum2)
-				st := QKVStore{K: k1, V: v1, Pos: posBuf, Slots: slotBuf, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, RopeHeads: ropeHeads, Theta: theta}
-				c.NormMatMulStoreSum(qkv, sum1, inBuf, accIn, nwBuf, Buf{}, wBuf, Buf{}, 1, sh.C, eps, RMSNormKind, st)
-				if !c.attentionOutProj(acc1, qkv, k1, v1, orderBuf, lensBuf, p, woBuf, sh.C, 1) {
-					t.Fatalf("%s: AttentionOutProj not launched", name)
-				}
-				st.K, st.V = k2, v2
-				if !c.AttentionBlock(acc2, sum2, inBuf, accIn, nwBuf, wBuf, st, orderBuf, lensBuf, p, woBuf, sh.C, eps) {
-					t.Fatalf("%s: AttentionBlock not launched (%v)", name, c.Err())
-				}
-				checkOK(t, c)
-				compare(t, name+" sum", download(t, c, sum2), download(t, c, sum1), 0, 0)
-				want, got := unfixAll(unpackInt64(downloadInts(t, c, acc1))), unfixAll(unpackInt64(downloadInts(t, c, acc2)))
-				if e := relErr(got, want); e > 1e-4 {
-					t.Errorf("%s: output max|Δ|/max|ref| = %.3g > 1e-4", name, e)
-				}
-				compare(t, name+" keys", download(t, c, k2), download(t, c, k1), 1e-4, 1e-4)
-				compare(t, name+" values", download(t, c, v2), download(t, c, v1), 1e-4, 1e-4)
-				for _, b := range bufs {
-					c.Free(b)
+				for _, embed := range []bool{false, true} {
+					name := fmt.Sprintf("NH%d_NKV%d_HS%d_C%d_shift%v_len%d_embed%v", sh.NH, sh.NKV, sh.HS, sh.C, shift, n, embed)
+					qkvW := (sh.NH + 2*sh.NKV) * sh.HS
+					const maxLen = 256
+					S := maxLen + 5
+					p := AttnParams{B: 1, T: 1, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, QStride: qkvW, MaxLen: maxLen}
+					ropeHeads := sh.NH + sh.NKV
+					if shift {
+						p.RopeTheta, ropeHeads = theta, sh.NH
+					}
+					in := randNormal(rng, sh.C, 1, 0)
+					prior := make([]int64, sh.C)
+					for i := range prior {
+						prior[i] = ref.Fix(rng.Float32()*2 - 1)
+					}
+					normW := randNormal(rng, sh.C, 0.2, 1)
+					w := asWeight(F16, randVals(rng, qkvW*sh.C, 0.1))
+					wo := asWeight(F16, randVals(rng, sh.C*sh.NH*sh.HS, 0.1))
+					kc, vc := randVals(rng, S*sh.NKV*sh.HS, 1), randVals(rng, S*sh.NKV*sh.HS, 1)
+					perm := rng.Perm(S)
+					order := make([]int32, maxLen)
+					for j := range order {
+						order[j] = int32(perm[j])
+					}
+					bufs := []Buf{}
+					up := func(dt DType, v []float32) Buf { b := uploadNew(t, c, dt, v); bufs = append(bufs, b); return b }
+					ints := func(v []int32) Buf { b := uploadInts(t, c, v); bufs = append(bufs, b); return b }
+					inBuf, nwBuf, wBuf, woBuf := up(F32, in), up(F32, normW), up(F16, w), up(F16, wo)
+					accIn := ints(packed(prior))
+					var tokBuf, wteBuf Buf
+					if embed { // the stream is a token's embedding, no accumulator
+						const V = 50
+						tokBuf, wteBuf = ints([]int32{int32(rng.IntN(V))}), up(F16, asWeight(F16, randNormal(rng, V*sh.C, 1, 0)))
+						c.Embed(inBuf, wteBuf, Buf{}, tokBuf, Buf{}, 1, sh.C)
+						accIn = ints(make([]int32, 2*sh.C))
+					}
+					orderBuf, lensBuf := ints(order), ints([]int32{int32(n)})
+					posBuf, slotBuf := ints([]int32{int32(n - 1 + rng.IntN(50))}), ints([]int32{order[n-1]})
+					// The two kernels it replaces, on their own copies.
+					k1, v1, k2, v2 := up(F32, kc), up(F32, vc), up(F32, kc), up(F32, vc)
+					qkv, sum1, sum2 := alloc(t, c, F32, qkvW), alloc(t, c, F32, sh.C), alloc(t, c, F32, sh.C)
+					acc1, acc2 := ints(make([]int32, 2*sh.C)), ints(make([]int32, 2*sh.C))
+					bufs = append(bufs, qkv, sum1, sum2)
+					st := QKVStore{K: k1, V: v1, Pos: posBuf, Slots: slotBuf, NH: sh.NH, NKV: sh.NKV, HS: sh.HS, RopeHeads: ropeHeads, Theta: theta}
+					c.NormMatMulStoreSum(qkv, sum1, inBuf, accIn, nwBuf, Buf{}, wBuf, Buf{}, 1, sh.C, eps, RMSNormKind, st)
+					if !c.attentionOutProj(acc1, qkv, k1, v1, orderBuf, lensBuf, p, woBuf, sh.C, 1) {
+						t.Fatalf("%s: AttentionOutProj not launched", name)
+					}
+					st.K, st.V = k2, v2
+					blockIn, blockAcc := inBuf, accIn
+					if embed {
+						st.Tokens, st.Wte = tokBuf, wteBuf
+						blockIn, blockAcc = Buf{}, Buf{}
+					}
+					if !c.AttentionBlock(acc2, sum2, blockIn, blockAcc, nwBuf, wBuf, st, orderBuf, lensBuf, p, woBuf, sh.C, eps) {
+						t.Fatalf("%s: AttentionBlock not launched (%v)", name, c.Err())
+					}
+					checkOK(t, c)
+					compare(t, name+" sum", download(t, c, sum2), download(t, c, sum1), 0, 0)
+					want, got := unfixAll(unpackInt64(downloadInts(t, c, acc1))), unfixAll(unpackInt64(downloadInts(t, c, acc2)))
+					if e := relErr(got, want); e > 1e-4 {
+						t.Errorf("%s: output max|Δ|/max|ref| = %.3g > 1e-4", name, e)
+					}
+					compare(t, name+" keys", download(t, c, k2), download(t, c, k1), 1e-4, 1e-4)
+					compare(t, name+" values", download(t, c, v2), download(t, c, v1), 1e-4, 1e-4)
+					for _, b := range bufs {
+						c.Free(b)
+					}
 				}
 			}
 		}

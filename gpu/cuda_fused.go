@@ -256,8 +256,12 @@ func (c *CUDA) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, o
 		"invalid shape B=%d NH=%d NKV=%d C=%d", p.B, p.NH, p.NKV, ch) ||
 		!c.needBuf(op, "acc", acc, 2*p.B*ch, I32) ||
 		!c.needBuf(op, "sum", sum, p.B*ch, F32) ||
-		!c.needBuf(op, "in", in, p.B*ch, F32) ||
+		st.Tokens.IsZero() && !c.needBuf(op, "in", in, p.B*ch, F32) ||
 		!mlpAcc.IsZero() && !c.needBuf(op, "mlpAcc", mlpAcc, 2*p.B*ch, I32) ||
+		!st.Tokens.IsZero() && (!c.need(op, mlpAcc.IsZero() && !st.Lead, "an embedding block takes no accumulator and does not lead") ||
+			!c.needBuf(op, "tokens", st.Tokens, p.B, I32) ||
+			!c.need(op, !st.Wte.IsZero() && st.Wte.n%ch == 0, "token embeddings of %d elements for width %d", st.Wte.n, ch) ||
+			!c.needBuf(op, "wte", st.Wte, st.Wte.n, F32, F16)) ||
 		!c.needBuf(op, "normW", normW, ch, F32, F16) ||
 		!c.needBuf(op, "w", w, qkvW*ch, F16) ||
 		!c.needBuf(op, "kc", st.K, p.NKV*p.HS, F32) ||
@@ -274,7 +278,8 @@ func (c *CUDA) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, o
 		return C.kv_attention_block(c.stream, devI64(acc), devF32(sum), devF32(in), devI64(mlpAcc), dev(normW), f16(normW),
 			dev(w), f16(w), devF32(st.K), devF32(st.V), devI32(st.Pos), devI32(st.Slots), devI32(order), devI32(lens),
 			C.int(p.B), C.int(p.NH), C.int(p.NKV), C.int(p.HS), C.int(p.MaxLen), C.float(p.RopeTheta), C.float(st.Theta),
-			C.int(st.RopeHeads), C.float(eps), C.int(ch), dev(wo), f16(wo), cFlag(st.Lead), &launched)
+			C.int(st.RopeHeads), C.float(eps), C.int(ch), dev(wo), f16(wo), devI32(st.Tokens), dev(st.Wte), f16(st.Wte),
+			C.int(st.Wte.n/ch), cFlag(st.Lead), &launched)
 	})
 	return launched != 0 && !c.failed()
 }

@@ -76,6 +76,7 @@ func (c *CUDA) headSample(out, logits, x Buf, h *HeadScreen, banned, counter Buf
 		!c.need(op, p.MaxBan >= 0, "MaxBan %d is negative", p.MaxBan) ||
 		!c.need(op, p.B*((p.V+511)/512)*64 <= c.sampleScratch.n/2, "%d rows need more sampling scratch", p.B) ||
 		!c.needBuf(op, "out", out, p.B, I32) ||
+		!p.Also.IsZero() && !c.needBuf(op, "also", p.Also, p.B, I32) ||
 		!logits.IsZero() && !c.needBuf(op, "logits", logits, p.B*p.V, F32) ||
 		!c.needBuf(op, "x", x, p.B*h.C, F32) ||
 		!c.needBuf(op, "counter", counter, p.B, I32) ||
@@ -89,7 +90,7 @@ func (c *CUDA) headSample(out, logits, x Buf, h *HeadScreen, banned, counter Buf
 		return
 	}
 	c.run(op, func() C.kv_status {
-		return C.kv_head_sample(c.stream, devI32(out), devF32(logits), devF32(x), dev(h.Q), devF32(h.Rows), dev(h.W),
+		return C.kv_head_sample(c.stream, devI32(out), devI32(p.Also), devF32(logits), devF32(x), dev(h.Q), devF32(h.Rows), dev(h.W),
 			devI32(banned), devI32(counter), C.int(p.B), C.int(p.V), C.int(h.C), C.int(p.TopK), C.int(p.MaxBan),
 			C.uint64_t(p.Seed), succ, C.int(c.smemOptin), C.int(c.sms), (*C.uint64_t)(dev(c.sampleScratch)),
 			C.longlong(c.sampleScratch.n/2), dev(h.Sync), C.int(headSyncRows), devF32(debug), devI32(stats))

@@ -25,6 +25,7 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 		!c.need(op, p.TopK >= 1 && p.TopK <= cudaMaxTopK, "top-k %d outside 1..%d", p.TopK, cudaMaxTopK) ||
 		!c.need(op, p.MaxBan >= 0, "MaxBan %d is negative", p.MaxBan) ||
 		!c.needBuf(op, "out", out, p.B, I32) ||
+		!p.Also.IsZero() && !c.needBuf(op, "also", p.Also, p.B, I32) ||
 		!c.needBuf(op, "logits", logits, p.B*p.V, F32) ||
 		!c.needBuf(op, "counter", counter, p.B, I32) ||
 		p.MaxBan > 0 && !c.needBuf(op, "banned", banned, p.B*p.MaxBan, I32) {
@@ -36,7 +37,7 @@ func (c *CUDA) sample(out, logits, banned, counter Buf, p SampleParams, variant 
 	}
 	scratchKeys := c.sampleScratch.n / 2
 	c.run(op, func() C.kv_status {
-		return C.kv_sample(c.stream, devI32(out), devF32(logits), devI32(banned), devI32(counter),
+		return C.kv_sample(c.stream, devI32(out), devI32(p.Also), devF32(logits), devI32(banned), devI32(counter),
 			C.int(p.B), C.int(p.V), C.int(p.TopK), C.int(p.MaxBan), C.uint64_t(p.Seed), succ, C.int(c.smemOptin),
 			(*C.uint64_t)(dev(c.sampleScratch)), C.longlong(scratchKeys), C.int(variant))
 	})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/kvalign/kvalign/gpu/ref"
@@ -66,14 +67,18 @@ func TestCUDASample(t *testing.T) {
 				seed := r.Uint64()
 				want := make([]int32, tc.B)
 				ref.Sample(want, logitsHost, banned, counter, tc.B, tc.V, topK, maxBan, seed, nil)
-				out := alloc(t, c, I32, tc.B)
-				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed}
+				out, also := alloc(t, c, I32, tc.B), alloc(t, c, I32, tc.B)
+				p := SampleParams{B: tc.B, V: tc.V, TopK: topK, MaxBan: maxBan, Seed: seed, Also: also}
 				lg, bn, ct := uploadNew(t, c, F32, logitsHost), uploadInts(t, c, banned), uploadInts(t, c, counter)
 				for variant := 1; variant <= 5; variant++ {
 					poison(t, c, out)
+					poison(t, c, also)
 					c.sample(out, lg, bn, ct, p, variant)
 					checkOK(t, c)
 					got := downloadInts(t, c, out)
+					if a := downloadInts(t, c, also); !slices.Equal(a, got) {
+						t.Errorf("v%d V=%d topK=%d: Also got %v, out %v", variant, tc.V, topK, a[:min(4, len(a))], got[:min(4, len(got))])
+					}
 					bad := 0
 					for b := range want {
 						if got[b] != want[b] {
@@ -93,6 +98,7 @@ func TestCUDASample(t *testing.T) {
 				c.Free(bn)
 				c.Free(ct)
 				c.Free(out)
+				c.Free(also)
 			}
 		}
 	}

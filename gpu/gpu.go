@@ -161,6 +161,9 @@ type SampleParams struct {
 	MaxBan int
 	Seed   uint64
 	Succ   Successors // zero: none
+	// Also (I32, B; zero: none) receives the picks too: a device copy for
+	// the next step where out is host memory the host reads.
+	Also Buf
 }
 
 // Successors is a 2-gram memory on a backend (the layout of ref.Successors,
@@ -257,6 +260,12 @@ type Backend interface {
 	// Asynchronous, capturable transfers of step inputs and outputs.
 	CopyIn(dst Buf, src HostInts)
 	CopyOut(dst HostInts, src Buf)
+	// CopyInAhead copies src's ints [off, off+n) to the same ints of dst
+	// outside the queue's order: at once (CUDA: on a stream of its own,
+	// while the queued work runs), with the work enqueued after it waiting
+	// for it. Nothing queued may still read those ints of dst. Not inside
+	// Capture: a captured step then reads its inputs from the device.
+	CopyInAhead(dst Buf, src HostInts, off, n int)
 
 	// Embed: out[N,C] = wte[tokens[r]] + wpe[pos[r]] (wpe may be absent).
 	Embed(out, wte, wpe, tokens, pos Buf, N, C int)
@@ -405,12 +414,6 @@ type AttentionBlocker interface {
 // unfused sequences given in the comments; models use Fused when the
 // backend has it and the plain operations otherwise.
 type Fused interface {
-	// CopyInEmbed: CopyIn(dst, src), then Embed(out, wte, wpe, tokens,
-	// pos, N, C), where tokens and pos are views of dst: a step's inputs
-	// and its embedding (CUDA: for decode-size steps one launch that reads
-	// the ids from the pinned block itself, so the embedding does not wait
-	// for a copy).
-	CopyInEmbed(dst Buf, src HostInts, out, wte, wpe, tokens, pos Buf, N, C int)
 	// NormMatMul: out[N,OC] (+)= act(norm(in[N,C])·w[OC,C]ᵀ + bias)
 	// = LayerNorm/RMSNorm into a scratch row, MatMul, GeluNew (or, with
 	// SwiGLUAct, SiluMul of the product's halves into out[N, OC/2]).
@@ -510,6 +513,13 @@ type QKVStore struct {
 	// one started, as every decode operation but a leading one does; the
 	// CUDA kernel then reads Pos and Slots before its input is ready.
 	Lead bool
+	// Tokens (I32, one a row) and Wte (the token embeddings, [V, C]):
+	// AttentionBlock's stream is the rows' embeddings (wte[Tokens[b]], an
+	// id outside the table a NaN row) instead of its input, which is not
+	// read, nor is an MLP accumulator taken: the first layer embeds the
+	// step's token itself (models without learned positions). Not with
+	// Lead.
+	Tokens, Wte Buf
 }
 
 // DecodeShape describes the model and batch a persistent decode plan runs:

@@ -57,7 +57,8 @@ type DecodeKernel struct {
 // Runner holds the state of B sequences of one Model: activations for up to
 // B·MaxT rows, the K/V stores, and the per-step integers (token ids,
 // positions, slots, logical order, lengths, …), staged in pinned host memory
-// and sent in one transfer per step so a decode step is one CUDA graph.
+// and sent to the device in one transfer per step, ahead of the step (a
+// decode step is one CUDA graph that reads them from the device).
 type Runner struct {
 	m   *Model
 	be  gpu.Backend
@@ -75,11 +76,14 @@ type Runner struct {
 
 	// stage is the host side of the int block, twice: steps take the two
 	// in turn, so the host stages one step while the device may still be
-	// reading the other's. A step that samples writes its picks into the
-	// token slots of the other block, where the next step reads them when
-	// it is chained (Step.Chained) and the host reads them after waiting.
+	// reading the other's; ints holds the device side of both (block p at
+	// p·lay.total), each copied ahead of the step that reads it
+	// (Backend.CopyInAhead). A step that samples writes its picks into the
+	// token slots of the other block, on both sides: the next step reads
+	// them on the device when it is chained (Step.Chained), the host reads
+	// them after waiting.
 	stage [2]gpu.HostInts
-	ints  gpu.Buf // device side
+	ints  gpu.Buf
 	lay   intLayout
 	// events[p] is recorded after each step that reads stage[p]; queued[p]:
 	// that step has not been waited for, so stage[p] must not be restaged.
@@ -97,8 +101,9 @@ type Runner struct {
 	succBufs []gpu.Buf
 	realign  Realigner
 	// plan runs the layers of one-token steps as one persistent kernel
-	// (gpu.Decoder), when asked for and the backend has one for the model.
-	plan   gpu.DecodePlan
+	// (gpu.Decoder), when asked for and the backend has one for the model:
+	// one for each int block.
+	plan   [2]gpu.DecodePlan
 	graphs map[stepShape]gpu.Replay
 	last   stepShape // the shape of the last step run
 	bufs   []gpu.Buf
@@ -154,7 +159,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
 		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
 		{&r.acc, gpu.I32, 4 * 2 * opt.B * cfg.C},
-		{&r.ints, gpu.I32, L.total},
+		{&r.ints, gpu.I32, 2 * L.total},
 	} {
 		if err := alloc(a.dst, a.dt, a.n); err != nil {
 			r.Close()
@@ -174,9 +179,11 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		}
 	}
 	r.picks = make([]int32, opt.B)
-	if r.plan, err = r.newDecodePlan(); err != nil {
-		r.Close()
-		return nil, err
+	for p := range r.plan {
+		if r.plan[p], err = r.newDecodePlan(p); err != nil {
+			r.Close()
+			return nil, err
+		}
 	}
 	return r, nil
 }
@@ -184,7 +191,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 // newDecodePlan prepares the persistent decode kernel for one-token steps
 // when asked for and the backend has one that takes this model (fp16
 // weights); nil when not, and the layers then run one operation at a time.
-func (r *Runner) newDecodePlan() (gpu.DecodePlan, error) {
+func (r *Runner) newDecodePlan(par int) (gpu.DecodePlan, error) {
 	dec, ok := r.be.(gpu.Decoder)
 	cfg, o := r.m.Cfg, r.opt
 	if !ok || !o.Persistent || r.m.all.DType() != gpu.F16 {
@@ -204,8 +211,8 @@ func (r *Runner) newDecodePlan() (gpu.DecodePlan, error) {
 	}
 	L := r.lay
 	plan, err := dec.NewDecodePlan(sh, layers, gpu.DecodeBufs{
-		X: r.x, QKV: r.qkv, Act: r.act, Pos: r.view(L.pos, o.B), Slots: r.view(L.slots, o.B),
-		Order: r.view(L.order, o.B*o.MaxLen), Lens: r.view(L.lens, o.B)})
+		X: r.x, QKV: r.qkv, Act: r.act, Pos: r.view(par, L.pos, o.B), Slots: r.view(par, L.slots, o.B),
+		Order: r.view(par, L.order, o.B*o.MaxLen), Lens: r.view(par, L.lens, o.B)})
 	if errors.Is(err, gpu.ErrNoDecodePlan) {
 		return nil, nil
 	}
@@ -289,7 +296,7 @@ func (r *Runner) freeSuccessors() {
 }
 
 // Persistent reports whether one-token steps run as one persistent kernel.
-func (r *Runner) Persistent() bool { return r.plan != nil }
+func (r *Runner) Persistent() bool { return r.plan[0] != nil }
 
 // SetRealigner installs the networks Step.Align uses.
 func (r *Runner) SetRealigner(a Realigner) { r.realign = a }
@@ -303,9 +310,11 @@ func (r *Runner) Close() {
 		g.Close()
 		delete(r.graphs, k)
 	}
-	if r.plan != nil {
-		r.plan.Close()
-		r.plan = nil
+	for p, plan := range r.plan {
+		if plan != nil {
+			plan.Close()
+			r.plan[p] = nil
+		}
 	}
 	r.freeSuccessors()
 	for _, b := range r.bufs {
@@ -392,6 +401,15 @@ func (r *Runner) Run(s *Step) error {
 	if err := r.stageInputs(s, r.stage[p].Ints()); err != nil {
 		return err
 	}
+	// The inputs go to the device now, while the step before may still
+	// run (its int block is the other one); a chained step's tokens are
+	// there already, or will be: the step before writes them (the block
+	// starts with the tokens).
+	from := 0
+	if s.Chained {
+		from = r.lay.pos
+	}
+	r.be.CopyInAhead(r.ints.View(p*r.lay.total, r.lay.total), r.stage[p], from, r.lay.total-from)
 	shape := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil, par: p}
 	if s.Sample != nil {
 		shape.topK, shape.seed, shape.noRepeat = s.Sample.TopK, s.Sample.Seed, s.Sample.NoRepeat
@@ -502,8 +520,8 @@ func (r *Runner) stageInputs(s *Step, in []int32) error {
 	return nil
 }
 
-// view is the device int block's slice for an input.
-func (r *Runner) view(off, n int) gpu.Buf { return r.ints.View(off, n) }
+// view is the slice of device int block par for an input.
+func (r *Runner) view(par, off, n int) gpu.Buf { return r.ints.View(par*r.lay.total+off, n) }
 
 // gemvMaxRows: up to this many rows a step's products are weight-streaming
 // GEMVs, above it tensor-core GEMMs (kv_matmul's threshold), where the
@@ -518,24 +536,49 @@ func (r *Runner) enqueue(sh stepShape) {
 	N := o.B * sh.T
 	C, HS, NH, NKV := cfg.C, cfg.HS, cfg.NH, cfg.NKV
 	qkvW := cfg.QKVWidth()
-	tokens, pos, slots := r.view(L.tokens, N), r.view(L.pos, N), r.view(L.slots, N)
-	order, lens := r.view(L.order, o.B*o.MaxLen), r.view(L.lens, o.B)
+	view := func(off, n int) gpu.Buf { return r.view(sh.par, off, n) }
+	tokens, pos, slots := view(L.tokens, N), view(L.pos, N), view(L.slots, N)
+	order, lens := view(L.order, o.B*o.MaxLen), view(L.lens, o.B)
 	layerSize := r.Slots * NKV * HS
 	fused, _ := be.(gpu.Fused)
-
-	// The step's inputs, then its embedding (one launch where the backend
-	// fuses them: the embedding does not wait for the copy), then the
-	// realignment, which needs the inputs but not the embedding.
 	x, xn := r.x.View(0, N*C), r.xn.View(0, N*C)
-	stage := r.stage[sh.par]
-	if fused != nil {
-		fused.CopyInEmbed(r.ints, stage, x, w.wte, w.wpe, tokens, pos, N, C)
-	} else {
-		be.CopyIn(r.ints, stage)
+	layers := w.layers
+	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
+	// stream still owes (zero Buf: none), and the pair of stream buffers.
+	decode := fused != nil && sh.T == 1 && N <= gemvMaxRows
+	mlpAcc := decode // until the backend says it has no kernel for the shapes
+	// fold: the attention output projection inside the attention kernel
+	// (AttentionOutProj), its product meeting the stream in the MLP kernel
+	// (MLPAccSum), until the backend has no folded kernel for the shapes.
+	// Only where the step ends in the final norm (NormSum), which adds the
+	// last MLP's output and clears what is left: the step ends with every
+	// accumulator zero.
+	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
+	plan := r.plan[sh.par]
+	if plan != nil && sh.T == 1 {
+		layers = nil // every layer in one launch (plan), below
+	}
+	blocker, _ := be.(gpu.AttentionBlocker)
+	// useBlock: every layer, the first (st.Lead false: it starts after the
+	// realignment has completed) and the last (its accumulator cleared by
+	// the final norm) too: two launches a layer (docs/PERF.md version 30).
+	useBlock := func(l int) bool {
+		if blocker == nil || !fold || l >= len(layers) || o.Unblocked || r.normKind() != gpu.RMSNormKind {
+			return false
+		}
+		lw := &w.layers[l]
+		return lw.oB.IsZero() && lw.qkvB.IsZero()
+	}
+
+	// The embedding (the first layer's block embeds the token itself where
+	// there are no learned positions), then the realignment, which needs
+	// the inputs but not the embedding.
+	embedInBlock := useBlock(0) && w.wpe.IsZero()
+	if !embedInBlock {
 		be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
 	}
 	if sh.alignRows > 0 {
-		r.realign.Realign(be, r.K, r.V, r.view(L.alignSlots, sh.alignRows), r.view(L.alignIndex, sh.alignRows),
+		r.realign.Realign(be, r.K, r.V, view(L.alignSlots, sh.alignRows), view(L.alignIndex, sh.alignRows),
 			gpu.AlignParams{Rows: sh.alignRows, L: cfg.NLayer, NKV: NKV, HS: HS, LayerStride: layerSize})
 	}
 	// fp16 weights: attention may round its operands to half too (the
@@ -549,18 +592,6 @@ func (r *Runner) enqueue(sh stepShape) {
 		attn.RopeTheta = float32(cfg.RopeTheta)
 		rotHeads = NH // keys cached unrotated, rotated at their cache index when read
 	}
-	layers := w.layers
-	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
-	// stream still owes (zero Buf: none), and the pair of stream buffers.
-	decode := fused != nil && sh.T == 1 && N <= gemvMaxRows
-	mlpAcc := decode // until the backend says it has no kernel for the shapes
-	// fold: the attention output projection inside the attention kernel
-	// (AttentionOutProj), its product meeting the stream in the MLP kernel
-	// (MLPAccSum), until the backend has no folded kernel for the shapes.
-	// Only where the step ends in the final norm (NormSum), which adds the
-	// last MLP's output and clears what is left: the step ends with every
-	// accumulator zero.
-	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
 	// Layer l's accumulators: attnAcc[l%2], mlpAccs[l%2]; its MLP clears
 	// both of the other parity (read by the kernels before it), pairAcc.
 	var attnAcc, mlpAccs, pairAcc [2]gpu.Buf
@@ -576,21 +607,8 @@ func (r *Runner) enqueue(sh stepShape) {
 	var pending, lastAttn gpu.Buf
 	pair, cur := [2]gpu.Buf{x, xn}, 0
 	swap := func() gpu.Buf { cur = 1 - cur; return pair[cur] } // the other stream buffer, now current
-	if r.plan != nil && sh.T == 1 {
-		r.plan.Run() // every layer in one launch
-		layers = nil
-	}
-	blocker, _ := be.(gpu.AttentionBlocker)
-	// useBlock: every layer, the first (st.Lead false: it starts after the
-	// step's input copy and the realignment have completed) and the last
-	// (its accumulator cleared by the final norm) too: two launches a layer
-	// (docs/PERF.md version 30).
-	useBlock := func(l int) bool {
-		if blocker == nil || !fold || l >= len(layers) || o.Unblocked || r.normKind() != gpu.RMSNormKind {
-			return false
-		}
-		lw := &w.layers[l]
-		return lw.oB.IsZero() && lw.qkvB.IsZero()
+	if layers == nil {
+		plan.Run()
 	}
 	for l := range layers {
 		lw := &w.layers[l]
@@ -610,8 +628,8 @@ func (r *Runner) enqueue(sh stepShape) {
 			// Lead: the attention may start (and gather its older K/V rows)
 			// while this product waits for the previous layer's MLP, which
 			// writes nothing the attention reads before its wait; not the
-			// first layer, whose predecessors write the step's inputs
-			// (order, lengths) and, realigning, the cache.
+			// first layer, which may follow the realignment, and whose
+			// token the step before wrote.
 			st := gpu.QKVStore{K: K, V: V, Pos: pos, Slots: slots, NH: NH, NKV: NKV, HS: HS, RopeHeads: rotHeads, Theta: theta,
 				Lead: l > 0}
 			act := gpu.SwiGLUAct
@@ -643,6 +661,9 @@ func (r *Runner) enqueue(sh stepShape) {
 				r.foldedMLP(x, sum, a, lw, N, nk)
 				pending = gpu.Buf{}
 			}
+			if l == 0 && embedInBlock {
+				st.Tokens, st.Wte = tokens, w.wte
+			}
 			if useBlock(l) && (l == 0 || !pending.IsZero()) {
 				a, sum := attnAcc[l%2], pair[1-cur]
 				if blocker.AttentionBlock(a, sum, x, pending, lw.norm1W, lw.qkvW, st, order, lens, attn, lw.oW, C, cfg.Eps) {
@@ -653,6 +674,10 @@ func (r *Runner) enqueue(sh stepShape) {
 					}
 					continue
 				}
+			}
+			if l == 0 && embedInBlock { // the block did not apply after all
+				be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
+				embedInBlock, st.Tokens, st.Wte = false, gpu.Buf{}, gpu.Buf{}
 			}
 			// read: the accumulator this layer's q|k|v product adds to the
 			// stream, free again (for this layer's MLP to clear) once it
@@ -783,7 +808,7 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.MatMul(r.logits.View(0, N*V), xn, w.lmHead, gpu.Buf{}, N, C, V, false)
 		}
 		if sh.nll {
-			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), r.view(L.targets, N), N, V)
+			be.NLL(r.nll.View(0, N), r.logits.View(0, N*V), view(L.targets, N), N, V)
 		}
 	case LastRow:
 		// A sampled one-token step may screen its LM head (decode, as
@@ -819,24 +844,26 @@ func (r *Runner) enqueue(sh stepShape) {
 			be.MatMul(r.logits.View(0, o.B*V), xn.View(0, o.B*C), w.lmHead, gpu.Buf{}, o.B, C, V, false)
 		}
 		if sh.nll {
-			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), r.view(L.targets, o.B), o.B, V)
+			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), view(L.targets, o.B), o.B, V)
 		}
 		if sh.topK > 0 {
-			// The picks go straight to pinned host memory, into the token
-			// slots of the other stage block (row b of a one-token step):
-			// no copy node after the sampling kernel, and a chained next
-			// step finds them there.
+			// The picks go straight into the token slots of the other int
+			// block (row b of a one-token step), on both sides: the host
+			// reads the pinned one without a copy node after the sampling
+			// kernel, and a chained next step finds its tokens on the
+			// device.
 			picks := r.stage[1-sh.par].Buf().View(L.tokens, o.B)
-			p := gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed}
+			p := gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed,
+				Also: r.view(1-sh.par, L.tokens, o.B)}
 			if sh.noRepeat {
 				// Each row follows its last new token.
 				p.Succ = r.succ
-				p.Succ.Prev, p.Succ.PrevStride = r.view(L.tokens+sh.T-1, N-sh.T+1), sh.T
+				p.Succ.Prev, p.Succ.PrevStride = view(L.tokens+sh.T-1, N-sh.T+1), sh.T
 			}
 			if screen {
-				r.be.(gpu.HeadSampler).HeadSample(picks, r.logits.View(0, o.B*V), headIn, r.m.head, r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
+				r.be.(gpu.HeadSampler).HeadSample(picks, r.logits.View(0, o.B*V), headIn, r.m.head, view(L.banned, o.B*o.MaxBan), view(L.counter, o.B), p)
 			} else {
-				be.Sample(picks, r.logits.View(0, o.B*V), r.view(L.banned, o.B*o.MaxBan), r.view(L.counter, o.B), p)
+				be.Sample(picks, r.logits.View(0, o.B*V), view(L.banned, o.B*o.MaxBan), view(L.counter, o.B), p)
 			}
 		}
 	}
