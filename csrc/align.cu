@@ -750,9 +750,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) align_kernel_packed(AlignPacked
     kv_cp_async_commit();
   }
   // A programmatic dependent (sm_90): the networks' image (constant) streams
-  // in while the step's input copy, which writes the rows' slots and
-  // indices, still runs; the next kernel (the first q|k|v product, which
-  // reads only weights before its own wait) may launch once those are in.
+  // in while the kernel before (the step's embedding, where there is one)
+  // still runs; the rows' slots and indices were copied in ahead of the
+  // step. The next kernel (the first q|k|v product, which reads only
+  // weights before its own wait) may launch once those are in.
   kv_pdl_wait();
   kv_pdl_launch_dependents();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;

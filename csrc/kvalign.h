@@ -320,9 +320,9 @@ kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const fl
  * rotation pairs and value rows and stores them into every block of its
  * cluster. The cluster's prologue reads the caches' older rows, order,
  * lens, pos and slots before its programmatic wait: with pdl the kernel
- * before must write none of them (a layer's MLP; not the step's input copy
- * or the realignment); without, it is a plain launch, which starts once
- * everything before it has completed (the first layer's). *launched = 0
+ * before must write none of them (a layer's MLP; not the realignment);
+ * without, it is a plain launch, which starts once everything before it
+ * has completed (the first layer's). *launched = 0
  * where it does not apply: kv_attention_out's conditions, fp32 weights,
  * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. With tok (then neither pdl nor
  * mlp_acc, and in unused), the stream is the embedding of the token tok[b]

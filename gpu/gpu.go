@@ -398,7 +398,8 @@ const (
 // cache rows, order, lens, Pos and Slots before its input is ready where
 // st.Lead (see QKVStore: the operation before writes none of them), and
 // otherwise starts once the operation before has completed (CUDA: a plain
-// launch; the first layer's, after the step's input copy). False,
+// launch; the first layer's, at the step's start or after the
+// realignment). False,
 // enqueuing nothing, where it does not apply.
 type AttentionBlocker interface {
 	AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool
@@ -508,7 +509,7 @@ type QKVStore struct {
 	// the operation before this one writes none of what the attention
 	// reads before its input is ready: the order, the lengths and the
 	// cache rows but this step's (the runner: every layer but the first,
-	// which follows the step's input copy and the realignment). The
+	// which may follow the realignment). The
 	// operation before must also have had its own input ready before this
 	// one started, as every decode operation but a leading one does; the
 	// CUDA kernel then reads Pos and Slots before its input is ready.
