@@ -15,5 +15,6 @@ func testBackends(t *testing.T) []testBackend {
 		{name: "cpu", be: gpu.NewCPU(), dtype: gpu.F32, tol: 1e-4, exact: true},
 		{name: "cpu-fused", be: gpu.NewCPUFused(), dtype: gpu.F32, tol: 1e-4, exact: true},
 		{name: "cpu-fused-fold", be: foldingCPU{gpu.NewCPUFused()}, dtype: gpu.F32, tol: 1e-4, exact: true},
+		{name: "cpu-fused-noblock", be: blocklessCPU{gpu.NewCPUFused()}, dtype: gpu.F32, tol: 1e-4, exact: true},
 	}
 }

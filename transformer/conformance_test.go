@@ -229,6 +229,16 @@ func loadModelDir(t testing.TB, dir string) (*Config, *Weights) {
 	return cfg, w
 }
 
+// blocklessCPU is the fused CPU backend whose AttentionBlock never applies,
+// as where the CUDA kernel does not take the shapes: the runner, which
+// counted on the first layer's block to embed the token, then embeds it
+// before the layer's other kernels.
+type blocklessCPU struct{ *gpu.CPUFused }
+
+func (blocklessCPU) AttentionBlock(acc, sum, in, mlpAcc, normW, w gpu.Buf, st gpu.QKVStore, order, lens gpu.Buf, p gpu.AttnParams, wo gpu.Buf, C int, eps float32) bool {
+	return false
+}
+
 // foldingCPU is the fused CPU backend without MLPAcc (or MLPAccSum, or
 // MLPAccLead), so that the runner's other one-token path (the folded
 // attention output projection) runs without a GPU too.

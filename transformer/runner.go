@@ -555,7 +555,9 @@ func (r *Runner) enqueue(sh stepShape) {
 	// accumulator zero.
 	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
 	plan := r.plan[sh.par]
-	if plan != nil && sh.T == 1 {
+	if plan == nil || sh.T != 1 {
+		plan = nil
+	} else {
 		layers = nil // every layer in one launch (plan), below
 	}
 	blocker, _ := be.(gpu.AttentionBlocker)
@@ -607,7 +609,7 @@ func (r *Runner) enqueue(sh stepShape) {
 	var pending, lastAttn gpu.Buf
 	pair, cur := [2]gpu.Buf{x, xn}, 0
 	swap := func() gpu.Buf { cur = 1 - cur; return pair[cur] } // the other stream buffer, now current
-	if layers == nil {
+	if plan != nil {
 		plan.Run()
 	}
 	for l := range layers {
