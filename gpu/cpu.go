@@ -73,6 +73,13 @@ func (c *CPU) CopyIn(dst Buf, src HostInts)      { copy(dst.i, src.Ints()) }
 func (c *CPU) CopyOut(dst HostInts, src Buf)     { copy(dst.Ints(), src.i) }
 
 func (c *CPU) CopyInAhead(dst Buf, src HostInts, off, n int) {
+	if c.err != nil {
+		return
+	}
+	if off < 0 || n < 0 || off+n > len(src.Ints()) || off+n > len(dst.i) {
+		c.err = &Error{Op: "copyinahead", Msg: fmt.Sprintf("ints [%d, %d) outside the %d staged or the %d of dst", off, off+n, len(src.Ints()), len(dst.i))}
+		return
+	}
 	copy(dst.i[off:off+n], src.Ints()[off:off+n])
 }
 
