@@ -1578,7 +1578,7 @@ bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const
   // the dynamic rows, which then need the opt-in.
 #define KV_D4C(LPK, QVM, U)                                                                                             \
   do {                                                                                                                   \
-    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV, EMB>;                                                     \
+    auto kern = attn_decode_kernel_v4<LPK, QVM, U, CS, NT, OP, QKV, EMB>;                                               \
     if (OP && cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {       \
       cudaGetLastError();                                                                                                \
       return false;                                                                                                      \
