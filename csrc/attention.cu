@@ -1111,12 +1111,10 @@ __global__ void __launch_bounds__(NT)
   [[maybe_unused]] float emb[EMB ? kStreamPer : 1];
   if constexpr (EMB) {
     const int t = qi.tok[b];
-    const bool known = t >= 0 && t < qi.V;
 #pragma unroll
     for (int k = 0; k < kStreamPer; k++) {
       const int i = tid + k * NT;
-      emb[k] = i < qi.C ? (known ? kv_load_w(qi.wte, qi.wte_f16, (long long)t * qi.C + i) : __int_as_float(0x7fffffff))
-                        : 0.f;
+      emb[k] = i < qi.C ? kv_embedding(qi.wte, qi.wte_f16, qi.V, qi.C, t, i) : 0.f;
     }
   }
   // QKV: the rotation factors of this warp's query and key pairs at pos (a

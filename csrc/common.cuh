@@ -81,6 +81,13 @@ __device__ __forceinline__ float kv_load_w(const void *w, int f16, long long i) 
   return f16 ? __half2float(static_cast<const __half *>(w)[i]) : static_cast<const float *>(w)[i];
 }
 
+// kv_embedding: element c of row t of an embedding table of V rows of C
+// (wte, wpe), a NaN for an id outside the table rather than a wild read
+// that would poison the CUDA context.
+__device__ __forceinline__ float kv_embedding(const void *table, int f16, int V, int C, int t, int c) {
+  return t < 0 || t >= V ? __int_as_float(0x7fffffff) : kv_load_w(table, f16, (long long)t * C + c);
+}
+
 // kv_fix / kv_unfix: fixed point with 32 fraction bits (gpu/ref Fix,
 // Unfix). Integer sums do not depend on the order of their terms, so many
 // blocks can add partial results into one value with atomics and still get

@@ -3,17 +3,14 @@
 #include "common.cuh"
 
 // embed_value: element c of wte[t] + wpe[p] (wte[t] alone without wpe), a
-// NaN for an id outside its table; pos() gives p, called only where wpe is
-// read.
+// NaN for an id outside its table (kv_embedding); pos() gives p, called
+// only where wpe is read.
 template <typename Pos>
 __device__ __forceinline__ float embed_value(const void *__restrict__ wte, int wte_f16, int V,
                                              const void *__restrict__ wpe, int wpe_f16, int P, int C, int c, int t,
                                              Pos pos) {
-  if (t < 0 || t >= V) return __int_as_float(0x7fffffff);
-  const float v = kv_load_w(wte, wte_f16, (long long)t * C + c);
-  if (wpe == nullptr) return v;
-  const int p = pos();
-  return (p < 0 || p >= P) ? __int_as_float(0x7fffffff) : v + kv_load_w(wpe, wpe_f16, (long long)p * C + c);
+  const float v = kv_embedding(wte, wte_f16, V, C, t, c);
+  return wpe == nullptr ? v : v + kv_embedding(wpe, wpe_f16, P, C, pos(), c);
 }
 
 // v1: grid (N, ceil(C/256)), one element per thread; embedding rows are

@@ -399,8 +399,7 @@ const (
 // st.Lead (see QKVStore: the operation before writes none of them), and
 // otherwise starts once the operation before has completed (CUDA: a plain
 // launch; the first layer's, at the step's start or after the
-// realignment). False,
-// enqueuing nothing, where it does not apply.
+// realignment). False, enqueuing nothing, where it does not apply.
 type AttentionBlocker interface {
 	AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, order, lens Buf, p AttnParams, wo Buf, C int, eps float32) bool
 	// MLPAccLead = MLPAccSum, the next operation (an AttentionBlock)

@@ -554,11 +554,12 @@ func (r *Runner) enqueue(sh stepShape) {
 	// last MLP's output and clears what is left: the step ends with every
 	// accumulator zero.
 	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
-	plan := r.plan[sh.par]
-	if plan == nil || sh.T != 1 {
-		plan = nil
-	} else {
-		layers = nil // every layer in one launch (plan), below
+	var plan gpu.DecodePlan // every layer of a one-token step in one launch, below
+	if sh.T == 1 {
+		plan = r.plan[sh.par]
+	}
+	if plan != nil {
+		layers = nil
 	}
 	blocker, _ := be.(gpu.AttentionBlocker)
 	// useBlock: every layer, the first (st.Lead false: it starts after the
