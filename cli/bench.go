@@ -29,7 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), graphStepsFlag(), lmHeadFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag()),
 				Action: benchDecode,
 			},
 			{
@@ -43,7 +43,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), graphStepsFlag(), lmHeadFlag(), alignKernelFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), alignKernelFlag()),
 				Action: benchRun,
 			},
 		},
@@ -81,10 +81,6 @@ func benchDecode(c *ucli.Context) error {
 	if err != nil {
 		return err
 	}
-	group, err := chosenGraphSteps(c)
-	if err != nil {
-		return err
-	}
 	cfg, w, err := benchModel(c.String("config"))
 	if err != nil {
 		return err
@@ -101,12 +97,12 @@ func benchDecode(c *ucli.Context) error {
 	defer m.Close()
 	size := c.Int("cache-size")
 	s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: transformer.SlidingWindow, CacheSize: size, StartSize: 4, MaxBan: 1,
-		Group: group, DecodeKernel: kernel})
+		DecodeKernel: kernel})
 	if err != nil {
 		return usageError{err}
 	}
 	defer s.Close()
-	lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"), group)
+	lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"))
 	if err != nil {
 		return err
 	}
@@ -114,7 +110,7 @@ func benchDecode(c *ucli.Context) error {
 	bytes := weightBytes(cfg, wdt)
 	gbs := bytes / lat.Median.Seconds() / 1e9
 	out := c.App.Writer
-	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s, %s, %d steps a graph\n", c.String("config"), wdt, size, be.Name(), decodeKernel(s), group)
+	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s, %s\n", c.String("config"), wdt, size, be.Name(), decodeKernel(s))
 	fmt.Fprintf(out, "decode: median %.4f ms/token (p10 %.4f, p90 %.4f) over %d steps\n", eval.Ms(lat.Median), eval.Ms(lat.P10), eval.Ms(lat.P90), lat.Steps)
 	if _, gpuBackend := be.(gpu.BandwidthMeter); gpuBackend && lat.Device > 0 {
 		fmt.Fprintf(out, "GPU alone: %.4f ms/step (graph replayed back to back); the host adds %.4f ms/token\n", eval.Ms(lat.Device), eval.Ms(lat.Median-lat.Device))
@@ -141,8 +137,6 @@ type benchCell struct {
 	P90Ms     float64 `json:"p90_ms"`
 	Device    string  `json:"device"`
 	DType     string  `json:"dtype"`
-	// GraphSteps is how many decode steps ran as one graph (sw, kv).
-	GraphSteps int `json:"graph_steps"`
 	// AlignKernel says how the realignment networks ran (kv mode).
 	AlignKernel string `json:"align_kernel,omitempty"`
 	// The anchors of a known config (benchAnchors), ms/token.
@@ -207,9 +201,6 @@ func benchRun(c *ucli.Context) error {
 		return err
 	}
 	if _, err := chosenDecodeKernel(c); err != nil {
-		return err
-	}
-	if _, err := chosenGraphSteps(c); err != nil {
 		return err
 	}
 	be, dt, err := openBackend(c)
@@ -287,30 +278,26 @@ func benchConfig(c *ucli.Context, be gpu.Backend, dt gpu.DType, name string, mod
 	if err != nil {
 		return nil, err
 	}
-	group, err := chosenGraphSteps(c)
-	if err != nil {
-		return nil, err
-	}
 	out := c.App.Writer
-	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s, decode kernel %s, %d steps a graph, LM head %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
-		alignKernel(dev), be.Name(), c.String("decode-kernel"), group, c.String("lm-head"), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
+	fmt.Fprintf(out, "\n%s (%s weights, %s realignment networks, %s, decode kernel %s, LM head %s)\n\n| cache | %s |\n|---|%s\n", name, be.WeightDType(dt),
+		alignKernel(dev), be.Name(), c.String("decode-kernel"), c.String("lm-head"), joinModes(modes, " | "), strings.Repeat("---|", len(modes)))
 	var cells []benchCell
 	for _, size := range c.IntSlice("cache-size") {
 		fmt.Fprintf(out, "| %d |", size)
 		for _, mode := range modes {
 			s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: size, StartSize: 4, Realigner: dev, MaxBan: 1,
-				Group: group, DecodeKernel: kernel})
+				DecodeKernel: kernel})
 			if err != nil {
 				return nil, usageError{err}
 			}
-			lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"), group)
+			lat, err := eval.MeasureDecode(s, cfg.VocabSize, c.Int("warmup"), c.Int("steps"))
 			s.Close()
 			if err != nil {
 				return nil, err
 			}
 			fmt.Fprintf(out, " %.3f |", eval.Ms(lat.Median))
 			cell := benchCell{Config: name, Mode: mode.String(), CacheSize: size, MedianMs: eval.Ms(lat.Median),
-				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String(), GraphSteps: group}
+				P10Ms: eval.Ms(lat.P10), P90Ms: eval.Ms(lat.P90), Device: be.Name(), DType: be.WeightDType(dt).String()}
 			if mode == transformer.KVAlign {
 				cell.AlignKernel = alignKernel(dev)
 			}

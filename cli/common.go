@@ -24,23 +24,6 @@ func decodeKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "decode-kernel", Value: "chain", Usage: "one-token steps: chain (fused kernels, a few launches a layer; SmolLM2's q|k|v product and attention output projection inside its attention kernel: two a layer), chain3 (the q|k|v product a launch of its own), chain4 (the output projection too), or persistent (all layers in one launch, CUDA with fp16 weights; an experiment, slower so far)"}
 }
 
-// maxGraphSteps bounds --graph-steps: each step of a run has its own int
-// block on both sides, and a run's graph grows with it.
-const maxGraphSteps = 64
-
-func graphStepsFlag() *ucli.IntFlag {
-	return &ucli.IntFlag{Name: "graph-steps", Value: 8, Usage: "sw and kv once the cache is full: decode steps queued as one CUDA graph, each taking the token the step before drew on the GPU, so the step boundary costs nothing; tokens then reach the host this many at a time (1: one at a time; at most 64)"}
-}
-
-// chosenGraphSteps reads --graph-steps.
-func chosenGraphSteps(c *ucli.Context) (int, error) {
-	n := c.Int("graph-steps")
-	if n < 1 || n > maxGraphSteps {
-		return 0, usagef("--graph-steps %d (want 1 … %d)", n, maxGraphSteps)
-	}
-	return n, nil
-}
-
 func lmHeadFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "lm-head", Value: "full", Usage: "the LM head of sampled one-token steps: full (every logit) or screened (an int8 copy ranks the vocabulary and only the rows that could be drawn are computed exactly: the same tokens from about half the head's bytes; CUDA with fp16 weights; an experiment, not faster end to end yet)"}
 }

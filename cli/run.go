@@ -43,7 +43,7 @@ func runCommand() *ucli.Command {
 			&ucli.StringFlag{Name: "prompt", Value: defaultPrompt, Usage: "the text to continue"},
 			&ucli.Uint64Flag{Name: "seed", Value: 0, Usage: "random seed: the same seed on the same device gives the same text"},
 			&ucli.StringFlag{Name: "align", Usage: "KV-Align networks: a directory with keys_network*/values_network* (.pth or .safetensors) or KEYS,VALUES files; default for known models: $KVALIGN_NETWORKS, ~/.cache/kvalign/networks, $KVALIGN_SHARED/seed/networks"},
-		}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), graphStepsFlag(), lmHeadFlag(), alignKernelFlag()),
+		}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), alignKernelFlag()),
 		Action: runAction,
 	}
 }
@@ -71,10 +71,6 @@ func runAction(c *ucli.Context) error {
 		return usagef("--cache-size %d must exceed --start-size %d by at least 2", cacheSize, startSize)
 	}
 	kernel, err := chosenDecodeKernel(c)
-	if err != nil {
-		return err
-	}
-	group, err := chosenGraphSteps(c)
 	if err != nil {
 		return err
 	}
@@ -147,7 +143,7 @@ func runAction(c *ucli.Context) error {
 	// The one token banned by list is end-of-text; repeated 2-grams are
 	// banned from the 2-gram memory on the device (eval.Generate).
 	opts := transformer.StreamOptions{Mode: mode, CacheSize: cacheSize, StartSize: startSize, MaxBan: 1,
-		Group: group, DecodeKernel: kernel}
+		DecodeKernel: kernel}
 	if pair != nil {
 		dev, err := uploadNetworks(c, pair, be, dt)
 		if err != nil {

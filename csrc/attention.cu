@@ -924,19 +924,12 @@ struct QKVIn {
   int C;
   RopeFreqs pf;  // the frequencies of the rotation at pos
   // EMB: the stream is the embedding wte[tok[b]] (V rows; an id outside
-  // them gives NaNs, as kv_embed) instead of in: the first layer's block
-  // embeds the step's token itself.
+  // them gives NaNs, as kv_embed) instead of in, read before the wait: the
+  // first layer's block, a plain launch, embeds the step's token itself.
   const int32_t *tok;
   const void *wte;
   int wte_f16, V;
 };
-
-// Where the first layer's block reads its token (attn_decode_kernel_v4's
-// EMB): kNoEmb, none (the stream is in); kEmbPrologue, with the weights
-// before the wait (a plain launch: the step before wrote it); kEmbAfterWait,
-// after the wait (a programmatic dependent of the step before's sampler,
-// which writes it: a step after another inside one graph).
-constexpr int kNoEmb = 0, kEmbPrologue = 1, kEmbAfterWait = 2;
 
 // shfl_xor4: __shfl_xor_sync of each component (the whole warp).
 __device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
@@ -945,7 +938,7 @@ __device__ __forceinline__ float4 shfl_xor4(float4 v, int off) {
 }
 
 template <int LPK, int QVM, int U, int CS = 1, int NT = kD4Threads, bool OP = false, bool QKV = false,
-          int EMB = kNoEmb>
+          bool EMB = false>
 __global__ void __launch_bounds__(NT)
     attn_decode_kernel_v4(float *__restrict__ out, const float *__restrict__ q, const float *__restrict__ kc,
                           const float *__restrict__ vc, const int32_t *__restrict__ order,
@@ -955,7 +948,7 @@ __global__ void __launch_bounds__(NT)
   constexpr bool kPreRot = NT <= 256;  // rotation factors held in registers
   constexpr bool kWarpMerge = CS > 1 && QVM == 1 && NT / 32 <= NG;  // see the merge below
   static_assert(!OP || (CS > 1 && QVM == 1), "the fold takes one query vector a cluster");
-  static_assert(EMB == kNoEmb || QKV, "the embedding is the q|k|v product's input");
+  static_assert(!EMB || QKV, "the embedding is the q|k|v product's input");
   __shared__ __align__(16) float so[QVM][NG][HS];
   __shared__ float sm[QVM][NG], sl_[QVM][NG];
   __shared__ float sL[QVM], sMx[QVM];
@@ -1112,20 +1105,18 @@ __global__ void __launch_bounds__(NT)
     slot0 = qi.slots[b];
   }
   // EMB: this thread's elements of the stream row (tid + k·NT), the
-  // token's embedding; kEmbPrologue loads it here with the weights (a
-  // plain launch: its token was written by the step before), kEmbAfterWait
-  // after the wait.
+  // token's embedding, loaded here with the weights (a plain launch: its
+  // token was written by the step before).
   constexpr int kStreamPer = 8;  // elements a thread: C ≤ kStreamPer·NT
-  [[maybe_unused]] float emb[EMB != kNoEmb ? kStreamPer : 1];
-  [[maybe_unused]] auto load_emb = [&] {
+  [[maybe_unused]] float emb[EMB ? kStreamPer : 1];
+  if constexpr (EMB) {
     const int t = qi.tok[b];
 #pragma unroll
     for (int k = 0; k < kStreamPer; k++) {
       const int i = tid + k * NT;
       emb[k] = i < qi.C ? kv_embedding(qi.wte, qi.wte_f16, qi.V, qi.C, t, i) : 0.f;
     }
-  };
-  if constexpr (EMB == kEmbPrologue) load_emb();
+  }
   // QKV: the rotation factors of this warp's query and key pairs at pos (a
   // step input), before the wait: off the critical path.
   constexpr int kQNW = NT / 32, kQPPW = QKV ? 3 * QH / kQNW : 1;  // warps, pairs a warp
@@ -1148,7 +1139,6 @@ __global__ void __launch_bounds__(NT)
   kv_pdl_wait();
   KV_STAMP_AT(stp, 2);
   if constexpr (!kEarlyTrigger) kv_pdl_launch_dependents();
-  if constexpr (EMB == kEmbAfterWait) load_emb();
   float4 qr[QVM];
   if constexpr (QKV) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1166,7 +1156,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int k = 0; k < kPre; k++) {
       const int i = tid + k * NT;
-      if constexpr (EMB != kNoEmb) {
+      if constexpr (EMB) {
         iv[k] = emb[k];
         av[k] = 0;
       } else {
@@ -1558,7 +1548,7 @@ __global__ void __launch_bounds__(NT)
 // OP (kv_attention_out): the kernel with the output projection folded in,
 // op its operands (out unused); it needs one query vector a cluster (QV = 1)
 // and a block's rows of wo within the default 48 KB of shared memory.
-template <int CS, int NT, bool OP = false, bool QKV = false, int EMB = kNoEmb>
+template <int CS, int NT, bool OP = false, bool QKV = false, bool EMB = false>
 bool launch_decode_v4_cluster(cudaStream_t st, float *out, const float *q, const float *kc, const float *vc,
                               const int32_t *order, const int32_t *lens, int B, int T, int NH, int NKV, int HS,
                               int q_stride, int max_len, float rope_theta, const RopeFreqs &freqs, float scale,
@@ -1897,7 +1887,7 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
   *launched = 0;
   if (B <= 0 || NH <= 0) return kv_launched();
   if (NKV <= 0 || NH % NKV != 0 || HS <= 0 || HS % 2 != 0 || HS > kMaxHS || max_len < 0 || !acc || !wo ||
-      !(tok ? wte && V > 0 && !mlp_acc : in != nullptr) || !sum || !norm_w || !w || !kc || !vc || !pos || !slots)
+      !(tok ? wte && V > 0 && !pdl && !mlp_acc : in != nullptr) || !sum || !norm_w || !w || !kc || !vc || !pos || !slots)
     return (kv_status)cudaErrorInvalidValue;
   if (!wo_f16 || !w_f16 || (long long)max_len * HS > 1024 * 64 || !(NH > NKV && (long long)B * NH * 8 <= 132))
     return kv_launched();
@@ -1905,14 +1895,13 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
   const QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads,
                  eps, C, rope_freqs(HS, theta), tok, wte, wte_f16, V};
   const OutProj op{static_cast<const __half *>(wo), acc, C};
-  // pdl with tok: the token is read after the wait (kEmbAfterWait).
-  const bool lead = pdl != 0 && kv_pdl_supported();
-#define KV_BLOCK(EMB, PDL)                                                                                            \
-  launch_decode_v4_cluster<8, 128, true, true, EMB>(s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS,     \
-                                                    (NH + 2 * NKV) * HS, max_len, rope_theta,                         \
-                                                    rope_freqs(HS, rope_theta), scale, PDL, NH / NKV, op, qi)
-  const bool ok = !tok ? KV_BLOCK(kNoEmb, lead) : lead ? KV_BLOCK(kEmbAfterWait, true) : KV_BLOCK(kEmbPrologue, false);
-#undef KV_BLOCK
+  const bool ok = tok ? launch_decode_v4_cluster<8, 128, true, true, true>(
+                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
+                            rope_theta, rope_freqs(HS, rope_theta), scale, false, NH / NKV, op, qi)
+                      : launch_decode_v4_cluster<8, 128, true, true>(
+                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
+                            rope_theta, rope_freqs(HS, rope_theta), scale, pdl != 0 && kv_pdl_supported(), NH / NKV,
+                            op, qi);
   *launched = ok;
   return kv_launched();
 }

@@ -324,12 +324,10 @@ kv_status kv_attention_out(kv_stream s, long long *acc, const float *q, const fl
  * without, it is a plain launch, which starts once everything before it
  * has completed (the first layer's). *launched = 0
  * where it does not apply: kv_attention_out's conditions, fp32 weights,
- * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. With tok (then no mlp_acc, and in
- * unused), the stream is the embedding of the token tok[b] in wte (V rows,
- * fp16 with wte_f16; an id outside them gives NaNs, as kv_embed): the first
- * layer embeds the step's token itself. With tok and pdl, tok is read after
- * the wait (the kernel before, a sampler, may write it): a step following
- * another in one graph. */
+ * HS ∉ {64, 128}, C % 8 ≠ 0, C > 1024. With tok (then neither pdl nor
+ * mlp_acc, and in unused), the stream is the embedding of the token tok[b]
+ * in wte (V rows, fp16 with wte_f16; an id outside them gives NaNs, as
+ * kv_embed): the first layer embeds the step's token itself. */
 kv_status kv_attention_block(kv_stream s, long long *acc, float *sum, const float *in, const long long *mlp_acc,
                              const void *norm_w, int norm_f16, const void *w, int w_f16, float *kc, float *vc,
                              const int32_t *pos, const int32_t *slots, const int32_t *order, const int32_t *lens,

@@ -293,10 +293,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   __shared__ uint64_t lists[SAMPLE_WARPS][LK];
   __shared__ float probs[64];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // The next kernel may launch now: inside a run of steps it is the next
-  // step's first layer, whose prologue (its K/V rows, its weights) then
-  // overlaps this kernel; it reads the pick after its wait.
-  kv_pdl_launch_dependents();
   const uint32_t ctr = threadIdx.x == 0 ? (uint32_t)counter[b] : 0u;  // copied in at the step's start
   // Where the pick goes in the 2-gram memory, found before the wait so that
   // recording it costs two stores after the pick.

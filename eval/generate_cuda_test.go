@@ -3,10 +3,8 @@
 package eval
 
 import (
-	"strings"
 	"testing"
 
-	"github.com/kvalign/kvalign/align"
 	"github.com/kvalign/kvalign/gpu"
 	"github.com/kvalign/kvalign/internal/testenv"
 	"github.com/kvalign/kvalign/transformer"
@@ -86,71 +84,6 @@ func TestGenerateScreenedHead(t *testing.T) {
 			}
 		}
 		t.Logf("%s: %d/%d sampled tokens identical with the screened head", name, len(want), len(want))
-		m.Close()
-	}
-}
-
-// Generate on the GPU in fp16 draws the same sampled text in runs of
-// eight steps a graph (StreamOptions.Group) as one step a graph, in sw and
-// kv, at the full-size shapes of both families (random weights and
-// networks of the reference configs' sizes) and on both fixture models:
-// inside a run each step's first kernel may start while the sampler of
-// the step before still runs (SmolLM2's first block reads its token after
-// its wait), and the counters, picks and 2-gram records of a run's steps
-// must line up with one step at a time.
-func TestGenerateGroupsOnGPU(t *testing.T) {
-	cuda, steps := gpuAndSteps(t)
-	defer cuda.Close()
-	for _, name := range []string{"distilgpt2", "smollm2-135m", "gutenberg-gpt2-7m", "gutenberg-llama-7m"} {
-		var cfg *transformer.Config
-		var w *transformer.Weights
-		if strings.HasPrefix(name, "gutenberg") {
-			ck, err := transformer.LoadCheckpoint(testenv.Shared(t, "models", name))
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg, w = ck.Cfg, ck.Weights
-		} else {
-			var err error
-			if cfg, err = transformer.LoadConfig(testenv.Shared(t, "reference", "configs", name+".config.json")); err != nil {
-				t.Fatal(err)
-			}
-			w = transformer.RandomWeights(cfg, 7)
-		}
-		m, err := transformer.NewModel(cfg, w, cuda, gpu.F16)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pair := &align.Pair{
-			Keys:   align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, 128, 128, 1),
-			Values: align.NewRandomNetwork(cfg.NLayer, cfg.NKV, cfg.HS, 256, 128, 128, 2),
-		}
-		nets, err := pair.Upload(cuda, gpu.F16)
-		if err != nil {
-			t.Fatal(err)
-		}
-		prompt := make([]int32, 24)
-		for i := range prompt {
-			prompt[i] = int32((i*7919 + 13) % cfg.VocabSize)
-		}
-		o := GenerateOptions{NumTokens: steps, FirstTopK: 5, TopK: 20, Seed: 11, EOS: 0, Newline: -1, Keep: 64}
-		for _, mode := range []transformer.Mode{transformer.SlidingWindow, transformer.KVAlign} {
-			gen := func(group int) []int32 {
-				return generateOn(t, m, transformer.StreamOptions{Mode: mode, CacheSize: 32, StartSize: 4, Realigner: nets,
-					MaxBan: 1, Group: group}, prompt, o)
-			}
-			want, got := gen(1), gen(8)
-			if len(got) != len(want) {
-				t.Fatalf("%s/%s: %d tokens in runs of 8, %d one step at a time", name, mode, len(got), len(want))
-			}
-			for i := range want {
-				if got[i] != want[i] {
-					t.Fatalf("%s/%s: token %d differs in runs of 8 steps (%d vs %d)", name, mode, i, got[i], want[i])
-				}
-			}
-			t.Logf("%s/%s: %d/%d sampled tokens identical in runs of 8 steps", name, mode, len(want), len(want))
-		}
-		nets.Close()
 		m.Close()
 	}
 }

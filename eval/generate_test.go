@@ -53,8 +53,7 @@ func hostBanGenerate(t *testing.T, s *transformer.Stream, prompt []int32, o Gene
 
 // Generate (device-side 2-gram memory, steps queued ahead) against the
 // host-driven loop, on the GPT-2 fixture model and the CPU: the same text
-// in sw and ar, with and without repeats allowed, one step at a time and in
-// runs of five (StreamOptions.Group: sw once the cache is full).
+// in sw and ar, with and without repeats allowed.
 func TestGenerateMatchesHostBans(t *testing.T) {
 	ck, err := transformer.LoadCheckpoint(testenv.Shared(t, "models", "gutenberg-gpt2-7m"))
 	if err != nil {
@@ -74,27 +73,25 @@ func TestGenerateMatchesHostBans(t *testing.T) {
 		for _, repeats := range []bool{false, true} {
 			o := GenerateOptions{NumTokens: 80, FirstTopK: 5, TopK: 20, Seed: 11, AllowRepeats: repeats,
 				EOS: int32(ck.Tok.EOS()), Newline: int32(nl[0]), Keep: 1024}
-			open := func(maxBan, group int) *transformer.Stream {
-				s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: 24, StartSize: 4, MaxBan: maxBan, Group: group})
+			open := func(maxBan int) *transformer.Stream {
+				s, err := transformer.NewStream(m, transformer.StreamOptions{Mode: mode, CacheSize: 24, StartSize: 4, MaxBan: maxBan})
 				if err != nil {
 					t.Fatal(err)
 				}
 				t.Cleanup(s.Close)
 				return s
 			}
-			want := hostBanGenerate(t, open(256, 1), prompt, o)
-			for _, group := range []int{1, 5} {
-				var got []int32
-				st, err := Generate(open(1, group), prompt, o, func(id int32) error { got = append(got, id); return nil })
-				if err != nil {
-					t.Fatal(err)
-				}
-				if !slices.Equal(got, want) {
-					t.Fatalf("%s, repeats %v, runs of %d: Generate drew\n%v\nthe host-driven loop\n%v", mode, repeats, group, got, want)
-				}
-				if st.Generated != o.NumTokens || st.PromptTokens != len(prompt) {
-					t.Errorf("%s: stats %+v", mode, st)
-				}
+			want := hostBanGenerate(t, open(256), prompt, o)
+			var got []int32
+			st, err := Generate(open(1), prompt, o, func(id int32) error { got = append(got, id); return nil })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("%s, repeats %v: Generate drew\n%v\nthe host-driven loop\n%v", mode, repeats, got, want)
+			}
+			if st.Generated != o.NumTokens || st.PromptTokens != len(prompt) {
+				t.Errorf("%s: stats %+v", mode, st)
 			}
 		}
 	}

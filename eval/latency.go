@@ -24,11 +24,8 @@ type Latency struct {
 // warms up, then times steps decode steps as generation runs them (each
 // step feeds the token the one before drew and draws the next, on the
 // device; Stream.Next): the time between tokens reaching the host, which
-// is what a user streaming text waits per token. Where tokens come group
-// at a time (StreamOptions.Group), a token's time is that of its group's
-// tokens, over group: the rate a user reading the stream sees.
-func MeasureDecode(s *transformer.Stream, vocab, warmup, steps, group int) (Latency, error) {
-	group = max(group, 1)
+// is what a user streaming text waits per token.
+func MeasureDecode(s *transformer.Stream, vocab, warmup, steps int) (Latency, error) {
 	size := s.Cache().Size()
 	prompt := make([]int32, size+1)
 	for i := range prompt {
@@ -39,9 +36,6 @@ func MeasureDecode(s *transformer.Stream, vocab, warmup, steps, group int) (Late
 	if err := s.Feed(prompt, transformer.FeedOptions{Sample: samp}); err != nil {
 		return Latency{}, err
 	}
-	// Whole groups: the warm-up ends where a group's tokens arrive.
-	warmup = (warmup + group - 1) / group * group
-	steps = (steps + group - 1) / group * group
 	times := make([]time.Duration, 0, steps)
 	last := time.Now()
 	for i := 1; i <= warmup+steps; i++ {
@@ -49,14 +43,9 @@ func MeasureDecode(s *transformer.Stream, vocab, warmup, steps, group int) (Late
 		if _, err := s.Next(transformer.FeedOptions{Sample: samp}); err != nil {
 			return Latency{}, err
 		}
-		if i%group != 0 { // the rest of a group comes from memory
-			continue
-		}
 		now := time.Now()
 		if i > warmup {
-			for range group {
-				times = append(times, now.Sub(last)/time.Duration(group))
-			}
+			times = append(times, now.Sub(last))
 		}
 		last = now
 	}
@@ -70,8 +59,8 @@ func MeasureDecode(s *transformer.Stream, vocab, warmup, steps, group int) (Late
 	q := func(p float64) time.Duration { return times[min(len(times)-1, int(p*float64(len(times))))] }
 	lat := Latency{Steps: len(times), Median: q(0.5), P10: q(0.1), P90: q(0.9)}
 	start := time.Now()
-	if ran, err := s.Runner().ReplayLast(steps); err == nil {
-		lat.Device = time.Since(start) / time.Duration(ran)
+	if err := s.Runner().ReplayLast(steps); err == nil {
+		lat.Device = time.Since(start) / time.Duration(steps)
 	}
 	return lat, nil
 }

@@ -258,7 +258,7 @@ func (c *CUDA) AttentionBlock(acc, sum, in, mlpAcc, normW, w Buf, st QKVStore, o
 		!c.needBuf(op, "sum", sum, p.B*ch, F32) ||
 		st.Tokens.IsZero() && !c.needBuf(op, "in", in, p.B*ch, F32) ||
 		!mlpAcc.IsZero() && !c.needBuf(op, "mlpAcc", mlpAcc, 2*p.B*ch, I32) ||
-		!st.Tokens.IsZero() && (!c.need(op, mlpAcc.IsZero(), "an embedding block takes no accumulator") ||
+		!st.Tokens.IsZero() && (!c.need(op, mlpAcc.IsZero() && !st.Lead, "an embedding block takes no accumulator and does not lead") ||
 			!c.needBuf(op, "tokens", st.Tokens, p.B, I32) ||
 			!c.need(op, !st.Wte.IsZero() && st.Wte.n%ch == 0, "token embeddings of %d elements for width %d", st.Wte.n, ch) ||
 			!c.needBuf(op, "wte", st.Wte, st.Wte.n, F32, F16)) ||

@@ -517,10 +517,8 @@ type QKVStore struct {
 	// AttentionBlock's stream is the rows' embeddings (wte[Tokens[b]], an
 	// id outside the table a NaN row) instead of its input, which is not
 	// read, nor is an MLP accumulator taken: the first layer embeds the
-	// step's token itself (models without learned positions). With Lead
-	// (a step following another that samples, in one graph) the token is
-	// read once the operation before, the sampler that writes it, is done:
-	// the rule above for Lead holds for everything else the block reads.
+	// step's token itself (models without learned positions). Not with
+	// Lead.
 	Tokens, Wte Buf
 }
 

@@ -26,11 +26,6 @@ type RunnerOptions struct {
 	// rotated at the position given with them.
 	ShiftKeys bool
 	MaxBan    int // most banned tokens per sequence when sampling
-	// Group is the most one-token steps RunSteps takes at once (≥ 1): its
-	// steps run back to back as one captured graph, each taking as its
-	// token the one the step before drew, with no boundary between them
-	// for the host (docs/PERF.md, version 32).
-	Group int
 	DecodeKernel
 }
 
@@ -79,33 +74,27 @@ type Runner struct {
 	// zero between steps.
 	acc gpu.Buf
 
-	// stage is the host side of the int blocks, one for each step of two
-	// groups (block k at k·lay.total, group h's steps at blocks h·Group …):
-	// runs of steps (RunSteps) take the two groups in turn, so the host
-	// stages one run while the device may still be reading the other's;
-	// ints holds the device side, each run's blocks copied ahead of it
+	// stage is the host side of the int block, twice: steps take the two
+	// in turn, so the host stages one step while the device may still be
+	// reading the other's; ints holds the device side of both (block p at
+	// p·lay.total), each copied ahead of the step that reads it
 	// (Backend.CopyInAhead). A step that samples writes its picks into the
-	// token slots of the block of the step after it (the next run's first
-	// block after a run's last step), on both sides: that step reads them
-	// on the device when it is chained (Step.Chained), the host reads them
-	// after waiting.
-	stage gpu.HostInts
+	// token slots of the other block, on both sides: the next step reads
+	// them on the device when it is chained (Step.Chained), the host reads
+	// them after waiting.
+	stage [2]gpu.HostInts
 	ints  gpu.Buf
 	lay   intLayout
-	// events[h] is recorded after each run that reads group h's blocks;
-	// queued[h]: that run has not been waited for, so they must not be
-	// restaged.
+	// events[p] is recorded after each step that reads stage[p]; queued[p]:
+	// that step has not been waited for, so stage[p] must not be restaged.
 	events [2]gpu.Event
 	queued [2]bool
-	// half is the group of the next run (last.half: of the last one).
-	half int
-	// sampled: the last run's last step drew tokens; chained: the last
-	// run's first step took as its tokens those the step before drew;
-	// steps, prevSteps: how many steps the last run and the one before had.
+	// par is the parity of the next step (last.par: of the last one).
+	par int
+	// sampled: the last step drew tokens; chained: it took as its tokens
+	// those the step before drew.
 	sampled, chained bool
-	steps, prevSteps int
-	picks            []int32 // [Group·B]
-	one              [1]*Step
+	picks            []int32
 	// succ is the 2-gram memory Sampling.NoRepeat bans from (zero until
 	// ResetSuccessors); succBufs are its buffers.
 	succ     gpu.Successors
@@ -114,7 +103,7 @@ type Runner struct {
 	// plan runs the layers of one-token steps as one persistent kernel
 	// (gpu.Decoder), when asked for and the backend has one for the model:
 	// one for each int block.
-	plan   []gpu.DecodePlan
+	plan   [2]gpu.DecodePlan
 	graphs map[stepShape]gpu.Replay
 	last   stepShape // the shape of the last step run
 	bufs   []gpu.Buf
@@ -134,7 +123,6 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	if opt.MaxBan < 1 {
 		opt.MaxBan = 1
 	}
-	opt.Group = max(opt.Group, 1)
 	if opt.ScreenHead {
 		if err := m.screenHead(); err != nil {
 			return nil, err
@@ -171,7 +159,7 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
 		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
 		{&r.acc, gpu.I32, 4 * 2 * opt.B * cfg.C},
-		{&r.ints, gpu.I32, r.blocks() * L.total},
+		{&r.ints, gpu.I32, 2 * L.total},
 	} {
 		if err := alloc(a.dst, a.dt, a.n); err != nil {
 			r.Close()
@@ -180,20 +168,19 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	}
 	m.Be.UploadInts(r.acc, make([]int32, r.acc.Len()))
 	var err error
-	if r.stage, err = m.Be.NewHostInts(r.blocks() * L.total); err != nil {
-		r.Close()
-		return nil, err
-	}
-	for h := range r.events {
-		if r.events[h], err = m.Be.NewEvent(); err != nil {
+	for p := range r.stage {
+		if r.stage[p], err = m.Be.NewHostInts(L.total); err != nil {
+			r.Close()
+			return nil, err
+		}
+		if r.events[p], err = m.Be.NewEvent(); err != nil {
 			r.Close()
 			return nil, err
 		}
 	}
-	r.picks = make([]int32, opt.Group*opt.B)
-	r.plan = make([]gpu.DecodePlan, r.blocks())
-	for k := range r.plan {
-		if r.plan[k], err = r.newDecodePlan(k); err != nil {
+	r.picks = make([]int32, opt.B)
+	for p := range r.plan {
+		if r.plan[p], err = r.newDecodePlan(p); err != nil {
 			r.Close()
 			return nil, err
 		}
@@ -201,13 +188,10 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	return r, nil
 }
 
-// blocks is the number of int blocks: one for each step of two groups.
-func (r *Runner) blocks() int { return 2 * r.opt.Group }
-
 // newDecodePlan prepares the persistent decode kernel for one-token steps
 // when asked for and the backend has one that takes this model (fp16
 // weights); nil when not, and the layers then run one operation at a time.
-func (r *Runner) newDecodePlan(block int) (gpu.DecodePlan, error) {
+func (r *Runner) newDecodePlan(par int) (gpu.DecodePlan, error) {
 	dec, ok := r.be.(gpu.Decoder)
 	cfg, o := r.m.Cfg, r.opt
 	if !ok || !o.Persistent || r.m.all.DType() != gpu.F16 {
@@ -227,8 +211,8 @@ func (r *Runner) newDecodePlan(block int) (gpu.DecodePlan, error) {
 	}
 	L := r.lay
 	plan, err := dec.NewDecodePlan(sh, layers, gpu.DecodeBufs{
-		X: r.x, QKV: r.qkv, Act: r.act, Pos: r.view(block, L.pos, o.B), Slots: r.view(block, L.slots, o.B),
-		Order: r.view(block, L.order, o.B*o.MaxLen), Lens: r.view(block, L.lens, o.B)})
+		X: r.x, QKV: r.qkv, Act: r.act, Pos: r.view(par, L.pos, o.B), Slots: r.view(par, L.slots, o.B),
+		Order: r.view(par, L.order, o.B*o.MaxLen), Lens: r.view(par, L.lens, o.B)})
 	if errors.Is(err, gpu.ErrNoDecodePlan) {
 		return nil, nil
 	}
@@ -312,7 +296,7 @@ func (r *Runner) freeSuccessors() {
 }
 
 // Persistent reports whether one-token steps run as one persistent kernel.
-func (r *Runner) Persistent() bool { return len(r.plan) > 0 && r.plan[0] != nil }
+func (r *Runner) Persistent() bool { return r.plan[0] != nil }
 
 // SetRealigner installs the networks Step.Align uses.
 func (r *Runner) SetRealigner(a Realigner) { r.realign = a }
@@ -337,14 +321,14 @@ func (r *Runner) Close() {
 		r.be.Free(b)
 	}
 	r.bufs = nil
-	if r.stage != nil {
-		r.stage.Close()
-		r.stage = nil
-	}
-	for h := range r.events {
-		if r.events[h] != nil {
-			r.events[h].Close()
-			r.events[h] = nil
+	for p := range r.stage {
+		if r.stage[p] != nil {
+			r.stage[p].Close()
+			r.stage[p] = nil
+		}
+		if r.events[p] != nil {
+			r.events[p].Close()
+			r.events[p] = nil
 		}
 	}
 }
@@ -396,73 +380,45 @@ type stepShape struct {
 	topK         int
 	seed         uint64
 	noRepeat     bool
-	half         int // the group of int blocks the run reads
-	steps        int // steps in the run, back to back
+	par          int // which stage block the step reads
 }
 
-func shapeOf(s *Step) stepShape {
-	sh := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil}
-	if s.Sample != nil {
-		sh.topK, sh.seed, sh.noRepeat = s.Sample.TopK, s.Sample.Seed, s.Sample.NoRepeat
-	}
-	return sh
-}
-
-// Run enqueues a step without waiting for it (RunSteps of one step).
+// Run enqueues a step without waiting for it, once the step two before it,
+// which read the same stage block, has run. Results are read with Logits,
+// NLL and Sampled (which wait), or Drawn.
 func (r *Runner) Run(s *Step) error {
-	r.one[0] = s
-	return r.RunSteps(r.one[:])
-}
-
-// RunSteps enqueues a run of up to Group steps of one shape, back to back,
-// without waiting for them, once the run two before it, which read the
-// same group of int blocks, has run. Every step after the first must be
-// chained: it takes as its tokens those the step before drew. The run is
-// one captured graph when every step asks for one (Step.Graph). Results
-// are read with Logits, NLL and Sampled (which wait), or Drawn.
-func (r *Runner) RunSteps(steps []*Step) error {
-	h, G, tot := r.half, r.opt.Group, r.lay.total
-	n := len(steps)
-	if n < 1 || n > G {
-		return fmt.Errorf("runner: a run of %d steps (want 1 … %d: RunnerOptions.Group)", n, G)
-	}
-	if err := r.waitStage(h); err != nil {
+	p := r.par
+	if err := r.waitStage(p); err != nil {
 		return err
 	}
-	// The last run's picks land in this run's first token slots: tokens
+	// The last step's picks land in this block's token slots: tokens
 	// given by the host go in after them.
-	if r.sampled && !steps[0].Chained {
-		if err := r.waitStage(1 - h); err != nil {
+	if r.sampled && !s.Chained {
+		if err := r.waitStage(1 - p); err != nil {
 			return err
 		}
 	}
-	shape, graph := shapeOf(steps[0]), true
-	in := r.stage.Ints()
-	for j, s := range steps {
-		if j > 0 && (!s.Chained || shapeOf(s) != shape) {
-			return fmt.Errorf("runner: step %d of a run differs in shape from the first, or is not chained to the step before", j)
-		}
-		if err := r.stageInputs(s, in[(h*G+j)*tot:(h*G+j+1)*tot], j > 0 || r.sampled); err != nil {
-			return err
-		}
-		graph = graph && s.Graph
+	if err := r.stageInputs(s, r.stage[p].Ints()); err != nil {
+		return err
 	}
-	// The inputs go to the device now, while the run before may still
-	// run (its int blocks are the other group's); a chained step's tokens
-	// are there already, or will be: the step before writes them (each
-	// block starts with the tokens; those of the run's later steps are
-	// copied too, and overwritten on the device before they are read).
-	from := h * G * tot
-	if steps[0].Chained {
-		from += r.lay.pos
+	// The inputs go to the device now, while the step before may still
+	// run (its int block is the other one); a chained step's tokens are
+	// there already, or will be: the step before writes them (the block
+	// starts with the tokens).
+	from := 0
+	if s.Chained {
+		from = r.lay.pos
 	}
-	r.be.CopyInAhead(r.ints, r.stage, from, (h*G+n)*tot-from)
-	shape.half, shape.steps = h, n
-	if graph {
+	r.be.CopyInAhead(r.ints.View(p*r.lay.total, r.lay.total), r.stage[p], from, r.lay.total-from)
+	shape := stepShape{T: s.T, alignRows: len(s.AlignSlots), logits: s.Logits, nll: s.Targets != nil, par: p}
+	if s.Sample != nil {
+		shape.topK, shape.seed, shape.noRepeat = s.Sample.TopK, s.Sample.Seed, s.Sample.NoRepeat
+	}
+	if s.Graph {
 		g, ok := r.graphs[shape]
 		if !ok {
 			var err error
-			g, err = r.be.Capture(func() { r.enqueueRun(shape) })
+			g, err = r.be.Capture(func() { r.enqueue(shape) })
 			if err != nil {
 				return fmt.Errorf("capturing the decode step: %w", err)
 			}
@@ -470,40 +426,22 @@ func (r *Runner) RunSteps(steps []*Step) error {
 		}
 		g.Run()
 	} else {
-		r.enqueueRun(shape)
+		r.enqueue(shape)
 	}
-	r.events[h].Record()
-	r.queued[h] = true
-	r.last, r.half = shape, 1-h
-	r.sampled, r.chained = steps[n-1].Sample != nil, steps[0].Chained
-	r.prevSteps, r.steps = r.steps, n
+	r.events[p].Record()
+	r.queued[p] = true
+	r.last, r.par = shape, 1-p
+	r.sampled, r.chained = s.Sample != nil, s.Chained
 	return r.be.Err()
 }
 
-// enqueueRun enqueues the steps of a run, each after the one before.
-func (r *Runner) enqueueRun(sh stepShape) {
-	for j := 0; j < sh.steps; j++ {
-		r.enqueue(sh, j)
-	}
-}
-
-// block is the int block of step j of a run of shape sh, and picks the
-// block its picks go to: the next step's, or the next run's first.
-func (r *Runner) block(sh stepShape, j int) (block, picks int) {
-	block = sh.half*r.opt.Group + j
-	if j < sh.steps-1 {
-		return block, block + 1
-	}
-	return block, (1 - sh.half) * r.opt.Group
-}
-
-// waitStage waits for the run that last read group h's int blocks.
-func (r *Runner) waitStage(h int) error {
-	if !r.queued[h] {
+// waitStage waits for the step that last read stage block p.
+func (r *Runner) waitStage(p int) error {
+	if !r.queued[p] {
 		return r.be.Err()
 	}
-	r.queued[h] = false
-	return r.events[h].Wait()
+	r.queued[p] = false
+	return r.events[p].Wait()
 }
 
 // sync waits for every step.
@@ -512,9 +450,7 @@ func (r *Runner) sync() error {
 	return r.be.Sync()
 }
 
-// stageInputs writes a step's inputs into its host int block; drawn: the
-// step before it samples (a chained step takes its picks).
-func (r *Runner) stageInputs(s *Step, in []int32, drawn bool) error {
+func (r *Runner) stageInputs(s *Step, in []int32) error {
 	o := r.opt
 	N := o.B * s.T
 	if s.T < 1 || s.T > o.MaxT || !s.Chained && len(s.Tokens) != N || len(s.Pos) != N || len(s.Slots) != N || len(s.Order) != o.B {
@@ -525,7 +461,7 @@ func (r *Runner) stageInputs(s *Step, in []int32, drawn bool) error {
 	if s.Chained {
 		// The tokens are already in place, or on their way: the previous
 		// step's sampler writes them into this block.
-		if s.T != 1 || !drawn {
+		if s.T != 1 || !r.sampled {
 			return fmt.Errorf("runner: a chained step takes one token per sequence from a step that sampled")
 		}
 	} else {
@@ -584,25 +520,23 @@ func (r *Runner) stageInputs(s *Step, in []int32, drawn bool) error {
 	return nil
 }
 
-// view is the slice of device int block k for an input.
-func (r *Runner) view(k, off, n int) gpu.Buf { return r.ints.View(k*r.lay.total+off, n) }
+// view is the slice of device int block par for an input.
+func (r *Runner) view(par, off, n int) gpu.Buf { return r.ints.View(par*r.lay.total+off, n) }
 
 // gemvMaxRows: up to this many rows a step's products are weight-streaming
 // GEMVs, above it tensor-core GEMMs (kv_matmul's threshold), where the
 // Llama MLP takes its activation in the gate|up product.
 const gemvMaxRows = 8
 
-// enqueue is step j of a run, the step itself: every operation reads its
-// sizes from shape and its data from device buffers, so it can be captured
-// and replayed.
-func (r *Runner) enqueue(sh stepShape, j int) {
+// enqueue is the step itself: every operation reads its sizes from shape and
+// its data from device buffers, so it can be captured and replayed.
+func (r *Runner) enqueue(sh stepShape) {
 	be, cfg, o, L := r.be, r.m.Cfg, r.opt, r.lay
 	w := &r.m.w
 	N := o.B * sh.T
 	C, HS, NH, NKV := cfg.C, cfg.HS, cfg.NH, cfg.NKV
 	qkvW := cfg.QKVWidth()
-	blk, pickBlk := r.block(sh, j)
-	view := func(off, n int) gpu.Buf { return r.view(blk, off, n) }
+	view := func(off, n int) gpu.Buf { return r.view(sh.par, off, n) }
 	tokens, pos, slots := view(L.tokens, N), view(L.pos, N), view(L.slots, N)
 	order, lens := view(L.order, o.B*o.MaxLen), view(L.lens, o.B)
 	layerSize := r.Slots * NKV * HS
@@ -622,7 +556,7 @@ func (r *Runner) enqueue(sh stepShape, j int) {
 	fold := mlpAcc && sh.logits == LastRow && !o.Unfolded
 	var plan gpu.DecodePlan // every layer of a one-token step in one launch, below
 	if sh.T == 1 {
-		plan = r.plan[blk]
+		plan = r.plan[sh.par]
 	}
 	if plan != nil {
 		layers = nil
@@ -731,10 +665,7 @@ func (r *Runner) enqueue(sh stepShape, j int) {
 				pending = gpu.Buf{}
 			}
 			if l == 0 && embedInBlock {
-				// A step after another of its run leads: the block's
-				// prologue overlaps the sampler before it, which writes
-				// only the token, read after the wait.
-				st.Tokens, st.Wte, st.Lead = tokens, w.wte, j > 0 && sh.alignRows == 0
+				st.Tokens, st.Wte = tokens, w.wte
 			}
 			if useBlock(l) && (l == 0 || !pending.IsZero()) {
 				a, sum := attnAcc[l%2], pair[1-cur]
@@ -749,7 +680,7 @@ func (r *Runner) enqueue(sh stepShape, j int) {
 			}
 			if l == 0 && embedInBlock { // the block did not apply after all
 				be.Embed(x, w.wte, w.wpe, tokens, pos, N, C)
-				embedInBlock, st.Tokens, st.Wte, st.Lead = false, gpu.Buf{}, gpu.Buf{}, false
+				embedInBlock, st.Tokens, st.Wte = false, gpu.Buf{}, gpu.Buf{}
 			}
 			// read: the accumulator this layer's q|k|v product adds to the
 			// stream, free again (for this layer's MLP to clear) once it
@@ -919,14 +850,14 @@ func (r *Runner) enqueue(sh stepShape, j int) {
 			be.NLL(r.nll.View(0, o.B), r.logits.View(0, o.B*V), view(L.targets, o.B), o.B, V)
 		}
 		if sh.topK > 0 {
-			// The picks go straight into the token slots of the next
-			// step's int block (row b of a one-token step), on both sides: the host
+			// The picks go straight into the token slots of the other int
+			// block (row b of a one-token step), on both sides: the host
 			// reads the pinned one without a copy node after the sampling
 			// kernel, and a chained next step finds its tokens on the
 			// device.
-			picks := r.stage.Buf().View(pickBlk*L.total+L.tokens, o.B)
+			picks := r.stage[1-sh.par].Buf().View(L.tokens, o.B)
 			p := gpu.SampleParams{B: o.B, V: V, TopK: sh.topK, MaxBan: o.MaxBan, Seed: sh.seed,
-				Also: r.view(pickBlk, L.tokens, o.B)}
+				Also: r.view(1-sh.par, L.tokens, o.B)}
 			if sh.noRepeat {
 				// Each row follows its last new token.
 				p.Succ = r.succ
@@ -984,21 +915,19 @@ func (r *Runner) norm(out, in, w, b gpu.Buf, N int) {
 	}
 }
 
-// ReplayLast runs the last captured run again until at least n steps
-// have run, back to back, waits, and returns how many did: the device
-// time of a step without the host's per-token round trip (a benchmark
-// tool: it repeats the steps' cache writes, so the stream's state is not
-// meaningful afterwards).
-func (r *Runner) ReplayLast(n int) (int, error) {
+// ReplayLast runs the last captured step n more times back to back and
+// waits: the device time of a step without the host's per-token round trip
+// (a benchmark tool: it repeats the step's cache writes, so the stream's
+// state is not meaningful afterwards).
+func (r *Runner) ReplayLast(n int) error {
 	g, ok := r.graphs[r.last]
 	if !ok {
-		return 0, fmt.Errorf("runner: the last step was not captured")
+		return fmt.Errorf("runner: the last step was not captured")
 	}
-	ran := 0
-	for ; ran < n; ran += r.last.steps {
+	for i := 0; i < n; i++ {
 		g.Run()
 	}
-	return ran, r.sync()
+	return r.sync()
 }
 
 // Logits downloads the logits of the last step: rows × V.
@@ -1018,41 +947,34 @@ func (r *Runner) NLL(rows int) ([]float32, error) {
 	return out, r.sync()
 }
 
-// Sampled waits for the last run and returns the tokens each of its steps
-// drew, step by step, B each (valid until the next Run).
+// Sampled waits for the last step and returns the token drawn for each
+// sequence (valid until the next Run).
 func (r *Runner) Sampled() ([]int32, error) {
 	if !r.sampled {
 		return nil, fmt.Errorf("runner: the last step drew no tokens")
 	}
-	return r.readPicks(1-r.half, r.steps)
+	return r.picks, r.readPicks(1 - r.par)
 }
 
-// Drawn waits for the run before the last and returns the tokens its
-// steps drew, step by step, B each; the last run, chained, took the last
-// of them as its input: a decode loop queues run i+1 before it reads run
-// i's tokens, so the device never waits for the host (valid until the
-// next Run).
+// Drawn waits for the step before the last and returns the tokens it drew,
+// which the last step, chained, took as its input: a decode loop queues
+// step i+1 before it reads step i's tokens, so the device never waits for
+// the host (valid until the next Run).
 func (r *Runner) Drawn() ([]int32, error) {
 	if !r.chained {
 		return nil, fmt.Errorf("runner: the last step was not chained to the one before it")
 	}
-	return r.readPicks(r.half, r.prevSteps)
+	return r.picks, r.readPicks(r.par)
 }
 
-// readPicks waits for the run of n steps that read group h's int blocks
-// and copies the tokens its steps drew (each into the block of the step
-// after it) to picks.
-func (r *Runner) readPicks(h, n int) ([]int32, error) {
-	if err := r.waitStage(h); err != nil {
-		return nil, err
+// readPicks waits for the step of parity p and copies the tokens it drew
+// (into the other stage block) to picks.
+func (r *Runner) readPicks(p int) error {
+	if err := r.waitStage(p); err != nil {
+		return err
 	}
-	B, in := r.opt.B, r.stage.Ints()
-	sh := stepShape{half: h, steps: n}
-	for j := 0; j < n; j++ {
-		_, k := r.block(sh, j)
-		copy(r.picks[j*B:(j+1)*B], in[k*r.lay.total+r.lay.tokens:])
-	}
-	return r.picks[:n*B], nil
+	copy(r.picks, r.stage[1-p].Ints()[r.lay.tokens:])
+	return nil
 }
 
 // KV downloads layer l's cached K and V of the given slots: [len(slots), NKV·HS] each.

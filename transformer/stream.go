@@ -59,31 +59,13 @@ type Stream struct {
 	hist  []int32 // Recompute: the last CacheSize+1 tokens
 	fed   int     // tokens fed so far
 	nll   bool    // the last step computed an NLL
-	// ready[next:] are tokens drawn and read but not yet returned by Next;
-	// drawn counts the tokens the queued steps draw since the last Feed
-	// (its own included), handed those Next returned.
-	ready         []int32
-	next          int
-	drawn, handed int
 
-	// Reused across steps so that a decode step allocates nothing: one
-	// for each step of a run (StreamOptions.Group).
-	bufs    []stepBuf
-	run     []*Step
+	// Reused across steps so that a decode step allocates nothing.
+	st      Step
+	order   [1][]int32
 	target  [1]int32
 	one     [1]int32
 	indices []int32 // 0, 1, 2, …: window indices and fresh positions/slots
-}
-
-// stepBuf is a step with its own copies of what the cache's bookkeeping
-// changes from step to step, so that a run's steps can be built before
-// any of them is staged.
-type stepBuf struct {
-	st    Step
-	order [1][]int32
-	align []int32
-	samp  Sampling
-	ctr   []int32
 }
 
 // StreamOptions configures a Stream.
@@ -92,13 +74,7 @@ type StreamOptions struct {
 	CacheSize, StartSize int
 	Realigner            Realigner // KVAlign's networks
 	MaxBan               int       // most banned tokens when sampling
-	// Group: under sw and kv, once the cache is full, Next queues this
-	// many steps at a time as one run (Runner.RunSteps), each step taking
-	// the token the one before drew on the device: the step boundary
-	// costs the device nothing, and tokens reach the host Group at a
-	// time. 0 or 1: one step at a time.
-	Group        int
-	DecodeKernel // how one-token steps run (RunnerOptions)
+	DecodeKernel                   // how one-token steps run (RunnerOptions)
 }
 
 // NewStream prepares a Stream on the model's backend.
@@ -113,19 +89,13 @@ func NewStream(m *Model, o StreamOptions) (*Stream, error) {
 	if o.Mode == KVAlign && o.Realigner == nil {
 		return nil, fmt.Errorf("mode kv needs key and value networks")
 	}
-	group := max(o.Group, 1)
-	s := &Stream{m: m, mode: o.Mode, cache: cache, indices: make([]int32, cache.Slots()),
-		bufs: make([]stepBuf, group), run: make([]*Step, group)}
+	s := &Stream{m: m, mode: o.Mode, cache: cache, indices: make([]int32, cache.Slots())}
 	for i := range s.indices {
 		s.indices[i] = int32(i)
-	}
-	for j := range s.bufs {
-		s.run[j] = &s.bufs[j].st
 	}
 	s.r, err = NewRunner(m, RunnerOptions{
 		B: 1, MaxT: cache.Slots(), MaxLen: cache.Slots(), MaxBan: o.MaxBan,
 		ShiftKeys:    o.Mode == SlidingWindow && m.Cfg.Family == Llama,
-		Group:        group,
 		DecodeKernel: o.DecodeKernel,
 	})
 	if err != nil {
@@ -163,7 +133,6 @@ type FeedOptions struct {
 // A first feed of up to CacheSize+1 tokens is one prefill; the rest go one
 // token at a time, so long prompts follow exactly the policy of generation.
 func (s *Stream) Feed(tokens []int32, fo FeedOptions) error {
-	s.ready, s.next, s.drawn, s.handed = s.ready[:0], 0, 0, 0
 	for len(tokens) > 0 {
 		n := 1
 		if s.fed == 0 && s.mode != Recompute {
@@ -185,15 +154,10 @@ func (s *Stream) Feed(tokens []int32, fo FeedOptions) error {
 			return err
 		}
 	}
-	if fo.Sample != nil {
-		s.drawn = 1
-	}
 	return nil
 }
 
-// prepare sets a step's outputs: after the last token fed, the logits
-// (plus a sample or an NLL); none before.
-func (s *Stream) prepare(st *Step, fo FeedOptions, last bool) {
+func (s *Stream) step(st *Step, fo FeedOptions, last bool) error {
 	st.Logits, st.Sample, st.Targets = NoLogits, nil, nil
 	s.nll = false
 	if last {
@@ -205,11 +169,12 @@ func (s *Stream) prepare(st *Step, fo FeedOptions, last bool) {
 			s.nll = true
 		}
 	}
+	return s.r.Run(st)
 }
 
-// newStep resets step buffer j for T new tokens.
-func (s *Stream) newStep(j, T int) *Step {
-	st := &s.bufs[j].st
+// newStep resets the reused Step for T new tokens.
+func (s *Stream) newStep(T int) *Step {
+	st := &s.st
 	*st = Step{T: T, Tokens: st.Tokens[:0], Pos: st.Pos[:0], Slots: st.Slots[:0]}
 	return st
 }
@@ -217,13 +182,8 @@ func (s *Stream) newStep(j, T int) *Step {
 // Next feeds the token the last step drew and returns it. Under sw and kv
 // the step is queued first, taking the token on the device (a chained
 // step), and only then does Next wait for the token: the device runs one
-// step after another while the host reads, prints and stages. With a
-// Group, a full cache's steps are queued Group at a time, and Next returns
-// the tokens of the run before from memory until they run out. ar needs
-// the token on the host to build its window, so there Next waits first.
-// fo.Sample.Counter is the random-stream position of the step Next would
-// queue one step at a time; a step queued further ahead adds how much
-// further, so a Group draws the same tokens.
+// step after another while the host reads, prints and stages. ar needs the
+// token on the host to build its window, so there Next waits first.
 func (s *Stream) Next(fo FeedOptions) (int32, error) {
 	if s.mode == Recompute {
 		t, err := s.Sampled()
@@ -233,81 +193,36 @@ func (s *Stream) Next(fo FeedOptions) (int32, error) {
 		s.one[0] = t
 		return t, s.Feed(s.one[:], fo)
 	}
-	if s.next == len(s.ready) {
-		if err := s.queue(fo); err != nil {
-			return 0, err
-		}
-		v, err := s.r.Drawn()
-		if err != nil {
-			return 0, err
-		}
-		s.ready, s.next = append(s.ready[:0], v...), 0
+	if err := s.append(s.one[:], true, fo, true); err != nil {
+		return 0, err
 	}
-	t := s.ready[s.next]
-	s.next++
-	s.handed++
-	return t, nil
-}
-
-// queue queues the next run of chained steps: one step, or Group once the
-// cache is full (every step then evicts, so all have one shape) and the
-// steps only sample.
-func (s *Stream) queue(fo FeedOptions) error {
-	n := 1
-	if len(s.bufs) > 1 && s.cache.Full() && fo.Sample != nil && !fo.Score {
-		n = len(s.bufs)
+	v, err := s.r.Drawn()
+	if err != nil {
+		return 0, err
 	}
-	// The steps already queued past the one Next would queue one step at
-	// a time (0 without a Group).
-	ahead := int32(s.drawn - s.handed - 1)
-	for j := 0; j < n; j++ {
-		fj := fo
-		if fo.Sample != nil && (ahead != 0 || j > 0) {
-			b := &s.bufs[j]
-			b.samp = *fo.Sample
-			b.ctr = append(b.ctr[:0], fo.Sample.Counter...)
-			for i := range b.ctr {
-				b.ctr[i] += ahead + int32(j)
-			}
-			b.samp.Counter = b.ctr
-			fj.Sample = &b.samp
-		}
-		if err := s.build(j, s.one[:], true, fj, true); err != nil {
-			return err
-		}
-		s.drawn++
-	}
-	return s.r.RunSteps(s.run[:n])
+	return v[0], nil
 }
 
 // ResetSuccessors sets the 2-gram memory that Sampling.NoRepeat bans from
 // (Runner.ResetSuccessors): pairs in order, keep successors a token, room
-// for records more picks (and for the steps a Group draws past them).
+// for records more picks.
 func (s *Stream) ResetSuccessors(keep int, pairs [][2]int32, records int) error {
-	return s.r.ResetSuccessors(keep, [][][2]int32{pairs}, records+len(s.bufs))
+	return s.r.ResetSuccessors(keep, [][][2]int32{pairs}, records)
 }
 
 // append runs sw/kv: evict when full, realign (kv), then the new tokens
 // (chained: one token, the one the last step drew, on the device).
 func (s *Stream) append(tokens []int32, chained bool, fo FeedOptions, last bool) error {
-	if err := s.build(0, tokens, chained, fo, last); err != nil {
-		return err
-	}
-	return s.r.Run(s.run[0])
-}
-
-// build does the bookkeeping of one sw/kv step into step buffer j.
-func (s *Stream) build(j int, tokens []int32, chained bool, fo FeedOptions, last bool) error {
-	c, b := s.cache, &s.bufs[j]
-	st := s.newStep(j, len(tokens))
+	c := s.cache
+	st := s.newStep(len(tokens))
 	if c.Full() {
 		if _, err := c.Evict(); err != nil {
 			return err
 		}
 		if s.mode == KVAlign {
-			b.align = append(b.align[:0], c.Window()...)
-			st.AlignSlots = b.align
-			st.AlignIndex = s.indices[:len(b.align)]
+			win := c.Window()
+			st.AlignSlots = win
+			st.AlignIndex = s.indices[:len(win)]
 			c.SetPositions()
 		}
 	}
@@ -321,13 +236,12 @@ func (s *Stream) build(j int, tokens []int32, chained bool, fo FeedOptions, last
 		st.Pos = append(st.Pos, int32(pos))
 		st.Slots = append(st.Slots, slot)
 	}
-	b.order[0] = append(b.order[0][:0], c.Order()...)
-	st.Order = b.order[:]
+	s.order[0] = c.Order()
+	st.Order = s.order[:]
 	st.Graph = len(tokens) == 1 && c.Len() == c.Slots()
 	st.Chained = chained
 	s.fed += len(tokens)
-	s.prepare(st, fo, last)
-	return nil
+	return s.step(st, fo, last)
 }
 
 // recompute runs ar: the last CacheSize+1 tokens from scratch.
@@ -341,14 +255,13 @@ func (s *Stream) recompute(tokens []int32, fo FeedOptions, last bool) error {
 		return nil
 	}
 	T := len(s.hist)
-	st, b := s.newStep(0, T), &s.bufs[0]
+	st := s.newStep(T)
 	idx := s.indices[:T]
-	b.order[0] = idx
+	s.order[0] = idx
 	st.Tokens = append(st.Tokens, s.hist...)
-	st.Pos, st.Slots, st.Order = idx, idx, b.order[:]
+	st.Pos, st.Slots, st.Order = idx, idx, s.order[:]
 	st.Graph = T == s.cache.Slots()
-	s.prepare(st, fo, last)
-	return s.r.Run(st)
+	return s.step(st, fo, last)
 }
 
 // Logits downloads the logits after the last fed token.
@@ -366,13 +279,8 @@ func (s *Stream) NLL() (float32, error) {
 	return v[0], nil
 }
 
-// Sampled is the next token not yet returned by Next (after a Feed, the
-// token drawn after its last token), waiting for it without queuing a
-// step.
+// Sampled is the token drawn after the last fed token.
 func (s *Stream) Sampled() (int32, error) {
-	if s.next < len(s.ready) {
-		return s.ready[s.next], nil
-	}
 	v, err := s.r.Sampled()
 	if err != nil {
 		return 0, err
