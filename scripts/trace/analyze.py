@@ -2,13 +2,14 @@
 """Where a decode step's time goes, from a cupti-trace.c CSV.
 
 Splits the trace into steps at each step's first kernel (the input copy or
-the embedding), keeps the last --steps complete ones, and prints for each
+the embedding; with --after, the kernel after each one whose name starts
+so: sample_final for steps that start with another kernel), keeps the last --steps complete ones, and prints for each
 kernel position of a step the medians of:
 its start and end after the step's first kernel started, its duration
 (start to end: a programmatic dependent's includes its wait), and its
 marginal cost, end minus the latest end before it (what it adds to the
 step). The marginal costs add up to the step.
-  usage: analyze.py trace.csv [--steps N] [--title T]
+  usage: analyze.py trace.csv [--steps N] [--title T] [--after NAME]
 """
 import argparse, csv, re, statistics
 
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("csv")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--title", default="")
+    ap.add_argument("--after", default="")
     a = ap.parse_args()
     rows = []
     with open(a.csv) as f:
@@ -50,13 +52,15 @@ def main():
     rows.sort()
     steps, cur = [], None
     first = ("copy_in", "embed") if any(r[2].startswith("copy_in") for r in rows) else ("embed",)
+    split = False
     for r in rows:
-        if r[2].startswith(first):
+        if (split if a.after else r[2].startswith(first)):
             if cur:
                 steps.append(cur)
             cur = [r]
         elif cur is not None:
             cur.append(r)
+        split = bool(a.after) and r[2].startswith(a.after)
     # The last step may be cut short by the trace's end; steps of another
     # shape (prefill, warm-up) are dropped by keeping the commonest length.
     if len(steps) < 2:

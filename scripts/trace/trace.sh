@@ -22,5 +22,5 @@ bin=$1 title=$2
 shift 2
 csv=${OUT:-/tmp}/trace-$(echo "$title" | tr -c 'a-zA-Z0-9\n' '-').csv
 CUDA_INJECTION64_PATH=$so KV_TRACE_OUT=$csv "$bin" "$@" 2>&1 | grep -E "^decode" | sed -E 's/\(p10[^)]*\)//'
-python3 "$here/analyze.py" "$csv" --title "$title"
+python3 "$here/analyze.py" "$csv" --title "$title" ${ANALYZE_ARGS:-}
 gzip -f "$csv"
