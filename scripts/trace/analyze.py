@@ -2,9 +2,10 @@
 """Where a decode step's time goes, from a cupti-trace.c CSV.
 
 Splits the trace into steps at each step's first kernel (the input copy or
-the embedding; with --after, the kernel after each one whose name starts
-so: sample_final for steps that start with another kernel), keeps the last --steps complete ones, and prints for each
-kernel position of a step the medians of:
+the embedding; with --after NAME, the kernel after each one whose name
+starts with NAME: sample_final where a step starts with another kernel,
+as SmolLM2's first layer's block), keeps the last --steps complete ones,
+and prints for each kernel position of a step the medians of:
 its start and end after the step's first kernel started, its duration
 (start to end: a programmatic dependent's includes its wait), and its
 marginal cost, end minus the latest end before it (what it adds to the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds cupti-trace.c on the GPU machine against its CUPTI, then traces
 # `kvalign ARGS…` and prints analyze.py's table.
-#   usage: scripts/trace/trace.sh KVALIGN_BINARY TITLE ARGS…   (OUT: where the CSV goes)
+#   usage: scripts/trace/trace.sh KVALIGN_BINARY TITLE ARGS…   (OUT: where the CSV goes;
+#   ANALYZE_ARGS: more arguments for analyze.py, e.g. "--after sample_final")
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 so=/tmp/cupti-trace.so
