@@ -31,6 +31,7 @@
 #include "stamps.cuh"
 
 #include <cooperative_groups.h>
+#include <type_traits>
 namespace cg = cooperative_groups;
 
 namespace {
@@ -1895,13 +1896,13 @@ extern "C" kv_status kv_attention_block(kv_stream s, long long *acc, float *sum,
   const QKVIn qi{in, mlp_acc, sum, norm_w, norm_f16, static_cast<const __half *>(w), pos, slots, kc, vc, rope_heads,
                  eps, C, rope_freqs(HS, theta), tok, wte, wte_f16, V};
   const OutProj op{static_cast<const __half *>(wo), acc, C};
-  const bool ok = tok ? launch_decode_v4_cluster<8, 128, true, true, true>(
-                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
-                            rope_theta, rope_freqs(HS, rope_theta), scale, false, NH / NKV, op, qi)
-                      : launch_decode_v4_cluster<8, 128, true, true>(
-                            s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len,
-                            rope_theta, rope_freqs(HS, rope_theta), scale, pdl != 0 && kv_pdl_supported(), NH / NKV,
-                            op, qi);
+  // The block with or without its embedding (EMB: a plain launch).
+  auto launch = [&](auto emb, bool lead) {
+    return launch_decode_v4_cluster<8, 128, true, true, decltype(emb)::value>(
+        s, nullptr, nullptr, kc, vc, order, lens, B, 1, NH, NKV, HS, (NH + 2 * NKV) * HS, max_len, rope_theta,
+        rope_freqs(HS, rope_theta), scale, lead, NH / NKV, op, qi);
+  };
+  const bool ok = tok ? launch(std::true_type{}, false) : launch(std::false_type{}, pdl != 0 && kv_pdl_supported());
   *launched = ok;
   return kv_launched();
 }
