@@ -1,0 +1,78 @@
+// acc-placement-micro.cu — does where the fixed-point accumulators land in
+// L2 change how long a chain of kernels that add to them takes?
+// (scripts/gpu-run.sh micro)
+//
+// SmolLM2's decode step moved by 4–5 µs with the placement of its 18 KB of
+// accumulators alone (docs/PERF.md, version 33). This mimics their traffic
+// without the rest of the step: a graph of 30 "layers", each an attention-
+// like kernel (72 blocks, each adding 72 of the 576 outputs) and an MLP-
+// like kernel (96 blocks, each adding all 576), every kernel first reading
+// the accumulator the kernel before it wrote, all 64-bit atomics, for the
+// same four accumulators at many offsets inside one allocation.
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include <algorithm>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
+
+constexpr int C = 576;
+
+// Reads in (the accumulator the kernel before wrote), adds a share to out.
+// per: outputs a block adds (576: all; 72: the attention's share).
+__global__ void add_kernel(unsigned long long *out, const unsigned long long *in, int per) {
+  __shared__ unsigned long long s;
+  if (threadIdx.x == 0) s = 0;
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) atomicAdd(&s, in[c] & 1);  // a dependent read of in
+  __syncthreads();
+  const int c0 = (blockIdx.x * per) % C;
+  for (int c = threadIdx.x; c < per; c += blockDim.x)
+    atomicAdd(&out[(c0 + c) % C], (unsigned long long)(blockIdx.x + c) + s);
+}
+
+int main() {
+  const size_t pool_bytes = 4u << 20;
+  char *pool;
+  CK(cudaMalloc(&pool, pool_bytes));
+  CK(cudaMemset(pool, 0, pool_bytes));
+  cudaStream_t s;
+  CK(cudaStreamCreate(&s));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<size_t> offs;
+  for (size_t o = 0; o < 64 * 1024; o += 4096) offs.push_back(o);
+  for (size_t o = 64 * 1024; o <= 2u << 20; o += 64 * 1024) offs.push_back(o);
+  printf("30 layers × (72-block + 96-block kernels adding to 576 int64), µs a chain (median of 20), by offset:\n");
+  for (int round = 0; round < 2; round++) {
+    for (size_t off : offs) {
+      auto *acc = reinterpret_cast<unsigned long long *>(pool + off);  // four vectors of C
+      cudaGraph_t g;
+      cudaGraphExec_t ex;
+      CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      for (int l = 0; l < 30; l++) {
+        add_kernel<<<72, 128, 0, s>>>(acc + (size_t)(l % 2) * C, acc + (size_t)(2 + (l + 1) % 2) * C, 72);
+        add_kernel<<<96, 256, 0, s>>>(acc + (size_t)(2 + l % 2) * C, acc + (size_t)(l % 2) * C, C);
+      }
+      CK(cudaStreamEndCapture(s, &g));
+      CK(cudaGraphInstantiateWithFlags(&ex, g, 0));
+      CK(cudaGraphDestroy(g));
+      std::vector<float> t;
+      for (int it = 0; it < 25; it++) {
+        CK(cudaEventRecord(e0, s));
+        CK(cudaGraphLaunch(ex, s));
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (it >= 5) t.push_back(ms * 1000.f);
+      }
+      CK(cudaGraphExecDestroy(ex));
+      std::sort(t.begin(), t.end());
+      printf("%s%zuK=%.1f", off ? " " : (round ? "round 2:" : "round 1:"), off >> 10, t[t.size() / 2]);
+    }
+    printf("\n");
+  }
+  return 0;
+}
