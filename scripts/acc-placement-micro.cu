@@ -9,6 +9,12 @@
 // like kernel (96 blocks, each adding all 576), every kernel first reading
 // the accumulator the kernel before it wrote, all 64-bit atomics, for the
 // same four accumulators at many offsets inside one allocation.
+//
+// Not run yet: written when session 25's device time had run out. If the
+// chain's time moves with the offset as the step did (a minority of
+// offsets fast, the same ones in both rounds), the mechanism is the
+// accumulators' lines alone, and this chain is a cheap way to choose their
+// placement when a runner is made.
 #include <cstdio>
 #include <cstdint>
 #include <vector>
