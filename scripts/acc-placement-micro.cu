@@ -16,9 +16,9 @@
 // accumulators' lines alone, and this chain is a cheap way to choose their
 // placement when a runner is made.
 #include <cstdio>
-#include <cstdint>
 #include <vector>
-#include <algorithm>
+
+#include "micro-graph.cuh"
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
 
@@ -44,9 +44,6 @@ int main() {
   CK(cudaMemset(pool, 0, pool_bytes));
   cudaStream_t s;
   CK(cudaStreamCreate(&s));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   std::vector<size_t> offs;
   for (size_t o = 0; o < 64 * 1024; o += 4096) offs.push_back(o);
   for (size_t o = 64 * 1024; o <= 2u << 20; o += 64 * 1024) offs.push_back(o);
@@ -54,29 +51,17 @@ int main() {
   for (int round = 0; round < 2; round++) {
     for (size_t off : offs) {
       auto *acc = reinterpret_cast<unsigned long long *>(pool + off);  // four vectors of C
-      cudaGraph_t g;
       cudaGraphExec_t ex;
-      CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-      for (int l = 0; l < 30; l++) {
-        add_kernel<<<72, 128, 0, s>>>(acc + (size_t)(l % 2) * C, acc + (size_t)(2 + (l + 1) % 2) * C, 72);
-        add_kernel<<<96, 256, 0, s>>>(acc + (size_t)(2 + l % 2) * C, acc + (size_t)(l % 2) * C, C);
-      }
-      CK(cudaStreamEndCapture(s, &g));
-      CK(cudaGraphInstantiateWithFlags(&ex, g, 0));
-      CK(cudaGraphDestroy(g));
-      std::vector<float> t;
-      for (int it = 0; it < 25; it++) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaGraphLaunch(ex, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (it >= 5) t.push_back(ms * 1000.f);
-      }
+      float us;
+      CK(micro_capture(s, &ex, [&] {
+        for (int l = 0; l < 30; l++) {
+          add_kernel<<<72, 128, 0, s>>>(acc + (size_t)(l % 2) * C, acc + (size_t)(2 + (l + 1) % 2) * C, 72);
+          add_kernel<<<96, 256, 0, s>>>(acc + (size_t)(2 + l % 2) * C, acc + (size_t)(l % 2) * C, C);
+        }
+      }));
+      CK(micro_replay_us(s, ex, 5, 20, &us));
       CK(cudaGraphExecDestroy(ex));
-      std::sort(t.begin(), t.end());
-      printf("%s%zuK=%.1f", off ? " " : (round ? "round 2:" : "round 1:"), off >> 10, t[t.size() / 2]);
+      printf("%s%zuK=%.1f", off ? " " : (round ? "round 2:" : "round 1:"), off >> 10, us);
     }
     printf("\n");
   }

@@ -10,7 +10,8 @@
 # scripts/l2-prefetch-micro.cu: the LM head after an L2 prefetch;
 # scripts/handoff-micro.cu: the floor of a dependent kernel hand-off;
 # scripts/cluster-exchange-micro.cu: an exchange inside a block cluster;
-# scripts/head-l2-micro.cu: the LM head with part of it kept in L2)
+# scripts/head-l2-micro.cu: the LM head with part of it kept in L2;
+# scripts/acc-placement-micro.cu: the accumulators' placement, not run yet)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -107,6 +108,8 @@ if [ "$what" = micro ]; then
     /tmp/cluster-exchange-micro | tee -a "$OUT/micro.log" >> "$S"
   "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/head-l2-micro scripts/head-l2-micro.cu &&
     /tmp/head-l2-micro | tee -a "$OUT/micro.log" >> "$S"
+  "$NVCC" -O3 -gencode arch=compute_90,code=sm_90 -o /tmp/acc-placement-micro scripts/acc-placement-micro.cu &&
+    /tmp/acc-placement-micro | tee -a "$OUT/micro.log" >> "$S"
 fi
 if [ "$what" = decode ]; then
   (cd gpu && timeout 300 "$B/gpu.test" -test.v -test.run 'CUDADecodePlan' -test.bench 'CUDADecodePlan|CUDAFusedDecodeChain/.*/^store\+attention$' -test.benchtime 100x > "$OUT/decode.log" 2>&1)
