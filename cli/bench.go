@@ -29,7 +29,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "cache-size", Value: 255, Usage: "cache entries (the cache is full while timing)"},
 					&ucli.IntFlag{Name: "steps", Value: 300, Usage: "timed decode steps"},
 					&ucli.IntFlag{Name: "warmup", Value: 30, Usage: "untimed steps first"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), placementFlag()),
 				Action: benchDecode,
 			},
 			{
@@ -43,7 +43,7 @@ func benchCommand() *ucli.Command {
 					&ucli.IntFlag{Name: "steps", Value: 200, Usage: "timed decode steps per cell"},
 					&ucli.IntFlag{Name: "warmup", Value: 20, Usage: "untimed steps per cell"},
 					&ucli.StringFlag{Name: "json", Usage: "also write the results to this JSON file"},
-				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), alignKernelFlag()),
+				}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), placementFlag(), alignKernelFlag()),
 				Action: benchRun,
 			},
 		},
@@ -112,6 +112,13 @@ func benchDecode(c *ucli.Context) error {
 	out := c.App.Writer
 	fmt.Fprintf(out, "config %s, %s weights, cache %d, %s, %s\n", c.String("config"), wdt, size, be.Name(), decodeKernel(s))
 	fmt.Fprintf(out, "decode: median %.4f ms/token (p10 %.4f, p90 %.4f) over %d steps\n", eval.Ms(lat.Median), eval.Ms(lat.P10), eval.Ms(lat.P90), lat.Steps)
+	if pl := s.Runner().Placement(); pl.Before > 0 {
+		moved := "none moved"
+		if len(pl.Moved) > 0 {
+			moved = strings.Join(pl.Moved, ", ") + " moved by 64 KB"
+		}
+		fmt.Fprintf(out, "state placement: %s; step %.4f → %.4f ms (GPU, back to back)\n", moved, eval.Ms(pl.Before), eval.Ms(pl.After))
+	}
 	if _, gpuBackend := be.(gpu.BandwidthMeter); gpuBackend && lat.Device > 0 {
 		fmt.Fprintf(out, "GPU alone: %.4f ms/step (graph replayed back to back); the host adds %.4f ms/token\n", eval.Ms(lat.Device), eval.Ms(lat.Median-lat.Device))
 	}

@@ -28,6 +28,10 @@ func lmHeadFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "lm-head", Value: "full", Usage: "the LM head of sampled one-token steps: full (every logit) or screened (an int8 copy ranks the vocabulary and only the rows that could be drawn are computed exactly: the same tokens from about half the head's bytes; CUDA with fp16 weights; an experiment, not faster end to end yet)"}
 }
 
+func placementFlag() *ucli.StringFlag {
+	return &ucli.StringFlag{Name: "placement", Value: "timed", Usage: "where a one-token step's state buffers sit (CUDA): timed (when a stream is made, its step is timed with each buffer moved by 64 KB, and moves that make it faster are kept: where those lines sit in L2 moves a SmolLM2 step by ~1%) or fixed (as laid out, for comparisons); results are the same bits either way"}
+}
+
 func alignKernelFlag() *ucli.StringFlag {
 	return &ucli.StringFlag{Name: "align-kernel", Value: "auto", Usage: "KV-Align networks on the GPU: auto (packed, in the precision of --dtype), fp32 (packed, fp32 also for an fp16 model) or unpacked (the fp32 kernel of the plain networks)"}
 }
@@ -52,6 +56,13 @@ func chosenDecodeKernel(c *ucli.Context) (transformer.DecodeKernel, error) {
 		k.ScreenHead = true
 	default:
 		return k, usagef("unknown --lm-head %q (want screened or full)", head)
+	}
+	switch pl := c.String("placement"); pl {
+	case "timed", "":
+	case "fixed":
+		k.FixedPlacement = true
+	default:
+		return k, usagef("unknown --placement %q (want timed or fixed)", pl)
 	}
 	return k, nil
 }

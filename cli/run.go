@@ -43,7 +43,7 @@ func runCommand() *ucli.Command {
 			&ucli.StringFlag{Name: "prompt", Value: defaultPrompt, Usage: "the text to continue"},
 			&ucli.Uint64Flag{Name: "seed", Value: 0, Usage: "random seed: the same seed on the same device gives the same text"},
 			&ucli.StringFlag{Name: "align", Usage: "KV-Align networks: a directory with keys_network*/values_network* (.pth or .safetensors) or KEYS,VALUES files; default for known models: $KVALIGN_NETWORKS, ~/.cache/kvalign/networks, $KVALIGN_SHARED/seed/networks"},
-		}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), alignKernelFlag()),
+		}, deviceFlag(), dtypeFlag(), decodeKernelFlag(), lmHeadFlag(), placementFlag(), alignKernelFlag()),
 		Action: runAction,
 	}
 }

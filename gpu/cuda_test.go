@@ -412,3 +412,37 @@ func BenchmarkCUDAGraphReplay(b *testing.B) {
 	}
 	checkOK(b, c)
 }
+
+// AlignedOffset finds the first element of a device buffer on a boundary,
+// for both element sizes, and leaves host offsets alone.
+func TestCUDAAlignedOffset(t *testing.T) {
+	c := newTestCUDA(t)
+	dev, err := c.Alloc(F32, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Free(dev)
+	for _, dt := range []DType{F32, F16, I32} {
+		b, err := c.Alloc(dt, 1<<17)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, off := range []int{0, 1, 3, 1000, 40000} {
+			for _, align := range []int{256, 4096, 64 << 10} {
+				a := b.AlignedOffset(off, align)
+				addr := b.View(a, 1).ptr
+				if a < off || a-off >= align/dt.Size() || addr%uintptr(align) != 0 {
+					t.Fatalf("%v buffer at %#x: AlignedOffset(%d, %d) = %d, address %#x", dt, b.ptr, off, align, a, addr)
+				}
+			}
+		}
+		c.Free(b)
+	}
+	h, err := NewCPU().Alloc(I32, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := h.AlignedOffset(3, 64<<10); got != 3 || h.OnDevice() || !dev.OnDevice() {
+		t.Fatalf("host buffer: AlignedOffset(3, 64 KB) = %d, OnDevice %v", got, h.OnDevice())
+	}
+}

@@ -98,6 +98,22 @@ func (b Buf) View(off, n int) Buf {
 	return v
 }
 
+// OnDevice reports whether b is device memory, whose address decides where
+// its lines sit in the device's caches.
+func (b Buf) OnDevice() bool { return b.ptr != 0 }
+
+// AlignedOffset is the least element offset at or after off whose device
+// address is a multiple of align bytes (a power of two); off itself on the
+// host, where addresses do not decide where data sits in a cache.
+func (b Buf) AlignedOffset(off, align int) int {
+	size := b.dt.Size()
+	if b.ptr == 0 || align <= size {
+		return off
+	}
+	addr := b.ptr + uintptr(off*size)
+	return off + int((uintptr(align)-addr%uintptr(align))%uintptr(align))/size
+}
+
 // HostInts is int32 memory the host writes and a Backend copies to and from
 // the device inside a captured step (pinned memory on CUDA).
 type HostInts interface {

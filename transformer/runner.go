@@ -52,6 +52,10 @@ type DecodeKernel struct {
 	// Opt-in: on an H100 it is level with the full head for SmolLM2 and
 	// slower for distilgpt2 (docs/PERF.md, version 28).
 	ScreenHead bool
+	// FixedPlacement keeps the step's state buffers where they were laid
+	// out instead of timing the one-token step with each moved by 64 KB
+	// (placeState): for measuring the placement itself.
+	FixedPlacement bool
 }
 
 // Runner holds the state of B sequences of one Model: activations for up to
@@ -73,6 +77,11 @@ type Runner struct {
 	// attention's (gpu.Fused.AttentionOutProj), then the MLP's (MLPAcc);
 	// zero between steps.
 	acc gpu.Buf
+	// The buffers above but K and V are views into two arenas (F32, I32),
+	// each at one of two places 64 KB apart, chosen by timing (placement.go).
+	arenas    []gpu.Buf
+	slots     []stateSlot
+	placement Placement
 
 	// stage is the host side of the int block, twice: steps take the two
 	// in turn, so the host stages one step while the device may still be
@@ -148,26 +157,29 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	L.order, L.lens, L.counter = next(opt.B*opt.MaxLen), next(opt.B), next(opt.B)
 	L.banned = next(opt.B * opt.MaxBan)
 	L.alignSlots, L.alignIndex = next(opt.B*opt.MaxLen), next(opt.B*opt.MaxLen)
-	for _, a := range []struct {
-		dst *gpu.Buf
-		dt  gpu.DType
-		n   int
-	}{
-		{&r.K, gpu.F32, kvSize}, {&r.V, gpu.F32, kvSize},
-		{&r.x, gpu.F32, N * cfg.C}, {&r.xn, gpu.F32, N * cfg.C},
-		{&r.qkv, gpu.F32, N * cfg.QKVWidth()}, {&r.att, gpu.F32, N * cfg.NH * cfg.HS},
-		{&r.up, gpu.F32, N * cfg.UpWidth()}, {&r.act, gpu.F32, N * cfg.FFN},
-		{&r.logits, gpu.F32, N * cfg.VocabSize}, {&r.nll, gpu.F32, N},
-		{&r.acc, gpu.I32, 4 * 2 * opt.B * cfg.C},
-		{&r.ints, gpu.I32, 2 * L.total},
-	} {
-		if err := alloc(a.dst, a.dt, a.n); err != nil {
-			r.Close()
-			return nil, fmt.Errorf("allocating runner state (B=%d, %d rows, %d cache slots): %w", opt.B, N, r.Slots, err)
-		}
+	// The step's state, in the order placeState tries moving it (the
+	// accumulators first: the largest effect measured).
+	r.slots = []stateSlot{
+		{name: "acc", dst: &r.acc, dt: gpu.I32, n: 4 * 2 * opt.B * cfg.C},
+		{name: "x", dst: &r.x, dt: gpu.F32, n: N * cfg.C}, {name: "xn", dst: &r.xn, dt: gpu.F32, n: N * cfg.C},
+		{name: "att", dst: &r.att, dt: gpu.F32, n: N * cfg.NH * cfg.HS},
+		{name: "qkv", dst: &r.qkv, dt: gpu.F32, n: N * cfg.QKVWidth()},
+		{name: "logits", dst: &r.logits, dt: gpu.F32, n: N * cfg.VocabSize},
+		{name: "ints", dst: &r.ints, dt: gpu.I32, n: 2 * L.total},
+		{name: "up", dst: &r.up, dt: gpu.F32, n: N * cfg.UpWidth()}, {name: "act", dst: &r.act, dt: gpu.F32, n: N * cfg.FFN},
+		{name: "nll", dst: &r.nll, dt: gpu.F32, n: N},
 	}
-	m.Be.UploadInts(r.acc, make([]int32, r.acc.Len()))
-	var err error
+	err := alloc(&r.K, gpu.F32, kvSize)
+	if err == nil {
+		err = alloc(&r.V, gpu.F32, kvSize)
+	}
+	if err == nil {
+		err = r.allocState()
+	}
+	if err != nil {
+		r.Close()
+		return nil, fmt.Errorf("allocating runner state (B=%d, %d rows, %d cache slots): %w", opt.B, N, r.Slots, err)
+	}
 	for p := range r.stage {
 		if r.stage[p], err = m.Be.NewHostInts(L.total); err != nil {
 			r.Close()
@@ -181,6 +193,12 @@ func NewRunner(m *Model, opt RunnerOptions) (*Runner, error) {
 	r.picks = make([]int32, opt.B)
 	for p := range r.plan {
 		if r.plan[p], err = r.newDecodePlan(p); err != nil {
+			r.Close()
+			return nil, err
+		}
+	}
+	if !opt.FixedPlacement {
+		if err := r.placeState(); err != nil {
 			r.Close()
 			return nil, err
 		}
