@@ -10,11 +10,11 @@
 // the accumulator the kernel before it wrote, all 64-bit atomics, for the
 // same four accumulators at many offsets inside one allocation.
 //
-// Not run yet: written when session 25's device time had run out. If the
-// chain's time moves with the offset as the step did (a minority of
-// offsets fast, the same ones in both rounds), the mechanism is the
-// accumulators' lines alone, and this chain is a cheap way to choose their
-// placement when a runner is made.
+// Run in session 26 (docs/PERF.md, version 34): it does not reproduce the
+// step's pattern (546–566 µs a chain at every offset from 128 KB to 2 MB,
+// no alternation; slower only inside the pool's first 64–128 KB). Where the
+// state sits matters in the step itself, so the runner places it by
+// timing the step (transformer/placement.go).
 #include <cstdio>
 #include <vector>
 

@@ -11,7 +11,8 @@
 # scripts/handoff-micro.cu: the floor of a dependent kernel hand-off;
 # scripts/cluster-exchange-micro.cu: an exchange inside a block cluster;
 # scripts/head-l2-micro.cu: the LM head with part of it kept in L2;
-# scripts/acc-placement-micro.cu: the accumulators' placement, not run yet)
+# scripts/acc-placement-micro.cu: the accumulators' placement in a chain
+# of atomic kernels, which does not reproduce the step's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
