@@ -77,8 +77,8 @@ type Runner struct {
 	// attention's (gpu.Fused.AttentionOutProj), then the MLP's (MLPAcc);
 	// zero between steps.
 	acc gpu.Buf
-	// The buffers above but K and V are views into two arenas (F32, I32),
-	// each at one of two places 64 KB apart, chosen by timing (placement.go).
+	// x … acc and ints below are views into two arenas (F32, I32), each
+	// at one of two places 64 KB apart, chosen by timing (placement.go).
 	arenas    []gpu.Buf
 	slots     []stateSlot
 	placement Placement
