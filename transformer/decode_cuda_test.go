@@ -18,20 +18,7 @@ import (
 // persistent stream must match the first exactly (the kernel is
 // deterministic), which also tells, on a mismatch, which side moved.
 func TestPersistentDecodeMatchesChain(t *testing.T) {
-	be, err := gpu.NewCUDA(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.Close()
-	for _, name := range []string{"gutenberg-gpt2-7m", "gutenberg-llama-7m"} {
-		ck, err := LoadCheckpoint(testenv.Shared(t, "models", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		m, err := NewModel(ck.Cfg, ck.Weights, be, gpu.F16)
-		if err != nil {
-			t.Fatal(err)
-		}
+	forEachFixtureF16(t, func(name string, m *Model) {
 		toks := testTokens(400, m.Cfg.VocabSize, 7)
 		for _, mode := range []Mode{SlidingWindow, KVAlign, Recompute} {
 			t.Run(fmt.Sprintf("%s/%s", name, mode), func(t *testing.T) {
@@ -70,6 +57,26 @@ func TestPersistentDecodeMatchesChain(t *testing.T) {
 				}
 			})
 		}
+	})
+}
+
+// forEachFixtureF16 runs fn with each fixture model on the GPU, in fp16.
+func forEachFixtureF16(t *testing.T, fn func(name string, m *Model)) {
+	be, err := gpu.NewCUDA(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	for _, name := range []string{"gutenberg-gpt2-7m", "gutenberg-llama-7m"} {
+		ck, err := LoadCheckpoint(testenv.Shared(t, "models", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := NewModel(ck.Cfg, ck.Weights, be, gpu.F16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fn(name, m)
 		m.Close()
 	}
 }

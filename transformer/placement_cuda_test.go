@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"testing"
-
-	"github.com/kvalign/kvalign/gpu"
-	"github.com/kvalign/kvalign/internal/testenv"
 )
 
 // Where the step's state sits changes no bit: both fixture models, sw and
@@ -18,20 +15,7 @@ import (
 // reports a step no slower than as laid out, and moved buffers only where
 // it is faster; every buffer lies inside its arena, on its own bytes.
 func TestCUDAStatePlacement(t *testing.T) {
-	be, err := gpu.NewCUDA(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.Close()
-	for _, name := range []string{"gutenberg-gpt2-7m", "gutenberg-llama-7m"} {
-		ck, err := LoadCheckpoint(testenv.Shared(t, "models", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		m, err := NewModel(ck.Cfg, ck.Weights, be, gpu.F16)
-		if err != nil {
-			t.Fatal(err)
-		}
+	forEachFixtureF16(t, func(name string, m *Model) {
 		toks := testTokens(400, m.Cfg.VocabSize, 11)
 		for _, mode := range []Mode{SlidingWindow, KVAlign} {
 			t.Run(fmt.Sprintf("%s/%s", name, mode), func(t *testing.T) {
@@ -83,8 +67,7 @@ func TestCUDAStatePlacement(t *testing.T) {
 				}
 			})
 		}
-		m.Close()
-	}
+	})
 }
 
 // checkSlots: each buffer is the view its slot says, inside its arena, and
