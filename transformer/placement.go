@@ -10,12 +10,12 @@ package transformer
 // steps of 64 KB, the step was fast or slow with the parity of address bits
 // 16, 17 and 19 (a hash that picks where in L2 a line lives, together with
 // the physical page's bits, which the driver chooses), and moving the
-// stream buffers alone moved it as much. Which places are fast is not
-// known before running, so the runner lays its state out in two arenas,
-// each buffer in a slot of its own with 64 KB to spare, and when it is
-// made times the step with each buffer in turn moved by 64 KB (bit 16
-// flips), keeping each move that made the step faster. Results do not
-// depend on the placement.
+// stream and the buffers after it moved it as much. Which places are fast
+// is not known before running, so the runner lays its state out in two
+// arenas, each buffer in a slot of its own with 64 KB to spare, and when
+// it is made times the step with each buffer in turn moved by 64 KB (bit
+// 16 flips), keeping the moves that make the step faster and win against
+// the layout as a whole. Results do not depend on the placement.
 
 import (
 	"fmt"
@@ -46,8 +46,9 @@ type stateSlot struct {
 // Placement is what placeState found: the buffers it moved by 64 KB and
 // the one-token step's time (GPU, replayed back to back) as laid out and
 // as placed, timed against each other (After ≤ Before: moves that do not
-// win are undone); zero where nothing was timed (the CPU, the persistent kernel, batches
-// above the one-token path's rows, RunnerOptions.FixedPlacement).
+// win are undone); zero where nothing was timed (the CPU, the persistent
+// kernel, batches above the one-token path's rows,
+// RunnerOptions.FixedPlacement).
 type Placement struct {
 	Moved         []string
 	Before, After time.Duration
