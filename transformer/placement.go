@@ -119,7 +119,7 @@ func (r *Runner) point(s *stateSlot) {
 // layout as it was, and undone unless they win there too.
 func (r *Runner) placeState() error {
 	o := r.opt
-	if _, ok := r.be.(gpu.Fused); !ok || !r.arenas[0].OnDevice() || o.B > gemvMaxRows || r.plan[0] != nil {
+	if !r.fusedDecode() || !r.arenas[0].OnDevice() || r.Persistent() {
 		return nil
 	}
 	s := &Step{T: 1, Tokens: make([]int32, o.B), Pos: make([]int32, o.B), Slots: make([]int32, o.B),
@@ -140,7 +140,11 @@ func (r *Runner) placeState() error {
 		}
 		g := r.graphs[r.last]
 		delete(r.graphs, r.last)
-		return g, r.sync()
+		if err := r.sync(); err != nil {
+			g.Close()
+			return nil, err
+		}
+		return g, nil
 	}
 	orig, err := capture()
 	if err != nil {

@@ -563,7 +563,7 @@ func (r *Runner) enqueue(sh stepShape) {
 	layers := w.layers
 	// One-token steps: the MLPs' accumulators (MLPAcc), the accumulator the
 	// stream still owes (zero Buf: none), and the pair of stream buffers.
-	decode := fused != nil && sh.T == 1 && N <= gemvMaxRows
+	decode := sh.T == 1 && r.fusedDecode()
 	mlpAcc := decode // until the backend says it has no kernel for the shapes
 	// fold: the attention output projection inside the attention kernel
 	// (AttentionOutProj), its product meeting the stream in the MLP kernel
@@ -894,10 +894,17 @@ func (r *Runner) enqueue(sh stepShape) {
 // (gpu.HeadSampler): asked for, a sampled one-token step without NLL, on a
 // model whose head the backend prepared.
 func (r *Runner) screens(sh stepShape) bool {
-	_, fused := r.be.(gpu.Fused) // the one-token path (enqueue's decode)
 	_, screener := r.be.(gpu.HeadSampler)
-	return r.opt.ScreenHead && fused && screener && sh.T == 1 && r.opt.B <= gemvMaxRows && sh.logits == LastRow &&
+	return r.opt.ScreenHead && screener && sh.T == 1 && r.fusedDecode() && sh.logits == LastRow &&
 		sh.topK > 0 && !sh.nll && r.m.head != nil
+}
+
+// fusedDecode reports whether this runner's one-token steps take the fused
+// path (enqueue's decode): a backend with fused operations and rows few
+// enough for its weight-streaming GEMVs.
+func (r *Runner) fusedDecode() bool {
+	_, fused := r.be.(gpu.Fused)
+	return fused && r.opt.B <= gemvMaxRows
 }
 
 // foldedMLP is a one-token MLP block after AttentionOutProj as two
